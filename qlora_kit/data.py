@@ -1,20 +1,26 @@
-"""Load dataset files, normalise rows to chat conversations, tokenize with exact loss masks, split off validation.
+"""Load datasets, map every format to chat conversations or raw text, tokenize with exact loss masks, split, cache.
 
 Masks are computed here rather than by the chat template's `{% generation %}` markers, which most templates
-(SmolLM2's, Llama 3's, Mistral's) do not have: each assistant turn's character span is found by rendering the
-conversation up to that turn, and the tokens inside those spans are the ones trained on.
+(SmolLM2's, Llama 3's, Mistral's) lack: each assistant turn's character span is found by rendering the conversation
+up to that turn, and the tokens inside those spans are the ones trained on.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import logging
+import os
 import random
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.recipe import DatasetSource, QloraKitError, Recipe
@@ -22,116 +28,292 @@ from qlora_kit.recipe import DatasetSource, QloraKitError, Recipe
 log = logging.getLogger("qlora_kit")
 
 ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 Conversation = list[dict[str, str]]
+Row = dict[str, Any]  # {"messages": Conversation} or {"text": str}
+
+# Named chat templates for `data.chat_template`; "model" keeps the tokenizer's own.
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama-3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{% if loop.index0 == 1 and messages[0]['role'] == 'system' %}"
+        "{{ '[INST] ' + messages[0]['content'] + '\n\n' + message['content'] + ' [/INST]' }}"
+        "{% else %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% endif %}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    ),
+}
 
 
 class DataError(QloraKitError):
-    """A dataset row or file that cannot be trained on; the message names the file and line."""
+    """A dataset row or file that cannot be trained on; the message names the file and line (or row)."""
 
 
 @dataclass
 class PreparedData:
-    """Tokenized splits for the trainer, plus the held-out conversations for generation metrics."""
+    """Tokenized splits for the trainer, the held-out conversations for generation metrics, and what was done."""
 
     train: Dataset
     eval: Dataset | None
     eval_conversations: list[Conversation]
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
-# --------------------------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------------------------- reading
 
 
-def read_records(path: str) -> list[tuple[int, Any]]:
-    """(line number, record) pairs from a .jsonl file or a .json list; a malformed line is an error naming it."""
-    text = Path(path).read_text(encoding="utf-8")
-    if path.endswith(".json"):
+def source_files(source: DatasetSource) -> list[str]:
+    """The files a local source names: one file, every data file in a folder, or a glob."""
+    path = source.path or ""
+    if os.path.isdir(path):
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in LOCAL_SUFFIXES)
+    elif any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    else:
+        files = [path] if os.path.isfile(path) else []
+    if not files:
+        raise DataError(f"{path}: no data files found (.jsonl, .json, .csv, .parquet)")
+    unknown = [f for f in files if Path(f).suffix not in LOCAL_SUFFIXES]
+    if unknown:
+        raise DataError(f"{unknown[0]}: unsupported file type; use .jsonl, .json, .csv or .parquet")
+    return files
+
+
+def read_records(path: str) -> list[tuple[str, Any]]:
+    """(location, record) pairs; locations are 'file: line N' for JSON and 'file: row N' for tables."""
+    suffix = Path(path).suffix
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".json":
+        text = Path(path).read_text(encoding="utf-8")
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        if isinstance(records, dict) and len(records) == 1 and isinstance(next(iter(records.values())), list):
+            records = next(iter(records.values()))  # {"data": [...]} layout
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json dataset must be a list of rows, got {type(records).__name__}")
-        return [(i + 1, r) for i, r in enumerate(records)]
+        return [(f"{path}: row {i}", r) for i, r in enumerate(records)]
+    from datasets import load_dataset
+
+    table = load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+    return [(f"{path}: row {i}", r) for i, r in enumerate(table)]
+
+
+def read_jsonl(path: str) -> list[tuple[str, Any]]:
     rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {number}: invalid JSON: {exc.msg}") from None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}: line {number}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                rows.append((f"{path}: line {number}", BadRecord(f"invalid JSON: {exc.msg}")))
     return rows
 
 
-def detect_format(record: Any, where: str) -> str:
-    if isinstance(record, dict) and "messages" in record:
-        return "messages"
-    if isinstance(record, dict) and "prompt" in record and "completion" in record:
-        return "prompt_completion"
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise DataError(f"{where}: cannot tell the row format from its fields {keys}; expected `messages` or "
-                    "`prompt` + `completion` (or set the dataset's `format`)")
+@dataclass
+class BadRecord:
+    """A line that could not be parsed, kept so `on_bad_rows: skip` can count it and `error` can report it."""
+
+    reason: str
 
 
-def to_conversation(record: Any, fmt: str, where: str, system_prompt: str | None) -> Conversation:
-    """One row as a checked list of {role, content} turns ending on an assistant turn."""
+def read_hub(source: DatasetSource) -> list[tuple[str, Any]]:
+    from datasets import load_dataset
+
+    try:
+        table = load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
+    except Exception as exc:  # datasets raises many types for "offline" / "not found"
+        raise DataError(f"data: hub dataset '{source.hub}' could not be loaded ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}). Offline? Download it once with network, or point `path` at local "
+                        "files") from None
+    return [(f"{source.hub}[{source.split}]: row {i}", r) for i, r in enumerate(table)]
+
+
+def read_source(source: DatasetSource) -> Iterator[tuple[str, Any]]:
+    if source.hub:
+        yield from read_hub(source)
+        return
+    for path in source_files(source):
+        yield from read_records(path)
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def detect_format(record: Any, fields: dict[str, str]) -> str:
+    keys = set(record) if isinstance(record, dict) else set()
+    for fmt, needed in (("messages", ["messages"]), ("sharegpt", ["conversations"]),
+                        ("alpaca", ["instruction", "output"]), ("prompt_completion", ["prompt", "completion"]),
+                        ("text", ["text"])):
+        if all(fields.get(n, n) in keys for n in needed):
+            return fmt
+    raise DataError(f"cannot tell the row format from its fields {sorted(keys)}; expected `messages`, "
+                    "`conversations` (sharegpt), `instruction`/`output` (alpaca), `prompt`/`completion` or `text` "
+                    "(or set the dataset's `format` and `fields`)")
+
+
+def field_of(record: dict, name: str, source: DatasetSource, required: bool = True) -> Any:
+    column = source.fields.get(name, name)
+    if column not in record:
+        if not required:
+            return None
+        renamed = f" (mapped from '{name}' by fields)" if column != name else ""
+        raise DataError(f"missing field '{column}'{renamed}; the row has columns {sorted(record)}. Map yours with "
+                        f"`fields: {{{name}: <column>}}`")
+    return record[column]
+
+
+def to_row(record: Any, fmt: str, source: DatasetSource) -> Row:
+    """One raw record in any supported format -> {"messages": [...]} or {"text": ...}."""
+    if isinstance(record, BadRecord):
+        raise DataError(record.reason)
     if not isinstance(record, dict):
-        raise DataError(f"{where}: a row must be a JSON object, got {type(record).__name__}")
+        raise DataError(f"a row must be a JSON object, got {type(record).__name__}")
+    if fmt == "text":
+        text = field_of(record, "text", source)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError("field 'text' is empty or not a string")
+        return {"text": text}
     if fmt == "messages":
-        messages = require(record, "messages", where)
-    else:
-        prompt, completion = require(record, "prompt", where), require(record, "completion", where)
-        messages = as_turns(prompt, "user", where) + as_turns(completion, "assistant", where)
-    messages = check_turns(messages, where)
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+        return {"messages": check_turns(field_of(record, "messages", source))}
+    if fmt == "sharegpt":
+        return {"messages": check_turns(sharegpt_turns(field_of(record, "conversations", source), source))}
+    if fmt == "alpaca":
+        instruction = field_of(record, "instruction", source)
+        extra = field_of(record, "input", source, required=False)
+        prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": field_of(record, "output",
+                                                                                               source)}]
+        return {"messages": check_turns(turns)}
+    prompt, completion = field_of(record, "prompt", source), field_of(record, "completion", source)
+    return {"messages": check_turns(as_turns(prompt, "user") + as_turns(completion, "assistant"))}
 
 
-def require(record: dict, key: str, where: str) -> Any:
-    if key not in record:
-        raise DataError(f"{where}: missing field '{key}'; the row has {sorted(record)}")
-    return record[key]
+def sharegpt_turns(conversations: Any, source: DatasetSource) -> Conversation:
+    if not isinstance(conversations, list):
+        raise DataError(f"'conversations' must be a list of {{from, value}} turns, got {type(conversations).__name__}")
+    roles = {**SHAREGPT_ROLES, **source.roles}
+    turns = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise DataError(f"turn {i}: expected {{from, value}}, got {turn!r:.80}")
+        if turn["from"] not in roles:
+            raise DataError(f"turn {i}: unknown role {turn['from']!r}; map it with `roles: {{{turn['from']}: user}}`"
+                            f" (known: {', '.join(sorted(roles))})")
+        turns.append({"role": roles[turn["from"]], "content": turn["value"]})
+    return turns
 
 
-def as_turns(value: Any, role: str, where: str) -> Conversation:
+def as_turns(value: Any, role: str) -> Conversation:
     """A plain-text prompt/completion becomes one turn; a conversational one is already a list of turns."""
     if isinstance(value, str):
         return [{"role": role, "content": value}]
     if isinstance(value, list):
         return value
-    raise DataError(f"{where}: {role} side must be a string or a list of turns, got {type(value).__name__}")
+    raise DataError(f"the {role} side must be a string or a list of turns, got {type(value).__name__}")
 
 
-def check_turns(messages: Any, where: str) -> Conversation:
+def check_turns(messages: Any) -> Conversation:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: expected a non-empty list of {{role, content}} turns, got {messages!r:.80}")
+        raise DataError(f"expected a non-empty list of {{role, content}} turns, got {messages!r:.80}")
     turns = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise DataError(f"{where}: turn {i}: expected {{role, content}}, got {turn!r:.80}")
+            raise DataError(f"turn {i}: expected {{role, content}}, got {turn!r:.80}")
         if turn["role"] not in ROLES:
-            raise DataError(f"{where}: turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+            raise DataError(f"turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise DataError(f"{where}: turn {i} ({turn['role']}): content is empty or not a string")
+            raise DataError(f"turn {i} ({turn['role']}): content is empty or not a string")
         turns.append({"role": turn["role"], "content": turn["content"]})
     if turns[-1]["role"] != "assistant":
-        raise DataError(f"{where}: the conversation ends on a {turns[-1]['role']} turn; it must end on an "
-                        "assistant turn, which is what the model learns to write")
+        raise DataError(f"the conversation ends on a {turns[-1]['role']} turn; it must end on an assistant turn, "
+                        "which is what the model learns to write")
+    if not any(t["role"] == "assistant" for t in turns):
+        raise DataError("the conversation has no assistant turn")
     return turns
 
 
+def with_system_prompt(row: Row, system_prompt: str | None) -> Row:
+    if not system_prompt or "messages" not in row or row["messages"][0]["role"] == "system":
+        return row
+    return {"messages": [{"role": "system", "content": system_prompt}, *row["messages"]]}
+
+
+@dataclass
+class BadRows:
+    """Rows skipped under `on_bad_rows: skip`: a count and the first few reasons, so nothing vanishes silently."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def add(self, reason: str) -> None:
+        self.count += 1
+        if len(self.reasons) < 5:
+            self.reasons.append(reason)
+
+
+def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | None = None) -> list[Row]:
+    """Every row of one source, normalised; a bad row raises (naming file and line) or is counted in `bad`."""
+    rows, fmt = [], source.format
+    for where, record in read_source(source):
+        try:
+            if isinstance(record, BadRecord):
+                raise DataError(record.reason)
+            if fmt == "auto":
+                fmt = detect_format(record, source.fields)
+            rows.append(with_system_prompt(to_row(record, fmt, source), system_prompt))
+        except DataError as exc:
+            if bad is None:
+                raise DataError(f"{where}: {exc}") from None
+            bad.add(f"{where}: {exc}")
+    if not rows:
+        raise DataError(f"{source.path or source.hub}: no usable rows")
+    return rows
+
+
 def load_conversations(source: DatasetSource, system_prompt: str | None) -> list[Conversation]:
-    records = read_records(source.path)
-    if not records:
-        raise DataError(f"{source.path}: the file has no rows")
-    fmt = source.format
-    if fmt == "auto":
-        fmt = detect_format(records[0][1], f"{source.path}: line {records[0][0]}")
-    return [to_conversation(r, fmt, f"{source.path}: line {n}", system_prompt) for n, r in records]
+    """The conversations of a chat-style source, erroring on the first bad row."""
+    return [row["messages"] for row in load_rows(source, system_prompt) if "messages" in row]
 
 
-# ------------------------------------------------------------------------------------------------ tokenizing
+def mix_sources(recipe: Recipe, bad: BadRows | None) -> list[Row]:
+    """Concatenate sources, or sample them by `weight` (rows per source = weight x its size, seeded)."""
+    rng = random.Random(recipe.data.seed)
+    mixed = []
+    for source in recipe.data.datasets:
+        rows = load_rows(source, recipe.data.system_prompt, bad)
+        if source.weight is not None and source.weight != 1.0:
+            target = round(len(rows) * source.weight)
+            whole, part = divmod(target, len(rows))
+            rows = rows * whole + rng.sample(rows, part)
+        mixed += rows
+    return mixed
+
+
+# --------------------------------------------------------------------------------------------- templates
+
+
+def resolve_chat_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """`data.chat_template`: a named template, inline Jinja, or None/'model' for the tokenizer's own."""
+    if name in (None, "model"):
+        return tokenizer.chat_template
+    if name in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[name]
+    return name  # inline Jinja (the recipe check made sure it looks like a template)
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: Conversation, add_generation_prompt: bool = False) -> str:
@@ -145,7 +327,7 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Conversation) 
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        start = len(render(tokenizer, messages[:i], add_generation_prompt=True))
+        start = len(render(tokenizer, messages[:i], add_generation_prompt=True)) if i else 0
         end_text = render(tokenizer, messages[: i + 1])
         if not full.startswith(end_text) or start > len(end_text):
             raise DataError("the chat template does not render conversations incrementally (turn "
@@ -156,53 +338,258 @@ def assistant_spans(tokenizer: PreTrainedTokenizerBase, messages: Conversation) 
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Conversation, loss_on: str) -> dict:
-    """input_ids plus `assistant_masks` (1 = trained on), the column trl's SFTTrainer turns into labels."""
+    """input_ids plus `assistant_masks` (1 = trained on), the column trl's SFTTrainer turns into labels.
+
+    If the template closes the last assistant turn with no EOS (or end-of-turn) token, EOS is appended and trained
+    on, so the model learns to stop.
+    """
     text, spans = assistant_spans(tokenizer, messages)
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded.input_ids)
     if loss_on == "all":
-        mask = [1] * len(encoded.input_ids)
+        mask = [1] * len(ids)
     else:
-        mask = [int(any(s <= start and end <= e for s, e in spans) and end > start)
+        mask = [int(end > start and any(s <= start and end <= e for s, e in spans))
                 for start, end in encoded.offset_mapping]
-    return {"input_ids": encoded.input_ids, "assistant_masks": mask}
+    if not ends_turn(tokenizer, ids, mask):
+        ids.append(tokenizer.eos_token_id)
+        mask.append(1)
+    return {"input_ids": ids, "assistant_masks": mask}
+
+
+def ends_turn(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int]) -> bool:
+    """Whether the last trained span contains EOS or a special token (the template's end-of-turn marker)."""
+    trained = [i for i, m in zip(ids, mask, strict=True) if m]
+    if not trained:
+        return True  # nothing trained (e.g. loss_on: completion with no assistant tokens): nothing to add
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return any(i in special for i in trained[-4:])
+
+
+def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> dict:
+    """Raw text for continued pre-training: BOS if the tokenizer uses one, the text, EOS; every token trained."""
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids = [*ids, tokenizer.eos_token_id]
+    return {"input_ids": ids, "assistant_masks": [1] * len(ids)}
+
+
+def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: Row, loss_on: str) -> dict:
+    if "text" in row:
+        return tokenize_text(tokenizer, row["text"])
+    return tokenize_conversation(tokenizer, row["messages"], loss_on)
+
+
+# ---------------------------------------------------------------------------------------------- length policy
+
+
+def apply_length_policy(tokenized: list[dict], max_length: int, policy: str) -> tuple[list, dict]:
+    """Truncate (keep the start) or drop rows over max_length; rows left with no trained token are dropped too."""
+    kept, truncated, dropped, emptied = [], 0, 0, 0
+    for row in tokenized:
+        if len(row["input_ids"]) > max_length:
+            if policy == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            row = {k: v[:max_length] for k, v in row.items()}
+        if not any(row["assistant_masks"]):
+            emptied += 1
+            continue
+        kept.append(row)
+    return kept, {"truncated": truncated, "dropped_too_long": dropped, "dropped_no_trained_tokens": emptied}
 
 
 # ------------------------------------------------------------------------------------------------ splitting
 
 
-def split_validation(conversations: list[Conversation], recipe: Recipe) -> tuple[list, list]:
+def split_validation(rows: list, recipe: Recipe) -> tuple[list, list]:
+    """Hold out a fraction, a count, or a separate file, with a fixed seed."""
     d = recipe.data
     if d.validation is None:
-        return conversations, []
+        return rows, []
     if isinstance(d.validation, str):
-        held_out = load_conversations(DatasetSource(path=d.validation, format="auto"), d.system_prompt)
-        return conversations, held_out
-    order = list(range(len(conversations)))
+        source = DatasetSource(path=d.validation)
+        return rows, load_rows(source, recipe.data.system_prompt)
+    order = list(range(len(rows)))
     random.Random(d.seed).shuffle(order)
-    count = d.validation if isinstance(d.validation, int) else max(1, round(d.validation * len(conversations)))
-    if count >= len(conversations):
+    count = d.validation if isinstance(d.validation, int) else max(1, round(d.validation * len(rows)))
+    if count >= len(rows):
         raise DataError(f"{recipe.source}: data.validation: {d.validation} leaves no training rows out of "
-                        f"{len(conversations)}")
+                        f"{len(rows)}")
     held = set(order[:count])
-    return [c for i, c in enumerate(conversations) if i not in held], [conversations[i] for i in sorted(held)]
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# -------------------------------------------------------------------------------------------------- cache
+
+
+def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
+    """Hash of everything the tokenized data depends on: data section, file contents, tokenizer, template, length."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(recipe.data), sort_keys=True, default=str).encode())
+    digest.update(f"{recipe.training.max_length}".encode())
+    digest.update(json.dumps(tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else "", sort_keys=True)
+                  .encode())
+    digest.update((tokenizer.chat_template or "").encode())
+    digest.update(f"{tokenizer.eos_token_id}:{tokenizer.pad_token_id}".encode())
+    files = [f for s in recipe.data.datasets if s.path for f in source_files(s)]
+    if isinstance(recipe.data.validation, str):
+        files.append(recipe.data.validation)
+    for path in files:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+def data_cache_dir() -> Path:
+    return Path(os.environ.get("QLORA_KIT_CACHE", Path.home() / ".cache" / "qlora-kit")) / "data"
+
+
+def load_cached(key: str) -> PreparedData | None:
+    folder = data_cache_dir() / key
+    if not (folder / "meta.json").is_file():
+        return None
+    meta = json.loads((folder / "meta.json").read_text())
+    evaluation = load_from_disk(str(folder / "eval")) if (folder / "eval").exists() else None
+    return PreparedData(load_from_disk(str(folder / "train")), evaluation, meta["eval_conversations"], meta["stats"])
+
+
+def store_cached(key: str, data: PreparedData) -> None:
+    folder = data_cache_dir() / key
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+    try:
+        data.train.save_to_disk(str(tmp / "train"))
+        if data.eval is not None:
+            data.eval.save_to_disk(str(tmp / "eval"))
+        meta = {"eval_conversations": data.eval_conversations, "stats": data.stats}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if folder.exists():
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -------------------------------------------------------------------------------------------------- build
 
 
 def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """Read every training file, split, tokenize; logs row counts and how many rows max_length truncates."""
-    conversations = [c for source in recipe.data.datasets
-                     for c in load_conversations(source, recipe.data.system_prompt)]
-    train_rows, eval_rows = split_validation(conversations, recipe)
-    train = tokenize_rows(train_rows, tokenizer, recipe, "train")
-    evaluation = tokenize_rows(eval_rows, tokenizer, recipe, "validation") if eval_rows else None
-    return PreparedData(train=train, eval=evaluation, eval_conversations=eval_rows)
+    """Read, mix, split, tokenize, apply the length policy; cached on disk keyed by everything that matters."""
+    key = cache_key(recipe, tokenizer) if recipe.data.cache else None
+    if key and (cached := load_cached(key)) is not None:
+        log.info("data: using the tokenized cache %s", data_cache_dir() / key)
+        log_stats(cached.stats)
+        return cached
+    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+    rows = mix_sources(recipe, bad)
+    train_rows, eval_rows = split_validation(rows, recipe)
+    stats: dict[str, Any] = {}
+    if bad is not None:
+        stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
+    train = tokenize_split(train_rows, tokenizer, recipe, "train", stats)
+    evaluation = tokenize_split(eval_rows, tokenizer, recipe, "validation", stats) if eval_rows else None
+    conversations = [r["messages"] for r in eval_rows if "messages" in r]
+    data = PreparedData(train, evaluation, conversations, stats)
+    log_stats(stats)
+    if key:
+        store_cached(key, data)
+    return data
 
 
-def tokenize_rows(rows: list[Conversation], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str) -> Dataset:
-    tokenized = [tokenize_conversation(tokenizer, messages, recipe.data.loss_on) for messages in rows]
+def tokenize_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
+                   stats: dict) -> Dataset:
+    tokenized = [tokenize_row(tokenizer, row, recipe.data.loss_on) for row in rows]
     lengths = [len(t["input_ids"]) for t in tokenized]
-    too_long = sum(n > recipe.training.max_length for n in lengths)
-    log.info("%s: %d rows, %d tokens, longest %d", split, len(rows), sum(lengths), max(lengths))
-    if too_long:
-        log.warning("%s: %d of %d rows are longer than training.max_length=%d and will be truncated", split,
-                    too_long, len(rows), recipe.training.max_length)
-    return Dataset.from_list(tokenized)
+    kept, policy = apply_length_policy(tokenized, recipe.training.max_length, recipe.data.overlong)
+    if not kept:
+        raise DataError(f"{recipe.source}: {split}: no rows left after applying training.max_length="
+                        f"{recipe.training.max_length} (data.overlong={recipe.data.overlong}); "
+                        f"the longest row has {max(lengths)} tokens. Raise max_length or shorten the rows")
+    stats[split] = {"rows": len(kept), "rows_read": len(rows), "tokens": sum(len(r["input_ids"]) for r in kept),
+                    "trained_tokens": sum(sum(r["assistant_masks"]) for r in kept),
+                    "lengths": sorted(lengths), **policy}
+    return Dataset.from_list(kept)
+
+
+def log_stats(stats: dict) -> None:
+    for split in ("train", "validation"):
+        s = stats.get(split)
+        if not s:
+            continue
+        log.info("%s: %d rows, %d tokens (%d trained), longest %d", split, s["rows"], s["tokens"],
+                 s["trained_tokens"], s["lengths"][-1])
+        if s["truncated"] or s["dropped_too_long"] or s["dropped_no_trained_tokens"]:
+            log.warning("%s: training.max_length: %d rows truncated, %d dropped as too long, %d dropped with no "
+                        "trained token left", split, s["truncated"], s["dropped_too_long"],
+                        s["dropped_no_trained_tokens"])
+    skipped = stats.get("skipped_bad_rows")
+    if skipped and skipped["count"]:
+        log.warning("data.on_bad_rows=skip: skipped %d bad rows; first: %s", skipped["count"],
+                    "; ".join(skipped["first_reasons"]))
+
+
+# ------------------------------------------------------------------------------------------------ dry run
+
+
+def percentile(sorted_values: list[int], fraction: float) -> int:
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+def length_histogram(lengths: list[int], bins: int = 8, width: int = 40) -> list[str]:
+    low, high = lengths[0], lengths[-1]
+    step = max(1, -(-(high - low + 1) // bins))
+    bins = -(-(high - low + 1) // step)
+    counts = [0] * bins
+    for n in lengths:
+        counts[min(bins - 1, (n - low) // step)] += 1
+    top = max(counts)
+    return [f"  {low + i * step:>7}-{low + (i + 1) * step - 1:<7} {'#' * round(width * c / top):<{width}} {c}"
+            for i, c in enumerate(counts)]
+
+
+def highlight_trained(tokenizer: PreTrainedTokenizerBase, input_ids: list[int], mask: list[int], color: bool) -> str:
+    """The example as text with the trained tokens marked, so a user sees exactly what the loss covers."""
+    start, end = ("\033[42m\033[30m", "\033[0m") if color else ("⟦", "⟧")
+    pieces, current, trained = [], [], None
+    for token, bit in zip(input_ids, mask, strict=True):
+        if trained is not None and bit != trained:
+            pieces.append((trained, tokenizer.decode(current)))
+            current = []
+        current.append(token)
+        trained = bit
+    if current:
+        pieces.append((trained, tokenizer.decode(current)))
+    return "".join(f"{start}{text}{end}" if bit else text for bit, text in pieces)
+
+
+def describe_data(data: PreparedData, tokenizer: PreTrainedTokenizerBase, recipe: Recipe, color: bool) -> str:
+    """The `qlora-kit data` report: rows, length percentiles and histogram, policy counts, one masked example."""
+    lines = []
+    for split in ("train", "validation"):
+        s = data.stats.get(split)
+        if not s:
+            continue
+        lengths = s["lengths"]
+        lines.append(f"{split}: {s['rows']} rows (of {s['rows_read']} read), {s['tokens']:,} tokens, "
+                     f"{s['trained_tokens']:,} trained")
+        lines.append(f"  length p50 {percentile(lengths, .5)}, p90 {percentile(lengths, .9)}, "
+                     f"p99 {percentile(lengths, .99)}, max {lengths[-1]} (max_length {recipe.training.max_length})")
+        lines.append(f"  truncated {s['truncated']}, dropped as too long {s['dropped_too_long']}, dropped with no "
+                     f"trained token {s['dropped_no_trained_tokens']}")
+        lines += length_histogram(lengths)
+    skipped = data.stats.get("skipped_bad_rows")
+    if skipped:
+        lines.append(f"bad rows skipped: {skipped['count']}" + "".join(f"\n  {r}" for r in skipped["first_reasons"]))
+    train = data.stats["train"]
+    per_step = recipe.training.batch_size * recipe.training.gradient_accumulation_steps
+    lines.append(f"tokens per epoch: {train['tokens']:,}; optimizer steps per epoch (one process): "
+                 f"{-(-train['rows'] // per_step) if not recipe.training.packing else 'fewer (packed)'}")
+    first = data.train[0]
+    lines.append("example 0 (trained tokens " + ("highlighted" if color else "inside ⟦ ⟧") + "):")
+    lines.append(highlight_trained(tokenizer, first["input_ids"], first["assistant_masks"], color))
+    return "\n".join(lines)

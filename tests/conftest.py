@@ -122,31 +122,56 @@ def merge_sections(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, A
     return merged
 
 
-@pytest.fixture
-def make_recipe(tmp_path: Path, tiny_model_dir: Path, shout_files: list[Path]) -> Callable[..., Path]:
-    """`make_recipe(name="tiny", training={"max_steps": 6})` writes <tmp>/name.yaml for the tiny model and data.
+RecipeWriter = Callable[..., Path]
 
-    Sections given are merged into the small defaults below; a section set to None is dropped entirely.
+
+@pytest.fixture(scope="session")
+def recipe_writer(tiny_model_dir: Path, shout_files: list[Path]) -> RecipeWriter:
+    """`recipe_writer(folder, name, **sections)` writes folder/name.yaml: the tiny model on the shout data.
+
+    Runs go to folder/outputs/name. Sections given are merged into the small defaults below (4 NF4 steps of batch 4,
+    no generation metric); a section set to None is dropped.
     """
 
-    def write(name: str = "tiny", **sections: Any) -> Path:
+    def write(folder: Path, name: str = "tiny", **sections: Any) -> Path:
         recipe = {
             "model": {"name": str(tiny_model_dir)},
             "quantization": {"load_in_4bit": True, "quant_type": "nf4", "compute_dtype": "auto"},
             "lora": {"r": 8, "alpha": 16},
             "data": {"datasets": [{"path": str(path)} for path in shout_files]},
-            "training": {"output_dir": str(tmp_path / "outputs"), "max_steps": 4, "batch_size": 4,
+            "training": {"output_dir": str(folder / "outputs"), "max_steps": 4, "batch_size": 4,
                          "max_length": 64, "gradient_checkpointing": False, "logging_steps": 1,
                          "save_steps": 100, "learning_rate": 1e-3, "warmup": 0},
             "evaluation": {"metric": "none"},
         }
         recipe = merge_sections(recipe, sections)
         recipe = {key: value for key, value in recipe.items() if value is not None}
-        path = tmp_path / f"{name}.yaml"
+        path = folder / f"{name}.yaml"
         path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
 
     return write
+
+
+@pytest.fixture
+def make_recipe(tmp_path: Path, recipe_writer: RecipeWriter) -> RecipeWriter:
+    """`make_recipe(name="tiny", training={"max_steps": 6})` writes tmp_path/name.yaml (see recipe_writer)."""
+
+    def write(name: str = "tiny", **sections: Any) -> Path:
+        return recipe_writer(tmp_path, name, **sections)
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokenized-data and GGUF caches go to a per-session temp folder, not ~/.cache/qlora-kit.
+
+    `slow` tests keep the real cache: converting the SmolLM2 GGUF takes ~30 s and is meant to happen once.
+    """
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path_factory.getbasetemp() / "qlora-kit-cache"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -349,7 +349,9 @@ def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: Conversa
     if loss_on == "all":
         mask = [1] * len(ids)
     else:
-        mask = [int(end > start and any(s <= start and end <= e for s, e in spans))
+        # A token is trained if it overlaps an assistant span: BPE can merge the space before the content into the
+        # content's first token, which must still be learned.
+        mask = [int(end > start and any(start < e and end > s for s, e in spans))
                 for start, end in encoded.offset_mapping]
     if not ends_turn(tokenizer, ids, mask):
         ids.append(tokenizer.eos_token_id)

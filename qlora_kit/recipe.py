@@ -166,11 +166,20 @@ class TrainingSection:
 class EvaluationSection:
     """Generation metric on the held-out split, run before and after training."""
 
-    metric: Literal["exact_match", "contains", "none"] = option(
-        "none", help="compare generated answers with the reference assistant turn")
+    metric: Literal["exact_match", "contains", "json_equal", "none"] = option(
+        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON)")
     max_samples: int = option(64, help="held-out rows to generate for", min=1)
     max_new_tokens: int = option(64, help="generation budget per row", min=1)
     batch_size: int = option(16, help="rows generated at once", min=1)
+
+
+@dataclass
+class PushSection:
+    """Upload to the Hugging Face Hub after training; the token comes from HF_TOKEN or `hf auth login`."""
+
+    repo_id: str | None = option(None, help="Hub repo USER/NAME to upload to after training; null = no upload")
+    private: bool = option(False, help="create the repo private (an existing repo keeps its visibility)")
+    merged: bool = option(False, help="upload the merged model instead of the adapter")
 
 
 @dataclass
@@ -180,6 +189,8 @@ class ExportSection:
     merge: bool = option(True, help="write a merged full-precision model to <run>/merged")
     merge_check_tolerance: float = option(
         0.0, help="max |logit difference| allowed between merged and adapter models; 0 = pick by dtype", min=0)
+    report: bool = option(True, help="write <run>/report/ (plots, report.md, report.html) after training")
+    push: PushSection = option(default_factory=PushSection, help="")
 
 
 @dataclass

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 from qlora_kit.recipe import QloraKitError, Recipe, load_recipe
 
@@ -16,6 +18,28 @@ log = logging.getLogger("qlora_kit")
 def run_training(recipe: Recipe) -> dict:
     """load recipe -> build data -> build model -> (score before) -> train -> save adapter -> (score after) -> merge."""
     from accelerate import PartialState
+
+    from qlora_kit.train import prepare_run_dir
+
+    state = PartialState()
+    run_dir = prepare_run_dir(recipe, state.is_main_process)
+    try:
+        return train_in_run_dir(recipe, run_dir, state)
+    except BaseException:
+        if state.is_main_process:
+            discard_if_nothing_saved(run_dir)
+        raise
+
+
+def discard_if_nothing_saved(run_dir: Path) -> None:
+    """A run that failed before its first checkpoint leaves no folder for the next run to trip over."""
+    if not any((run_dir / "checkpoints").glob("checkpoint-*")) and not (run_dir / "adapter").exists():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log.info("removed %s: the run failed before saving anything", run_dir)
+
+
+def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
+    from transformers import set_seed
 
     from qlora_kit.data import build_datasets
     from qlora_kit.evaluate import evaluate_generation, format_comparison
@@ -27,10 +51,8 @@ def run_training(recipe: Recipe) -> dict:
         load_tokenizer,
         resolve_dtype,
     )
-    from qlora_kit.train import build_trainer, prepare_run_dir, save_adapter, train_adapter, write_atomically
+    from qlora_kit.train import build_trainer, save_adapter, train_adapter, write_atomically
 
-    state = PartialState()
-    run_dir = prepare_run_dir(recipe, state.is_main_process)
     with state.main_process_first():
         folder = base_model_folder(recipe.model)
     tokenizer = load_tokenizer(recipe, folder)
@@ -38,6 +60,7 @@ def run_training(recipe: Recipe) -> dict:
 
     compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
     log.info("compute dtype: %s", str(compute_dtype).removeprefix("torch."))
+    set_seed(recipe.training.seed)  # LoRA's random init must not depend on what ran before in this process
     model = build_quantized_model(recipe, folder, compute_dtype)
     stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
 
@@ -66,10 +89,10 @@ def run_training(recipe: Recipe) -> dict:
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from qlora_kit.data import load_conversations
+    from qlora_kit.data import load_rows
 
     recipe = load_recipe(args.recipe, args.overrides)
-    rows = sum(len(load_conversations(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
+    rows = sum(len(load_rows(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir})")
 
 
@@ -120,14 +143,19 @@ def setup_logging() -> None:
     handler.setFormatter(logging.Formatter("[qlora-kit] %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
-    log.propagate = False
+    log.propagate = True  # so pytest (caplog) and host applications can still see the records
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qlora_kit.train import TrainingInterrupted
+
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"qlora-kit: {exc}", file=sys.stderr)
+        return 130
     except QloraKitError as exc:
         print(f"qlora-kit: error: {exc}", file=sys.stderr)
         return 2

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -89,14 +91,59 @@ def publish_dir(partial: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+COMPLETE_MARKER = "qlora_kit_complete.json"
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """A checkpoint is usable if qlora-kit marked it complete, or if the trainer got as far as its last file.
+
+    transformers writes `trainer_state.json` last, so a run killed mid-save leaves a folder without it (or with
+    weights that do not parse); such a folder is never resumed from.
+    """
+    if (folder / COMPLETE_MARKER).is_file():
+        return True
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = [p for p in folder.glob("*.safetensors")]
+    return bool(weights) and all(safetensors_header_ok(p) for p in weights)
+
+
+def safetensors_header_ok(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            json.loads(handle.read(size))
+        return path.stat().st_size >= 8 + size
+    except (OSError, ValueError):
+        return False
+
+
+def mark_checkpoint_complete(folder: Path) -> None:
+    """fsync every file of a finished checkpoint, then write the marker: after this it survives a power cut."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}) + "\n")
+
+
 def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones are renamed aside with a warning, never loaded."""
     checkpoints = run_dir / "checkpoints"
     if recipe.training.resume != "auto" or not checkpoints.is_dir():
         return None
-    last = get_last_checkpoint(str(checkpoints))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    while (last := get_last_checkpoint(str(checkpoints))) is not None:
+        if checkpoint_is_complete(Path(last)):
+            log.info("resuming from %s", last)
+            return last
+        aside = Path(f"{last}.incomplete-{int(time.time())}")
+        log.warning("%s is incomplete (the run stopped while saving it); skipping it, moved to %s", last, aside.name)
+        os.replace(last, aside)
+    log.info("training.resume=auto: no checkpoint in %s yet; starting from scratch", checkpoints)
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- trainer
@@ -131,6 +178,64 @@ class MetricsLog(TrainerCallback):
         if torch.cuda.is_available():
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return stats
+
+
+class TrainingInterrupted(QloraKitError):
+    """SIGTERM / Ctrl-C: a checkpoint was saved and the run can be resumed."""
+
+
+class RunGuard(TrainerCallback):
+    """Keeps a run recoverable: marks finished checkpoints, refuses a save the disk cannot hold, stops on NaN loss,
+    and turns SIGTERM / Ctrl-C into "save a checkpoint, then stop"."""
+
+    def __init__(self) -> None:
+        self.stop_signal: str | None = None
+        self.nan_step: int | None = None
+        self.last_saved: str | None = None
+
+    def request_stop(self, signum, frame) -> None:
+        if self.stop_signal is not None:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step, then stopping (again to abort at once)",
+                    self.stop_signal)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.stop_signal is not None:
+            control.should_save = True
+            control.should_training_stop = True
+        if control.should_save and state.is_world_process_zero:
+            check_disk_space(Path(args.output_dir), kwargs.get("model"), state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        values = [logs.get(k) for k in ("loss", "grad_norm")] if logs else []
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values) and self.nan_step is None:
+            self.nan_step = state.global_step
+            control.should_save = False  # never checkpoint a diverged model
+            control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            mark_checkpoint_complete(folder)
+        self.last_saved = str(folder)
+
+
+def check_disk_space(output_dir: Path, model, step: int) -> None:
+    """Refuse to start a checkpoint the disk cannot hold: a half-written one is worse than none."""
+    previous = [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    if previous:
+        needed = max(sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in previous)
+    else:  # adapter weights + two Adam moments, in fp32, plus the RNG/trainer state
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if model is not None else 0
+        needed = trainable * 4 * 3 + (1 << 20)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed * 1.2 + (16 << 20):
+        raise QloraKitError(
+            f"not enough disk space to save the checkpoint of step {step}: it needs about {needed / 2**20:,.0f} MiB "
+            f"and {output_dir} has {free / 2**20:,.0f} MiB free. Free some space or lower "
+            "training.save_total_limit, then resume with training.resume=auto")
 
 
 def choose_optimizer(recipe: Recipe) -> str:
@@ -176,6 +281,7 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
             bf16=compute_dtype is torch.bfloat16,
             fp16=compute_dtype is torch.float16,
             include_num_input_tokens_seen="non_padding",
+            logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
             **t.sft_args,
         )
     except (ValueError, TypeError) as exc:
@@ -187,25 +293,40 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
 
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl")])
+                         processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), RunGuard()])
     return trainer
 
 
-def metrics_callback(trainer) -> MetricsLog:
-    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, MetricsLog))
+def callback_of(trainer, kind: type):
+    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
 
 
 def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
     """Train (resuming if asked), evaluate held-out loss, and return the run's summary metrics."""
+    guard = callback_of(trainer, RunGuard)
+    previous = {sig: signal.signal(sig, guard.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
     except torch.OutOfMemoryError as exc:
         raise QloraKitError(
             "CUDA out of memory during training. Lower training.batch_size (raise gradient_accumulation_steps to "
-            "keep the global batch), lower training.max_length, or keep training.gradient_checkpointing on"
+            "keep the global batch), lower training.max_length, keep training.gradient_checkpointing on, or turn "
+            "on training.packing to stop paying for padding"
         ) from exc
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if guard.nan_step is not None:
+        kept = guard.last_saved or "none (no checkpoint was saved before it)"
+        raise QloraKitError(f"the loss became NaN/inf by step {guard.nan_step}; training stopped and nothing was "
+                            f"saved after it. Last good checkpoint: {kept}. Lower training.learning_rate, keep "
+                            "training.max_grad_norm > 0, or check the data for empty/garbage rows")
+    if guard.stop_signal is not None:
+        raise TrainingInterrupted(f"stopped by {guard.stop_signal} at step {trainer.state.global_step}; checkpoint "
+                                  f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
+                                  "training.resume=auto")
     summary = {"train_loss": result.training_loss, "global_step": result.global_step,
-               **metrics_callback(trainer).throughput()}
+               **callback_of(trainer, MetricsLog).throughput()}
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     return summary

@@ -1,0 +1,179 @@
+"""Nothing is lost: killed runs resume on the same loss curve, partial checkpoints are skipped, signals save first."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qlora_kit.cli import main, run_training
+from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
+from qlora_kit.train import COMPLETE_MARKER, checkpoint_is_complete, find_resume_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Long enough that a kill lands mid-run; every step logged and every second step checkpointed.
+RESUMABLE = {"training": {"max_steps": 24, "save_steps": 2, "logging_steps": 1, "save_total_limit": None,
+                          "learning_rate": 1e-3},
+             "quantization": {"load_in_4bit": False}, "export": {"merge": False}, "data": {"cache": False}}
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    """Per-step training loss from metrics.jsonl; a resumed run's later lines win."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def start_training(recipe_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "qlora_kit", "train", str(recipe_path), *overrides], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"training ended before the condition held:\n{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting for training")
+        time.sleep(0.02)
+
+
+def test_a_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recipe):
+    reference = load_recipe(make_recipe("reference", **RESUMABLE))
+    run_training(reference)
+    expected = losses_by_step(reference.run_dir)
+
+    path = make_recipe("killed", **RESUMABLE)
+    checkpoints = load_recipe(path).run_dir / "checkpoints"
+    process = start_training(path)
+    wait_for(lambda: (checkpoints / "checkpoint-6" / COMPLETE_MARKER).exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
+    assert killed_at < 24, "the kill must land before the run finished"
+
+    assert main(["train", str(path), "training.resume=auto"]) == 0
+    resumed = losses_by_step(load_recipe(path).run_dir)
+    assert sorted(resumed) == list(range(1, 25))
+    assert [resumed[s] for s in range(1, 25)] == [expected[s] for s in range(1, 25)]  # identical on CPU
+
+
+def test_an_incomplete_checkpoint_is_skipped_with_a_warning_never_loaded(make_recipe, caplog):
+    recipe = load_recipe(make_recipe("partial", **{**RESUMABLE, "training": {**RESUMABLE["training"],
+                                                                              "max_steps": 4}}))
+    run_training(recipe)
+    checkpoints = recipe.run_dir / "checkpoints"
+    assert checkpoint_is_complete(checkpoints / "checkpoint-4")
+    # A run killed while writing checkpoint-6: weights half written, no trainer state.
+    partial = checkpoints / "checkpoint-6"
+    partial.mkdir()
+    (partial / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    assert not checkpoint_is_complete(partial)
+
+    resume = load_recipe(make_recipe("partial", **{**RESUMABLE, "training": {**RESUMABLE["training"],
+                                                                              "max_steps": 4, "resume": "auto"}}))
+    with caplog.at_level("WARNING", logger="qlora_kit"):
+        chosen = find_resume_checkpoint(resume, resume.run_dir)
+    assert chosen == str(checkpoints / "checkpoint-4")
+    assert "checkpoint-6 is incomplete" in caplog.text
+    assert not partial.exists() and list(checkpoints.glob("checkpoint-6.incomplete-*"))
+
+
+def test_sigterm_saves_a_checkpoint_then_exits_with_how_to_resume(make_recipe):
+    path = make_recipe("terminated", **{**RESUMABLE, "training": {**RESUMABLE["training"], "max_steps": 400,
+                                                                   "save_steps": 1000}})
+    run_dir = load_recipe(path).run_dir
+    process = start_training(path)
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(losses_by_step(run_dir)) >= 3, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "stopped by SIGTERM at step" in stderr and "training.resume=auto" in stderr
+    (checkpoint,) = (run_dir / "checkpoints").glob("checkpoint-*")
+    assert checkpoint_is_complete(checkpoint)
+    assert not (run_dir / "adapter").exists()  # an interrupted run is not a finished one
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(make_recipe, monkeypatch):
+    from trl import SFTTrainer
+
+    compute_loss = SFTTrainer.compute_loss
+
+    def diverging_after_step_5(self, *args, **kwargs):  # what a too-high learning rate does to fp16 runs
+        loss = compute_loss(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 5 else loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", diverging_after_step_5)
+    recipe = load_recipe(make_recipe("diverges", training={"max_steps": 30, "save_steps": 2, "logging_steps": 1},
+                                     quantization={"load_in_4bit": False}, export={"merge": False},
+                                     data={"cache": False}))
+    with pytest.raises(QloraKitError, match=r"loss became NaN/inf by step 6; .*Last good checkpoint: .*checkpoint-4"):
+        run_training(recipe)
+    saved = sorted(p.name for p in (recipe.run_dir / "checkpoints").glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]  # step 6 diverged and was not checkpointed
+    assert not (recipe.run_dir / "adapter").exists()
+
+
+def test_a_save_the_disk_cannot_hold_is_refused_before_writing(make_recipe, monkeypatch):
+    import shutil as real_shutil
+
+    from qlora_kit import train
+
+    full = real_shutil._ntuple_diskusage(total=10 << 30, used=(10 << 30) - (1 << 20), free=1 << 20)
+    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: full)
+    recipe = load_recipe(make_recipe("full-disk", training={"save_steps": 2}, export={"merge": False}))
+    with pytest.raises(QloraKitError, match=r"not enough disk space to save the checkpoint of step 2: .* 1 MiB free"):
+        run_training(recipe)
+    assert not recipe.run_dir.exists()  # nothing saved, so nothing left for the next run to trip over
+
+
+def test_save_total_limit_keeps_only_complete_checkpoints(make_recipe):
+    recipe = load_recipe(make_recipe("limited", training={"max_steps": 6, "save_steps": 2, "save_total_limit": 1},
+                                     export={"merge": False}, data={"cache": False}))
+    run_training(recipe)
+    (only,) = (recipe.run_dir / "checkpoints").glob("checkpoint-*")
+    assert only.name == "checkpoint-6" and checkpoint_is_complete(only)
+
+
+def test_a_run_that_fails_before_saving_leaves_no_folder_behind(make_recipe):
+    failing = load_recipe(make_recipe("retry", training={"max_length": 8}, data={"overlong": "drop"}))
+    with pytest.raises(QloraKitError, match="no rows left"):
+        run_training(failing)
+    assert not failing.run_dir.exists()
+    fixed = load_recipe(make_recipe("retry", export={"merge": False}))
+    run_training(fixed)  # no "run folder already exists"
+    assert (fixed.run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_existing_run_is_never_overwritten_silently(make_recipe):
+    path = make_recipe("twice", export={"merge": False})
+    run_training(load_recipe(path))
+    with pytest.raises(RecipeError, match=r"already exists. Continue it with training.resume=auto, replace it with "
+                                          r"training.overwrite=true"):
+        run_training(load_recipe(path))
+
+
+def test_the_hub_token_never_reaches_the_run_folder_or_logs(make_recipe, monkeypatch, capfd):
+    secret = "hf_qloraKitTestSecret0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    recipe = load_recipe(make_recipe("secret", export={"merge": True}))
+    run_training(recipe)
+    captured = capfd.readouterr()
+    assert secret not in captured.out + captured.err
+    for path in recipe.run_dir.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -1,18 +1,28 @@
-"""Generation metrics on held-out conversations: the model answers each prompt, compared with the reference turn."""
+"""Held-out evaluation: loss/perplexity on the reference answers and generation metrics, for the adapter and its base.
+
+`evaluate_generation` scores one model during training (before/after); `evaluate_run` is `qlora-kit eval`: it loads a
+finished run once (4-bit base + adapter, as trained) and scores it with the adapter on and off, so the before/after
+comparison is one table.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.data import Conversation, render
-from qlora_kit.recipe import EvaluationSection
+from qlora_kit.recipe import EvaluationSection, QloraKitError, Recipe, read_run_recipe
 
 log = logging.getLogger("qlora_kit")
+
+METRICS = ("exact_match", "contains", "json_equal")
 
 
 @dataclass
@@ -45,11 +55,26 @@ def generate_answers(model, tokenizer: PreTrainedTokenizerBase, prompts: list[Co
     return answers
 
 
+_NOT_JSON = object()
+
+
+def parse_json(text: str) -> Any:
+    try:
+        return json.loads(text.strip())
+    except ValueError:
+        return _NOT_JSON
+
+
 def matches(answer: str, reference: str, metric: str) -> bool:
+    """exact_match: same text (outer whitespace ignored); contains: the reference appears in the answer;
+    json_equal: both parse as JSON and are equal (key order and spacing ignored)."""
     if metric == "exact_match":
         return answer.strip() == reference.strip()
     if metric == "contains":
         return reference.strip() in answer
+    if metric == "json_equal":
+        parsed = parse_json(answer)
+        return parsed is not _NOT_JSON and parsed == parse_json(reference)
     raise ValueError(metric)
 
 
@@ -70,3 +95,158 @@ def format_comparison(before: GenerationScore, after: GenerationScore) -> str:
     for example in after.examples[:2]:
         lines.append("  example: " + json.dumps(example, ensure_ascii=False))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- loading a run
+
+
+@dataclass
+class TrainedModel:
+    """A finished run loaded for inference: the model, the training tokenizer (and chat template), stop ids."""
+
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    stop_ids: list[int]
+    generation_config: Any
+    recipe: Recipe
+    run_dir: Path
+    merged: bool
+
+
+def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedModel:
+    """The run's adapter on its base, quantized as in training (or `merged=True`: <run>/merged with plain transformers).
+
+    The tokenizer, its chat template and the generation config (whose EOS lists every end-of-turn id) come from the
+    adapter folder, so inference formats and stops exactly as training taught.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from qlora_kit.model import base_model_folder, end_of_turn_token_ids, load_base_model, resolve_dtype
+
+    run_dir = Path(run_dir)
+    recipe = read_run_recipe(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if merged:
+        folder = run_dir / "merged"
+        if not (folder / "config.json").is_file():
+            raise QloraKitError(f"{run_dir}: no merged model in {folder}; run `qlora-kit merge {run_dir}` first")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(recipe.model.dtype, "model.dtype"),
+                                                     device_map=device)
+    else:
+        from peft import PeftModel
+
+        compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
+        base = load_base_model(recipe, base_model_folder(recipe.model), compute_dtype)
+        model = PeftModel.from_pretrained(base, adapter)
+    model.eval()
+    has_config = (adapter / "generation_config.json").is_file()
+    generation_config = GenerationConfig.from_pretrained(adapter) if has_config else model.generation_config
+    stop_ids = end_of_turn_token_ids(tokenizer, generation_config.eos_token_id)
+    return TrainedModel(model, tokenizer, stop_ids, generation_config, recipe, run_dir, merged)
+
+
+# -------------------------------------------------------------------------------------------- qlora-kit eval
+
+
+@dataclass
+class EvalResult:
+    """Scores of one model (the base, or base + adapter) on the same rows."""
+
+    loss: float | None
+    perplexity: float | None
+    scores: dict[str, float]
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+
+def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str]:
+    """Rows to evaluate on, and a description: `data_file`, or the run's own held-out split (same seed, same rows)."""
+    from qlora_kit.data import BadRows, load_rows, mix_sources, split_validation
+    from qlora_kit.recipe import DatasetSource
+
+    try:
+        if data_file is not None:
+            if not Path(data_file).exists():
+                raise QloraKitError(f"--data: file not found: {data_file}")
+            rows = load_rows(DatasetSource(path=data_file), recipe.data.system_prompt)
+            return rows, data_file
+        if recipe.data.validation is None:
+            raise QloraKitError(f"{recipe.source}: the run has no held-out split (data.validation is null); pass "
+                                "--data FILE with reference answers")
+        bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+        _, held_out = split_validation(mix_sources(recipe, bad), recipe)
+    except OSError as exc:
+        raise QloraKitError(f"{recipe.source}: cannot read the run's data ({exc}); pass --data FILE") from None
+    return held_out, f"the run's held-out split (data.validation: {recipe.data.validation})"
+
+
+@torch.no_grad()
+def heldout_loss(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], recipe: Recipe,
+                 batch_size: int) -> float | None:
+    """Mean cross-entropy per trained token (assistant turns, as `data.loss_on` says): the training loss, held out."""
+    from qlora_kit.data import tokenize_row
+
+    tokenized = [tokenize_row(tokenizer, row, recipe.data.loss_on) for row in rows]
+    tokenized = [{k: v[: recipe.training.max_length] for k, v in t.items()} for t in tokenized]
+    total, count = 0.0, 0
+    for start in range(0, len(tokenized), batch_size):
+        chunk = tokenized[start: start + batch_size]
+        width = max(len(t["input_ids"]) for t in chunk)
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([t["input_ids"] + [pad] * (width - len(t["input_ids"])) for t in chunk])
+        attention = torch.tensor([[1] * len(t["input_ids"]) + [0] * (width - len(t["input_ids"])) for t in chunk])
+        mask = torch.tensor([t["assistant_masks"] + [0] * (width - len(t["input_ids"])) for t in chunk])
+        labels = ids.masked_fill(mask == 0, -100)
+        logits = model(input_ids=ids.to(model.device), attention_mask=attention.to(model.device)).logits.float()
+        shifted = labels[:, 1:].to(logits.device)
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                   ignore_index=-100, reduction="sum").item()
+        count += int((shifted != -100).sum())
+    return total / count if count else None
+
+
+def score_model(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], recipe: Recipe, stop_ids: list[int],
+                max_samples: int, max_new_tokens: int, batch_size: int) -> EvalResult:
+    loss = heldout_loss(model, tokenizer, rows, recipe, batch_size)
+    conversations = [r["messages"] for r in rows if "messages" in r][:max_samples]
+    scores: dict[str, float] = {}
+    examples: list[dict[str, str]] = []
+    if conversations:
+        prompts = [c[:-1] for c in conversations]
+        references = [c[-1]["content"] for c in conversations]
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop_ids)
+        for metric in METRICS:
+            scores[metric] = sum(matches(a, r, metric) for a, r in zip(answers, references, strict=True)) / len(answers)
+        examples = [{"prompt": p[-1]["content"], "reference": r, "answer": a}
+                    for p, r, a in zip(prompts[:3], references[:3], answers[:3], strict=False)]
+    perplexity = math.exp(min(loss, 700)) if loss is not None else None
+    return EvalResult(loss, perplexity, scores, examples)
+
+
+def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples: int | None = None,
+                 max_new_tokens: int | None = None, batch_size: int | None = None, include_base: bool = True) -> dict:
+    """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
+    from qlora_kit.train import write_atomically
+
+    trained = load_trained_model(run_dir)
+    recipe, section = trained.recipe, trained.recipe.evaluation
+    rows, described = heldout_rows(recipe, data_file)
+    settings = {"max_samples": max_samples or section.max_samples,
+                "max_new_tokens": max_new_tokens or section.max_new_tokens,
+                "batch_size": batch_size or section.batch_size}
+    args = (trained.tokenizer, rows, recipe, trained.stop_ids, settings["max_samples"], settings["max_new_tokens"],
+            settings["batch_size"])
+    results = {"adapter": score_model(trained.model, *args)}
+    if include_base:
+        with trained.model.disable_adapter():
+            results["base"] = score_model(trained.model, *args)
+    report = {"data": described, "rows": len(rows),
+              "generated_rows": min(settings["max_samples"], sum("messages" in r for r in rows)),
+              **settings, "results": {name: asdict(result) for name, result in results.items()}}
+    write_atomically(Path(run_dir) / "eval.json", json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,0 +1,314 @@
+"""Upload a run to the Hugging Face Hub: the adapter (or merged model), a generated model card, and the training record.
+
+The upload folder is built first, exactly as it will appear in the repo (`--dry-run` stops there). The token comes
+from huggingface_hub (HF_TOKEN, or `hf auth login`); it is only ever sent in request headers, never written to the
+run folder, the folder uploaded, the logs or the card, and the upload is refused if it appears in any file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_kit.recipe import QloraKitError, Recipe, read_run_recipe
+from qlora_kit.report import (
+    data_table,
+    eval_note,
+    eval_table,
+    generation_table,
+    plot_metrics,
+    read_json,
+    read_metrics,
+    render_markdown,
+    run_facts,
+)
+
+log = logging.getLogger("qlora_kit")
+
+# Never uploaded: peft's placeholder card (ours replaces it) and the pickled TrainingArguments (not needed to load
+# the model, and unpickling files from the Hub is unsafe).
+SKIPPED_FILES = {"README.md", "training_args.bin"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SECRET_KEY = re.compile(r"token|secret|password|api_key", re.I)
+
+
+# ------------------------------------------------------------------------------------------- upload folder
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, merged: bool = False,
+                        base_model: str | None = None) -> Path:
+    """Write `target` with exactly the files the repo will get: weights + tokenizer, README.md, training/."""
+    run_dir, target = Path(run_dir), Path(target)
+    recipe = read_run_recipe(run_dir)
+    base = base_model or recipe.model.name
+    if base_model is not None and not is_hub_id(base_model):
+        raise QloraKitError(f"--base-model: {base_model!r} is not a Hub model id like meta-llama/Llama-3.1-8B")
+    source = run_dir / ("merged" if merged else "adapter")
+    if merged and not (source / "config.json").is_file():
+        from qlora_kit.export import merge_adapter  # deferred: loads torch
+
+        log.info("no merged model in %s yet; merging first", run_dir)
+        merge_adapter(run_dir)
+    if not merged and not (source / "adapter_config.json").is_file():
+        raise QloraKitError(f"{run_dir}: no trained adapter in {source}; train the recipe first")
+    if target.exists():
+        if any(target.iterdir()):
+            raise QloraKitError(f"{target} already exists and is not empty; delete it or pass another --out")
+        target.rmdir()
+    target.mkdir(parents=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and path.name not in SKIPPED_FILES:
+            shutil.copy2(path, target / path.name)
+    if not merged and is_hub_id(base):
+        # peft (AutoPeftModelForCausalLM, the Hub widget) finds the base through this field; training wrote the
+        # local name it loaded from.
+        config = json.loads((target / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = base
+        (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    record = target / "training"
+    record.mkdir()
+    (record / "recipe.yaml").write_text(redacted_recipe_text(run_dir))
+    for name in ("summary.json", "metrics.jsonl", "eval.json"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, record / name)
+    plots = plot_metrics(read_metrics(run_dir), record)
+    (target / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots))
+    return target
+
+
+def redacted_recipe_text(run_dir: Path) -> str:
+    """The run's recipe.yaml, with any sft_args value whose key looks like a credential replaced."""
+    text = (run_dir / "recipe.yaml").read_text()
+    data = yaml.safe_load(text)
+    sft_args = (data.get("training") or {}).get("sft_args") or {}
+    secrets = [key for key in sft_args if SECRET_KEY.search(key)]
+    if not secrets:
+        return text
+    for key in secrets:
+        sft_args[key] = "<redacted>"
+    return "# Resolved recipe (credentials redacted)\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def assert_no_secret(folder: Path, secret: str | None) -> None:
+    """Refuse to upload a folder in which the token appears, whatever put it there."""
+    if not secret:
+        return
+    needle = secret.encode()
+    for path in folder.rglob("*"):
+        if path.is_file() and needle in path.read_bytes():
+            raise QloraKitError(f"refusing to upload: {path.relative_to(folder)} contains your Hugging Face token")
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def model_card(run_dir: Path, recipe: Recipe, repo_id: str, base: str, merged: bool, plots: list[Path]) -> str:
+    """README.md for the repo: Hub metadata, usage with plain transformers (+ peft), data, results, recipe."""
+    from huggingface_hub import ModelCardData
+
+    summary = read_json(run_dir / "summary.json")
+    evaluation = read_json(run_dir / "eval.json")
+    hub_base = base if is_hub_id(base) else None
+    hub_datasets = [s.hub for s in recipe.data.datasets if s.hub]
+    tags = ["qlora-kit", "qlora", "sft", "trl"]
+    if not merged:
+        tags += ["lora"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
+    metadata = ModelCardData(base_model=hub_base, library_name="transformers" if merged else "peft",
+                             pipeline_tag="text-generation", tags=tags, datasets=hub_datasets or None)
+    what = "merged model (LoRA folded into the full-precision base)" if merged else "LoRA adapter"
+    r, q = recipe.lora, recipe.quantization
+    quant = f"4-bit {q.quant_type}" if q.load_in_4bit else "8-bit" if q.load_in_8bit else "an unquantized"
+    blocks: list[tuple] = [
+        ("h1", repo_id.split("/")[-1]),
+        ("p", f"A {what} for `{base}`, fine-tuned with qlora-kit on a {quant} base "
+              f"(QLoRA): rank {r.r}, alpha {r.alpha:g}, targets `{r.target_modules}`, trained on "
+              f"{'every token' if recipe.data.loss_on == 'all' else 'assistant turns only'}."),
+    ]
+    if hub_base is None:
+        blocks.append(("p", f"Training used a local base model (`{recipe.model.name}`"
+                            + (f", GGUF `{recipe.model.gguf_file}`" if recipe.model.gguf_file else "")
+                            + "); replace `BASE` below with the Hub id of the same model, or push again with "
+                              "`--base-model HUB_ID`."))
+    blocks += [("h2", "Usage"), ("code", usage_snippet(repo_id, hub_base, merged, recipe))]
+    data = summary.get("data")
+    sources = ", ".join(f"`{s.hub or Path(s.path).name}`" for s in recipe.data.datasets)
+    blocks += [("h2", "Training data"),
+               ("p", f"Sources: {sources}; held-out split: `{recipe.data.validation}`; system prompt: "
+                     f"{repr(recipe.data.system_prompt) if recipe.data.system_prompt else 'none'}; "
+                     f"max_length {recipe.training.max_length}.")]
+    if data:
+        blocks.append(("table", *data_table(data)))
+    records = read_metrics(run_dir)
+    facts = [f for f in run_facts(run_dir, records, summary) if f.name != "peak GPU memory" or
+             summary.get("peak_gpu_memory_gib") is not None]
+    blocks += [("h2", "Training results"), ("table", ["", "value"], [[f.name, f.value] for f in facts])]
+    for title, table in (("Generation on the held-out split, before and after training:", generation_table(summary)),
+                         ("`qlora-kit eval`, base model vs this adapter on the same rows:", eval_table(evaluation))):
+        if table:
+            blocks += [("p", title), ("table", *table)]
+    if evaluation:
+        blocks.append(("p", eval_note(evaluation)))
+    for plot in plots:
+        blocks.append(("img", f"training/{plot.name}", plot.stem.replace("_", " ")))
+    recipe_text = yaml.safe_dump(yaml.safe_load(redacted_recipe_text(run_dir)), sort_keys=False)
+    blocks += [("h2", "Recipe"), ("p", "The resolved recipe (also in `training/recipe.yaml`, with the library "
+                                       "versions; metrics in `training/metrics.jsonl`):"),
+               ("code", recipe_text, "yaml")]
+    body = render_markdown(blocks_with_code(blocks))
+    return f"---\n{metadata.to_yaml()}\n---\n\n{body}"
+
+
+def blocks_with_code(blocks: list[tuple]) -> list[tuple]:
+    """render_markdown knows no code blocks; fenced code is passed through as a paragraph."""
+    out = []
+    for block in blocks:
+        if block[0] == "code":
+            language = block[2] if len(block) > 2 else "python"
+            out.append(("p", f"```{language}\n{block[1].rstrip()}\n```"))
+        else:
+            out.append(block)
+    return out
+
+
+def usage_snippet(repo_id: str, hub_base: str | None, merged: bool, recipe: Recipe) -> str:
+    messages = []
+    if recipe.data.system_prompt:
+        messages.append({"role": "system", "content": recipe.data.system_prompt})
+    messages.append({"role": "user", "content": "..."})
+    lines = ["import torch", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    if merged:
+        lines += ["", f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto", device_map="auto")']
+    else:
+        base_line = f'BASE = "{hub_base}"' if hub_base else 'BASE = "..."  # Hub id of the base model'
+        lines = ["from peft import PeftModel", *lines, "", base_line,
+                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # the chat template used in training',
+                 'base = AutoModelForCausalLM.from_pretrained(BASE, dtype="auto", device_map="auto")',
+                 f'model = PeftModel.from_pretrained(base, "{repo_id}")',
+                 "# Trained on a 4-bit base: to match training exactly, load BASE with quantization_config="
+                 "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=\"nf4\")."]
+    lines += ["", f"messages = {json.dumps(messages, ensure_ascii=False)}",
+              "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\",",
+              "                                       return_dict=True).to(model.device)",
+              "with torch.no_grad():",
+              "    output = model.generate(**inputs, max_new_tokens=256)",
+              'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------- upload
+
+
+def hub_token() -> str:
+    """The token huggingface_hub would use (HF_TOKEN, then the `hf auth login` file); an error if there is none."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise QloraKitError("no Hugging Face token: set HF_TOKEN (a write token from "
+                            "https://huggingface.co/settings/tokens) or run `hf auth login`; --dry-run needs none")
+    return token
+
+
+def check_push_settings(recipe: Recipe) -> None:
+    """Before training: a recipe that uploads at the end must have a valid repo id and a token now, not hours later."""
+    push = recipe.export.push
+    if push.repo_id is None:
+        return
+    if not HUB_ID.match(push.repo_id):
+        raise QloraKitError(f"{recipe.source}: export.push.repo_id: {push.repo_id!r} is not USER/NAME (or ORG/NAME)")
+    if push.merged and not recipe.export.merge:
+        raise QloraKitError(f"{recipe.source}: export.push.merged: needs export.merge: true (nothing merged to push)")
+    hub_token()
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
+    """Turn huggingface_hub / httpx failures into one actionable message each."""
+    import httpx
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    namespace = repo_id.split("/")[0]
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise QloraKitError("HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it to push, or use "
+                            "--dry-run to see the folder") from None
+    except HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        server = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
+        if status == 401:
+            raise QloraKitError("the Hub rejected your token (401 Unauthorized): HF_TOKEN (or the token saved by "
+                                "`hf auth login`) is invalid or expired") from None
+        if status == 403:
+            raise QloraKitError(f"{repo_id}: your token may not write there (403 Forbidden): the repo belongs to "
+                                f"another user, the token is read-only, or it has no write access to the "
+                                f"'{namespace}' organisation") from None
+        if status == 404:
+            raise QloraKitError(f"{repo_id}: repository not found (404) and could not be created: {server}") from None
+        raise QloraKitError(f"{repo_id}: the Hub refused the upload ({status}): {server}") from None
+    except (httpx.TransportError, ConnectionError) as exc:
+        raise QloraKitError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {exc}); check your network "
+                            "connection (and HF_ENDPOINT if set), or use --dry-run") from None
+
+
+def check_namespace(whoami: dict[str, Any], repo_id: str) -> None:
+    """Fail before creating anything if the token's user cannot own `repo_id`."""
+    namespace = repo_id.split("/")[0]
+    user = whoami.get("name")
+    orgs = [org.get("name") for org in whoami.get("orgs", [])]
+    if namespace != user and namespace not in orgs:
+        mine = f"your user '{user}'" + (f" or your organisations ({', '.join(orgs)})" if orgs else "")
+        raise QloraKitError(f"{repo_id}: you are logged in as '{user}' and cannot create repos under '{namespace}'; "
+                            f"use {mine}, e.g. {user}/{repo_id.split('/')[-1]}")
+    role = (whoami.get("auth", {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise QloraKitError("your Hugging Face token is read-only; create a write token at "
+                            "https://huggingface.co/settings/tokens and set HF_TOKEN to it")
+
+
+def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False,
+             base_model: str | None = None, dry_run: bool = False, out: str | Path | None = None) -> str:
+    """Upload the run (or with `dry_run`, only write the upload folder to `out`, default <run>/hub-upload).
+
+    Returns the repo URL, or the folder written for a dry run.
+    """
+    from huggingface_hub import HfApi, constants
+
+    run_dir = Path(run_dir)
+    if not HUB_ID.match(repo_id):
+        raise QloraKitError(f"--repo-id: {repo_id!r} is not USER/NAME (or ORG/NAME)")
+    if dry_run:
+        folder = build_upload_folder(run_dir, Path(out) if out else run_dir / "hub-upload", repo_id, merged,
+                                     base_model)
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        log.info("dry run: %d files that would be uploaded to %s are in %s", len(files), repo_id, folder)
+        return str(folder)
+    token = hub_token()
+    api = HfApi(token=token)
+    endpoint = api.endpoint or constants.ENDPOINT
+    with hub_errors(repo_id, endpoint):
+        check_namespace(api.whoami(), repo_id)
+    with tempfile.TemporaryDirectory(prefix="qlora-kit-push-") as tmp:
+        folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id, merged, base_model)
+        assert_no_secret(folder, token)
+        with hub_errors(repo_id, endpoint):
+            url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
+                                       commit_message=f"qlora-kit: upload {'merged model' if merged else 'adapter'} "
+                                                      f"from run {run_dir.name}")
+    log.info("uploaded %s to %s (commit %s)", run_dir, url, getattr(commit, "oid", "?"))
+    return str(url)

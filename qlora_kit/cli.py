@@ -47,6 +47,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
     from qlora_kit.model import (
         base_model_folder,
         build_quantized_model,
+        check_model_config,
         end_of_turn_token_ids,
         load_tokenizer,
         resolve_dtype,
@@ -55,6 +56,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
 
     with state.main_process_first():
         folder = base_model_folder(recipe.model)
+    check_model_config(recipe, folder)
     tokenizer = load_tokenizer(recipe, folder)
     data = build_datasets(recipe, tokenizer)
 

@@ -43,13 +43,18 @@ def base_model_folder(model: ModelSection) -> str:
     """The name or folder `from_pretrained` should read: the model itself, or the cached conversion of its GGUF."""
     if model.gguf_file is None:
         return model.name
+    target = gguf_cache_folder(model)
+    if not (target / "config.json").is_file():
+        convert_gguf((Path(model.name).expanduser() / model.gguf_file).resolve(), target)
+    return str(target)
+
+
+def gguf_cache_folder(model: ModelSection) -> Path:
+    """Where the HF conversion of `model.gguf_file` is cached; keyed by the file's path, size and mtime."""
     gguf_path = (Path(model.name).expanduser() / model.gguf_file).resolve()
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
-    if not (target / "config.json").is_file():
-        convert_gguf(gguf_path, target)
-    return str(target)
+    return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
 def convert_gguf(gguf_path: Path, target: Path) -> None:
@@ -181,6 +186,77 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
     return model
 
 
+def local_config_folder(model: ModelSection) -> str | None:
+    """A local folder with the base model's config.json, found without downloading or converting anything.
+
+    A local model folder, the cached conversion of a GGUF base, or a Hub model already in the Hugging Face cache;
+    None when the config is not on this machine.
+    """
+    if model.gguf_file is not None:
+        folder = gguf_cache_folder(model)
+        return str(folder) if (folder / "config.json").is_file() else None
+    path = Path(model.name).expanduser()
+    if path.is_dir():
+        return str(path) if (path / "config.json").is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model.name, "config.json", revision=model.revision)
+    except ValueError:  # not a valid Hub id
+        return None
+    return str(Path(cached).parent) if isinstance(cached, str) else None
+
+
+def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
+    """Check lora.target_modules and lora.modules_to_save against the model's real module names.
+
+    The model is instantiated from its config on the meta device (no weights, no memory), so a misspelt or
+    wrong-family name (qkv_proj on Llama, q_proj on Phi-3) fails validation with the valid names listed, instead of
+    failing in peft after the weights load. Returns the names of the layers LoRA can adapt.
+    """
+    import difflib
+    import re
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    m = recipe.model
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=m.trust_remote_code)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    arch = type(model).__name__
+    head = model.get_output_embeddings()
+    layers = {name: module for name, module in model.named_modules()
+              if isinstance(module, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D))}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in layers.items()
+                     if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
+    where = f"{recipe.source}: lora.target_modules"
+    valid = f"the linear layers of {arch} are: {', '.join(linear)}"
+    targets = recipe.lora.target_modules
+    if isinstance(targets, str):
+        if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in layers):
+            raise RecipeError(f"{where}: the pattern {targets!r} matches no layer name of {arch} (peft matches it "
+                              f"against full names like {next(iter(layers))}); {valid}")
+        return linear
+    for target in targets:
+        hits = [name for name in layers if name == target or name.endswith("." + target)]
+        if not hits:
+            close = difflib.get_close_matches(target, linear, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise RecipeError(f"{where}: {target!r} is not a layer of {arch}{hint}; {valid}")
+        if all(layers[name] is head for name in hits):
+            raise RecipeError(f"{where}: {target!r} is the output layer; trl computes log-probabilities from its "
+                              f"weight directly, so a LoRA adapter there is never trained. Train it in full with "
+                              f"lora.modules_to_save: [{target}] instead")
+    names = [name for name, _ in model.named_modules()]
+    for module in recipe.lora.modules_to_save or []:
+        if not any(name == module or name.endswith("." + module) for name in names):
+            raise RecipeError(f"{recipe.source}: lora.modules_to_save: {module!r} is not a module of {arch} "
+                              f"(usually lm_head or embed_tokens)")
+    return linear
+
+
 def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | list[int] | None) -> list[int]:
     """Token ids that end an assistant turn: EOS, the generation config's EOS and the template's end-of-turn token."""
     ids = [tokenizer.eos_token_id]
@@ -237,3 +313,19 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
     }
     parts["total"] = sum(parts.values())
     return parts
+
+
+def check_model_config(recipe: Recipe, folder: str) -> None:
+    """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    scaled = rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
+    if limit and recipe.training.max_length > limit and not scaled:
+        raise RecipeError(
+            f"{recipe.source}: training.max_length: {recipe.training.max_length} is longer than the model's "
+            f"max_position_embeddings ({limit}) and its config sets no RoPE scaling; lower training.max_length "
+            f"to {limit}, or use a long-context variant of the model")

@@ -19,8 +19,10 @@ def run_training(recipe: Recipe) -> dict:
     """load recipe -> build data -> build model -> (score before) -> train -> save adapter -> (score after) -> merge."""
     from accelerate import PartialState
 
+    from qlora_kit.publish import check_push_settings
     from qlora_kit.train import prepare_run_dir
 
+    check_push_settings(recipe)  # an upload at the end needs a token now, not after hours of training
     state = PartialState()
     run_dir = prepare_run_dir(recipe, state.is_main_process)
     try:
@@ -52,6 +54,8 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
         load_tokenizer,
         resolve_dtype,
     )
+    from qlora_kit.publish import push_run
+    from qlora_kit.report import data_summary, write_report
     from qlora_kit.train import build_trainer, save_adapter, train_adapter, write_atomically
 
     with state.main_process_first():
@@ -74,6 +78,8 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
 
     trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
     summary = train_adapter(trainer, recipe, run_dir)
+    summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
+    summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
 
     if score_generation:
@@ -86,16 +92,30 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
         if recipe.export.merge:
             del trainer, model
             merge_adapter(run_dir)
+        if recipe.export.report:
+            write_report(run_dir)
+        if recipe.export.push.repo_id:
+            push = recipe.export.push
+            push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
         log.info("done: %s", run_dir)
     return summary
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
     from qlora_kit.data import load_rows
+    from qlora_kit.model import check_target_modules, local_config_folder
+    from qlora_kit.publish import check_push_settings
 
     recipe = load_recipe(args.recipe, args.overrides)
     rows = sum(len(load_rows(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
+    check_push_settings(recipe)
+    folder = local_config_folder(recipe.model)
+    layers = check_target_modules(recipe, folder) if folder else None
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir})")
+    if layers is None:
+        print("lora.target_modules: not checked, the model's config is not on this machine (training will check it)")
+    else:
+        print(f"lora.target_modules: found in the model (its linear layers: {', '.join(layers)})")
 
 
 def cmd_data(args: argparse.Namespace) -> None:
@@ -123,6 +143,74 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(merge_adapter(args.run_dir, args.out))
 
 
+def cmd_push(args: argparse.Namespace) -> None:
+    from qlora_kit.publish import push_run
+
+    print(push_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, base_model=args.base_model,
+                   dry_run=args.dry_run, out=args.out))
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from qlora_kit.chat import chat_loop, chat_once
+    from qlora_kit.evaluate import load_trained_model
+
+    trained = load_trained_model(args.run_dir, merged=args.merged)
+    if args.prompt is not None:
+        chat_once(trained, args.prompt, args.system, args.max_new_tokens, args.temperature, out=sys.stdout)
+    else:
+        chat_loop(trained, args.system, args.max_new_tokens, args.temperature)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from qlora_kit.evaluate import evaluate_run
+    from qlora_kit.report import eval_note, eval_table, render_markdown, write_report
+
+    report = evaluate_run(args.run_dir, args.data, args.max_samples, args.max_new_tokens, args.batch_size,
+                          include_base=not args.no_base)
+    print(render_markdown([("table", *eval_table(report)), ("p", eval_note(report))]), end="")
+    if (Path(args.run_dir) / "report").is_dir():
+        write_report(args.run_dir)  # the report shows eval.json; keep it current
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from qlora_kit.report import write_report
+
+    print(write_report(args.run_dir) / "report.md")
+
+
+def add_after_training_commands(sub) -> None:
+    """push / chat / eval / report: everything that reads a finished run folder."""
+    p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--repo-id", required=True, help="Hub repo USER/NAME (or ORG/NAME); created if missing")
+    p.add_argument("--merged", action="store_true", help="upload the merged model (merging first if needed)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--base-model", help="Hub id of the base model, for the card and adapter_config.json, when "
+                                        "training used a local folder or GGUF")
+    p.add_argument("--dry-run", action="store_true", help="only write the exact folder that would be uploaded")
+    p.add_argument("--out", help="dry-run folder (default: RUN_DIR/hub-upload)")
+    p.set_defaults(func=cmd_push)
+    p = sub.add_parser("chat", help="chat with a trained run (streaming; --prompt for one answer)")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; '' for none)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens (default 256)")
+    p.add_argument("--temperature", type=float, help="0 = greedy; default: the run's generation config")
+    p.add_argument("--merged", action="store_true", help="use RUN_DIR/merged instead of the 4-bit base + adapter")
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("eval", help="held-out loss/perplexity and generation metrics, base vs adapter")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--data", help="rows with reference answers (default: the run's held-out split)")
+    p.add_argument("--max-samples", type=int, help="rows to generate for (default: evaluation.max_samples)")
+    p.add_argument("--max-new-tokens", type=int, help="generation budget (default: evaluation.max_new_tokens)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: evaluation.batch_size)")
+    p.add_argument("--no-base", action="store_true", help="score the adapter only")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="write RUN_DIR/report/: plots, report.md, report.html")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.set_defaults(func=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning from YAML recipes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
     p.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
     p.set_defaults(func=cmd_merge)
+    add_after_training_commands(sub)
     return parser
 
 

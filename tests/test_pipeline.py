@@ -273,11 +273,23 @@ def test_accelerate_launch_train_py_trains_one_cpu_process(make_recipe, tmp_path
     assert not (run_dir / "merged").exists()  # the override reached the recipe
 
 
-def test_validate_accepts_a_good_recipe(make_recipe):
-    result = run_cli("-m", "qlora_kit", "validate", str(make_recipe()))
+@pytest.fixture
+def cli(capsys):
+    """Run `qlora-kit ARGS` in this process: (exit status, stdout, stderr). Restores the logger main() configures."""
+    import logging
 
-    assert result.returncode == 0, result.stderr
-    assert "valid (40 training rows" in result.stdout
+    from qlora_kit.cli import main
+
+    logger = logging.getLogger("qlora_kit")
+    saved = logger.handlers[:], logger.level, logger.propagate
+
+    def invoke(*args: str) -> tuple[int, str, str]:
+        status = main(list(args))
+        captured = capsys.readouterr()
+        return status, captured.out, captured.err
+
+    yield invoke
+    logger.handlers[:], logger.level, logger.propagate = saved
 
 
 def test_validate_reports_a_bad_recipe_in_one_paragraph_without_traceback(make_recipe):
@@ -291,17 +303,23 @@ def test_validate_reports_a_bad_recipe_in_one_paragraph_without_traceback(make_r
         f"qlora-kit: error: {recipe}: lora.rank: unknown key (did you mean 'lora.r'?)"]
 
 
-def test_validate_reports_a_bad_override_with_exit_status_2(make_recipe):
-    result = run_cli("-m", "qlora_kit", "validate", str(make_recipe()), "lora.r=0")
+def test_validate_accepts_a_good_recipe(make_recipe, cli):
+    status, out, err = cli("validate", str(make_recipe()))
 
-    assert result.returncode == 2
-    assert "lora.r: 0 is out of range; it must be >= 1" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert status == 0, err
+    assert "valid (40 training rows" in out
 
 
-def test_merge_on_a_folder_that_is_not_a_run_exits_2(tmp_path):
-    result = run_cli("-m", "qlora_kit", "merge", str(tmp_path))
+def test_validate_reports_a_bad_override_with_exit_status_2(make_recipe, cli):
+    status, _, err = cli("validate", str(make_recipe()), "lora.r=0")
 
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert f"qlora-kit: error: {tmp_path}: no trained adapter" in result.stderr
+    assert status == 2
+    assert "lora.r: 0 is out of range; it must be >= 1" in err
+    assert "Traceback" not in err
+
+
+def test_merge_on_a_folder_that_is_not_a_run_exits_2(tmp_path, cli):
+    status, _, err = cli("merge", str(tmp_path))
+
+    assert status == 2
+    assert err.startswith(f"qlora-kit: error: {tmp_path}: no trained adapter")

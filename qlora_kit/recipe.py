@@ -475,7 +475,9 @@ OWNED_SFT_ARGS = {
     "output_dir", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
     "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
     "warmup_steps", "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "packing", "seed",
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "bf16", "fp16",
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "bf16", "fp16", "run_name",
+    "eval_strategy", "save_strategy", "gradient_checkpointing_kwargs", "include_num_input_tokens_seen",
+    "logging_nan_inf_filter", "padding_free",
 }
 
 

@@ -294,7 +294,19 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), RunGuard()])
+    keep_adapter_weights_in_fp32(trainer.model)
     return trainer
+
+
+def keep_adapter_weights_in_fp32(model) -> None:
+    """fp32 master weights for the adapter; bf16/fp16 compute comes from autocast.
+
+    trl casts a quantized model's LoRA weights to bf16: small optimizer updates then vanish, fp16-only GPUs get bf16,
+    CPU runs compute the adapters in slow bf16, and a resumed run (peft reloads fp32) trains in another dtype.
+    """
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def callback_of(trainer, kind: type):
@@ -325,11 +337,23 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
         raise TrainingInterrupted(f"stopped by {guard.stop_signal} at step {trainer.state.global_step}; checkpoint "
                                   f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
                                   "training.resume=auto")
-    summary = {"train_loss": result.training_loss, "global_step": result.global_step,
-               **callback_of(trainer, MetricsLog).throughput()}
+    summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
+               "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput()}
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     return summary
+
+
+def mean_logged_loss(metrics: Path, fallback: float) -> float:
+    """Mean of the logged per-step losses over every session of the run (transformers' own figure counts only the
+    last session's losses, divided by all steps, so it is wrong after a resume)."""
+    by_step = {}
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            record = json.loads(line)
+            if "loss" in record:
+                by_step[record["step"]] = record["loss"]  # a step re-run after a resume counts once
+    return sum(by_step.values()) / len(by_step) if by_step else fallback
 
 
 def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path:

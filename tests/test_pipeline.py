@@ -205,12 +205,6 @@ def test_resume_auto_continues_from_the_last_checkpoint(resumed_run):
     assert {"checkpoint-4", "checkpoint-6"} <= {p.name for p in checkpoints.glob("checkpoint-*")}
 
 
-ADAPTER_DTYPE_BUG = ("bug: trl's SFTTrainer casts the LoRA weights of a quantized model to bf16 (whatever the compute "
-                     "dtype); on resume peft's load_adapter brings them back as fp32, so a resumed run trains in "
-                     "another dtype than the run it continues")
-
-
-@pytest.mark.xfail(strict=True, reason=ADAPTER_DTYPE_BUG)
 def test_resume_continues_the_same_loss_curve(resumed_run):
     resumed = {r["step"]: r["loss"] for r in resumed_run.first_session + resumed_run.second_session if "loss" in r}
     straight = {r["step"]: r["loss"] for r in resumed_run.uninterrupted if "loss" in r}
@@ -220,7 +214,6 @@ def test_resume_continues_the_same_loss_curve(resumed_run):
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), f"step {step}"
 
 
-@pytest.mark.xfail(strict=True, reason=ADAPTER_DTYPE_BUG)
 def test_resume_keeps_the_adapter_dtype(resumed_run):
     from safetensors.torch import load_file
 
@@ -230,8 +223,6 @@ def test_resume_keeps_the_adapter_dtype(resumed_run):
     assert len(set().union(*dtypes.values())) == 1, dtypes
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after resume, summary.json train_loss is transformers' "
-                                       "(this session's loss sum) / global_step, far below every logged loss")
 def test_resumed_summary_train_loss_is_an_average_of_logged_losses(resumed_run):
     losses = [r["loss"] for r in resumed_run.first_session + resumed_run.second_session if "loss" in r]
 

@@ -244,8 +244,6 @@ def test_sft_args_real_sftconfig_field_is_accepted(make_recipe):
     assert recipe.training.sft_args == {"dataloader_num_workers": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: OWNED_SFT_ARGS in recipe.py misses run_name, eval_strategy, "
-                                       "save_strategy, gradient_checkpointing_kwargs, include_num_input_tokens_seen")
 def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_recipe, tmp_path, monkeypatch):
     # Whatever build_sft_config passes to SFTConfig must be refused at validation; otherwise the recipe passes
     # `validate` and fails only after data and model are loaded ("got multiple values for keyword argument").

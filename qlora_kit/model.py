@@ -128,8 +128,15 @@ def build_quantization_config(recipe: Recipe, compute_dtype: torch.dtype) -> Bit
     )
 
 
-def device_map_for_this_process() -> dict[str, int | str]:
+def under_fsdp() -> bool:
+    """`accelerate launch` with an FSDP config sets this; FSDP then places and shards the weights itself."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+
+
+def device_map_for_this_process() -> dict[str, int | str] | None:
     """Whole model on this process's device: under `accelerate launch` each rank holds its own replica."""
+    if under_fsdp():
+        return None
     if not torch.cuda.is_available():
         return {"": "cpu"}
     return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
@@ -148,6 +155,17 @@ def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
         trust_remote_code=m.trust_remote_code,
         device_map=device_map_for_this_process(),
     )
+
+
+def check_fsdp_quant_storage(recipe: Recipe, compute_dtype: torch.dtype) -> None:
+    q = recipe.quantization
+    if q.load_in_8bit:
+        raise RecipeError(f"{recipe.source}: quantization.load_in_8bit: FSDP cannot shard LLM.int8 weights; use "
+                          "4-bit (load_in_4bit: true) with quant_storage set to the compute dtype")
+    if q.load_in_4bit and DTYPES[q.quant_storage] != compute_dtype:
+        name = next(k for k, v in DTYPES.items() if v == compute_dtype)
+        raise RecipeError(f"{recipe.source}: quantization.quant_storage: FSDP shards only float tensors of one "
+                          f"dtype; set quantization.quant_storage={name} to match the compute dtype")
 
 
 def build_lora_config(lora: LoraSection):
@@ -170,8 +188,14 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
     """4-bit base -> prepare_model_for_kbit_training (non-reentrant checkpointing) -> LoRA adapters."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if under_fsdp():
+        check_fsdp_quant_storage(recipe, compute_dtype)
     model = load_base_model(recipe, folder, compute_dtype)
-    if recipe.quantization.load_in_4bit or recipe.quantization.load_in_8bit:
+    if under_fsdp():
+        # prepare_model_for_kbit_training upcasts norms and embeddings to fp32; FSDP needs one dtype per shard,
+        # so here checkpointing and input gradients are enabled by the trainer instead.
+        model.enable_input_require_grads()
+    elif recipe.quantization.load_in_4bit or recipe.quantization.load_in_8bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,

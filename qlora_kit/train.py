@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from qlora_kit.data import PreparedData
+from qlora_kit.model import under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
 
 log = logging.getLogger("qlora_kit")
@@ -294,7 +295,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), RunGuard()])
-    keep_adapter_weights_in_fp32(trainer.model)
+    if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
+        keep_adapter_weights_in_fp32(trainer.model)
     return trainer
 
 
@@ -361,6 +363,8 @@ def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path
     target, partial = run_dir / "adapter", run_dir / ".adapter.partial"
     if trainer.is_world_process_zero() and partial.exists():
         shutil.rmtree(partial)  # left by a run killed mid-save
+    if getattr(trainer, "is_fsdp_enabled", False):  # gather the sharded adapter into one standard PEFT file
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(partial))  # every rank calls it (a collective under FSDP); only rank 0 writes
     if not trainer.is_world_process_zero():
         return target

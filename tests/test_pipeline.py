@@ -82,6 +82,15 @@ def test_training_saves_a_peft_adapter_with_tokenizer_and_stop_tokens(trained_ru
     assert generation["eos_token_id"] == tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
+def test_adapter_weights_are_saved_as_fp32_master_weights(trained_run):
+    from safetensors.torch import load_file
+
+    weights = load_file(trained_run.run_dir / "adapter" / "adapter_model.safetensors")
+
+    assert weights and {t.dtype for t in weights.values()} == {torch.float32}
+    assert any(t.abs().max() > 0 for name, t in weights.items() if "lora_B" in name)  # B starts at zero
+
+
 def test_training_keeps_checkpoints_every_save_steps(trained_run):
     checkpoints = trained_run.run_dir / "checkpoints"
 

@@ -238,16 +238,17 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qlora_kit.train import TrainingInterrupted
-
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
         args.func(args)
-    except TrainingInterrupted as exc:
-        print(f"qlora-kit: {exc}", file=sys.stderr)
-        return 130
     except QloraKitError as exc:
+        # Only a command that imported qlora_kit.train can be interrupted mid-run; importing it here would cost every
+        # other command (report, push, validate) ~10 s of torch/trl imports.
+        train = sys.modules.get("qlora_kit.train")
+        if train is not None and isinstance(exc, train.TrainingInterrupted):
+            print(f"qlora-kit: {exc}", file=sys.stderr)
+            return 130
         print(f"qlora-kit: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -233,9 +233,10 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples:
     """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
     from qlora_kit.train import write_atomically
 
+    recipe = read_run_recipe(run_dir)
+    rows, described = heldout_rows(recipe, data_file)  # before loading weights: a missing split fails fast
     trained = load_trained_model(run_dir)
-    recipe, section = trained.recipe, trained.recipe.evaluation
-    rows, described = heldout_rows(recipe, data_file)
+    section = recipe.evaluation
     settings = {"max_samples": max_samples or section.max_samples,
                 "max_new_tokens": max_new_tokens or section.max_new_tokens,
                 "batch_size": batch_size or section.batch_size}

@@ -185,3 +185,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_cuda)
         if "slow" in item.keywords and not have_smollm2:
             item.add_marker(no_smollm2)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, recipe_writer: RecipeWriter) -> Path:
+    """One complete run folder shared by the after-training tests (report, eval, chat, push); treat it as read-only.
+
+    30 NF4 steps of 16 rows on the shout task with a system prompt and 8 held-out rows: eval loss every 10 steps, exact
+    match before/after, merged model and report. Enough for the tiny model to answer in capitals and to stop.
+    """
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("finished")
+    recipe = recipe_writer(
+        folder, "shout",
+        data={"validation": 8, "system_prompt": "Answer in capitals.", "cache": False},
+        training={"max_steps": 30, "batch_size": 16, "logging_steps": 5, "eval_steps": 10, "learning_rate": 1e-2},
+        evaluation={"metric": "exact_match", "max_samples": 8, "max_new_tokens": 12},
+    )
+    run_training(load_recipe(recipe))
+    return folder / "outputs" / "shout"

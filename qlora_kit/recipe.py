@@ -290,8 +290,16 @@ def build_dataclass(cls: type, raw: Any, source: str, prefix: str) -> Any:
         values[key] = convert(hints[key], value, source, f"{prefix}{key}", known[key])
     for name, f in known.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"{source}: {prefix}{name}: required key is missing ({f.metadata.get('help', '')})")
+            raise RecipeError(f"{source}: {prefix}{name}: {what_is_required(hints[name], f, f'{prefix}{name}')}")
     return cls(**values)
+
+
+def what_is_required(hint: Any, f: dataclasses.Field, key: str) -> str:
+    if not dataclasses.is_dataclass(hint):
+        return f"required key is missing ({f.metadata.get('help', '')})"
+    needed = [g.name for g in dataclasses.fields(hint)
+              if g.default is dataclasses.MISSING and g.default_factory is dataclasses.MISSING]
+    return "required section is missing; it needs " + ", ".join(f"{key}.{n}" for n in needed)
 
 
 def suggest(key: str, known: dict[str, Any], prefix: str) -> str:
@@ -320,6 +328,9 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, str) and float in args:
+            with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-1 (no dot) as a string, not a number
+                return check_range(float(value), source, key, f)
         errors = []
         # Try exact types first so `50` stays an int in `float | int | str`.
         for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not type(value)):

@@ -76,8 +76,6 @@ def test_yaml_scientific_notation_without_dot_is_a_number(make_recipe, tmp_path)
     assert load_recipe(path).training.learning_rate == pytest.approx(1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: in `float | int | str | None` the str member is tried first, so YAML's "
-                                       "string '1e-1' becomes a validation file name instead of the fraction 0.1")
 def test_validation_fraction_in_scientific_notation_is_a_fraction(make_recipe):
     assert load_recipe(make_recipe(), ["data.validation=1e-1"]).data.validation == pytest.approx(0.1)
 
@@ -164,8 +162,6 @@ def test_null_model_name_is_a_type_error(make_recipe):
     assert "model.name: expected a string, got NoneType None" in recipe_error(make_recipe(model={"name": None}))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: build_dataclass prints the field's help, and Recipe.model has none: "
-                                       "'model: required key is missing ()'")
 def test_recipe_without_model_section_says_model_name_is_required(tmp_path, shout_files):
     path = tmp_path / "nomodel.yaml"
     path.write_text(yaml.safe_dump({"data": {"datasets": [{"path": str(shout_files[0])}]}}))

@@ -481,14 +481,22 @@ def check_model_location(recipe: Recipe) -> None:
             raise RecipeError(f"{recipe.source}: model.gguf_file: {m.gguf_file} not found in {m.name}")
 
 
-# Keys that qlora-kit sets itself from the recipe; passing them through sft_args would silently fight the recipe.
+# SFTConfig keys that qlora-kit sets itself, each with the recipe key that controls it: passing them through
+# sft_args would silently fight the recipe.
 OWNED_SFT_ARGS = {
-    "output_dir", "max_length", "per_device_train_batch_size", "per_device_eval_batch_size",
-    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lr_scheduler_type",
-    "warmup_steps", "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "packing", "seed",
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "report_to", "bf16", "fp16", "run_name",
-    "eval_strategy", "save_strategy", "gradient_checkpointing_kwargs", "include_num_input_tokens_seen",
-    "logging_nan_inf_filter", "padding_free",
+    "output_dir": "training.output_dir", "run_name": "training.run_name", "max_length": "training.max_length",
+    "per_device_train_batch_size": "training.batch_size", "per_device_eval_batch_size": "training.batch_size",
+    "gradient_accumulation_steps": "training.gradient_accumulation_steps", "num_train_epochs": "training.epochs",
+    "max_steps": "training.max_steps", "learning_rate": "training.learning_rate",
+    "lr_scheduler_type": "training.lr_scheduler", "warmup_steps": "training.warmup",
+    "weight_decay": "training.weight_decay", "max_grad_norm": "training.max_grad_norm", "optim": "training.optimizer",
+    "gradient_checkpointing": "training.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "training.gradient_checkpointing", "packing": "training.packing",
+    "padding_free": "training.padding_free", "seed": "training.seed", "logging_steps": "training.logging_steps",
+    "eval_steps": "training.eval_steps", "eval_strategy": "training.eval_steps", "save_steps": "training.save_steps",
+    "save_strategy": "training.save_steps", "save_total_limit": "training.save_total_limit",
+    "report_to": "training.report_to", "bf16": "quantization.compute_dtype", "fp16": "quantization.compute_dtype",
+    "include_num_input_tokens_seen": "(always on: tokens/s)", "logging_nan_inf_filter": "(always off: NaN guard)",
 }
 
 
@@ -501,10 +509,9 @@ def check_sft_args(recipe: Recipe) -> None:
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     for key in recipe.training.sft_args:
         if key in OWNED_SFT_ARGS:
-            ours = next((f.name for f in dataclasses.fields(TrainingSection)
-                         if f.name in key or key.endswith(f.name)), None)
-            better = f"training.{ours}" if ours else "the matching training.* key"
-            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: set by qlora-kit; use {better} instead")
+            ours = OWNED_SFT_ARGS[key]
+            better = f"use {ours} instead" if not ours.startswith("(") else f"not configurable {ours}"
+            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: set by qlora-kit; {better}")
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

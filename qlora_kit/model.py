@@ -231,6 +231,16 @@ def local_config_folder(model: ModelSection) -> str | None:
     return str(Path(cached).parent) if isinstance(cached, str) else None
 
 
+def targets_module(name: str, targets: str | list[str]) -> bool:
+    """peft's rule for lora.target_modules: a list matches a full name or its dotted suffix; a string other than
+    'all-linear' is a regular expression matched against the whole name."""
+    import re
+
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
 def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     """Check lora.target_modules and lora.modules_to_save against the model's real module names.
 
@@ -239,7 +249,6 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     failing in peft after the weights load. Returns the names of the layers LoRA can adapt.
     """
     import difflib
-    import re
 
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -259,12 +268,12 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     valid = f"the linear layers of {arch} are: {', '.join(linear)}"
     targets = recipe.lora.target_modules
     if isinstance(targets, str):
-        if targets != "all-linear" and not any(re.fullmatch(targets, name) for name in layers):
+        if targets != "all-linear" and not any(targets_module(name, targets) for name in layers):
             raise RecipeError(f"{where}: the pattern {targets!r} matches no layer name of {arch} (peft matches it "
                               f"against full names like {next(iter(layers))}); {valid}")
         return linear
     for target in targets:
-        hits = [name for name in layers if name == target or name.endswith("." + target)]
+        hits = [name for name in layers if targets_module(name, [target])]
         if not hits:
             close = difflib.get_close_matches(target, linear, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -310,14 +319,15 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
                                         trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model.tie_weights()  # from_config on the meta device leaves tied heads untied: counted twice otherwise
     text = config.get_text_config()
     linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings()
     quantized = sum(m.weight.numel() for m in linear.values() if m is not head)
     total = sum(p.numel() for p in model.parameters())
     targets = recipe.lora.target_modules
-    adapted = [m for n, m in linear.items() if m is not head and (
-        targets == "all-linear" or n.split(".")[-1] in targets)]
+    adapted = [m for n, m in linear.items()
+               if m is not head and (targets == "all-linear" or targets_module(n, targets))]
     lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
     t = recipe.training
     tokens = t.batch_size * t.max_length

@@ -244,3 +244,43 @@ def test_uploaded_adapter_and_merged_model_load_with_plain_peft_and_transformers
 
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(merged_folder).chat_template
     assert torch.allclose(logits(merged, inputs), logits(with_adapter, inputs), atol=1e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- push from a recipe
+
+
+@pytest.fixture
+def hub_reachable(monkeypatch, tmp_path):
+    """In-process pushes: huggingface_hub read HF_HUB_OFFLINE (set by conftest) and HF_ENDPOINT at import."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    return monkeypatch
+
+
+def test_recipe_with_export_push_uploads_at_the_end_of_training(make_recipe, hub_reachable, tmp_path):
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    recipe = make_recipe("pushed", training={"max_steps": 2}, data={"cache": False},
+                         export={"merge": False, "push": {"repo_id": "alice/pushed", "private": True}})
+    with LocalHub(token=TOKEN) as hub:
+        hub_reachable.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
+        hub_reachable.setenv("HF_TOKEN", TOKEN)
+        run_training(load_recipe(recipe))
+
+    repo = hub.repos["alice/pushed"]
+    assert repo.private is True
+    assert ADAPTER_FILES | {"README.md", "training/recipe.yaml", "training/loss.png"} <= set(repo.files)
+    assert (tmp_path / "outputs" / "pushed" / "report" / "report.md").is_file()  # the report is written first
+
+
+def test_recipe_with_export_push_and_no_token_fails_before_training(make_recipe, hub_reachable, tmp_path):
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import QloraKitError, load_recipe
+
+    recipe = make_recipe("pushed", export={"push": {"repo_id": "alice/pushed"}})
+
+    with pytest.raises(QloraKitError, match="no Hugging Face token: set HF_TOKEN"):
+        run_training(load_recipe(recipe))
+    assert not (tmp_path / "outputs" / "pushed").exists()  # nothing was started

@@ -168,3 +168,26 @@ def test_eval_of_a_run_without_held_out_split_asks_for_data(run_copy):
 ])
 def test_generation_metrics(answer, reference, metric, expected):
     assert matches(answer, reference, metric) is expected
+
+
+@pytest.mark.gpu
+def test_chat_and_eval_run_on_cuda(tmp_path, recipe_writer):
+    import torch
+
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    recipe = recipe_writer(tmp_path, "cuda", data={"validation": 8, "cache": False},
+                           training={"max_steps": 30, "batch_size": 16, "learning_rate": 1e-2},
+                           export={"merge": False, "report": False})
+    run_training(load_recipe(recipe))
+    run = tmp_path / "outputs" / "cuda"
+    trained = load_trained_model(run)
+
+    reply = chat_once(trained, "Shout the words apple river.", temperature=0, max_new_tokens=40)
+    report = evaluate_run(run)
+
+    assert trained.model.device.type == "cuda"
+    assert reply.text and reply.stopped
+    assert report["results"]["adapter"]["loss"] < report["results"]["base"]["loss"]
+    assert torch.cuda.max_memory_allocated() > 0

@@ -1,0 +1,151 @@
+"""CUDA-only behaviour: the 4-bit pipeline on a GPU picks bf16, keeps the whole model on the GPU, and exports a merged
+model that computes what base + adapter computed. Run through the device tool: `pytest -m gpu tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "lemon", "candle", "forest", "rocket"]
+PROMPT_WORDS = ["please", "repeat", "the", "words"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, hidden-64 random Llama with a word-level ChatML tokenizer, saved like a Hub checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama-gpu")
+    specials = ["[UNK]", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+    vocab = [*specials, "user", "assistant", "system", ".", ",", "?", "'", *PROMPT_WORDS, *WORDS,
+             *(w.upper() for w in WORDS)]
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|pad|>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """32 rows of 'repeat the words X Y' -> 'X Y' in capitals."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("gpu-data") / "shout.jsonl"
+    with path.open("w") as handle:
+        for _ in range(32):
+            pair = rng.sample(WORDS, 2)
+            messages = [{"role": "user", "content": f"please repeat the words {pair[0]} {pair[1]}."},
+                        {"role": "assistant", "content": f"{pair[0].upper()} {pair[1].upper()}"}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+def write_recipe(folder: Path, model: Path, data: Path) -> Path:
+    """Defaults wherever the GPU path differs from the CPU one: compute dtype, optimizer and model dtype on `auto`."""
+    recipe = {
+        "model": {"name": str(model)},
+        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+        "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"},
+        "data": {"datasets": [{"path": str(data)}]},
+        "training": {"output_dir": str(folder / "outputs"), "run_name": "gpu", "max_steps": 4, "batch_size": 4,
+                     "max_length": 64, "gradient_checkpointing": True, "logging_steps": 1, "learning_rate": 1e-3,
+                     "warmup": 0},
+        "evaluation": {"metric": "none"},
+        "export": {"merge": True},
+    }
+    path = folder / "gpu.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@contextmanager
+def qlora_kit_log() -> Iterator[list[str]]:
+    """Messages of the `qlora_kit` logger at INFO, whether or not the CLI has turned its propagation off."""
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("qlora_kit")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+
+
+def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
+        tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file))
+    torch.cuda.reset_peak_memory_stats()
+    with qlora_kit_log() as messages:
+        summary = run_training(recipe)
+
+    assert "compute dtype: bfloat16" in messages
+    assert "training.optimizer: auto -> paged_adamw_8bit" in messages
+    run_dir = recipe.run_dir
+    adapter = run_dir / "adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    check = json.loads((run_dir / "merged" / "merge_check.json").read_text())
+    assert check["passed"] and check["dtype"] == "bfloat16"
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    assert saved["global_step"] == 4
+    assert 0 < saved["peak_gpu_memory_gib"] < 4
+    assert saved["train_tokens_per_second"] > 0
+
+
+def test_quantized_model_sits_whole_on_cuda0_without_offload(
+        tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bitsandbytes as bnb
+
+    from qlora_kit.model import build_quantized_model, device_map_for_this_process
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert device_map_for_this_process() == {"": 0}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file))
+    model = build_quantized_model(recipe, str(tiny_base), torch.bfloat16)
+
+    base = model.get_base_model()
+    assert base.is_loaded_in_4bit
+    cuda0 = torch.device("cuda", 0)
+    # accelerate records hf_device_map only when it dispatched over several devices; one device means none
+    device_map = getattr(base, "hf_device_map", {"": base.device})
+    assert not {"cpu", "disk"} & {str(d) for d in device_map.values()}, device_map
+    assert {p.device for p in model.parameters()} == {cuda0}
+    assert {b.device for b in model.buffers()} <= {cuda0}
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(quantized) == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
+    for layer in quantized:
+        assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state is not None
+        assert layer.weight.quant_state.absmax.device == cuda0

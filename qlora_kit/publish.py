@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -71,7 +72,7 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
     target.mkdir(parents=True)
     for path in sorted(source.iterdir()):
         if path.is_file() and path.name not in SKIPPED_FILES:
-            shutil.copy2(path, target / path.name)
+            link_or_copy(path, target / path.name)
     if not merged and is_hub_id(base):
         # peft (AutoPeftModelForCausalLM, the Hub widget) finds the base through this field; training wrote the
         # local name it loaded from.
@@ -87,6 +88,18 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
     plots = plot_metrics(read_metrics(run_dir), record)
     (target / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots))
     return target
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Weights are hard-linked when the file system allows (a merged 8B model is 16 GB); small files are copied, so
+    editing them in the upload folder never touches the run."""
+    if source.suffix in (".safetensors", ".bin", ".gguf"):
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copy2(source, target)
 
 
 def redacted_recipe_text(run_dir: Path) -> str:
@@ -302,7 +315,7 @@ def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: b
     endpoint = api.endpoint or constants.ENDPOINT
     with hub_errors(repo_id, endpoint):
         check_namespace(api.whoami(), repo_id)
-    with tempfile.TemporaryDirectory(prefix="qlora-kit-push-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".push.", dir=run_dir) as tmp:  # in the run: weights can be linked
         folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id, merged, base_model)
         assert_no_secret(folder, token)
         with hub_errors(repo_id, endpoint):

@@ -94,6 +94,8 @@ def test_base_model_flag_names_the_hub_base_in_card_and_adapter_config(finished_
     assert "base_model:adapter:HuggingFaceTB/SmolLM2-135M-Instruct" in metadata["tags"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    trained_with = json.loads((finished_run / "adapter" / "adapter_config.json").read_text())
+    assert trained_with["base_model_name_or_path"] != config["base_model_name_or_path"]  # the run is left as it was
     assert 'BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"' in (out / "README.md").read_text()
 
 

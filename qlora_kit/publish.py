@@ -207,7 +207,7 @@ def usage_snippet(repo_id: str, hub_base: str | None, merged: bool, recipe: Reci
                   f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto", device_map="auto")']
     else:
         base_line = f'BASE = "{hub_base}"' if hub_base else 'BASE = "..."  # Hub id of the base model'
-        lines = ["from peft import PeftModel", *lines, "", base_line,
+        lines = ["import torch", "from peft import PeftModel", *lines[1:], "", base_line,
                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")  # the chat template used in training',
                  'base = AutoModelForCausalLM.from_pretrained(BASE, dtype="auto", device_map="auto")',
                  f'model = PeftModel.from_pretrained(base, "{repo_id}")',

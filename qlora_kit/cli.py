@@ -24,7 +24,7 @@ def run_training(recipe: Recipe) -> dict:
 
     check_push_settings(recipe)  # an upload at the end needs a token now, not after hours of training
     state = PartialState()
-    run_dir = prepare_run_dir(recipe, state.is_main_process)
+    run_dir = prepare_run_dir(recipe, state)
     try:
         return train_in_run_dir(recipe, run_dir, state)
     except BaseException:
@@ -62,7 +62,8 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
         folder = base_model_folder(recipe.model)
     check_model_config(recipe, folder)
     tokenizer = load_tokenizer(recipe, folder)
-    data = build_datasets(recipe, tokenizer)
+    with state.main_process_first():  # rank 0 fills the tokenised-data cache, the others read it
+        data = build_datasets(recipe, tokenizer)
 
     compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
     log.info("compute dtype: %s", str(compute_dtype).removeprefix("torch."))

@@ -8,6 +8,7 @@ run folder, the folder uploaded, the logs or the card, and the upload is refused
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -248,10 +249,20 @@ def check_push_settings(recipe: Recipe) -> None:
     hub_token()
 
 
+def transport_errors() -> tuple[type[Exception], ...]:
+    """Network-failure classes of the HTTP client huggingface_hub uses: httpx up to hub 1.x, httpx2 from 2.x."""
+    found = []
+    for name in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
 @contextlib.contextmanager
 def hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
-    """Turn huggingface_hub / httpx failures into one actionable message each."""
-    import httpx
+    """Turn huggingface_hub / HTTP-client failures into one actionable message each."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     namespace = repo_id.split("/")[0]
@@ -273,7 +284,7 @@ def hub_errors(repo_id: str, endpoint: str) -> Iterator[None]:
         if status == 404:
             raise QloraKitError(f"{repo_id}: repository not found (404) and could not be created: {server}") from None
         raise QloraKitError(f"{repo_id}: the Hub refused the upload ({status}): {server}") from None
-    except (httpx.TransportError, ConnectionError) as exc:
+    except (*transport_errors(), ConnectionError) as exc:
         raise QloraKitError(f"cannot reach the Hub at {endpoint} ({type(exc).__name__}: {exc}); check your network "
                             "connection (and HF_ENDPOINT if set), or use --dry-run") from None
 

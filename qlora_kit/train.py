@@ -30,24 +30,31 @@ LIBRARIES = ("qlora-kit", "torch", "transformers", "accelerate", "bitsandbytes",
 # ------------------------------------------------------------------------------------------------ run folder
 
 
-def prepare_run_dir(recipe: Recipe, is_main_process: bool = True) -> Path:
-    """Create (or, with resume/overwrite, reuse) the run folder; an existing run is never replaced silently."""
+def prepare_run_dir(recipe: Recipe, state=None) -> Path:
+    """Create (or, with resume/overwrite, reuse) the run folder; an existing run is never replaced silently.
+
+    Under `accelerate launch` every rank decides on the folder as it is *before* rank 0 touches it (a barrier), so
+    rank 1 never mistakes the folder rank 0 just created for an old run."""
     run_dir, t = recipe.run_dir, recipe.training
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if t.overwrite:
-            if is_main_process:
-                log.warning("training.overwrite=true: deleting the existing run folder %s", run_dir)
-                shutil.rmtree(run_dir)
-        elif t.resume != "auto":
-            raise RecipeError(
-                f"{recipe.source}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
-                f"replace it with training.overwrite=true, or pick another training.run_name")
+    is_main_process = state is None or state.is_main_process
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if existing and not t.overwrite and t.resume != "auto":
+        raise RecipeError(
+            f"{recipe.source}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
+            f"replace it with training.overwrite=true, or pick another training.run_name")
+    if state is not None:
+        state.wait_for_everyone()
     if is_main_process:
+        if existing and t.overwrite:
+            log.warning("training.overwrite=true: deleting the existing run folder %s", run_dir)
+            shutil.rmtree(run_dir)
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomically(run_dir / "recipe.yaml", resolved_recipe_text(recipe))
         except OSError as exc:
             raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir}: {exc.strerror}") from None
+    if state is not None:
+        state.wait_for_everyone()
     return run_dir
 
 

@@ -300,11 +300,22 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     from trl import SFTTrainer
 
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
+    train_on_one_gpu_without_a_launcher(args)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), RunGuard()])
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
         keep_adapter_weights_in_fp32(trainer.model)
     return trainer
+
+
+def train_on_one_gpu_without_a_launcher(args) -> None:
+    """`qlora-kit train` (not `accelerate launch`) on a machine with several GPUs: the model sits on cuda:0, and
+    Trainer would wrap it in nn.DataParallel, which trl refuses. Train on cuda:0 and say how to use them all."""
+    if args.n_gpu > 1:
+        log.warning("%d GPUs visible but no launcher: training on cuda:0 only. To use all of them: accelerate launch "
+                    "--config_file recipes/accelerate/ddp.yaml --num_processes %d train.py RECIPE", args.n_gpu,
+                    args.n_gpu)
+        args._n_gpu = 1
 
 
 def keep_adapter_weights_in_fp32(model) -> None:
@@ -365,16 +376,55 @@ def mean_logged_loss(metrics: Path, fallback: float) -> float:
     return sum(by_step.values()) / len(by_step) if by_step else fallback
 
 
+ADAPTER_MARKERS = ("lora_", "modules_to_save")
+
+
+def gather_fsdp_adapter(trainer) -> dict[str, torch.Tensor]:
+    """The adapter of an FSDP-sharded model as full tensors on rank 0 (empty on the other ranks).
+
+    Trainer's FULL_STATE_DICT save wrote an empty adapter file with FSDP-QLoRA (transformers 5.17, accelerate 1.15),
+    so the LoRA weights are gathered here: summon the full parameters, keep only the adapter's, strip FSDP's
+    wrapper names so the keys are peft's own."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    root, adapter = trainer.model_wrapped, {}
+    with FSDP.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True):
+        if trainer.is_world_process_zero():
+            for name, param in trainer.accelerator.unwrap_model(root).named_parameters():
+                if any(marker in name for marker in ADAPTER_MARKERS):
+                    clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+                    adapter[clean] = param.detach().to("cpu", copy=True)
+    return adapter
+
+
+def check_adapter_not_empty(folder: Path) -> None:
+    """A saved adapter without weights would load as the untouched base model: fail loudly instead."""
+    from safetensors import safe_open
+
+    weights = folder / "adapter_model.safetensors"
+    if weights.is_file():
+        with safe_open(str(weights), framework="pt") as handle:
+            if len(list(handle.keys())):
+                return
+    raise QloraKitError(f"saving the adapter wrote no LoRA weights to {weights}; the checkpoints in "
+                        f"{folder.parent / 'checkpoints'} still hold the training state. Please report this with "
+                        "the versions in recipe.yaml")
+
+
 def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path:
     """PEFT adapter + tokenizer in <run>/adapter, loadable by plain `PeftModel.from_pretrained`."""
     target, partial = run_dir / "adapter", run_dir / ".adapter.partial"
     if trainer.is_world_process_zero() and partial.exists():
         shutil.rmtree(partial)  # left by a run killed mid-save
-    if getattr(trainer, "is_fsdp_enabled", False):  # gather the sharded adapter into one standard PEFT file
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(partial))  # every rank calls it (a collective under FSDP); only rank 0 writes
+    if getattr(trainer, "is_fsdp_enabled", False):
+        adapter = gather_fsdp_adapter(trainer)  # a collective: every rank takes part, rank 0 gets the weights
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(str(partial), state_dict=adapter)
+    else:
+        trainer.save_model(str(partial))
     if not trainer.is_world_process_zero():
         return target
+    check_adapter_not_empty(partial)
     tokenizer.save_pretrained(str(partial))
     generation_config = trainer.model.generation_config
     generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]

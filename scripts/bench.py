@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Real Llama shapes; rope scaling and max positions do not change the cost of a 2048-token step.
 SHAPES: dict[str, dict[str, Any]] = {
+    "70b": dict(label="Llama-3-70B", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                rope_theta=500000.0, tie_word_embeddings=False),
     "8b": dict(label="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
                rope_theta=500000.0, tie_word_embeddings=False),

@@ -15,12 +15,20 @@ peak memory. JSON + markdown go to --out after every run, so a cut-off call stil
 
   python scripts/multi_gpu.py --out $OUT                            # 1B shape, seq 2048, batch 4 per GPU
   python scripts/multi_gpu.py --out $OUT --shape 8b --batch 2 --modes fsdp
+  python scripts/multi_gpu.py --out $OUT --fit 70b          # does FSDP-QLoRA of the 70B shape fit on the GPUs?
+
+--fit builds a *sparse* checkpoint of the shape: every linear layer of the decoder is a hole in the safetensors file
+(reads as zeros, takes no disk), the embeddings and lm_head are random and the norms ones. 140 GB of bf16 weights then
+need ~4 GB of disk, and GPU memory is what a real checkpoint needs (4-bit blocks, LoRA, activations, optimizer); the
+loss is not meaningful there (the decoder layers pass the residual stream through unchanged), only the fit is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import struct
 import sys
 import time
 from pathlib import Path
@@ -32,6 +40,80 @@ import bench  # noqa: E402  (the shapes, tokenizer, data and subprocess runner a
 ROOT = bench.ROOT
 MODES = ("single", "ddp", "fsdp")
 LOSS_TOLERANCE = {"ddp": 0.01, "fsdp": 0.02}  # relative, per step; FSDP keeps LoRA weights in bf16 (no fp32 masters)
+
+
+def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], Any]]) -> int:
+    """A bf16 safetensors file; tensors given as None are left as holes (zeros that take no disk)."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, _) in tensors.items():
+        size = 2 * int(math.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        start = handle.tell()
+        for name, (_, value) in tensors.items():
+            if value is not None:
+                handle.seek(start + header[name]["data_offsets"][0])
+                handle.write(value.contiguous().view(torch.int16).numpy().tobytes())
+        handle.truncate(start + offset)
+    return offset
+
+
+def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict[str, Any]:
+    """The shape's checkpoint with hole-filled decoder linears (see the module docstring)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+
+    if (folder / "config.json").is_file():
+        return {"reused": True}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    spec = {k: v for k, v in bench.SHAPES[shape].items() if k != "label"}
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, dtype="bfloat16")
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    shards: list[dict[str, tuple[list[int], Any]]] = [{
+        "model.embed_tokens.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
+        "lm_head.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
+        "model.norm.weight": ([h], torch.ones(h, dtype=torch.bfloat16))}]
+    for layer in range(config.num_hidden_layers):
+        if layer % 8 == 0:
+            shards.append({})
+        prefix = f"model.layers.{layer}."
+        shards[-1].update({
+            prefix + "input_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
+            prefix + "post_attention_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
+            prefix + "self_attn.q_proj.weight": ([h, h], None), prefix + "self_attn.k_proj.weight": ([kv, h], None),
+            prefix + "self_attn.v_proj.weight": ([kv, h], None), prefix + "self_attn.o_proj.weight": ([h, h], None),
+            prefix + "mlp.gate_proj.weight": ([i, h], None), prefix + "mlp.up_proj.weight": ([i, h], None),
+            prefix + "mlp.down_proj.weight": ([h, i], None)})
+    weight_map, total = {}, 0
+    for number, tensors in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        total += write_sparse_safetensors(folder / name, tensors)
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    GenerationConfig(**ids).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config.save_pretrained(folder)
+    parameters = total // 2
+    return {"parameters": parameters, "checkpoint_gib_logical": round(total / 2**30, 1), "sparse": True,
+            "build_s": round(time.perf_counter() - start, 1)}
 
 
 def launch_command(mode: str, recipe: Path, batch: int, gpus: int) -> list[str]:
@@ -127,6 +209,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="multi_gpu_out")
     parser.add_argument("--work", default="/tmp/qlora_multi")
     parser.add_argument("--run-timeout", type=float, default=400)
+    parser.add_argument("--fit", default=None, choices=list(bench.SHAPES),
+                        help="instead: FSDP-QLoRA of this shape from a sparse checkpoint, batch 1, --steps steps")
     parser.add_argument("--deadline", type=float, default=None, help="stop starting runs after this many seconds")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",")]
@@ -144,10 +228,16 @@ def main(argv: list[str]) -> None:
     tokenizer = bench.build_tokenizer(work / "tokenizer")
     rows = args.steps * args.batch * args.gpus + 8
     data = bench.write_dataset(tokenizer, work / f"chat_s{args.seq}_r{rows}.jsonl", args.seq, rows)
-    model, build = bench.ensure_model(args.shape, work, args.run_timeout)
+    if args.fit:
+        args.shape, args.batch, modes = args.fit, 1, ["fsdp"]
+        model, build = work / "models" / f"{args.fit}_sparse", {}
+        build = build_sparse_model(args.fit, model, work / "tokenizer")
+        print(f"sparse {args.fit} checkpoint: {build}", flush=True)
+    else:
+        model, build = bench.ensure_model(args.shape, work, args.run_timeout)
     recipe = bench.qlora_kit_recipe(model, Path(data["path"]), work, args.shape, args.seq, args.batch, args.steps, gpu)
     settings = {"shape": args.shape, "label": bench.SHAPES[args.shape]["label"], "seq": args.seq,
-                "batch": args.batch, "gpus": args.gpus, "steps": args.steps}
+                "batch": args.batch, "gpus": args.gpus, "steps": args.steps, "fit": bool(args.fit)}
     results: dict[str, Any] = {"date": env["date"], "env": env, "code": bench.code_version(), "settings": settings,
                                "model": build, "runs": []}
     for mode in modes:

@@ -149,3 +149,35 @@ def test_quantized_model_sits_whole_on_cuda0_without_offload(
     for layer in quantized:
         assert layer.weight.dtype == torch.uint8 and layer.weight.quant_state is not None
         assert layer.weight.quant_state.absmax.device == cuda0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp_qlora"])
+def test_accelerate_launch_on_two_gpus_saves_a_complete_adapter(
+        launcher: str, tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
+    """`accelerate launch --config_file recipes/accelerate/X.yaml train.py RECIPE` as the README says: both ranks
+    train, rank 0 writes one standard PEFT adapter holding every LoRA matrix (FSDP gathers them from the shards)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    root = Path(__file__).resolve().parent.parent
+    recipe = write_recipe(tmp_path, tiny_base, chat_file)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(root / "recipes" / "accelerate" / f"{launcher}.yaml"), "--num_processes", "2",
+               str(root / "train.py"), str(recipe), "export.merge=false"]
+    if launcher == "fsdp_qlora":
+        command.append("quantization.quant_storage=bf16")
+    env = {**os.environ, "QLORA_KIT_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run_dir = tmp_path / "outputs" / "gpu"
+    with safe_open(str(run_dir / "adapter" / "adapter_model.safetensors"), framework="pt") as handle:
+        keys = list(handle.keys())
+        assert len(keys) == 2 * 7 * 2  # lora_A and lora_B of 7 linears in each of 2 layers
+        assert any(handle.get_tensor(k).abs().sum() > 0 for k in keys if "lora_B" in k)  # trained, not the init
+    steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3, 4]  # rank 0 logs once per step, not per rank

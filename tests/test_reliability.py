@@ -177,3 +177,20 @@ def test_the_hub_token_never_reaches_the_run_folder_or_logs(make_recipe, monkeyp
     for path in recipe.run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_an_adapter_file_without_weights_is_refused_not_published(tmp_path):
+    """A save that wrote no LoRA tensors (seen with FSDP's full-state-dict path) must fail, not look like success."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_kit.train import check_adapter_not_empty
+
+    folder = tmp_path / "run" / ".adapter.partial"
+    folder.mkdir(parents=True)
+    save_file({}, str(folder / "adapter_model.safetensors"))
+    with pytest.raises(QloraKitError, match="wrote no LoRA weights"):
+        check_adapter_not_empty(folder)
+
+    save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
+    check_adapter_not_empty(folder)  # one tensor is enough

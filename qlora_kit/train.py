@@ -383,18 +383,32 @@ def gather_fsdp_adapter(trainer) -> dict[str, torch.Tensor]:
     """The adapter of an FSDP-sharded model as full tensors on rank 0 (empty on the other ranks).
 
     Trainer's FULL_STATE_DICT save wrote an empty adapter file with FSDP-QLoRA (transformers 5.17, accelerate 1.15),
-    so the LoRA weights are gathered here: summon the full parameters, keep only the adapter's, strip FSDP's
-    wrapper names so the keys are peft's own."""
+    so the LoRA weights are gathered here, without copying the 4-bit base to the CPU as a full state dict would."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    root, adapter = trainer.model_wrapped, {}
+    root = trainer.model_wrapped
     with FSDP.summon_full_params(root, writeback=False, rank0_only=True, offload_to_cpu=True):
         if trainer.is_world_process_zero():
-            for name, param in trainer.accelerator.unwrap_model(root).named_parameters():
-                if any(marker in name for marker in ADAPTER_MARKERS):
-                    clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-                    adapter[clean] = param.detach().to("cpu", copy=True)
-    return adapter
+            return adapter_tensors(trainer.accelerator.unwrap_model(root))
+    return {}
+
+
+FSDP_WRAPPER_NAMES = {"_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """LoRA (and modules_to_save) tensors under their state-dict names, found by walking the modules: inside FSDP's
+    summon_full_params the gathered weights are plain tensor attributes, which named_parameters() does not list."""
+    found = {}
+    for name, module in model.named_modules():
+        if next(module.children(), None) is not None or not any(marker in name for marker in ADAPTER_MARKERS):
+            continue
+        clean = ".".join(part for part in name.split(".") if part not in FSDP_WRAPPER_NAMES)
+        for attribute in ("weight", "bias"):
+            tensor = getattr(module, attribute, None)
+            if isinstance(tensor, torch.Tensor):
+                found[f"{clean}.{attribute}"] = tensor.detach().to("cpu", copy=True)
+    return found
 
 
 def check_adapter_not_empty(folder: Path) -> None:

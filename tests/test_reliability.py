@@ -194,3 +194,21 @@ def test_an_adapter_file_without_weights_is_refused_not_published(tmp_path):
 
     save_file({"base_model.model.q_proj.lora_A.weight": torch.zeros(2, 4)}, str(folder / "adapter_model.safetensors"))
     check_adapter_not_empty(folder)  # one tensor is enough
+
+
+def test_adapter_tensors_finds_every_lora_weight_by_walking_modules(tiny_model_dir, make_recipe):
+    """The FSDP save path walks modules (gathered FSDP weights are not Parameters); on a plain model it must find
+    exactly the adapter entries of peft's own state dict, under the same names and with the same values."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.train import adapter_tensors
+
+    recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, "use_dora": True}))
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    found = adapter_tensors(model)
+    expected = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert found.keys() == expected.keys()
+    assert all(torch.equal(found[k], expected[k].cpu()) for k in expected)
+    assert get_peft_model_state_dict(model, state_dict=found).keys() == get_peft_model_state_dict(model).keys()

@@ -411,6 +411,28 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     return found
 
 
+def write_peft_adapter(peft_model, adapter: dict[str, torch.Tensor], folder: Path) -> None:
+    """What `PeftModel.save_pretrained` writes, from tensors gathered under FSDP.
+
+    peft 0.21 picks the adapter's entries by module names, and FSDP's nested wrappers put `_fsdp_wrapped_module` in
+    the middle of those names, so peft saves an empty file there. peft still writes the config; the weights are
+    written here under the names peft gives them (its tuner's key mapping; DoRA magnitudes drop `.weight`, as peft's
+    LoRA saver does). A CPU test compares the result with save_pretrained's own files."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from safetensors.torch import save_file
+
+    name = peft_model.active_adapter
+    peft_model.save_pretrained(str(folder), state_dict=adapter)  # adapter_config.json (+ README)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[peft_model.peft_config[name].peft_type]
+    weights = {}
+    for key, value in adapter.items():
+        if f".{name}" in key:
+            key = tuner._remove_adapter_name_from_key(key, name)
+            key = key.removesuffix(".weight") if key.endswith("lora_magnitude_vector.weight") else key
+            weights[key] = value.contiguous()
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def check_adapter_not_empty(folder: Path) -> None:
     """A saved adapter without weights would load as the untouched base model: fail loudly instead."""
     from safetensors import safe_open
@@ -433,7 +455,7 @@ def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path
     if getattr(trainer, "is_fsdp_enabled", False):
         adapter = gather_fsdp_adapter(trainer)  # a collective: every rank takes part, rank 0 gets the weights
         if trainer.is_world_process_zero():
-            trainer.accelerator.unwrap_model(trainer.model_wrapped).save_pretrained(str(partial), state_dict=adapter)
+            write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)
     else:
         trainer.save_model(str(partial))
     if not trainer.is_world_process_zero():

@@ -212,3 +212,27 @@ def test_adapter_tensors_finds_every_lora_weight_by_walking_modules(tiny_model_d
     assert found.keys() == expected.keys()
     assert all(torch.equal(found[k], expected[k].cpu()) for k in expected)
     assert get_peft_model_state_dict(model, state_dict=found).keys() == get_peft_model_state_dict(model).keys()
+
+
+def test_fsdp_adapter_writer_matches_peft_save_pretrained(tiny_model_dir, make_recipe, tmp_path):
+    """The FSDP path writes the adapter from gathered tensors; on a plain model its files must be exactly what
+    PeftModel.save_pretrained writes (same keys incl. DoRA magnitudes, same values, loadable by plain peft)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.train import adapter_tensors, write_peft_adapter
+
+    recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, "use_dora": True}))
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    model.save_pretrained(str(tmp_path / "peft"))
+    write_peft_adapter(model, adapter_tensors(model), tmp_path / "ours")
+
+    theirs = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    ours = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert ours.keys() == theirs.keys() and any("lora_magnitude_vector" in k for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    PeftModel.from_pretrained(base, str(tmp_path / "ours"))  # loads without missing/unexpected-key errors

@@ -439,6 +439,32 @@ def validate_recipe(recipe: Recipe) -> None:
     if t.resume == "auto" and t.overwrite:
         raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
     check_sft_args(recipe)
+    check_report_to(recipe)
+
+
+PIP_NAMES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """An unknown or uninstalled logging integration fails here, not in Trainer after the model has loaded."""
+    names = [name for name in recipe.training.report_to if name not in ("all", "none")]
+    if not names:
+        return
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    known, installed = sorted(INTEGRATION_TO_CALLBACK), get_available_reporting_integrations()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RecipeError(f"{recipe.source}: training.report_to: unknown integration {name!r}; {hint}choose from "
+                              f"{', '.join(known)} (or [] for none)")
+        if name not in installed:
+            raise RecipeError(f"{recipe.source}: training.report_to: {name} is not installed; `pip install "
+                              f"{PIP_NAMES.get(name, name)}` or remove it from training.report_to")
 
 
 def resolve_package_folder(recipe: Recipe) -> None:

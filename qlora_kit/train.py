@@ -177,7 +177,8 @@ class MetricsLog(TrainerCallback):
 
     def throughput(self) -> dict[str, float]:
         """Tokens/s over the steps after warm-up (all steps if there are too few)."""
-        marks = self.marks[self.warmup_steps:] if len(self.marks) > self.warmup_steps + 1 else self.marks
+        # marks[i] is the end of step i + 1, so timing from marks[warmup_steps - 1] leaves out exactly warmup_steps
+        marks = self.marks[self.warmup_steps - 1:] if len(self.marks) > self.warmup_steps + 1 else self.marks
         stats: dict[str, float] = {}
         if len(marks) >= 2:
             (t0, s0, n0), (t1, s1, n1) = marks[0], marks[-1]

@@ -330,7 +330,7 @@ def cmd_reference(spec_path: str) -> None:
 
     # Every row is exactly `seq` tokens (checked here), so a step trains batch * seq tokens.
     row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
-    marks = steps.marks[WARMUP_STEPS_SKIPPED:]
+    marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
     (t0, s0), (t1, s1) = marks[0], marks[-1]
     tokens_per_step = spec["batch"] * max(row_lengths)
     print("BENCH_JSON " + json.dumps({
@@ -579,7 +579,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--paths", default=",".join(PATHS), help="which paths to run: qlora-kit,reference")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (= max_length); default 2048")
     parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run; default 12 (tokens/s are timed from the end of step 3)")
+                        help="optimizer steps per run; default 12 (tokens/s are timed from the end of step 2)")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.md")
     parser.add_argument("--work", default="/tmp/qlora_bench", help="models, data and run folders (reused if there)")
     parser.add_argument("--override", action="append", default=[],

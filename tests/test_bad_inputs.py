@@ -102,6 +102,14 @@ def out_of_memory(make_recipe, tmp: Path):
         return run_training(load_recipe(make_recipe()))
 
 
+def logging_integration_not_installed(make_recipe, tmp: Path):
+    from transformers.integrations import integration_utils
+
+    with pytest.MonkeyPatch.context() as patch:  # as on a machine without wandb, whether or not this one has it
+        patch.setattr(integration_utils, "get_available_reporting_integrations", lambda: ["tensorboard"])
+        return load_recipe(make_recipe(training={"report_to": ["wandb"]}))
+
+
 def merge_of_a_folder_that_is_not_a_run(make_recipe, tmp: Path):
     from qlora_kit.export import merge_adapter
 
@@ -181,6 +189,10 @@ CASES = [
          r"bf16 is not supported by Tesla T4; use fp16 or auto"),
     Case("CUDA out of memory", out_of_memory, QloraKitError,
          r"CUDA out of memory during training. Lower training.batch_size .*training.max_length"),
+    Case("misspelt logging integration", recipe_with(training={"report_to": ["tensorbord"]}), RecipeError,
+         r"training.report_to: unknown integration 'tensorbord'; did you mean 'tensorboard'\?"),
+    Case("logging integration not installed", logging_integration_not_installed, RecipeError,
+         r"training.report_to: wandb is not installed; `pip install wandb`"),
     Case("merge of a folder that is not a run", merge_of_a_folder_that_is_not_a_run, RecipeError,
          r"not a qlora-kit run folder \(no recipe.yaml\)"),
 ]

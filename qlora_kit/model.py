@@ -191,6 +191,7 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
     if under_fsdp():
         check_fsdp_quant_storage(recipe, compute_dtype)
     model = load_base_model(recipe, folder, compute_dtype)
+    keep_4bit_weights_in_training_layout(model)
     if under_fsdp():
         # prepare_model_for_kbit_training upcasts norms and embeddings to fp32; FSDP needs one dtype per shard,
         # so here checkpointing and input gradients are enabled by the trainer instead.
@@ -208,6 +209,17 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def keep_4bit_weights_in_training_layout(model) -> None:
+    """bitsandbytes (0.50) repacks a CPU 4-bit weight for its AVX512-BF16 inference kernel on the first eval-mode
+    forward and never packs it back; that kernel has no backward, so after the before-training evaluation (or an eval
+    loss between steps) no gradient would pass through any 4-bit layer. A model that trains keeps the plain layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def local_config_folder(model: ModelSection) -> str | None:

@@ -323,3 +323,32 @@ def test_merge_on_a_folder_that_is_not_a_run_exits_2(tmp_path, cli):
 
     assert status == 2
     assert err.startswith(f"qlora-kit: error: {tmp_path}: no trained adapter")
+
+
+def test_an_eval_forward_on_cpu_leaves_4bit_layers_trainable(make_recipe, tiny_model_dir):
+    """The before-training evaluation (and eval loss between steps) runs the model in eval mode. bitsandbytes then
+    repacks CPU 4-bit weights for its AVX512-BF16 inference kernel, which has no backward: without a guard, every
+    later training step would stop the gradient at each 4-bit layer. Gradients must be the same with or without it."""
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(make_recipe(training={"gradient_checkpointing": False}))
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    def adapter_gradients(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = adapter_gradients(False), adapter_gradients(True)
+    assert plain.keys() == after_eval.keys()
+    layer0_b = [name for name in plain if "layers.0." in name and "lora_B" in name]
+    assert layer0_b and all(plain[name].abs().sum() > 0 for name in layer0_b)  # gradient reaches the first layer
+    for name in plain:
+        torch.testing.assert_close(after_eval[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)

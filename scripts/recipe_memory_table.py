@@ -3,10 +3,10 @@ published config alone (no weights, no network), at the recipe's own batch size 
 
     python scripts/recipe_memory_table.py          # rewrite the table between the markers in recipes/README.md
 
-Each row is qlora_kit.model.estimate_training_memory (what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
+Each row is qlora_kit.model.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
 the other weights upcast to fp32 by prepare_model_for_kbit_training, LoRA weights + grads in fp32 with 8-bit Adam
-states, checkpointed activations), plus two terms it leaves out: the logits (batch x max_length x vocabulary values
-at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack. Padding-free or short rows need less; packing
+states, checkpointed activations, the logits (batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB
+of CUDA context and allocator slack. Padding-free or short rows need less; packing
 to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
@@ -74,12 +74,6 @@ def estimate(recipe_file: str) -> dict[str, float]:
         AutoConfig.for_model(model_type, **sizes).save_pretrained(folder)
         recipe = load_recipe(ROOT / "recipes" / recipe_file, [f"model.name={folder}"])
         parts = estimate_training_memory(recipe, folder)
-        vocab = AutoConfig.from_pretrained(folder).get_text_config().vocab_size
-    tokens = recipe.training.batch_size * recipe.training.max_length
-    parts.pop("total")
-    parts["logits"] = tokens * vocab * LOGIT_BYTES / 2**30
-    parts["cuda_overhead"] = CUDA_OVERHEAD_GIB
-    parts["total"] = sum(parts.values())
     parts["batch_size"], parts["max_length"] = recipe.training.batch_size, recipe.training.max_length
     return parts
 

@@ -192,9 +192,10 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
         check_fsdp_quant_storage(recipe, compute_dtype)
     model = load_base_model(recipe, folder, compute_dtype)
     keep_4bit_weights_in_training_layout(model)
-    if under_fsdp():
-        # prepare_model_for_kbit_training upcasts norms and embeddings to fp32; FSDP needs one dtype per shard,
-        # so here checkpointing and input gradients are enabled by the trainer instead.
+    if under_fsdp() or not recipe.quantization.upcast_to_fp32:
+        # prepare_model_for_kbit_training upcasts norms and embeddings to fp32 (FSDP needs one dtype per shard, and
+        # upcast_to_fp32: false asks for the compute dtype); the trainer switches checkpointing on, and the input
+        # gradients that non-reentrant checkpointing of a frozen embedding needs are switched on here.
         model.enable_input_require_grads()
     elif recipe.quantization.load_in_4bit or recipe.quantization.load_in_8bit:
         model = prepare_model_for_kbit_training(

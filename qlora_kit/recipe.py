@@ -66,6 +66,9 @@ class QuantizationSection:
         "auto", help="matmul dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = option(
         "uint8", help="storage dtype of packed 4-bit weights; set to the compute dtype for FSDP")
+    upcast_to_fp32: bool = option(
+        True, help="cast norms, embeddings and lm_head to fp32 (peft's prepare_model_for_kbit_training); false keeps "
+        "them in the compute dtype: no fp32 residual stream, fewer casts (FSDP always does this)")
 
 
 @dataclass

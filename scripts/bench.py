@@ -12,6 +12,7 @@ bench.json and bench.md are rewritten after every run, so a cut-off call still r
 
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --paths qlora-kit --override training.sft_args.use_liger_kernel=true
+  python scripts/bench.py --configs 8b:2 --paths qlora-kit --override quantization.upcast_to_fp32=false
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
 """
 

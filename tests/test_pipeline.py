@@ -352,3 +352,28 @@ def test_an_eval_forward_on_cpu_leaves_4bit_layers_trainable(make_recipe, tiny_m
     assert layer0_b and all(plain[name].abs().sum() > 0 for name in layer0_b)  # gradient reaches the first layer
     for name in plain:
         torch.testing.assert_close(after_eval[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_upcast_to_fp32_decides_the_dtype_of_norms_and_embeddings(make_recipe, tiny_model_dir, upcast):
+    """peft's prepare_model_for_kbit_training keeps norms, embeddings and head in fp32 (an fp32 residual stream);
+    quantization.upcast_to_fp32=false leaves them in the compute dtype. Either way the adapters train."""
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(make_recipe(quantization={"compute_dtype": "bf16", "upcast_to_fp32": upcast}))
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.bfloat16)
+    base = model.get_base_model()
+    expected = torch.float32 if upcast else torch.bfloat16
+    assert base.model.norm.weight.dtype == expected
+    assert base.model.embed_tokens.weight.dtype == expected
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    first_layer_b = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
+    assert first_layer_b and all(g is not None and g.abs().sum() > 0 for g in first_layer_b)

@@ -326,10 +326,11 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
-    prepare_model_for_kbit_training casts them; LoRA weights + grads in fp32 and 8-bit Adam states; activations
-    with checkpointing = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one
-    fp32 copy alive at the peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and
-    ~2 GiB over the 1B one); ~1 GiB of CUDA context and allocator slack. Full max_length rows: the worst case.
+    prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA
+    weights + grads in fp32 and 8-bit Adam states; activations with checkpointing = each layer's input plus one
+    layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the peak: with it the estimate
+    lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1 GiB of CUDA context and
+    allocator slack. Full max_length rows: the worst case.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -360,7 +361,7 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
     gib = 2**30
     parts = {
         "quantized_weights": quantized * bits / gib,
-        "other_weights_fp32": (total - quantized) * 4 / gib,
+        "other_weights": (total - quantized) * (4 if recipe.quantization.upcast_to_fp32 else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
         "activations": activations / gib,
         "logits": tokens * text.vocab_size * LOGIT_BYTES / gib,

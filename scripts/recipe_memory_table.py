@@ -89,7 +89,7 @@ def memory_table() -> str:
     for recipe_file, (label, _, _) in REAL_CONFIGS.items():
         p = estimate(recipe_file)
         lines.append(f"| [{recipe_file}]({recipe_file}) | {label} | {p['batch_size']} x {p['max_length']} | "
-                     f"{p['quantized_weights']:.1f} | {p['other_weights_fp32']:.1f} | "
+                     f"{p['quantized_weights']:.1f} | {p['other_weights']:.1f} | "
                      f"{p['lora_weights_grads_optimizer']:.2f} | {p['activations']:.1f} | {p['logits']:.1f} | "
                      f"**{p['total']:.1f}** | {smallest_gpu(p['total'])} |")
     return "\n".join(lines)

@@ -13,6 +13,8 @@ bench.json and bench.md are rewritten after every run, so a cut-off call still r
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --paths qlora-kit --override training.sft_args.use_liger_kernel=true
   python scripts/bench.py --configs 8b:2 --paths qlora-kit --override quantization.upcast_to_fp32=false
+  python scripts/bench.py --configs 8b:2 --variant base: --variant bf16:quantization.upcast_to_fp32=false \
+      --variant liger:training.sft_args.use_liger_kernel=true   # levers side by side with the reference
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
 """
 
@@ -416,7 +418,7 @@ def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, 
 
 
 def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, overrides: list[str],
-                  timeout: float) -> dict[str, Any]:
+                  timeout: float, label: str = "qlora-kit") -> dict[str, Any]:
     import yaml
 
     shape, seq, batch, steps = base["shape"], base["seq"], base["batch"], base["steps"]
@@ -426,8 +428,8 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     run_dir = work / "runs" / recipe["training"]["run_name"]
     status, _, tail, seconds = run_logged(
         [sys.executable, "-m", "qlora_kit", "train", str(recipe_path), *overrides], timeout,
-        f"qlora-kit {shape} b{batch}")
-    record = {**base, "path": "qlora-kit", "overrides": overrides, "wall_s": round(seconds, 1)}
+        f"{label} {shape} b{batch}")
+    record = {**base, "path": label, "overrides": overrides, "wall_s": round(seconds, 1)}
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
@@ -483,7 +485,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median (and range) of tokens/s and peak memory per path and configuration, over its successful repeats."""
     groups: dict[tuple, list[dict[str, Any]]] = collections.defaultdict(list)
     for run in runs:
-        if not run.get("error") and run["path"] in PATHS:
+        if not run.get("error") and (run["path"] in PATHS or run["path"].startswith("qlora-kit:")):
             groups[(run["shape"], run["seq"], run["batch"], run["path"])].append(run)
     rows = []
     for (shape, seq, batch, path), group in groups.items():
@@ -563,6 +565,17 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit.stdout.strip(), "qlora_kit_changes": dirty.stdout.split("\n")[:-1]}
 
 
+def parse_variants(items: list[str]) -> dict[str, list[str]]:
+    """`NAME:k=v,k=v` -> {"qlora-kit:NAME": ["k=v", "k=v"]}, in the order given."""
+    variants: dict[str, list[str]] = {}
+    for item in items:
+        name, colon, overrides = item.partition(":")
+        if not colon or not name or any("=" not in o for o in overrides.split(",") if o):
+            raise SystemExit(f"--variant: '{item}' is not NAME:key=value[,key=value...] (or NAME: for no overrides)")
+        variants[f"qlora-kit:{name}"] = [o for o in overrides.split(",") if o]
+    return variants
+
+
 def parse_configs(text: str) -> list[tuple[str, int]]:
     configs = []
     for item in text.split(","):
@@ -585,6 +598,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--work", default="/tmp/qlora_bench", help="models, data and run folders (reused if there)")
     parser.add_argument("--override", action="append", default=[],
                         help="extra qlora-kit recipe override key=value (repeatable)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME:key=value,key=value — run qlora-kit once per variant with these extra overrides "
+                        "(repeatable; 'base:' for none), in place of the single qlora-kit path")
     parser.add_argument("--ref-sft-args", default="{}", help="JSON of extra SFTConfig arguments for the reference")
     parser.add_argument("--run-timeout", type=float, default=540, help="seconds allowed to one child process")
     parser.add_argument("--deadline", type=float, default=None,
@@ -606,6 +622,10 @@ def main(argv: list[str]) -> None:
     if args.steps < WARMUP_STEPS_SKIPPED + 2:
         raise SystemExit(f"--steps must be at least {WARMUP_STEPS_SKIPPED + 2} to measure anything after warm-up")
     ref_sft_args = json.loads(args.ref_sft_args)
+    variants = parse_variants(args.variant)
+    if variants and "qlora-kit" in paths:
+        at = paths.index("qlora-kit")
+        paths[at:at + 1] = list(variants)
 
     start = time.perf_counter()
     out, work = Path(args.out), Path(args.work)
@@ -650,8 +670,9 @@ def main(argv: list[str]) -> None:
             run_base = {**base, "repeat": repeat}
             if remaining() < 30:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
-            elif path == "qlora-kit":
-                record = run_qlora_kit(run_base, model, Path(data["path"]), work, gpu, args.override, remaining())
+            elif path.startswith("qlora-kit"):
+                overrides = args.override + variants.get(path, [])
+                record = run_qlora_kit(run_base, model, Path(data["path"]), work, gpu, overrides, remaining(), path)
             else:
                 profile_out = out / f"profile_{shape}_b{batch}.txt" if path == "profile" else None
                 record = run_reference(run_base, model, Path(data["path"]), work, gpu, ref_sft_args, remaining(),

@@ -304,6 +304,25 @@ def check_namespace(whoami: dict[str, Any], repo_id: str) -> None:
                             "https://huggingface.co/settings/tokens and set HF_TOKEN to it")
 
 
+def remove_stale_upload_folders(run_dir: Path) -> None:
+    """A push killed mid-upload leaves its `.push.PID.*` folder in the run; remove those whose process is gone."""
+    for folder in run_dir.glob(".push.*"):
+        pid = folder.name.split(".")[2]
+        if folder.is_dir() and not (pid.isdigit() and process_is_alive(int(pid))):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by an interrupted push", folder)
+
+
+def process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
 def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False,
              base_model: str | None = None, dry_run: bool = False, out: str | Path | None = None) -> str:
     """Upload the run (or with `dry_run`, only write the upload folder to `out`, default <run>/hub-upload).
@@ -326,7 +345,9 @@ def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: b
     endpoint = api.endpoint or constants.ENDPOINT
     with hub_errors(repo_id, endpoint):
         check_namespace(api.whoami(), repo_id)
-    with tempfile.TemporaryDirectory(prefix=".push.", dir=run_dir) as tmp:  # in the run: weights can be linked
+    remove_stale_upload_folders(run_dir)
+    # in the run, so weights can be hard-linked; the pid in the name tells a later push whether its owner is alive
+    with tempfile.TemporaryDirectory(prefix=f".push.{os.getpid()}.", dir=run_dir) as tmp:
         folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id, merged, base_model)
         assert_no_secret(folder, token)
         with hub_errors(repo_id, endpoint):

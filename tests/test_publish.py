@@ -286,3 +286,19 @@ def test_recipe_with_export_push_and_no_token_fails_before_training(make_recipe,
     with pytest.raises(QloraKitError, match="no Hugging Face token: set HF_TOKEN"):
         run_training(load_recipe(recipe))
     assert not (tmp_path / "outputs" / "pushed").exists()  # nothing was started
+
+
+def test_a_push_removes_upload_folders_left_by_killed_pushes_but_not_live_ones(tmp_path):
+    """A push killed mid-upload leaves `.push.PID.*` in the run; the next push clears it, never a running one's."""
+    import os
+
+    from qlora_kit.publish import remove_stale_upload_folders
+
+    dead = tmp_path / ".push.99999999.abc" / "upload"  # no such process
+    live = tmp_path / f".push.{os.getpid()}.def" / "upload"
+    for folder in (dead, live):
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_bytes(b"x")
+    remove_stale_upload_folders(tmp_path)
+    assert not dead.parent.exists()
+    assert live.is_dir()

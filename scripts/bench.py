@@ -16,6 +16,7 @@ bench.json and bench.md are rewritten after every run, so a cut-off call still r
   python scripts/bench.py --configs 8b:2 --variant base: --variant bf16:quantization.upcast_to_fp32=false \
       --variant liger:training.sft_args.use_liger_kernel=true   # levers side by side with the reference
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
+  python scripts/bench.py --configs 8b:1 --seq 131072 --steps 4 --paths qlora-kit   # one long-context probe
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def cmd_env() -> None:
     print("BENCH_JSON " + json.dumps(info))
 
 
-def cmd_build_model(shape: str, folder: str, tokenizer_folder: str) -> None:
+def cmd_build_model(shape: str, folder: str, tokenizer_folder: str, seq: str = "0") -> None:
     """Random bf16 model of `shape`, built on the GPU (CPU in fp32 without one), saved with the tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
@@ -199,6 +200,13 @@ def cmd_build_model(shape: str, folder: str, tokenizer_folder: str) -> None:
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, initializer_range=0.02)
+    original = config.max_position_embeddings
+    if int(seq) > original:  # a long-context probe: positions for seq, scaled the way Llama 3.1 scales them
+        factor = -(-int(seq) // original)
+        config.max_position_embeddings = factor * original
+        config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec["rope_theta"], "factor": float(factor),
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": original}
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
@@ -385,13 +393,16 @@ def error_summary(status: int | str, tail: list[str]) -> str:
 # -------------------------------------------------------------------------------------------------- orchestrator
 
 
-def ensure_model(shape: str, work: Path, timeout: float) -> tuple[Path, dict[str, Any]]:
-    folder = work / "models" / shape
+def ensure_model(shape: str, work: Path, timeout: float, seq: int = 0) -> tuple[Path, dict[str, Any]]:
+    """The shape's random checkpoint under work/models (built once); rows longer than the shape's positions get a
+    Llama-3.1-style RoPE-scaled copy (same cost per token: scaling only changes the rotary frequencies)."""
+    long = seq > SHAPES[shape]["max_position_embeddings"]
+    folder = work / "models" / (f"{shape}_pos{seq}" if long else shape)
     if (folder / "config.json").is_file():
         return folder, {"reused": True}
     folder.parent.mkdir(parents=True, exist_ok=True)
     status, result, tail, seconds = run_logged(
-        [sys.executable, __file__, "build-model", shape, str(folder), str(work / "tokenizer")], timeout,
+        [sys.executable, __file__, "build-model", shape, str(folder), str(work / "tokenizer"), str(seq)], timeout,
         f"build {shape}")
     if status != 0:
         raise RuntimeError(f"building the {shape} model failed: {error_summary(status, tail)}")
@@ -656,7 +667,7 @@ def main(argv: list[str]) -> None:
         try:
             if remaining() < 30:
                 raise RuntimeError("skipped: --deadline reached")
-            model, build = ensure_model(shape, work, remaining())
+            model, build = ensure_model(shape, work, remaining(), args.seq)
             results["models"].setdefault(shape, build)
         except RuntimeError as exc:
             results["runs"] += [{**base, "path": path, "error": str(exc)} for path in paths]
@@ -690,7 +701,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "env":
         cmd_env()
     elif len(sys.argv) > 1 and sys.argv[1] == "build-model":
-        cmd_build_model(*sys.argv[2:5])
+        cmd_build_model(*sys.argv[2:6])
     elif len(sys.argv) > 1 and sys.argv[1] == "reference":
         cmd_reference(sys.argv[2])
     else:

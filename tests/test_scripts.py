@@ -50,3 +50,20 @@ def test_bench_dry_run_compares_variants_with_the_reference(tmp_path):
     first_losses = {r["path"]: r["losses"][0] for r in runs}
     assert max(first_losses.values()) - min(first_losses.values()) < 1e-3, first_losses  # same model, data, init
     assert "| qlora-kit:bf16 |" in (out / "bench.md").read_text()
+
+
+def test_long_context_probe_model_has_rope_scaling_that_qlora_kit_accepts(tmp_path, make_recipe):
+    """Rows longer than the shape's positions get a Llama-3.1-style RoPE-scaled checkpoint, which passes
+    qlora-kit's max_length check instead of being refused."""
+    import bench
+    from transformers import AutoConfig
+
+    from qlora_kit.model import check_model_config
+    from qlora_kit.recipe import load_recipe
+
+    bench.build_tokenizer(tmp_path / "tokenizer")
+    bench.cmd_build_model("tiny", str(tmp_path / "model"), str(tmp_path / "tokenizer"), "5000")
+    config = AutoConfig.from_pretrained(tmp_path / "model")
+    assert config.max_position_embeddings == 3 * 2048 >= 5000
+    assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 3.0
+    check_model_config(load_recipe(make_recipe(training={"max_length": 5000})), str(tmp_path / "model"))

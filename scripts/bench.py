@@ -190,23 +190,32 @@ def cmd_env() -> None:
     print("BENCH_JSON " + json.dumps(info))
 
 
-def cmd_build_model(shape: str, folder: str, tokenizer_folder: str, seq: str = "0") -> None:
-    """Random bf16 model of `shape`, built on the GPU (CPU in fp32 without one), saved with the tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig
+def shape_config(shape: str, tokenizer, seq: int = 0):
+    """(LlamaConfig of `shape` with the tokenizer's special ids, those ids); rows longer than the shape's positions
+    get positions for `seq`, RoPE-scaled the way Llama 3.1 scales them (a long-context probe)."""
+    from transformers import LlamaConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     spec = {k: v for k, v in SHAPES[shape].items() if k != "label"}
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, initializer_range=0.02)
     original = config.max_position_embeddings
-    if int(seq) > original:  # a long-context probe: positions for seq, scaled the way Llama 3.1 scales them
-        factor = -(-int(seq) // original)
+    if seq > original:
+        factor = -(-seq // original)
         config.max_position_embeddings = factor * original
         config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec["rope_theta"], "factor": float(factor),
                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": original}
+    return config, ids
+
+
+def cmd_build_model(shape: str, folder: str, tokenizer_folder: str, seq: str = "0") -> None:
+    """Random bf16 model of `shape`, built on the GPU (CPU in fp32 without one), saved with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config, ids = shape_config(shape, tokenizer, int(seq))
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
@@ -444,7 +453,6 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
-    summary = json.loads(summary_path.read_text())
     try:  # qlora-kit's own config-only estimate, to see how close it lands
         from qlora_kit.model import estimate_training_memory
         from qlora_kit.recipe import load_recipe
@@ -452,11 +460,17 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
         estimate = round(estimate_training_memory(load_recipe(recipe_path, overrides), str(model))["total"], 2)
     except Exception as exc:  # the estimate is a side note; never lose a measurement over it
         estimate = f"unavailable: {exc!r:.200}"
+    return {**record, **run_measurements(run_dir), "estimated_peak_gib": estimate, "error": None}
+
+
+def run_measurements(run_dir: Path) -> dict[str, Any]:
+    """What a finished qlora-kit run folder says about speed, memory and loss (summary.json, metrics.jsonl)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {**record, "tokens_per_second": summary.get("train_tokens_per_second"),
+    return {"tokens_per_second": summary.get("train_tokens_per_second"),
             "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
-            "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"), "estimated_peak_gib": estimate,
-            "losses": [m["loss"] for m in metrics if "loss" in m], "error": None}
+            "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+            "losses": [m["loss"] for m in metrics if "loss" in m]}
 
 
 def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, sft_args: dict[str, Any],

@@ -68,16 +68,14 @@ def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], Any
 def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict[str, Any]:
     """The shape's checkpoint with hole-filled decoder linears (see the module docstring)."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     if (folder / "config.json").is_file():
         return {"reused": True}
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    spec = {k: v for k, v in bench.SHAPES[shape].items() if k != "label"}
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, dtype="bfloat16")
+    config, ids = bench.shape_config(shape, tokenizer)
+    config.dtype = "bfloat16"
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     folder.mkdir(parents=True, exist_ok=True)
@@ -141,13 +139,8 @@ def run_mode(mode: str, recipe: dict[str, Any], work: Path, batch: int, gpus: in
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
         return {**record, "error": bench.error_summary(status, tail), "log_tail": tail[-25:]}
-    summary = json.loads(summary_path.read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    return {**record, "error": None, "tokens_per_second": summary.get("train_tokens_per_second"),
-            "seconds_per_step": summary.get("seconds_per_step"),
-            "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
-            "losses": [m["loss"] for m in metrics if "loss" in m],
+    return {**record, **bench.run_measurements(run_dir), "error": None,
             "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None}
 
 
@@ -230,11 +223,11 @@ def main(argv: list[str]) -> None:
     data = bench.write_dataset(tokenizer, work / f"chat_s{args.seq}_r{rows}.jsonl", args.seq, rows)
     if args.fit:
         args.shape, args.batch, modes = args.fit, 1, ["fsdp"]
-        model, build = work / "models" / f"{args.fit}_sparse", {}
+        model = work / "models" / f"{args.fit}_sparse"
         build = build_sparse_model(args.fit, model, work / "tokenizer")
         print(f"sparse {args.fit} checkpoint: {build}", flush=True)
     else:
-        model, build = bench.ensure_model(args.shape, work, args.run_timeout)
+        model, build = bench.ensure_model(args.shape, work, args.run_timeout, args.seq)
     recipe = bench.qlora_kit_recipe(model, Path(data["path"]), work, args.shape, args.seq, args.batch, args.steps, gpu)
     settings = {"shape": args.shape, "label": bench.SHAPES[args.shape]["label"], "seq": args.seq,
                 "batch": args.batch, "gpus": args.gpus, "steps": args.steps, "fit": bool(args.fit)}

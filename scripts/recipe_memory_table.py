@@ -6,8 +6,8 @@ published config alone (no weights, no network), at the recipe's own batch size 
 Each row is qlora_kit.model.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
 the other weights upcast to fp32 by prepare_model_for_kbit_training, LoRA weights + grads in fp32 with 8-bit Adam
 states, checkpointed activations, the logits (batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB
-of CUDA context and allocator slack. Padding-free or short rows need less; packing
-to full max_length rows is the worst case shown here.
+of CUDA context and allocator slack (qlora_kit.model.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
+rows need less; packing to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
 2048, r=16 all-linear, gradient checkpointing, paged AdamW 8-bit; torch.cuda.max_memory_allocated):

@@ -197,6 +197,24 @@ class ExportSection:
 
 
 @dataclass
+class SpeedSection:
+    """Kernels and memory savers (qlora_kit/speed.py); scripts/bench.py measures each against the plain path."""
+
+    fused_lora: bool = option(
+        True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
+        "(DoRA and several active adapters keep peft's path)")
+    liger_kernels: bool = option(
+        True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
+        "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
+    offload_checkpoints: bool = option(
+        False, help="keep each checkpointed layer's input in pinned CPU memory until backward (long context, "
+        "very large models; a copy each way per layer costs speed)")
+    mlp_chunk_tokens: int = option(
+        0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
+        "one chunk at a time (long context; 0 = whole batch at once)", min=0)
+
+
+@dataclass
 class Recipe:
     """A whole recipe; `source` is the file it came from (for messages)."""
 
@@ -207,6 +225,7 @@ class Recipe:
     training: TrainingSection = option(default_factory=TrainingSection, help="")
     evaluation: EvaluationSection = option(default_factory=EvaluationSection, help="")
     export: ExportSection = option(default_factory=ExportSection, help="")
+    speed: SpeedSection = option(default_factory=SpeedSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     @property
@@ -525,6 +544,7 @@ OWNED_SFT_ARGS = {
     "eval_steps": "training.eval_steps", "eval_strategy": "training.eval_steps", "save_steps": "training.save_steps",
     "save_strategy": "training.save_steps", "save_total_limit": "training.save_total_limit",
     "report_to": "training.report_to", "bf16": "quantization.compute_dtype", "fp16": "quantization.compute_dtype",
+    "use_liger_kernel": "speed.liger_kernels",
     "include_num_input_tokens_seen": "(always on: tokens/s)", "logging_nan_inf_filter": "(always off: NaN guard)",
 }
 

@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from qlora_kit.data import PreparedData
 from qlora_kit.model import under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
+from qlora_kit.speed import OffloadCheckpoints, apply_speedups
 
 log = logging.getLogger("qlora_kit")
 
@@ -291,10 +292,24 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
             fp16=compute_dtype is torch.float16,
             include_num_input_tokens_seen="non_padding",
             logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
+            use_liger_kernel=liger_kernels_usable(recipe),
             **t.sft_args,
         )
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{recipe.source}: training: {exc}") from None
+
+
+def liger_kernels_usable(recipe: Recipe) -> bool:
+    """speed.liger_kernels on a GPU with liger-kernel installed; its Triton kernels have no CPU path."""
+    if not recipe.speed.liger_kernels or not torch.cuda.is_available():
+        return False
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
+                    "liger-kernel, or set speed.liger_kernels: false to silence this)")
+        return False
+    return True
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
@@ -302,10 +317,14 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
 
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None)
     train_on_one_gpu_without_a_launcher(args)
+    callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
+    if recipe.speed.offload_checkpoints and recipe.training.gradient_checkpointing:
+        callbacks.append(OffloadCheckpoints())  # checkpointing is switched on when training starts
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, callbacks=[MetricsLog(run_dir / "metrics.jsonl"), RunGuard()])
+                         processing_class=tokenizer, callbacks=callbacks)
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
         keep_adapter_weights_in_fp32(trainer.model)
+    apply_speedups(trainer.model, recipe.speed)  # after the trainer: Liger's kernels are in place by now
     return trainer
 
 

@@ -1,0 +1,191 @@
+"""Training speed-ups and memory savers, each behind a `speed.*` recipe switch and measured by scripts/bench.py.
+
+Applied to the model the trainer holds, after trl/transformers have set it up (Liger's kernels patch module forwards
+when the trainer is built; the switches here wrap whatever forward is current):
+
+- fused LoRA over 4-bit layers: one autograd function per adapted layer computes the frozen NF4 matmul and the
+  adapter together, with a hand-written backward. peft's path clones every base output, scales and adds the adapter
+  output in separate kernels, and lets autograd save and replay all of it; here the adapter lands in the base output
+  through one addmm, and backward needs two big matmuls (grad input through the dequantized weight and the adapter)
+  plus the small adapter-weight gradients. Nothing larger than the layer input is saved.
+- offloaded checkpoints: each checkpointed layer's input lives in pinned CPU memory until backward needs it.
+- chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
+  for one chunk at a time (long context).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+from transformers import TrainerCallback
+
+from qlora_kit.model import under_fsdp
+from qlora_kit.recipe import SpeedSection
+
+log = logging.getLogger("qlora_kit")
+
+
+class LoraOver4bit(torch.autograd.Function):
+    """y = x W^T (+ bias) + s * (x' A^T) B^T with W frozen in NF4/FP4, x' = dropout(x) (None: x itself);
+    gradients for x, x', A and B.
+
+    Matmuls run in the layer's compute dtype (as under autocast); A and B may be fp32 master weights. Saved for
+    backward: the adapter's input and its rank-r projection x' A^T; the 4-bit weight is dequantized again there.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
+        import bitsandbytes as bnb
+
+        dtype = layer.compute_dtype or x.dtype
+        out_features = lora_b.shape[0]
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        xc = x.to(dtype)
+        xl = xc if x_lora is None else x_lora.to(dtype)
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+        xa = torch.mm(xl.reshape(-1, xl.shape[-1]), a.t())
+        out.view(-1, out_features).addmm_(xa, b.t(), alpha=scaling)
+        ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
+        ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(xl, xa, lora_a, lora_b)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import bitsandbytes as bnb
+
+        xl, xa, lora_a, lora_b = ctx.saved_tensors
+        layer, s = ctx.layer, ctx.scaling
+        x_dtype, xl_dtype, a_dtype, b_dtype = ctx.dtypes
+        dtype = xa.dtype
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_xa = torch.mm(g, b).mul_(s)  # d loss / d (x A^T), rank r: small
+        grad_x = grad_xl = grad_a = grad_b = None
+        if need_x:
+            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
+            grad_x = torch.mm(g, weight)
+            del weight
+            if ctx.same_input:
+                grad_x.addmm_(grad_xa, a)
+            grad_x = grad_x.view(*grad_out.shape[:-1], -1).to(x_dtype)
+        if not ctx.same_input and need_xl:
+            grad_xl = torch.mm(grad_xa, a).view(*grad_out.shape[:-1], -1).to(xl_dtype)
+        if need_a:
+            grad_a = torch.mm(grad_xa.t(), xl.reshape(-1, xl.shape[-1])).to(a_dtype)
+        if need_b:
+            grad_b = torch.mm(g.t(), xa).mul_(s).to(b_dtype)
+        return grad_x, grad_xl, grad_a, grad_b, None, None
+
+
+def fusable_adapter(layer) -> str | None:
+    """The one plain-LoRA adapter this peft layer would run now, or None when peft's own forward must run.
+
+    Fused: one active adapter, not merged, not disabled, not DoRA, frozen base bias. Anything else (several adapters,
+    mixed-batch inference, adapters switched off for a reference pass) takes peft's path unchanged.
+    """
+    if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
+        return None
+    base = layer.get_base_layer()
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    return name
+
+
+def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = fusable_adapter(self) if not args and not kwargs else None
+    if name is None:
+        return self._peft_forward(x, *args, **kwargs)
+    dropout = self.lora_dropout[name]
+    x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
+    return LoraOver4bit.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
+                              self.scaling[name])
+
+
+def use_fused_lora(model) -> int:
+    """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many."""
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, PeftLinear4bit) and not hasattr(module, "_peft_forward"):
+            module._peft_forward = module.forward
+            module.forward = types.MethodType(fused_lora_forward, module)
+            count += 1
+    return count
+
+
+def offloaded_checkpoint(function, *args, **kwargs):
+    """Checkpoint a layer with its input kept in pinned CPU memory until backward.
+
+    Reentrant checkpointing stores the layer's inputs with save_for_backward, which is what save_on_cpu moves off the
+    GPU; the non-reentrant kind keeps them referenced from the recompute closure, out of reach of saved-tensor hooks.
+    """
+    kwargs["use_reentrant"] = True
+    kwargs.pop("context_fn", None)
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+
+def offload_checkpoints(model) -> int:
+    """Swap the checkpoint function of every checkpointed module for offloaded_checkpoint; returns how many layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    count = 0
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+            module._gradient_checkpointing_func = offloaded_checkpoint
+            count += isinstance(module, GradientCheckpointingLayer)
+    return count
+
+
+class OffloadCheckpoints(TrainerCallback):
+    """speed.offload_checkpoints: the trainer switches checkpointing on when training starts; swap its function then."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
+                 offload_checkpoints(model))
+
+
+def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    tokens = x.shape[:-1].numel()
+    if tokens <= self._chunk_tokens:
+        return self._unchunked_forward(x)
+    flat = x.reshape(tokens, x.shape[-1])
+    if torch.is_grad_enabled():
+        parts = [torch.utils.checkpoint.checkpoint(self._unchunked_forward, chunk, use_reentrant=False)
+                 for chunk in flat.split(self._chunk_tokens)]
+    else:
+        parts = [self._unchunked_forward(chunk) for chunk in flat.split(self._chunk_tokens)]
+    return torch.cat(parts).view(*x.shape[:-1], -1)
+
+
+def chunk_mlps(model, chunk_tokens: int) -> int:
+    """Run each decoder layer's MLP over chunks of `chunk_tokens` tokens (the MLP is per token, so the result is the
+    same); returns how many MLPs were wrapped."""
+    count = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp") and not hasattr(module, "_unchunked_forward"):
+            module._unchunked_forward = module.forward
+            module._chunk_tokens = chunk_tokens
+            module.forward = types.MethodType(chunked_mlp_forward, module)
+            count += 1
+    return count
+
+
+def apply_speedups(model, speed: SpeedSection) -> None:
+    """Apply the recipe's `speed` switches to a model the trainer has set up; says what it did."""
+    if speed.fused_lora and under_fsdp():
+        log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
+    elif speed.fused_lora:
+        log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(model))
+    if speed.mlp_chunk_tokens:
+        chunked = chunk_mlps(model, speed.mlp_chunk_tokens)
+        log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens", chunked, speed.mlp_chunk_tokens)

@@ -1,0 +1,158 @@
+"""speed.*: each speed-up computes what the plain path computes (outputs and gradients), on CPU with 4-bit NF4.
+
+The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; throughput is scripts/bench.py's job.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_kit.model import build_quantized_model
+from qlora_kit.recipe import load_recipe
+from qlora_kit.speed import chunk_mlps, offload_checkpoints, use_fused_lora
+
+
+def adapted_model(make_recipe, tiny_model_dir, **lora):
+    """The tiny Llama in NF4 with LoRA on all linears, adapters made non-zero so they change outputs and gradients."""
+    recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, **lora}))
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.train()
+    return model
+
+
+def loss_and_gradients(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    loss = model(inputs_embeds=embeds, labels=ids).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    grads["inputs_embeds"] = embeds.grad
+    return loss.detach(), grads
+
+
+def assert_same_training_signal(expected, actual, rtol=1e-5, atol=1e-6):
+    (loss_a, grads_a), (loss_b, grads_b) = expected, actual
+    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=rtol, atol=atol, msg=name)
+
+
+IDS = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+def test_fused_lora_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    plain = loss_and_gradients(model, IDS)
+    assert use_fused_lora(model) == 14  # 7 linears in each of the 2 layers
+    fused = loss_and_gradients(model, IDS)
+    assert_same_training_signal(plain, fused)
+    assert all(g.abs().sum() > 0 for name, g in fused[1].items() if "lora_A" in name)
+
+
+def test_fused_lora_applies_lora_dropout_like_peft(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir, dropout=0.3)
+    plain = loss_and_gradients(model, IDS, seed=7)
+    use_fused_lora(model)
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS, seed=7))
+    other_mask = loss_and_gradients(model, IDS, seed=8)
+    assert not torch.allclose(other_mask[0], plain[0])  # dropout is really on: another seed, another loss
+
+
+def test_fused_lora_leaves_disabled_adapters_and_dora_to_peft(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    with torch.no_grad(), model.disable_adapter():
+        base_only = model(input_ids=IDS).logits
+    use_fused_lora(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=IDS).logits, base_only)
+        assert not torch.allclose(model(input_ids=IDS).logits, base_only)  # adapters back on: they change logits
+
+    dora = adapted_model(make_recipe, tiny_model_dir, use_dora=True)
+    plain = loss_and_gradients(dora, IDS)
+    use_fused_lora(dora)
+    assert_same_training_signal(plain, loss_and_gradients(dora, IDS))
+
+
+def test_fused_lora_with_bf16_compute_tracks_the_fp32_result(make_recipe, tiny_model_dir):
+    """bf16 compute (the GPU setting) on CPU: same loss and gradients as peft's fp32 path, to bf16 precision."""
+    model = adapted_model(make_recipe, tiny_model_dir)
+    reference = loss_and_gradients(model, IDS)
+    use_fused_lora(model)
+    for module in model.modules():
+        if hasattr(module, "compute_dtype") and module.compute_dtype is not None:
+            module.compute_dtype = torch.bfloat16
+    loss, grads = loss_and_gradients(model, IDS)
+    torch.testing.assert_close(loss, reference[0], rtol=2e-2, atol=0)
+    for name, grad in grads.items():
+        assert grad.dtype == reference[1][name].dtype
+        relative = (grad - reference[1][name]).norm() / reference[1][name].norm()
+        assert relative < 5e-2, name
+
+
+def test_offloaded_checkpoints_train_the_same_and_pass_layer_inputs_through_saved_tensor_hooks(make_recipe,
+                                                                                              tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = loss_and_gradients(model, IDS)
+    assert offload_checkpoints(model) == 2
+    packed: list[torch.Size] = []
+
+    def pack(tensor):
+        packed.append(tensor.shape)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        offloaded = loss_and_gradients(model, IDS)
+    assert_same_training_signal(plain, offloaded)
+    # each decoder layer's input (batch, tokens, hidden) is what save_on_cpu moves to pinned CPU memory
+    assert packed.count(torch.Size([2, 24, 64])) >= 2
+
+
+def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    plain = loss_and_gradients(model, IDS)
+    assert chunk_mlps(model, 10) == 2  # 48 tokens -> chunks of 10, 10, 10, 10, 8
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS, labels=IDS).loss, plain[0])
+
+
+@pytest.mark.parametrize("speed", [{}, {"mlp_chunk_tokens": 32, "offload_checkpoints": True}])
+def test_a_short_run_learns_the_same_with_any_speed_setting(make_recipe, speed):
+    """Three steps of the real trainer (checkpointing on): losses agree whatever speed switches are set."""
+    from qlora_kit.cli import run_training
+
+    losses = []
+    for name, setting in (("plain", {"fused_lora": False}), ("fast", speed)):
+        recipe = load_recipe(make_recipe(name=name, speed=setting, training={"max_steps": 3, "save_steps": 100,
+                                                                               "gradient_checkpointing": True},
+                                         export={"merge": False, "report": False}))
+        run_training(recipe)
+        run_dir = recipe.run_dir
+        losses.append([row["loss"] for row in read_metrics(run_dir) if "loss" in row])
+    assert len(losses[0]) == 3
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-5)
+
+
+def read_metrics(run_dir):
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_liger_kernels_are_left_off_on_cpu(make_recipe):
+    from qlora_kit.train import liger_kernels_usable
+
+    assert load_recipe(make_recipe()).speed.liger_kernels is True
+    assert liger_kernels_usable(load_recipe(make_recipe())) is (torch.cuda.is_available() and
+                                                                 __import__("importlib").util.find_spec(
+                                                                     "liger_kernel") is not None)

@@ -25,6 +25,7 @@ import argparse
 import collections
 import datetime
 import json
+import logging
 import os
 import random
 import shutil
@@ -238,6 +239,7 @@ def cmd_build_model(shape: str, folder: str, tokenizer_folder: str, seq: str = "
 
 
 KERNEL_KINDS = [  # (category, substrings of CUDA kernel names), first match wins
+    ("Liger (Triton)", ("liger", "rms_norm", "swiglu", "_rope", "cross_entropy_kernel", "element_mul_kernel")),
     ("bitsandbytes dequantize", ("dequantize", "kdequant")),
     ("bitsandbytes optimizer", ("optimizer", "kpreconditionoptimizer", "koptimizer")),
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -437,8 +439,35 @@ def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, 
     }
 
 
+def profile_path(out: Path, shape: str, batch: int, path: str) -> Path | None:
+    """Where a profiled run ("profile reference", "profile qlora-kit:NAME") writes its table; None if not profiled."""
+    if not path.startswith("profile "):
+        return None
+    name = path.removeprefix("profile ").replace(":", "_")
+    return out / f"profile_{shape}_b{batch}_{name}.txt"
+
+
+def cmd_profile_qlora_kit(recipe_path: str, out_path: str, *overrides: str) -> None:
+    """`qlora-kit train` in this process with the profiler callback added to its trainer."""
+    sys.path.insert(0, str(ROOT))
+    import qlora_kit.train
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    build_trainer = qlora_kit.train.build_trainer
+
+    def build_profiled_trainer(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.add_callback(profile_callback(Path(out_path)))
+        return trainer
+
+    qlora_kit.train.build_trainer = build_profiled_trainer
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_training(load_recipe(recipe_path, list(overrides)))
+
+
 def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, overrides: list[str],
-                  timeout: float, label: str = "qlora-kit") -> dict[str, Any]:
+                  timeout: float, label: str = "qlora-kit", profile_out: Path | None = None) -> dict[str, Any]:
     import yaml
 
     shape, seq, batch, steps = base["shape"], base["seq"], base["batch"], base["steps"]
@@ -446,9 +475,9 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     recipe_path = work / f"recipe_{shape}_s{seq}_b{batch}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_dir = work / "runs" / recipe["training"]["run_name"]
-    status, _, tail, seconds = run_logged(
-        [sys.executable, "-m", "qlora_kit", "train", str(recipe_path), *overrides], timeout,
-        f"{label} {shape} b{batch}")
+    command = ([sys.executable, __file__, "profile-qlora-kit", str(recipe_path), str(profile_out)] if profile_out
+               else [sys.executable, "-m", "qlora_kit", "train", str(recipe_path)])
+    status, _, tail, seconds = run_logged(command + overrides, timeout, f"{label} {shape} b{batch}")
     record = {**base, "path": label, "overrides": overrides, "wall_s": round(seconds, 1)}
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
@@ -484,7 +513,7 @@ def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     spec_path.write_text(json.dumps(spec, indent=2))
     status, result, tail, seconds = run_logged([sys.executable, __file__, "reference", str(spec_path)], timeout,
                                                f"reference {shape} b{batch}")
-    record = {**base, "path": "reference-profiled" if profile_out else "reference", "sft_args": sft_args,
+    record = {**base, "path": "profile reference" if profile_out else "reference", "sft_args": sft_args,
               "wall_s": round(seconds, 1)}
     if status != 0 or "tokens_per_second" not in result:
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
@@ -632,9 +661,10 @@ def main(argv: list[str]) -> None:
                         help="stop starting runs after this many seconds; later ones are recorded as skipped")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs of each path per configuration, alternating which path goes first")
-    parser.add_argument("--profile", action="store_true",
-                        help="after the timed runs, one extra reference run under torch.profiler (steps 5-6); "
-                        "writes profile_SHAPE_bBATCH.txt to --out and is left out of the comparison")
+    parser.add_argument("--profile", default="",
+                        help="comma-separated paths (reference, qlora-kit or qlora-kit:VARIANT) to run once more "
+                        "under torch.profiler (steps 5-6) after the timed runs; writes profile_SHAPE_bBATCH_PATH.txt "
+                        "to --out; profiled runs are left out of the comparison")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps")
     args = parser.parse_args(argv)
     defaults = ("tiny:2", 128, 4) if args.tiny else ("8b:2,1b:4", 2048, 12)
@@ -689,19 +719,20 @@ def main(argv: list[str]) -> None:
             continue
         order = [(repeat, path) for repeat in range(args.repeats)
                  for path in (paths if repeat % 2 == 0 else paths[::-1])]
-        if args.profile:
-            order.append((args.repeats, "profile"))
+        order += [(args.repeats, "profile " + path) for path in args.profile.split(",") if path]
         for repeat, path in order:
             run_base = {**base, "repeat": repeat}
             if remaining() < 30:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
-            elif path.startswith("qlora-kit"):
-                overrides = args.override + variants.get(path, [])
-                record = run_qlora_kit(run_base, model, Path(data["path"]), work, gpu, overrides, remaining(), path)
-            else:
-                profile_out = out / f"profile_{shape}_b{batch}.txt" if path == "profile" else None
-                record = run_reference(run_base, model, Path(data["path"]), work, gpu, ref_sft_args, remaining(),
+            elif path.removeprefix("profile ").startswith("qlora-kit"):
+                name = path.removeprefix("profile ")
+                overrides = args.override + variants.get(name, [])
+                profile_out = profile_path(out, shape, batch, path)
+                record = run_qlora_kit(run_base, model, Path(data["path"]), work, gpu, overrides, remaining(), path,
                                        profile_out)
+            else:
+                record = run_reference(run_base, model, Path(data["path"]), work, gpu, ref_sft_args, remaining(),
+                                       profile_path(out, shape, batch, path))
             results["runs"].append(record)
             results["wall_s"] = round(time.perf_counter() - start, 1)
             write_outputs(results, out)
@@ -718,5 +749,7 @@ if __name__ == "__main__":
         cmd_build_model(*sys.argv[2:6])
     elif len(sys.argv) > 1 and sys.argv[1] == "reference":
         cmd_reference(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "profile-qlora-kit":
+        cmd_profile_qlora_kit(*sys.argv[2:])
     else:
         main(sys.argv[1:])

@@ -181,3 +181,69 @@ def test_accelerate_launch_on_two_gpus_saves_a_complete_adapter(
         assert any(handle.get_tensor(k).abs().sum() > 0 for k in keys if "lora_B" in k)  # trained, not the init
     steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps if "loss" in s] == [1, 2, 3, 4]  # rank 0 logs once per step, not per rank
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
+    """tiny_base's tokenizer on a wider random Llama (hidden 512): matmuls long enough for bf16 rounding to show."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("wide-llama-gpu")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of one bf16-autocast step, the way the trainer runs it (checkpointing on)."""
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed import use_fused_lora
+    from qlora_kit.train import keep_adapter_weights_in_fp32
+
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(folder), torch.bfloat16)
+    keep_adapter_weights_in_fp32(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    if liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model.get_base_model())
+    if fused:
+        assert use_fused_lora(model) == 14
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(4, 30, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("setting", ["fused", "fused+liger", "fused+liger+bf16-residual"])
+def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
+        setting: str, tmp_path: Path, wide_base: Path, chat_file: Path) -> None:
+    """One step of the plain path (peft's LoRA, fp32 residual, no Liger) against each speed setting: same loss,
+    same LoRA gradients up to bf16 rounding (relative error of each gradient tensor, by norm)."""
+    from qlora_kit.recipe import load_recipe
+
+    plain_recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file))
+    fast_recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file),
+                              [f"quantization.upcast_to_fp32={'bf16-residual' not in setting}"])
+    plain_loss, plain = one_step_gradients(plain_recipe, wide_base, liger=False, fused=False)
+    fast_loss, fast = one_step_gradients(fast_recipe, wide_base, liger="liger" in setting, fused=True)
+    assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
+    assert plain.keys() == fast.keys() and len(plain) == 2 * 2 * 7
+    errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+    print(f"{setting}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert all(plain[name].norm() > 0 for name in plain)
+    assert max(errors.values()) < 3e-2, errors

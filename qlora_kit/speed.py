@@ -37,49 +37,53 @@ class LoraOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
-        import bitsandbytes as bnb
-
         dtype = layer.compute_dtype or x.dtype
-        out_features = lora_b.shape[0]
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        xc = x.to(dtype)
-        xl = xc if x_lora is None else x_lora.to(dtype)
-        bias = None if layer.bias is None else layer.bias.to(dtype)
-        out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
-        xa = torch.mm(xl.reshape(-1, xl.shape[-1]), a.t())
-        out.view(-1, out_features).addmm_(xa, b.t(), alpha=scaling)
+        x2 = x.to(dtype).reshape(-1, x.shape[-1])
+        xl2 = x2 if x_lora is None else x_lora.to(dtype).reshape(-1, x.shape[-1])
+        xa = torch.mm(xl2, a.t())
+        scaled_b = b.t() * scaling
+        # the rank-r product writes the output, then the big matmul accumulates onto it in its epilogue (beta=1):
+        # no separate pass over the output to add the adapter
+        out = torch.mm(xa, scaled_b) if layer.bias is None else torch.addmm(layer.bias.to(dtype), xa, scaled_b)
+        out.addmm_(x2, dequantized_weight(layer, dtype).t())
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(xl, xa, lora_a, lora_b)
-        return out.to(x.dtype)
+        ctx.save_for_backward(xl2, xa, lora_a, lora_b)
+        return out.view(*x.shape[:-1], -1).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        import bitsandbytes as bnb
-
-        xl, xa, lora_a, lora_b = ctx.saved_tensors
+        xl2, xa, lora_a, lora_b = ctx.saved_tensors
         layer, s = ctx.layer, ctx.scaling
         x_dtype, xl_dtype, a_dtype, b_dtype = ctx.dtypes
         dtype = xa.dtype
+        batch_shape = grad_out.shape[:-1]
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        grad_xa = torch.mm(g, b).mul_(s)  # d loss / d (x A^T), rank r: small
+        grad_xa = torch.mm(g, b).mul_(s)  # d loss / d (x' A^T), rank r: small
         grad_x = grad_xl = grad_a = grad_b = None
-        if need_x:
-            weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
-            grad_x = torch.mm(g, weight)
-            del weight
-            if ctx.same_input:
-                grad_x.addmm_(grad_xa, a)
-            grad_x = grad_x.view(*grad_out.shape[:-1], -1).to(x_dtype)
+        if ctx.same_input and need_x:
+            grad_x = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
+        elif need_x:
+            grad_x = torch.mm(g, dequantized_weight(layer, dtype))
+        if grad_x is not None:
+            grad_x = grad_x.view(*batch_shape, -1).to(x_dtype)
         if not ctx.same_input and need_xl:
-            grad_xl = torch.mm(grad_xa, a).view(*grad_out.shape[:-1], -1).to(xl_dtype)
+            grad_xl = torch.mm(grad_xa, a).view(*batch_shape, -1).to(xl_dtype)
         if need_a:
-            grad_a = torch.mm(grad_xa.t(), xl.reshape(-1, xl.shape[-1])).to(a_dtype)
+            grad_a = torch.mm(grad_xa.t(), xl2).to(a_dtype)
         if need_b:
             grad_b = torch.mm(g.t(), xa).mul_(s).to(b_dtype)
         return grad_x, grad_xl, grad_a, grad_b, None, None
+
+
+def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
+    import bitsandbytes as bnb
+
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
 
 
 def fusable_adapter(layer) -> str | None:
@@ -100,7 +104,8 @@ def fusable_adapter(layer) -> str | None:
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    name = fusable_adapter(self) if not args and not kwargs else None
+    # with no gradient to compute (generation, evaluation) bitsandbytes' own inference kernels are the fast path
+    name = fusable_adapter(self) if torch.is_grad_enabled() and not args and not kwargs else None
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]

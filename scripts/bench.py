@@ -353,13 +353,41 @@ def cmd_reference(spec_path: str) -> None:
     # Every row is exactly `seq` tokens (checked here), so a step trains batch * seq tokens.
     row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
     marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
-    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    (t0, s0), (t1, s1) = (marks[0], marks[-1]) if len(marks) >= 2 else ((0.0, 0), (0.0, 0))
     tokens_per_step = spec["batch"] * max(row_lengths)
     print("BENCH_JSON " + json.dumps({
-        "tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (s1 - s0),
+        "tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0) if s1 > s0 else None,
+        "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
         "measured_steps": s1 - s0, "peak_gpu_memory_gib": peak, "losses": steps.losses,
         "row_tokens": sorted(row_lengths), "setup_s": round(loaded - start, 1),
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
+
+
+GPU_MEMORY_CAP_GIB: float | None = None  # --gpu-memory-gib: children see a GPU this big (80 GB claims on an H200)
+
+
+def capped(command: list[str]) -> list[str]:
+    """The same child command, run under torch.cuda.set_per_process_memory_fraction when --gpu-memory-gib is set."""
+    if GPU_MEMORY_CAP_GIB is None:
+        return command
+    return [sys.executable, __file__, "capped", str(GPU_MEMORY_CAP_GIB), *command[1:]]
+
+
+def cmd_capped(gib: str, *argv: str) -> None:
+    """Cap this process's GPU memory at `gib` GiB, then run `python ARGV...` (a module with -m, else a script)."""
+    import runpy
+
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) / total))
+    print(f"GPU memory capped at {float(gib):.1f} of {total:.1f} GiB", flush=True)
+    if argv[0] == "-m":
+        sys.argv = [argv[1], *argv[2:]]
+        runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(argv)
+        runpy.run_path(argv[0], run_name="__main__")
 
 
 def run_logged(command: list[str], timeout: float, log_name: str) -> tuple[int | str, dict[str, Any], list[str], float]:
@@ -408,6 +436,11 @@ def ensure_model(shape: str, work: Path, timeout: float, seq: int = 0) -> tuple[
     """The shape's random checkpoint under work/models (built once); rows longer than the shape's positions get a
     Llama-3.1-style RoPE-scaled copy (same cost per token: scaling only changes the rotary frequencies)."""
     long = seq > SHAPES[shape]["max_position_embeddings"]
+    if shape == "70b" and not long:  # 140 GB of bf16 does not fit the disk: decoder linears become sparse holes
+        from multi_gpu import build_sparse_model
+
+        folder = work / "models" / "70b_sparse"
+        return folder, build_sparse_model(shape, folder, work / "tokenizer")
     folder = work / "models" / (f"{shape}_pos{seq}" if long else shape)
     if (folder / "config.json").is_file():
         return folder, {"reused": True}
@@ -477,7 +510,7 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     run_dir = work / "runs" / recipe["training"]["run_name"]
     command = ([sys.executable, __file__, "profile-qlora-kit", str(recipe_path), str(profile_out)] if profile_out
                else [sys.executable, "-m", "qlora_kit", "train", str(recipe_path)])
-    status, _, tail, seconds = run_logged(command + overrides, timeout, f"{label} {shape} b{batch}")
+    status, _, tail, seconds = run_logged(capped(command + overrides), timeout, f"{label} {shape} b{batch}")
     record = {**base, "path": label, "overrides": overrides, "wall_s": round(seconds, 1)}
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
@@ -511,8 +544,8 @@ def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
             "profile_out": str(profile_out) if profile_out else None}
     spec_path = work / f"reference_{shape}_s{seq}_b{batch}.json"
     spec_path.write_text(json.dumps(spec, indent=2))
-    status, result, tail, seconds = run_logged([sys.executable, __file__, "reference", str(spec_path)], timeout,
-                                               f"reference {shape} b{batch}")
+    status, result, tail, seconds = run_logged(capped([sys.executable, __file__, "reference", str(spec_path)]),
+                                               timeout, f"reference {shape} b{batch}")
     record = {**base, "path": "profile reference" if profile_out else "reference", "sft_args": sft_args,
               "wall_s": round(seconds, 1)}
     if status != 0 or "tokens_per_second" not in result:
@@ -527,8 +560,9 @@ def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def compare(runs: list[dict[str, Any]]) -> None:
     """Speed and memory of every run against the median reference run of the same shape, seq and batch."""
     for run in runs:
-        refs = [r for r in runs if r["path"] == "reference" and not r.get("error") and same_config(r, run)]
-        ok = bool(refs) and not run.get("error")
+        refs = [r for r in runs if r["path"] == "reference" and not r.get("error") and same_config(r, run)
+                and r.get("tokens_per_second")]
+        ok = bool(refs) and not run.get("error") and bool(run.get("tokens_per_second"))
         ref_speed = statistics.median(r["tokens_per_second"] for r in refs) if ok else None
         ref_peak = statistics.median(r["peak_gpu_memory_gib"] or 0 for r in refs) if ok else None
         run["speedup_vs_reference"] = run["tokens_per_second"] / ref_speed if ok else None
@@ -543,15 +577,19 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups[(run["shape"], run["seq"], run["batch"], run["path"])].append(run)
     rows = []
     for (shape, seq, batch, path), group in groups.items():
-        speeds = [r["tokens_per_second"] for r in group]
+        speeds = [r["tokens_per_second"] for r in group if r.get("tokens_per_second")] or [None]
         peaks = [r["peak_gpu_memory_gib"] for r in group if r.get("peak_gpu_memory_gib") is not None]
         rows.append({"path": path, "shape": shape, "label": SHAPES[shape]["label"], "seq": seq, "batch": batch,
-                     "runs": len(group), "tokens_per_second_median": statistics.median(speeds),
-                     "tokens_per_second_min": min(speeds), "tokens_per_second_max": max(speeds),
+                     "runs": len(group),
+                     "tokens_per_second_median": statistics.median(speeds) if speeds[0] else None,
+                     "tokens_per_second_min": min(speeds) if speeds[0] else None,
+                     "tokens_per_second_max": max(speeds) if speeds[0] else None,
                      "peak_gpu_memory_gib": max(peaks) if peaks else None})
     for row in rows:
         ref = next((r for r in rows if r["path"] == "reference" and same_config(r, row)), None)
-        row["speed_vs_reference"] = row["tokens_per_second_median"] / ref["tokens_per_second_median"] if ref else None
+        row["speed_vs_reference"] = (row["tokens_per_second_median"] / ref["tokens_per_second_median"]
+                                     if ref and row["tokens_per_second_median"] and ref["tokens_per_second_median"]
+                                     else None)
         row["memory_vs_reference"] = (row["peak_gpu_memory_gib"] / ref["peak_gpu_memory_gib"]
                                       if ref and ref["peak_gpu_memory_gib"] and row["peak_gpu_memory_gib"] else None)
     return rows
@@ -579,7 +617,7 @@ def markdown(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *("| " + " | ".join([r["path"], r["label"], str(r["seq"]), str(r["batch"]), str(r["runs"]),
                             fmt(r["tokens_per_second_median"], ",.0f"),
-                            f"{r['tokens_per_second_min']:,.0f}–{r['tokens_per_second_max']:,.0f}",
+                            f"{fmt(r['tokens_per_second_min'], ',.0f')}–{fmt(r['tokens_per_second_max'], ',.0f')}",
                             fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
                             fmt(r["memory_vs_reference"], ".3f")]) + " |" for r in results["summary"]),
         "", "Every run (speed and memory against the median reference run):", "",
@@ -665,17 +703,23 @@ def main(argv: list[str]) -> None:
                         help="comma-separated paths (reference, qlora-kit or qlora-kit:VARIANT) to run once more "
                         "under torch.profiler (steps 5-6) after the timed runs; writes profile_SHAPE_bBATCH_PATH.txt "
                         "to --out; profiled runs are left out of the comparison")
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="cap every run's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 79 to "
+                        "hold an H200 to what an 80 GB H100 offers")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps")
     args = parser.parse_args(argv)
     defaults = ("tiny:2", 128, 4) if args.tiny else ("8b:2,1b:4", 2048, 12)
     args.configs, args.seq, args.steps = (given if given is not None else default for given, default in
                                           zip((args.configs, args.seq, args.steps), defaults, strict=True))
     configs = parse_configs(args.configs)
+    global GPU_MEMORY_CAP_GIB
+    GPU_MEMORY_CAP_GIB = args.gpu_memory_gib
     paths = [p.strip() for p in args.paths.split(",")]
     if unknown := [p for p in paths if p not in PATHS]:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
     if args.steps < WARMUP_STEPS_SKIPPED + 2:
-        raise SystemExit(f"--steps must be at least {WARMUP_STEPS_SKIPPED + 2} to measure anything after warm-up")
+        print(f"--steps {args.steps}: a memory probe; tokens/s need at least {WARMUP_STEPS_SKIPPED + 2} steps",
+              flush=True)
     ref_sft_args = json.loads(args.ref_sft_args)
     variants = parse_variants(args.variant)
     if variants and "qlora-kit" in paths:
@@ -749,6 +793,8 @@ if __name__ == "__main__":
         cmd_build_model(*sys.argv[2:6])
     elif len(sys.argv) > 1 and sys.argv[1] == "reference":
         cmd_reference(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "capped":
+        cmd_capped(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "profile-qlora-kit":
         cmd_profile_qlora_kit(*sys.argv[2:])
     else:

@@ -235,7 +235,7 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
     same LoRA gradients up to bf16 rounding (relative error of each gradient tensor, by norm)."""
     from qlora_kit.recipe import load_recipe
 
-    plain_recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file))
+    plain_recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file), ["quantization.upcast_to_fp32=true"])
     fast_recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file),
                               [f"quantization.upcast_to_fp32={'bf16-residual' not in setting}"])
     plain_loss, plain = one_step_gradients(plain_recipe, wide_base, liger=False, fused=False)

@@ -364,7 +364,8 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
         "other_weights": (total - quantized) * (4 if recipe.quantization.upcast_to_fp32 else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
         "activations": activations / gib,
-        "logits": tokens * text.vocab_size * LOGIT_BYTES / gib,
+        # Liger's fused linear cross-entropy never holds the full-vocabulary logits
+        "logits": 0.0 if recipe.speed.liger_kernels else tokens * text.vocab_size * LOGIT_BYTES / gib,
         "cuda_overhead": CUDA_OVERHEAD_GIB,
     }
     parts["total"] = sum(parts.values())

@@ -147,7 +147,8 @@ class TrainingSection:
     weight_decay: float = option(0.0, help="AdamW weight decay", min=0)
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables)", min=0)
     optimizer: str = option(
-        "auto", help="transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU")
+        "auto", help="transformers optimizer name; auto = adamw_torch_fused on GPU (paged_adamw_8bit when its fp32 "
+        "states would pass 1 GiB), adamw_torch on CPU")
     gradient_checkpointing: bool = option(True, help="recompute activations in backward to save memory")
     packing: bool = option(False, help="pack examples into max_length rows (best fit; position ids restart, so "
                                        "packed examples never attend to each other)")

@@ -4,9 +4,9 @@ published config alone (no weights, no network), at the recipe's own batch size 
     python scripts/recipe_memory_table.py          # rewrite the table between the markers in recipes/README.md
 
 Each row is qlora_kit.model.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
-the other weights upcast to fp32 by prepare_model_for_kbit_training, LoRA weights + grads in fp32 with 8-bit Adam
-states, checkpointed activations, the logits (batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB
-of CUDA context and allocator slack (qlora_kit.model.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
+the other weights in the compute dtype (fp32 with quantization.upcast_to_fp32), LoRA weights + grads in fp32 with
+8-bit Adam states, checkpointed activations, the logits (none with Liger's fused cross-entropy, the GPU default;
+else batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack (qlora_kit.model.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
 rows need less; packing to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
@@ -14,6 +14,8 @@ LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline
   Llama-3-8B shape, batch 2: measured 11.35 GiB; estimate without logits 9.30 -> 2.05 GiB for 0.49 G logits = 4.2 B
   Llama-3.2-1B shape, batch 4: measured 4.62 GiB; estimate without logits 2.74 -> 1.88 GiB for 0.98 G logits = 1.9 B
 4 bytes (one fp32 copy of the logits alive at the peak) fits the 8B run and over-estimates the 1B one by ~2 GiB.
+With the speed defaults (H200, 2026-11-25) the 8B shape at batch 2 measured 7.33 GiB; the estimate says 8.3 with 1 GiB
+of it CUDA context, which max_memory_allocated does not count.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def smallest_gpu(total: float) -> str:
 
 
 def memory_table() -> str:
-    lines = ["| recipe | model | batch x length | 4-bit weights | other weights (fp32) | LoRA + optimizer | "
+    lines = ["| recipe | model | batch x length | 4-bit weights | other weights (bf16) | LoRA + optimizer | "
              "activations | logits | total | smallest GPU |", "|" + " --- |" * 10]
     for recipe_file, (label, _, _) in REAL_CONFIGS.items():
         p = estimate(recipe_file)

@@ -164,7 +164,7 @@ class TrainingSection:
         "never", help="auto: continue from the run folder's last checkpoint (fresh start if none)")
     overwrite: bool = option(False, help="delete an existing run folder instead of refusing to start")
     sft_args: dict[str, Any] = option(
-        default_factory=dict, help="extra trl SFTConfig arguments, e.g. {use_liger_kernel: true}")
+        default_factory=dict, help="extra trl SFTConfig arguments, e.g. {neftune_noise_alpha: 5}")
 
 
 @dataclass

@@ -209,9 +209,9 @@ def test_overrides_with_dotted_keys_change_values(make_recipe):
 
 
 def test_override_can_set_a_key_the_file_does_not_have(make_recipe):
-    recipe = load_recipe(make_recipe(), ["training.sft_args.use_liger_kernel=true", "data.system_prompt=Be brief."])
+    recipe = load_recipe(make_recipe(), ["training.sft_args.neftune_noise_alpha=5", "data.system_prompt=Be brief."])
 
-    assert recipe.training.sft_args == {"use_liger_kernel": True}
+    assert recipe.training.sft_args == {"neftune_noise_alpha": 5}
     assert recipe.data.system_prompt == "Be brief."
 
 

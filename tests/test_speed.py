@@ -156,3 +156,27 @@ def test_liger_kernels_are_left_off_on_cpu(make_recipe):
     assert liger_kernels_usable(load_recipe(make_recipe())) is (torch.cuda.is_available() and
                                                                  __import__("importlib").util.find_spec(
                                                                      "liger_kernel") is not None)
+
+
+def test_liger_through_sft_args_points_to_the_speed_switch(make_recipe):
+    from qlora_kit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"training.sft_args.use_liger_kernel: set by qlora-kit; use "
+                                          r"speed.liger_kernels instead"):
+        load_recipe(make_recipe(training={"sft_args": {"use_liger_kernel": True}}))
+
+
+@pytest.mark.parametrize(("adapter_parameters", "expected"), [
+    (42_000_000, "adamw_torch_fused"),   # Llama-3-8B, r=16 all-linear: 0.31 GiB of fp32 states
+    (207_000_000, "paged_adamw_8bit"),   # Llama-3-70B, r=16 all-linear: 1.5 GiB
+])
+def test_auto_optimizer_on_gpu_is_fused_adamw_unless_its_states_get_big(make_recipe, monkeypatch,
+                                                                        adapter_parameters, expected):
+    from qlora_kit.train import choose_optimizer
+
+    recipe = load_recipe(make_recipe())
+    assert choose_optimizer(recipe, adapter_parameters) == "adamw_torch"  # this CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert choose_optimizer(recipe, adapter_parameters) == expected
+    recipe.training.optimizer = "adamw_8bit"
+    assert choose_optimizer(recipe, adapter_parameters) == "adamw_8bit"  # an explicit choice is kept

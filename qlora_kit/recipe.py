@@ -208,9 +208,12 @@ class SpeedSection:
     liger_kernels: bool = option(
         True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
+    reentrant_checkpointing: bool = option(
+        False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
+        "checkpointing): less CPU work per step; one process only")
     offload_checkpoints: bool = option(
         False, help="keep each checkpointed layer's input in pinned CPU memory until backward (long context, "
-        "very large models; a copy each way per layer costs speed)")
+        "very large models; a copy each way per layer costs speed; implies reentrant checkpointing; one process only)")
     mlp_chunk_tokens: int = option(
         0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
         "one chunk at a time (long context; 0 = whole batch at once)", min=0)

@@ -8,6 +8,7 @@ when the trainer is built; the switches here wrap whatever forward is current):
   output in separate kernels, and lets autograd save and replay all of it; here the adapter lands in the base output
   through one addmm, and backward needs two big matmuls (grad input through the dequantized weight and the adapter)
   plus the small adapter-weight gradients. Nothing larger than the layer input is saved.
+- reentrant checkpointing: a checkpointed layer's first forward builds no autograd graph.
 - offloaded checkpoints: each checkpointed layer's input lives in pinned CPU memory until backward needs it.
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
@@ -105,8 +106,8 @@ def fusable_adapter(layer) -> str | None:
 
 
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    # with no gradient to compute (generation, evaluation) bitsandbytes' own inference kernels are the fast path
-    name = fusable_adapter(self) if torch.is_grad_enabled() and not args and not kwargs else None
+    # in eval mode (generation, evaluation) bitsandbytes' own inference kernels are the fast path
+    name = fusable_adapter(self) if self.training and not args and not kwargs else None
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
@@ -128,36 +129,63 @@ def use_fused_lora(model) -> int:
     return count
 
 
+def reentrant_checkpoint(function, *args, **kwargs):
+    """torch's reentrant checkpointing: a layer's first forward runs without building an autograd graph (no graph to
+    build and free, no saved-tensor hooks on every op), and backward replays it with one: less CPU work per step."""
+    kwargs["use_reentrant"] = True
+    kwargs.pop("context_fn", None)
+    return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+
 def offloaded_checkpoint(function, *args, **kwargs):
     """Checkpoint a layer with its input kept in pinned CPU memory until backward.
 
     Reentrant checkpointing stores the layer's inputs with save_for_backward, which is what save_on_cpu moves off the
     GPU; the non-reentrant kind keeps them referenced from the recompute closure, out of reach of saved-tensor hooks.
     """
-    kwargs["use_reentrant"] = True
-    kwargs.pop("context_fn", None)
     with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+        return reentrant_checkpoint(function, *args, **kwargs)
 
 
-def offload_checkpoints(model) -> int:
-    """Swap the checkpoint function of every checkpointed module for offloaded_checkpoint; returns how many layers."""
+def use_checkpoint_function(model, function) -> int:
+    """Make every checkpointed module checkpoint with `function`; returns how many decoder layers that is."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     count = 0
     for module in model.modules():
         if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
-            module._gradient_checkpointing_func = offloaded_checkpoint
+            module._gradient_checkpointing_func = function
             count += isinstance(module, GradientCheckpointingLayer)
     return count
 
 
-class OffloadCheckpoints(TrainerCallback):
-    """speed.offload_checkpoints: the trainer switches checkpointing on when training starts; swap its function then."""
+class CheckpointFunction(TrainerCallback):
+    """speed.reentrant_checkpointing / speed.offload_checkpoints: the trainer switches checkpointing on when training
+    starts (with torch's non-reentrant kind); swap the function then."""
+
+    def __init__(self, speed: SpeedSection) -> None:
+        self.offload = speed.offload_checkpoints
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
-                 offload_checkpoints(model))
+        if self.offload:
+            log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
+                     use_checkpoint_function(model, offloaded_checkpoint))
+        else:
+            log.info("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
+                     use_checkpoint_function(model, reentrant_checkpoint))
+
+
+def checkpoint_callback(speed: SpeedSection, gradient_checkpointing: bool) -> CheckpointFunction | None:
+    """The callback that swaps the checkpoint function, if the recipe asks for one. One process only: neither swap
+    has been measured under DDP or FSDP, which keep torch's non-reentrant checkpointing."""
+    import os
+
+    if not gradient_checkpointing or not (speed.reentrant_checkpointing or speed.offload_checkpoints):
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.info("speed.reentrant_checkpointing / offload_checkpoints: not applied with several processes")
+        return None
+    return CheckpointFunction(speed)
 
 
 def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from qlora_kit.data import PreparedData
 from qlora_kit.model import under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
-from qlora_kit.speed import OffloadCheckpoints, apply_speedups
+from qlora_kit.speed import apply_speedups, checkpoint_callback
 
 log = logging.getLogger("qlora_kit")
 
@@ -333,8 +333,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
                             trainable_parameters=trainable)
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
-    if recipe.speed.offload_checkpoints and recipe.training.gradient_checkpointing:
-        callbacks.append(OffloadCheckpoints())  # checkpointing is switched on when training starts
+    if swap := checkpoint_callback(recipe.speed, recipe.training.gradient_checkpointing):
+        callbacks.append(swap)  # checkpointing is switched on when training starts
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=callbacks)
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there

@@ -10,7 +10,13 @@ import torch
 
 from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.speed import chunk_mlps, offload_checkpoints, use_fused_lora
+from qlora_kit.speed import (
+    chunk_mlps,
+    offloaded_checkpoint,
+    reentrant_checkpoint,
+    use_checkpoint_function,
+    use_fused_lora,
+)
 
 
 def adapted_model(make_recipe, tiny_model_dir, **lora):
@@ -103,7 +109,7 @@ def test_offloaded_checkpoints_train_the_same_and_pass_layer_inputs_through_save
     model = adapted_model(make_recipe, tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     plain = loss_and_gradients(model, IDS)
-    assert offload_checkpoints(model) == 2
+    assert use_checkpoint_function(model, offloaded_checkpoint) == 2
     packed: list[torch.Size] = []
 
     def pack(tensor):
@@ -117,6 +123,16 @@ def test_offloaded_checkpoints_train_the_same_and_pass_layer_inputs_through_save
     assert packed.count(torch.Size([2, 24, 64])) >= 2
 
 
+def test_reentrant_checkpointing_trains_the_same_with_the_fused_layers_in_its_graph_free_forward(make_recipe,
+                                                                                                 tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = loss_and_gradients(model, IDS)
+    assert use_checkpoint_function(model, reentrant_checkpoint) == 2
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
 def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_dir):
     model = adapted_model(make_recipe, tiny_model_dir)
     plain = loss_and_gradients(model, IDS)
@@ -126,7 +142,8 @@ def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_di
         torch.testing.assert_close(model(input_ids=IDS, labels=IDS).loss, plain[0])
 
 
-@pytest.mark.parametrize("speed", [{}, {"mlp_chunk_tokens": 32, "offload_checkpoints": True}])
+@pytest.mark.parametrize("speed", [{}, {"reentrant_checkpointing": True},
+                                   {"mlp_chunk_tokens": 32, "offload_checkpoints": True}])
 def test_a_short_run_learns_the_same_with_any_speed_setting(make_recipe, speed):
     """Three steps of the real trainer (checkpointing on): losses agree whatever speed switches are set."""
     from qlora_kit.cli import run_training

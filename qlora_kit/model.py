@@ -322,7 +322,7 @@ LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_
 CUDA_OVERHEAD_GIB = 1.0
 
 
-def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
+def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
@@ -330,7 +330,8 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
     weights + grads in fp32 and 8-bit Adam states; activations with checkpointing = each layer's input plus one
     layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the peak: with it the estimate
     lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1 GiB of CUDA context and
-    allocator slack. Full max_length rows: the worst case.
+    allocator slack. Full max_length rows: the worst case. `liger`: whether liger-kernel is there (default: installed
+    here); with it and speed.liger_kernels, no logits are held.
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig
@@ -351,6 +352,11 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
     lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
     t = recipe.training
     tokens = t.batch_size * t.max_length
+    if liger is None:  # what a GPU run of this recipe on this installation would do
+        import importlib.util
+
+        liger = importlib.util.find_spec("liger_kernel") is not None
+    fused_cross_entropy = recipe.speed.liger_kernels and liger
     bytes_act = 2 if recipe.quantization.compute_dtype != "fp32" else 4
     layer_inputs = text.num_hidden_layers * tokens * text.hidden_size * bytes_act
     one_layer = tokens * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * \
@@ -365,7 +371,7 @@ def estimate_training_memory(recipe: Recipe, folder: str) -> dict[str, float]:
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
         "activations": activations / gib,
         # Liger's fused linear cross-entropy never holds the full-vocabulary logits
-        "logits": 0.0 if recipe.speed.liger_kernels else tokens * text.vocab_size * LOGIT_BYTES / gib,
+        "logits": 0.0 if fused_cross_entropy else tokens * text.vocab_size * LOGIT_BYTES / gib,
         "cuda_overhead": CUDA_OVERHEAD_GIB,
     }
     parts["total"] = sum(parts.values())

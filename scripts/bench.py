@@ -10,13 +10,17 @@ each in its own process, so peak memory (torch.cuda.max_memory_allocated) never 
 two steps, as qlora-kit's MetricsLog does. A failing configuration (OOM, timeout) is recorded and the rest go on;
 bench.json and bench.md are rewritten after every run, so a cut-off call still returns what finished.
 
+The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit); `training.optimizer=auto` is qlora-kit's
+default.
+
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
-  python scripts/bench.py --configs 8b:2 --paths qlora-kit --override training.sft_args.use_liger_kernel=true
-  python scripts/bench.py --configs 8b:2 --paths qlora-kit --override quantization.upcast_to_fp32=false
-  python scripts/bench.py --configs 8b:2 --variant base: --variant bf16:quantization.upcast_to_fp32=false \
-      --variant liger:training.sft_args.use_liger_kernel=true   # levers side by side with the reference
+  python scripts/bench.py --configs 8b:2 --variant same: --variant auto:training.optimizer=auto \
+      --variant nofuse:speed.fused_lora=false --profile qlora-kit:auto   # levers side by side with the reference
+  python scripts/bench.py --configs 8b:8 --ref-sft-args '{"use_liger_kernel": true}'   # the reference's best
+  python scripts/bench.py --configs 70b:1 --paths qlora-kit --steps 4 --override speed.offload_checkpoints=true
+  python scripts/bench.py --configs 8b:1 --seq 350000 --steps 1 --paths qlora-kit --gpu-memory-gib 79 \
+      --override speed.offload_checkpoints=true --override speed.mlp_chunk_tokens=32768   # long-context memory probe
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
-  python scripts/bench.py --configs 8b:1 --seq 131072 --steps 4 --paths qlora-kit   # one long-context probe
 """
 
 from __future__ import annotations
@@ -171,12 +175,17 @@ def cmd_env() -> None:
     import torch
 
     info: dict[str, Any] = {"date": datetime.date.today().isoformat(), "python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate", "datasets", "tokenizers"):
+    for name in ("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate", "datasets", "tokenizers",
+                 "liger-kernel"):
         try:
             info[name] = version(name)
         except PackageNotFoundError:
             info[name] = "not installed"
     info["cuda"] = torch.version.cuda
+    # qlora-kit's step is short enough that the host CPU's kernel-launch rate shows in tokens/s: record the host
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    info["cpu"] = f"{cpu[0]} x{len(cpu)}" if cpu else "unknown"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name

@@ -27,7 +27,7 @@ PROMPT_WORDS = ["please", "repeat", "the", "words"]
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer, hidden-64 random Llama with a word-level ChatML tokenizer, saved like a Hub checkpoint."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-llama-gpu")
     specials = ["[UNK]", "<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -39,14 +39,20 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|pad|>",
                                         bos_token="<|im_start|>", eos_token="<|im_end|>")
     tokenizer.chat_template = CHATML
+    save_random_llama(folder, tokenizer, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    return folder
+
+
+def save_random_llama(folder: Path, tokenizer, **sizes: int) -> None:
+    """A 2-layer random Llama of the given sizes with `tokenizer`, saved to `folder` like a Hub checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     tokenizer.save_pretrained(folder)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -187,17 +193,11 @@ def test_accelerate_launch_on_two_gpus_saves_a_complete_adapter(
 @pytest.fixture(scope="module")
 def wide_base(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
     """tiny_base's tokenizer on a wider random Llama (hidden 512): matmuls long enough for bf16 rounding to show."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     folder = tmp_path_factory.mktemp("wide-llama-gpu")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    save_random_llama(folder, AutoTokenizer.from_pretrained(tiny_base), hidden_size=512, intermediate_size=1536,
+                      num_attention_heads=8)
     return folder
 
 

@@ -202,11 +202,13 @@ def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_mlps(model, chunk_tokens: int) -> int:
-    """Run each decoder layer's MLP over chunks of `chunk_tokens` tokens (the MLP is per token, so the result is the
-    same); returns how many MLPs were wrapped."""
+    """Run each decoder layer's dense MLP over chunks of `chunk_tokens` tokens (the MLP is per token, so the result is
+    the same); returns how many MLPs were wrapped. Mixture-of-experts blocks (router outputs, load-balancing losses)
+    are left whole."""
     count = 0
     for name, module in model.named_modules():
-        if name.endswith(".mlp") and not hasattr(module, "_unchunked_forward"):
+        dense = (hasattr(module, "down_proj") or hasattr(module, "fc2")) and not hasattr(module, "experts")
+        if name.endswith(".mlp") and dense and not hasattr(module, "_unchunked_forward"):
             module._unchunked_forward = module.forward
             module._chunk_tokens = chunk_tokens
             module.forward = types.MethodType(chunked_mlp_forward, module)

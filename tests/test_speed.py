@@ -197,3 +197,27 @@ def test_auto_optimizer_on_gpu_is_fused_adamw_unless_its_states_get_big(make_rec
     assert choose_optimizer(recipe, adapter_parameters) == expected
     recipe.training.optimizer = "adamw_8bit"
     assert choose_optimizer(recipe, adapter_parameters) == "adamw_8bit"  # an explicit choice is kept
+
+
+def test_fused_lora_stays_off_under_fsdp(make_recipe, tiny_model_dir, monkeypatch):
+    """FSDP flattens the 4-bit weights into its own shards: the fused function would not find bitsandbytes weights."""
+    from qlora_kit.recipe import SpeedSection
+    from qlora_kit.speed import apply_speedups
+
+    model = adapted_model(make_recipe, tiny_model_dir)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    apply_speedups(model, SpeedSection())
+    assert not any(hasattr(module, "_peft_forward") for module in model.modules())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    apply_speedups(model, SpeedSection())
+    assert sum(hasattr(module, "_peft_forward") for module in model.modules()) == 14
+
+
+def test_chunked_mlp_leaves_mixture_of_experts_blocks_whole():
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100)
+    model = Qwen2MoeForCausalLM(config)
+    assert chunk_mlps(model, 4) == 0  # their routers return logits beside the hidden states

@@ -388,9 +388,12 @@ def cmd_capped(gib: str, *argv: str) -> None:
 
     import torch
 
-    total = torch.cuda.get_device_properties(0).total_memory / 2**30
-    torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) / total))
-    print(f"GPU memory capped at {float(gib):.1f} of {total:.1f} GiB", flush=True)
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) / total))
+        print(f"GPU memory capped at {float(gib):.1f} of {total:.1f} GiB", flush=True)
+    else:
+        print("no GPU: --gpu-memory-gib ignored", flush=True)
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)

@@ -67,3 +67,21 @@ def test_long_context_probe_model_has_rope_scaling_that_qlora_kit_accepts(tmp_pa
     assert config.max_position_embeddings == 3 * 2048 >= 5000
     assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 3.0
     check_model_config(load_recipe(make_recipe(training={"max_length": 5000})), str(tmp_path / "model"))
+
+
+@pytest.mark.slow
+def test_long_context_memory_probe_runs_one_step_with_the_memory_savers(tmp_path):
+    """The long-context command of bench.py's docstring, shrunk to the tiny shape: a RoPE-scaled model, one step
+    (memory only, no tokens/s), offloaded checkpoints and a chunked MLP, under the --gpu-memory-gib wrapper."""
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--configs", "tiny:1", "--seq", "2600",
+         "--steps", "1", "--paths", "qlora-kit", "--gpu-memory-gib", "79", "--override",
+         "speed.offload_checkpoints=true", "--override", "speed.mlp_chunk_tokens=512", "--out", str(out),
+         "--work", str(tmp_path / "w")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (run,) = json.loads((out / "bench.json").read_text())["runs"]
+    assert run["error"] is None and len(run["losses"]) == 1 and run["tokens_per_second"] is None
+    assert "speed.offload_checkpoints: 2 checkpointed layers" in done.stdout + done.stderr
+    assert "speed.mlp_chunk_tokens: 2 MLPs run over chunks of 512 tokens" in done.stdout + done.stderr

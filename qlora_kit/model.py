@@ -361,7 +361,8 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     layer_inputs = text.num_hidden_layers * tokens * text.hidden_size * bytes_act
     one_layer = tokens * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * \
         bytes_act
-    activations = (layer_inputs + one_layer) if t.gradient_checkpointing else \
+    kept = min(recipe.speed.keep_activations_layers, text.num_hidden_layers)
+    activations = (layer_inputs + one_layer * (1 + kept)) if t.gradient_checkpointing else \
         one_layer * text.num_hidden_layers
     bits = 0.516 if recipe.quantization.load_in_4bit else 1.0 if recipe.quantization.load_in_8bit else bytes_act
     gib = 2**30

@@ -211,6 +211,10 @@ class SpeedSection:
     reentrant_checkpointing: bool = option(
         False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
         "checkpointing): less CPU work per step; one process only")
+    keep_activations_layers: int = option(
+        0, help="with gradient checkpointing, this many decoder layers (the last ones) keep their activations "
+        "instead of recomputing them: spends memory headroom on speed (`qlora-kit data` shows the cost); one "
+        "process only", min=0)
     offload_checkpoints: bool = option(
         False, help="keep each checkpointed layer's input in pinned CPU memory until backward (long context, "
         "very large models; a copy each way per layer costs speed; implies reentrant checkpointing; one process only)")

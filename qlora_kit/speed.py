@@ -9,6 +9,7 @@ when the trainer is built; the switches here wrap whatever forward is current):
   through one addmm, and backward needs two big matmuls (grad input through the dequantized weight and the adapter)
   plus the small adapter-weight gradients. Nothing larger than the layer input is saved.
 - reentrant checkpointing: a checkpointed layer's first forward builds no autograd graph.
+- layers that keep their activations: memory headroom spent on skipping their recompute.
 - offloaded checkpoints: each checkpointed layer's input lives in pinned CPU memory until backward needs it.
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
@@ -159,33 +160,51 @@ def use_checkpoint_function(model, function) -> int:
     return count
 
 
-class CheckpointFunction(TrainerCallback):
-    """speed.reentrant_checkpointing / speed.offload_checkpoints: the trainer switches checkpointing on when training
-    starts (with torch's non-reentrant kind); swap the function then."""
+def keep_activations(model, layers: int) -> int:
+    """Switch checkpointing off for the last `layers` decoder layers: they keep their activations and skip the
+    recompute in backward. Returns how many layers still checkpoint."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    checkpointed = [m for m in model.modules()
+                    if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)]
+    for module in checkpointed[len(checkpointed) - min(layers, len(checkpointed)):]:
+        module.gradient_checkpointing = False
+    return max(len(checkpointed) - layers, 0)
+
+
+class CheckpointSettings(TrainerCallback):
+    """speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: the trainer switches
+    checkpointing on (torch's non-reentrant kind, every layer) when training starts; adjust it then."""
 
     def __init__(self, speed: SpeedSection) -> None:
-        self.offload = speed.offload_checkpoints
+        self.speed = speed
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.offload:
+        if self.speed.offload_checkpoints:
             log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
                      use_checkpoint_function(model, offloaded_checkpoint))
-        else:
+        elif self.speed.reentrant_checkpointing:
             log.info("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
                      use_checkpoint_function(model, reentrant_checkpoint))
+        if self.speed.keep_activations_layers:
+            still = keep_activations(model, self.speed.keep_activations_layers)
+            log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
+                     self.speed.keep_activations_layers, still)
 
 
-def checkpoint_callback(speed: SpeedSection, gradient_checkpointing: bool) -> CheckpointFunction | None:
-    """The callback that swaps the checkpoint function, if the recipe asks for one. One process only: neither swap
-    has been measured under DDP or FSDP, which keep torch's non-reentrant checkpointing."""
+def checkpoint_callback(speed: SpeedSection, gradient_checkpointing: bool) -> CheckpointSettings | None:
+    """The callback that adjusts checkpointing, if the recipe asks for it. One process only: none of these has been
+    measured under DDP or FSDP, which keep torch's non-reentrant checkpointing of every layer."""
     import os
 
-    if not gradient_checkpointing or not (speed.reentrant_checkpointing or speed.offload_checkpoints):
+    asked = speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers
+    if not gradient_checkpointing or not asked:
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        log.info("speed.reentrant_checkpointing / offload_checkpoints: not applied with several processes")
+        log.info("speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: not applied with "
+                 "several processes")
         return None
-    return CheckpointFunction(speed)
+    return CheckpointSettings(speed)
 
 
 def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

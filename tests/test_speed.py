@@ -12,6 +12,7 @@ from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
 from qlora_kit.speed import (
     chunk_mlps,
+    keep_activations,
     offloaded_checkpoint,
     reentrant_checkpoint,
     use_checkpoint_function,
@@ -133,6 +134,29 @@ def test_reentrant_checkpointing_trains_the_same_with_the_fused_layers_in_its_gr
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
 
 
+def test_layers_that_keep_their_activations_train_the_same(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = loss_and_gradients(model, IDS)
+    assert keep_activations(model, 1) == 1  # of 2 layers, the last keeps its activations
+    layers = model.get_base_model().model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
+def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_dir):
+    from qlora_kit.model import estimate_training_memory
+
+    every_layer = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True})),
+                                           str(tiny_model_dir))
+    one_kept = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True},
+                                                                speed={"keep_activations_layers": 1})),
+                                        str(tiny_model_dir))
+    none = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": False})),
+                                    str(tiny_model_dir))
+    assert every_layer["activations"] < one_kept["activations"] <= none["activations"] + every_layer["activations"]
+
+
 def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_dir):
     model = adapted_model(make_recipe, tiny_model_dir)
     plain = loss_and_gradients(model, IDS)
@@ -142,7 +166,7 @@ def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_di
         torch.testing.assert_close(model(input_ids=IDS, labels=IDS).loss, plain[0])
 
 
-@pytest.mark.parametrize("speed", [{}, {"reentrant_checkpointing": True},
+@pytest.mark.parametrize("speed", [{}, {"reentrant_checkpointing": True, "keep_activations_layers": 1},
                                    {"mlp_chunk_tokens": 32, "offload_checkpoints": True}])
 def test_a_short_run_learns_the_same_with_any_speed_setting(make_recipe, speed):
     """Three steps of the real trainer (checkpointing on): losses agree whatever speed switches are set."""

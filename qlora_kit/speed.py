@@ -6,11 +6,11 @@ when the trainer is built; the switches here wrap whatever forward is current):
 - fused LoRA over 4-bit layers: one autograd function per adapted layer computes the frozen NF4 matmul and the
   adapter together, with a hand-written backward. peft's path clones every base output, scales and adds the adapter
   output in separate kernels, and lets autograd save and replay all of it; here the adapter lands in the base output
-  through one addmm, and backward needs two big matmuls (grad input through the dequantized weight and the adapter)
-  plus the small adapter-weight gradients. Nothing larger than the layer input is saved.
+  through one addmm, and backward needs one big matmul (grad input through the re-dequantized weight) plus rank-r
+  ones. Nothing larger than the layer input is saved.
 - reentrant checkpointing: a checkpointed layer's first forward builds no autograd graph.
 - layers that keep their activations: memory headroom spent on skipping their recompute.
-- offloaded checkpoints: each checkpointed layer's input lives in pinned CPU memory until backward needs it.
+- offloaded checkpoints: each checkpointed layer's input lives in CPU memory until backward needs it.
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
 """

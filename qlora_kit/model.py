@@ -192,7 +192,7 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
         check_fsdp_quant_storage(recipe, compute_dtype)
     model = load_base_model(recipe, folder, compute_dtype)
     keep_4bit_weights_in_training_layout(model)
-    if under_fsdp() or not recipe.quantization.upcast_to_fp32:
+    if under_fsdp() or not upcasts_to_fp32(recipe, compute_dtype):
         # prepare_model_for_kbit_training upcasts norms and embeddings to fp32 (FSDP needs one dtype per shard, and
         # upcast_to_fp32: false asks for the compute dtype); the trainer switches checkpointing on, and the input
         # gradients that non-reentrant checkpointing of a frozen embedding needs are switched on here.
@@ -210,6 +210,12 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
+
+
+def upcasts_to_fp32(recipe: Recipe, compute_dtype: torch.dtype) -> bool:
+    """quantization.upcast_to_fp32, or when unset: only under fp16 compute (bf16 has fp32's range)."""
+    chosen = recipe.quantization.upcast_to_fp32
+    return compute_dtype is torch.float16 if chosen is None else chosen
 
 
 def keep_4bit_weights_in_training_layout(model) -> None:
@@ -318,6 +324,7 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: in
 
 
 
+ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
 CUDA_OVERHEAD_GIB = 1.0
 
@@ -368,7 +375,8 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     gib = 2**30
     parts = {
         "quantized_weights": quantized * bits / gib,
-        "other_weights": (total - quantized) * (4 if recipe.quantization.upcast_to_fp32 else bytes_act) / gib,
+        "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, ESTIMATE_DTYPES[
+            recipe.quantization.compute_dtype]) else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
         "activations": activations / gib,
         # Liger's fused linear cross-entropy never holds the full-vocabulary logits

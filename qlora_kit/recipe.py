@@ -66,10 +66,10 @@ class QuantizationSection:
         "auto", help="matmul dtype: auto = bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU")
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = option(
         "uint8", help="storage dtype of packed 4-bit weights; set to the compute dtype for FSDP")
-    upcast_to_fp32: bool = option(
-        False, help="cast norms, embeddings and lm_head to fp32 as peft's prepare_model_for_kbit_training does (an "
-        "fp32 residual stream: 1.3x slower and 1.5x the memory on an 8B model, same loss within 0.2%); consider it "
-        "with fp16 compute, whose range is narrow")
+    upcast_to_fp32: bool | None = option(
+        None, help="cast norms, embeddings and lm_head to fp32 as peft's prepare_model_for_kbit_training does (an "
+        "fp32 residual stream: 1.3x slower and 1.5x the memory on an 8B model, same loss within 0.2%); unset: only "
+        "with fp16 compute, whose narrow range an fp16 residual stream can overflow")
 
 
 @dataclass

@@ -248,3 +248,16 @@ def test_chunked_mlp_leaves_mixture_of_experts_blocks_whole():
                             num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=100)
     model = Qwen2MoeForCausalLM(config)
     assert chunk_mlps(model, 4) == 0  # their routers return logits beside the hidden states
+
+
+@pytest.mark.parametrize(("setting", "compute_dtype", "expected"), [
+    ({}, torch.bfloat16, False),        # bf16 has fp32's range: no fp32 residual stream by default
+    ({}, torch.float16, True),          # fp16's narrow range: peft's fp32 upcast by default
+    ({"upcast_to_fp32": True}, torch.bfloat16, True),
+    ({"upcast_to_fp32": False}, torch.float16, False),
+])
+def test_norms_and_embeddings_are_upcast_only_under_fp16_unless_the_recipe_says(make_recipe, setting, compute_dtype,
+                                                                                expected):
+    from qlora_kit.model import upcasts_to_fp32
+
+    assert upcasts_to_fp32(load_recipe(make_recipe(quantization=setting)), compute_dtype) is expected

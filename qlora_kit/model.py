@@ -324,6 +324,13 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: in
 
 
 
+def liger_kernel_installed() -> bool:
+    """liger-kernel (the `gpu` extra) is importable here; found without importing Triton."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
 CUDA_OVERHEAD_GIB = 1.0
@@ -360,11 +367,10 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     t = recipe.training
     tokens = t.batch_size * t.max_length
     if liger is None:  # what a GPU run of this recipe on this installation would do
-        import importlib.util
-
-        liger = importlib.util.find_spec("liger_kernel") is not None
+        liger = liger_kernel_installed()
     fused_cross_entropy = recipe.speed.liger_kernels and liger
-    bytes_act = 2 if recipe.quantization.compute_dtype != "fp32" else 4
+    compute_dtype = ESTIMATE_DTYPES[recipe.quantization.compute_dtype]
+    bytes_act = compute_dtype.itemsize
     layer_inputs = text.num_hidden_layers * tokens * text.hidden_size * bytes_act
     one_layer = tokens * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * \
         bytes_act
@@ -375,8 +381,7 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     gib = 2**30
     parts = {
         "quantized_weights": quantized * bits / gib,
-        "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, ESTIMATE_DTYPES[
-            recipe.quantization.compute_dtype]) else bytes_act) / gib,
+        "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
         "activations": activations / gib,
         # Liger's fused linear cross-entropy never holds the full-vocabulary logits

@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from qlora_kit.data import PreparedData
-from qlora_kit.model import under_fsdp
+from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
 from qlora_kit.speed import apply_speedups, checkpoint_callback
 
@@ -316,9 +316,7 @@ def liger_kernels_usable(recipe: Recipe) -> bool:
     """speed.liger_kernels on a GPU with liger-kernel installed; its Triton kernels have no CPU path."""
     if not recipe.speed.liger_kernels or not torch.cuda.is_available():
         return False
-    import importlib.util
-
-    if importlib.util.find_spec("liger_kernel") is None:
+    if not liger_kernel_installed():
         log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
                     "liger-kernel, or set speed.liger_kernels: false to silence this)")
         return False
@@ -328,9 +326,8 @@ def liger_kernels_usable(recipe: Recipe) -> bool:
 def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
     from trl import SFTTrainer
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
-                            trainable_parameters=trainable)
+                            trainable_parameters=model.get_nb_trainable_parameters()[0])
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
     if swap := checkpoint_callback(recipe.speed, recipe.training.gradient_checkpointing):

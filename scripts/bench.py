@@ -589,13 +589,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups[(run["shape"], run["seq"], run["batch"], run["path"])].append(run)
     rows = []
     for (shape, seq, batch, path), group in groups.items():
-        speeds = [r["tokens_per_second"] for r in group if r.get("tokens_per_second")] or [None]
+        speeds = [r["tokens_per_second"] for r in group if r.get("tokens_per_second")]  # none in memory probes
         peaks = [r["peak_gpu_memory_gib"] for r in group if r.get("peak_gpu_memory_gib") is not None]
         rows.append({"path": path, "shape": shape, "label": SHAPES[shape]["label"], "seq": seq, "batch": batch,
                      "runs": len(group),
-                     "tokens_per_second_median": statistics.median(speeds) if speeds[0] else None,
-                     "tokens_per_second_min": min(speeds) if speeds[0] else None,
-                     "tokens_per_second_max": max(speeds) if speeds[0] else None,
+                     "tokens_per_second_median": statistics.median(speeds) if speeds else None,
+                     "tokens_per_second_min": min(speeds) if speeds else None,
+                     "tokens_per_second_max": max(speeds) if speeds else None,
                      "peak_gpu_memory_gib": max(peaks) if peaks else None})
     for row in rows:
         ref = next((r for r in rows if r["path"] == "reference" and same_config(r, row)), None)

@@ -130,8 +130,11 @@ def cmd_data(args: argparse.Namespace) -> None:
     data = build_datasets(recipe, tokenizer)
     print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
     memory = estimate_training_memory(recipe, folder)
+    offloaded = memory.pop("cpu_offloaded_checkpoints")
     print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k != "total") + ")")
+    if offloaded:
+        print(f"host memory for the offloaded checkpoints (speed.offload_checkpoints): {offloaded:.1f} GiB")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

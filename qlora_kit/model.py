@@ -344,7 +344,9 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     weights + grads in fp32 and 8-bit Adam states; activations with checkpointing = each layer's input plus one
     layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the peak: with it the estimate
     lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1 GiB of CUDA context and
-    allocator slack. Full max_length rows: the worst case. `liger`: whether liger-kernel is there (default: installed
+    allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the layer inputs are
+    host memory, returned as `cpu_offloaded_checkpoints` and left out of the total. At very long rows the one-layer
+    term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7. `liger`: whether liger-kernel is there (default: installed
     here); with it and speed.liger_kernels, no logits are held.
     """
     from accelerate import init_empty_weights
@@ -371,12 +373,19 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     fused_cross_entropy = recipe.speed.liger_kernels and liger
     compute_dtype = ESTIMATE_DTYPES[recipe.quantization.compute_dtype]
     bytes_act = compute_dtype.itemsize
-    layer_inputs = text.num_hidden_layers * tokens * text.hidden_size * bytes_act
-    one_layer = tokens * (10 * text.hidden_size + 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * \
-        bytes_act
+    layer_input = tokens * text.hidden_size * bytes_act
+    mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
+    one_layer = (tokens * 10 * text.hidden_size +
+                 mlp_tokens * 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
     kept = min(recipe.speed.keep_activations_layers, text.num_hidden_layers)
-    activations = (layer_inputs + one_layer * (1 + kept)) if t.gradient_checkpointing else \
-        one_layer * text.num_hidden_layers
+    checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
+    offloaded = t.gradient_checkpointing and recipe.speed.offload_checkpoints
+    if not t.gradient_checkpointing:
+        activations = one_layer * text.num_hidden_layers
+    elif offloaded:  # the checkpointed inputs wait in CPU memory; one is back on the GPU for its recompute
+        activations = layer_input + one_layer * (1 + kept)
+    else:
+        activations = checkpointed_inputs + one_layer * (1 + kept)
     bits = 0.516 if recipe.quantization.load_in_4bit else 1.0 if recipe.quantization.load_in_8bit else bytes_act
     gib = 2**30
     parts = {
@@ -389,6 +398,7 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
         "cuda_overhead": CUDA_OVERHEAD_GIB,
     }
     parts["total"] = sum(parts.values())
+    parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM, not in total
     return parts
 
 

@@ -216,8 +216,9 @@ class SpeedSection:
         "instead of recomputing them: spends memory headroom on speed (`qlora-kit data` shows the cost); one "
         "process only", min=0)
     offload_checkpoints: bool = option(
-        False, help="keep each checkpointed layer's input in pinned CPU memory until backward (long context, "
-        "very large models; a copy each way per layer costs speed; implies reentrant checkpointing; one process only)")
+        False, help="keep each checkpointed layer's input in CPU memory until backward (long context, very large "
+        "models; `qlora-kit data` shows the host memory it takes; a copy each way per layer costs speed; implies "
+        "reentrant checkpointing; one process only)")
     mlp_chunk_tokens: int = option(
         0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
         "one chunk at a time (long context; 0 = whole batch at once)", min=0)

@@ -160,6 +160,21 @@ def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_di
     assert every_layer["activations"] < one_kept["activations"] <= none["activations"] + every_layer["activations"]
 
 
+def test_offloaded_checkpoints_and_mlp_chunks_move_memory_off_the_gpu_in_the_estimate(make_recipe, tiny_model_dir):
+    from qlora_kit.model import estimate_training_memory
+
+    def estimate(**speed):
+        recipe = make_recipe(training={"gradient_checkpointing": True, "max_length": 64}, speed=speed)
+        return estimate_training_memory(load_recipe(recipe), str(tiny_model_dir))
+
+    on_gpu, offloaded, chunked = estimate(), estimate(offload_checkpoints=True), estimate(mlp_chunk_tokens=16)
+    assert on_gpu["cpu_offloaded_checkpoints"] == 0.0
+    moved = on_gpu["activations"] - offloaded["activations"]  # one layer input: of 2, one is back for its recompute
+    assert offloaded["cpu_offloaded_checkpoints"] == pytest.approx(2 * moved)  # both wait in CPU memory
+    assert offloaded["total"] == pytest.approx(on_gpu["total"] - moved)
+    assert chunked["activations"] < on_gpu["activations"]
+
+
 def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_dir):
     model = adapted_model(make_recipe, tiny_model_dir)
     plain = loss_and_gradients(model, IDS)

@@ -17,7 +17,6 @@ when the trainer is built; the switches here wrap whatever forward is current):
 
 from __future__ import annotations
 
-import functools
 import logging
 import types
 
@@ -40,12 +39,14 @@ class LoraOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
+        import bitsandbytes as bnb
+
         dtype = layer.compute_dtype or x.dtype
         a, b = lora_a.to(dtype), lora_b.to(dtype)
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        out = torch.nn.functional.linear(xc, dequantized_weight(layer, dtype), bias)
+        out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
         xa = torch.mm(xl2, a.t())
         # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul accumulate
         # onto it with beta=1 measured 27% slower per 8B step on an H200: scripts/bench_results/h200_2026-11-25.)
@@ -82,51 +83,10 @@ class LoraOver4bit(torch.autograd.Function):
 
 
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it.
-
-    On CUDA, bitsandbytes' own dequantization kernels are called straight through its ctypes library, as unsloth
-    does: bitsandbytes' Python op layer (custom-op dispatch, device guards, checks; three dispatches per call with
-    double quantization) takes more host time than its two kernels take on the GPU, and an 8B step dequantizes
-    1,344 times. Anywhere else (CPU, a weight off the current device, a bitsandbytes without those entry points)
-    bitsandbytes' public function runs; both give the same bits (tests/test_gpu.py).
-    """
+    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
     import bitsandbytes as bnb
 
-    weight, state = layer.weight, layer.weight.quant_state
-    kernels = direct_dequantize_kernels(state.dtype, state.quant_type) if weight.is_cuda else None
-    if kernels is None or weight.device.index != torch.cuda.current_device() or not weight.is_contiguous():
-        return bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
-    blockwise, four_bit = kernels
-    stream = torch.cuda.current_stream(weight.device).cuda_stream
-    absmax = state.absmax
-    if state.nested:  # absmax itself is 8-bit blockwise: dequantize it to fp32 first, then add its offset
-        nested = state.state2
-        absmax = torch.empty(state.absmax.shape, dtype=torch.float32, device=weight.device)
-        blockwise(nested.code.data_ptr(), state.absmax.data_ptr(), nested.absmax.data_ptr(), absmax.data_ptr(),
-                  nested.blocksize, state.absmax.numel(), stream)
-        absmax.add_(state.offset)
-    out = torch.empty(state.shape, dtype=state.dtype, device=weight.device)
-    four_bit(None, weight.data_ptr(), absmax.data_ptr(), out.data_ptr(), state.blocksize, out.numel(), stream)
-    return out.to(dtype)
-
-
-@functools.cache
-def direct_dequantize_kernels(dtype: torch.dtype, quant_type: str):
-    """bitsandbytes' C entry points for the nested absmax (8-bit blockwise to fp32) and the 4-bit weight (to
-    `dtype`), or None where they are not there with declared signatures: undeclared, ctypes would pass the pointers
-    as 32-bit ints. bitsandbytes declares them when it loads its CUDA backend."""
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    if dtype not in names or quant_type not in ("nf4", "fp4") or torch.version.hip is not None:
-        return None
-    try:
-        from bitsandbytes.cextension import lib
-    except ImportError:
-        return None
-    if not getattr(lib, "compiled_with_cuda", False):
-        return None
-    kernels = [getattr(lib, name, None) for name in
-               ("cdequantize_blockwise_fp32", f"cdequantize_blockwise_{names[dtype]}_{quant_type}")]
-    return tuple(kernels) if all(getattr(k, "argtypes", None) for k in kernels) else None
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
 
 
 def fusable_adapter(layer) -> str | None:

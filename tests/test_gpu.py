@@ -248,26 +248,3 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert all(plain[name].norm() > 0 for name in plain)
     assert max(errors.values()) < 3e-2, errors
-
-
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16, torch.float32])
-def test_direct_dequantization_gives_bitsandbytes_bits(quant_type: str, double_quant: bool, stored: torch.dtype):
-    """speed.dequantized_weight calls bitsandbytes' CUDA kernels without its op layer: same bits as its public path."""
-    import bitsandbytes as bnb
-
-    from qlora_kit.speed import dequantized_weight, direct_dequantize_kernels
-
-    assert direct_dequantize_kernels(stored, quant_type) is not None  # the direct path is the one under test
-    torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(4096, 1024 + 64, bias=False, compute_dtype=torch.bfloat16, quant_type=quant_type,
-                              compress_statistics=double_quant)
-    layer.weight = bnb.nn.Params4bit(torch.randn(1024 + 64, 4096, dtype=stored), requires_grad=False,
-                                     quant_type=quant_type, compress_statistics=double_quant)
-    layer = layer.cuda()  # quantizes on the way
-    state = layer.weight.quant_state
-    assert state.nested == double_quant
-    expected = bnb.functional.dequantize_4bit(layer.weight.data, state)
-    for dtype in (torch.bfloat16, torch.float32):
-        assert torch.equal(dequantized_weight(layer, dtype), expected.to(dtype))

@@ -122,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
     from qlora_kit.data import build_datasets, describe_data
-    from qlora_kit.model import base_model_folder, estimate_training_memory, load_tokenizer
+    from qlora_kit.model import NOT_IN_TOTAL, base_model_folder, estimate_training_memory, load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
@@ -130,11 +130,15 @@ def cmd_data(args: argparse.Namespace) -> None:
     data = build_datasets(recipe, tokenizer)
     print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
     memory = estimate_training_memory(recipe, folder)
-    offloaded = memory.pop("cpu_offloaded_checkpoints")
     print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
-        f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k != "total") + ")")
-    if offloaded:
-        print(f"host memory for the offloaded checkpoints (speed.offload_checkpoints): {offloaded:.1f} GiB")
+        f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k not in ("total", *NOT_IN_TOTAL)) + ")")
+    if memory["each_kept_layer"]:
+        kept = recipe.speed.keep_activations_layers
+        print(f"speed.keep_activations_layers ({kept}): {memory['each_kept_layer']:.2f} GiB more per layer that keeps "
+              "its activations" + (", as many as fit on the GPU when training starts" if kept == "auto" else ""))
+    if memory["cpu_offloaded_checkpoints"]:
+        print("host memory for the offloaded checkpoints (speed.offload_checkpoints): "
+              f"{memory['cpu_offloaded_checkpoints']:.1f} GiB")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -336,7 +336,20 @@ LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_
 CUDA_OVERHEAD_GIB = 1.0
 
 
+NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer")  # estimate parts that are not GPU peak terms
+
+
 def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
+    """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
+    estimate_memory_for_config."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    return estimate_memory_for_config(recipe, config, liger)
+
+
+def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
@@ -345,15 +358,14 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the peak: with it the estimate
     lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1 GiB of CUDA context and
     allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the layer inputs are
-    host memory, returned as `cpu_offloaded_checkpoints` and left out of the total. At very long rows the one-layer
-    term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7. `liger`: whether liger-kernel is there (default: installed
-    here); with it and speed.liger_kernels, no logits are held.
+    host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer` is what one more
+    layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows the one-layer
+    term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
+    `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
+    held.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     model.tie_weights()  # from_config on the meta device leaves tied heads untied: counted twice otherwise
@@ -377,7 +389,8 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
     one_layer = (tokens * 10 * text.hidden_size +
                  mlp_tokens * 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
-    kept = min(recipe.speed.keep_activations_layers, text.num_hidden_layers)
+    kept = recipe.speed.keep_activations_layers
+    kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
     checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
     offloaded = t.gradient_checkpointing and recipe.speed.offload_checkpoints
     if not t.gradient_checkpointing:
@@ -398,7 +411,8 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
         "cuda_overhead": CUDA_OVERHEAD_GIB,
     }
     parts["total"] = sum(parts.values())
-    parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM, not in total
+    parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
+    parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
     return parts
 
 

@@ -211,10 +211,12 @@ class SpeedSection:
     reentrant_checkpointing: bool = option(
         False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
         "checkpointing): less CPU work per step; one process only")
-    keep_activations_layers: int = option(
-        0, help="with gradient checkpointing, this many decoder layers (the last ones) keep their activations "
-        "instead of recomputing them: spends memory headroom on speed (`qlora-kit data` shows the cost); one "
-        "process only", min=0)
+    keep_activations_layers: int | Literal["auto"] = option(
+        "auto", help="with gradient checkpointing, this many decoder layers (the last ones) keep their activations "
+        "instead of recomputing them: spends GPU memory headroom on speed (`qlora-kit data` shows the cost per "
+        "layer). auto: as many as the memory estimate says fit in 90% of the GPU when training starts (none on "
+        "CPU, with offload_checkpoints or mlp_chunk_tokens, or with several processes); 0: every layer recomputes, "
+        "the least memory", min=0)
     offload_checkpoints: bool = option(
         False, help="keep each checkpointed layer's input in CPU memory until backward (long context, very large "
         "models; `qlora-kit data` shows the host memory it takes; a copy each way per layer costs speed; implies "
@@ -369,6 +371,8 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
             try:
                 return convert(arg, value, source, key, f)
             except RecipeError as exc:
+                if arg is type(value):  # the value's own type says best what is wrong with it (e.g. out of range)
+                    raise
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]

@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_kit.model import under_fsdp
-from qlora_kit.recipe import SpeedSection
+from qlora_kit.recipe import Recipe, SpeedSection
 
 log = logging.getLogger("qlora_kit")
 
@@ -195,6 +195,48 @@ def keep_activations(model, layers: int) -> int:
     return max(len(checkpointed) - layers, 0)
 
 
+GPU_MEMORY_SPARE = 0.10  # of the usable GPU memory: left free when speed.keep_activations_layers is auto
+
+
+def layers_to_keep(recipe: Recipe, config) -> int:
+    """speed.keep_activations_layers as a number: `auto` becomes how many layers fit on this GPU now.
+
+    The weights are loaded, so the process sees what it can still use (its memory-fraction cap and other
+    processes included). From that, minus 10%, minus the estimated peak with every layer checkpointed, each layer
+    that keeps its activations takes the estimated one-layer activations. Both estimates are above what was
+    measured at seq 2048 (8B, batch 2: 8.3 vs 7.6 GiB, 0.64 vs 0.46 GiB a layer), so auto errs towards fewer.
+    None is kept where the estimate runs low (offloaded checkpoints, chunked MLPs: the long-context settings) or
+    where the checkpointing adjustments do not apply (CPU, several processes, checkpointing off).
+    """
+    import os
+
+    from qlora_kit.model import estimate_memory_for_config
+
+    speed = recipe.speed
+    if speed.keep_activations_layers != "auto":
+        return speed.keep_activations_layers
+    if (not torch.cuda.is_available() or not recipe.training.gradient_checkpointing or speed.offload_checkpoints
+            or speed.mlp_chunk_tokens or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return 0
+    device = torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    fraction_of = getattr(torch.cuda, "get_per_process_memory_fraction", None)  # torch >= 2.9
+    fraction = fraction_of(device) if fraction_of else 1.0
+    usable = min(total * fraction, free + torch.cuda.memory_reserved(device)) / 2**30
+    estimate = estimate_memory_for_config(recipe, config)
+    layers = config.get_text_config().num_hidden_layers
+    keep = kept_layers_that_fit(usable, estimate["total"], estimate["each_kept_layer"], layers)
+    log.info("speed.keep_activations_layers: auto -> %d of %d layers keep their activations (%.1f GiB usable on "
+             "the GPU, estimated peak %.1f GiB with every layer checkpointed, %.2f GiB per kept layer, %d%% spare)",
+             keep, layers, usable, estimate["total"], estimate["each_kept_layer"], 100 * GPU_MEMORY_SPARE)
+    return keep
+
+
+def kept_layers_that_fit(usable_gib: float, checkpointed_peak_gib: float, per_layer_gib: float, layers: int) -> int:
+    headroom = usable_gib * (1 - GPU_MEMORY_SPARE) - checkpointed_peak_gib
+    return max(0, min(layers, int(headroom // per_layer_gib))) if per_layer_gib > 0 else 0
+
+
 class CheckpointSettings(TrainerCallback):
     """speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: the trainer switches
     checkpointing on (torch's non-reentrant kind, every layer) when training starts; adjust it then."""
@@ -215,13 +257,16 @@ class CheckpointSettings(TrainerCallback):
                      self.speed.keep_activations_layers, still)
 
 
-def checkpoint_callback(speed: SpeedSection, gradient_checkpointing: bool) -> CheckpointSettings | None:
-    """The callback that adjusts checkpointing, if the recipe asks for it. One process only: none of these has been
-    measured under DDP or FSDP, which keep torch's non-reentrant checkpointing of every layer."""
+def checkpoint_callback(recipe: Recipe, config) -> CheckpointSettings | None:
+    """The callback that adjusts checkpointing, if the recipe asks for it, with `auto` kept layers counted for this
+    GPU and the model's `config`. One process only: none of these has been measured under DDP or FSDP, which keep
+    torch's non-reentrant checkpointing of every layer."""
+    import dataclasses
     import os
 
+    speed = dataclasses.replace(recipe.speed, keep_activations_layers=layers_to_keep(recipe, config))
     asked = speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers
-    if not gradient_checkpointing or not asked:
+    if not recipe.training.gradient_checkpointing or not asked:
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.info("speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: not applied with "

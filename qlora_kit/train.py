@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
-from qlora_kit.speed import apply_speedups, checkpoint_callback
+from qlora_kit.speed import CheckpointSettings, apply_speedups, checkpoint_callback
 
 log = logging.getLogger("qlora_kit")
 
@@ -330,7 +330,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
                             trainable_parameters=model.get_nb_trainable_parameters()[0])
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
-    if swap := checkpoint_callback(recipe.speed, recipe.training.gradient_checkpointing):
+    if swap := checkpoint_callback(recipe, model.config):
         callbacks.append(swap)  # checkpointing is switched on when training starts
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=callbacks)
@@ -362,7 +362,7 @@ def keep_adapter_weights_in_fp32(model) -> None:
 
 
 def callback_of(trainer, kind: type):
-    return next(c for c in trainer.callback_handler.callbacks if isinstance(c, kind))
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
 
 
 def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
@@ -372,10 +372,14 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
     try:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
     except torch.OutOfMemoryError as exc:
+        kept = kept_activation_layers(trainer)
         raise QloraKitError(
-            "CUDA out of memory during training. Lower training.batch_size (raise gradient_accumulation_steps to "
-            "keep the global batch), lower training.max_length, keep training.gradient_checkpointing on, or turn "
-            "on training.packing to stop paying for padding"
+            "CUDA out of memory during training. " +
+            (f"{kept} layers kept their activations: set speed.keep_activations_layers lower (0 recomputes every "
+             "layer, the least memory). Or: " if kept else "") +
+            "Lower training.batch_size (raise gradient_accumulation_steps to keep the global batch), lower "
+            "training.max_length, keep training.gradient_checkpointing on, or turn on training.packing to stop paying "
+            "for padding"
         ) from exc
     finally:
         for sig, handler in previous.items():
@@ -390,10 +394,17 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
                                   f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
                                   "training.resume=auto")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
-               "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput()}
+               "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
+               "kept_activation_layers": kept_activation_layers(trainer)}
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     return summary
+
+
+def kept_activation_layers(trainer) -> int:
+    """How many decoder layers skipped checkpointing (speed.keep_activations_layers, `auto` resolved)."""
+    settings = callback_of(trainer, CheckpointSettings)
+    return settings.speed.keep_activations_layers if settings else 0
 
 
 def mean_logged_loss(metrics: Path, fallback: float) -> float:

@@ -10,8 +10,9 @@ each in its own process, so peak memory (torch.cuda.max_memory_allocated) never 
 two steps, as qlora-kit's MetricsLog does. A failing configuration (OOM, timeout) is recorded and the rest go on;
 bench.json and bench.md are rewritten after every run, so a cut-off call still returns what finished.
 
-The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit); `training.optimizer=auto` is qlora-kit's
-default.
+The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit) and checkpoints every layer, as the
+reference does; qlora-kit's defaults are `training.optimizer=auto` and `speed.keep_activations_layers=auto` (as many
+layers keep their activations as fit on the GPU): pass them as a --variant.
 
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --variant same: --variant auto:training.optimizer=auto \
@@ -481,6 +482,9 @@ def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, 
                      "logging_steps": 1, "save_steps": max(200, steps + 1), "overwrite": True},
         "evaluation": {"metric": "none"},
         "export": {"merge": False},
+        # every layer checkpointed, as on the plain path; `speed.keep_activations_layers=auto` (qlora-kit's default)
+        # spends the GPU's free memory on skipping recomputes instead
+        "speed": {"keep_activations_layers": 0},
     }
 
 
@@ -544,6 +548,7 @@ def run_measurements(run_dir: Path) -> dict[str, Any]:
     return {"tokens_per_second": summary.get("train_tokens_per_second"),
             "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+            "kept_activation_layers": summary.get("kept_activation_layers"),
             "losses": [m["loss"] for m in metrics if "loss" in m]}
 
 
@@ -562,7 +567,7 @@ def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
               "wall_s": round(seconds, 1)}
     if status != 0 or "tokens_per_second" not in result:
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
-    return {**record, **result, "error": None}
+    return {**record, **result, "kept_activation_layers": 0, "error": None}  # the seed recipe checkpoints every layer
 
 
 def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -633,14 +638,15 @@ def markdown(results: dict[str, Any]) -> str:
                             fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
                             fmt(r["memory_vs_reference"], ".3f")]) + " |" for r in results["summary"]),
         "", "Every run (speed and memory against the median reference run):", "",
-        "| path | shape | seq | batch | tokens/s | peak GiB | s/step | measured steps | speed vs reference "
-        "| memory vs reference | loss per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| path | shape | seq | batch | tokens/s | peak GiB | s/step | measured steps | layers not checkpointed "
+        "| speed vs reference | memory vs reference | loss per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         losses = f"**failed:** {r['error']}" if r.get("error") else " ".join(f"{x:.3f}" for x in r.get("losses", []))
         cells = [r["path"], r["label"], str(r["seq"]), str(r["batch"]), fmt(r.get("tokens_per_second"), ",.0f"),
                  fmt(r.get("peak_gpu_memory_gib"), ".2f"), fmt(r.get("seconds_per_step"), ".3f"),
-                 fmt(r.get("measured_steps"), "d"), fmt(r.get("speedup_vs_reference"), ".3f"),
+                 fmt(r.get("measured_steps"), "d"), fmt(r.get("kept_activation_layers"), "d"),
+                 fmt(r.get("speedup_vs_reference"), ".3f"),
                  fmt(r.get("memory_vs_reference"), ".3f"), losses]
         lines.append("| " + " | ".join(cells) + " |")
     builds = "; ".join(f"{shape}: {info}" for shape, info in results["models"].items())

@@ -276,3 +276,62 @@ def test_norms_and_embeddings_are_upcast_only_under_fp16_unless_the_recipe_says(
     from qlora_kit.model import upcasts_to_fp32
 
     assert upcasts_to_fp32(load_recipe(make_recipe(quantization=setting)), compute_dtype) is expected
+
+
+class FakeGpu:
+    """What torch.cuda reports about one GPU: total and free bytes, this process's reserved bytes and fraction cap."""
+
+    def __init__(self, monkeypatch, total_gib: float, free_gib: float, reserved_gib: float = 0.0,
+                 fraction: float = 1.0) -> None:
+        gib = 2**30
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), int(total_gib * gib)))
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * gib))
+        monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+
+
+def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(make_recipe, tiny_model_dir,
+                                                                               monkeypatch):
+    from transformers import AutoConfig
+
+    from qlora_kit.model import estimate_memory_for_config
+    from qlora_kit.speed import layers_to_keep
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers
+    recipe = load_recipe(make_recipe(training={"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}))
+    assert recipe.speed.keep_activations_layers == "auto"  # the default
+    assert layers_to_keep(recipe, config) == 0  # this CPU: checkpointing as configured
+
+    estimate = estimate_memory_for_config(recipe, config)
+
+    def gib_for(kept_layers: float) -> float:  # the peak with every layer checkpointed, the kept layers, 10% spare
+        return (estimate["total"] + kept_layers * estimate["each_kept_layer"]) / 0.9
+
+    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(1.5))
+    assert layers_to_keep(recipe, config) == 1
+    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(0.5))
+    assert layers_to_keep(recipe, config) == 0
+    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(1.5) - 1, reserved_gib=1)  # this process's cache is usable
+    assert layers_to_keep(recipe, config) == 1
+    FakeGpu(monkeypatch, total_gib=80, free_gib=78)
+    assert layers_to_keep(recipe, config) == 2  # every layer fits
+    FakeGpu(monkeypatch, total_gib=80, free_gib=78, fraction=gib_for(1.5) / 80)
+    assert layers_to_keep(recipe, config) == 1  # a memory-fraction cap counts, not just what is free
+
+    for long_context in ({"offload_checkpoints": True}, {"mlp_chunk_tokens": 4096}):
+        assert layers_to_keep(load_recipe(make_recipe(speed=long_context)), config) == 0
+    assert layers_to_keep(load_recipe(make_recipe(speed={"keep_activations_layers": 1})), config) == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert layers_to_keep(recipe, config) == 0  # several processes keep torch's checkpointing of every layer
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("all", "keep_activations_layers"),
+    (-1, "out of range"),
+])
+def test_kept_layers_are_a_count_or_auto(make_recipe, value, message):
+    from qlora_kit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(make_recipe(speed={"keep_activations_layers": value}))

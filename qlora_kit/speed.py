@@ -205,18 +205,15 @@ def layers_to_keep(recipe: Recipe, config) -> int:
     processes included). From that, minus 10%, minus the estimated peak with every layer checkpointed, each layer
     that keeps its activations takes the estimated one-layer activations. Both estimates are above what was
     measured at seq 2048 (8B, batch 2: 8.3 vs 7.6 GiB, 0.64 vs 0.46 GiB a layer), so auto errs towards fewer.
-    None is kept where the estimate runs low (offloaded checkpoints, chunked MLPs: the long-context settings) or
-    where the checkpointing adjustments do not apply (CPU, several processes, checkpointing off).
+    None is kept on CPU, and where the estimate runs low (offloaded checkpoints, chunked MLPs: the long-context
+    settings).
     """
-    import os
-
     from qlora_kit.model import estimate_memory_for_config
 
     speed = recipe.speed
     if speed.keep_activations_layers != "auto":
         return speed.keep_activations_layers
-    if (not torch.cuda.is_available() or not recipe.training.gradient_checkpointing or speed.offload_checkpoints
-            or speed.mlp_chunk_tokens or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if not torch.cuda.is_available() or speed.offload_checkpoints or speed.mlp_chunk_tokens:
         return 0
     device = torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(device)
@@ -264,15 +261,18 @@ def checkpoint_callback(recipe: Recipe, config) -> CheckpointSettings | None:
     import dataclasses
     import os
 
-    speed = dataclasses.replace(recipe.speed, keep_activations_layers=layers_to_keep(recipe, config))
-    asked = speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers
-    if not recipe.training.gradient_checkpointing or not asked:
+    if not recipe.training.gradient_checkpointing or not adjusts_checkpointing(recipe.speed):
         return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         log.info("speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: not applied with "
                  "several processes")
         return None
-    return CheckpointSettings(speed)
+    speed = dataclasses.replace(recipe.speed, keep_activations_layers=layers_to_keep(recipe, config))
+    return CheckpointSettings(speed) if adjusts_checkpointing(speed) else None
+
+
+def adjusts_checkpointing(speed: SpeedSection) -> bool:
+    return bool(speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers)
 
 
 def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -296,7 +296,7 @@ def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(
     from transformers import AutoConfig
 
     from qlora_kit.model import estimate_memory_for_config
-    from qlora_kit.speed import layers_to_keep
+    from qlora_kit.speed import checkpoint_callback, layers_to_keep
 
     config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers
     recipe = load_recipe(make_recipe(training={"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}))
@@ -322,8 +322,10 @@ def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(
     for long_context in ({"offload_checkpoints": True}, {"mlp_chunk_tokens": 4096}):
         assert layers_to_keep(load_recipe(make_recipe(speed=long_context)), config) == 0
     assert layers_to_keep(load_recipe(make_recipe(speed={"keep_activations_layers": 1})), config) == 1
+    FakeGpu(monkeypatch, total_gib=80, free_gib=78)
+    assert checkpoint_callback(recipe, config).speed.keep_activations_layers == 2
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert layers_to_keep(recipe, config) == 0  # several processes keep torch's checkpointing of every layer
+    assert checkpoint_callback(recipe, config) is None  # several processes keep torch's checkpointing of every layer
 
 
 @pytest.mark.parametrize(("value", "message"), [

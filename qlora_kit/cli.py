@@ -138,7 +138,7 @@ def cmd_data(args: argparse.Namespace) -> None:
               "its activations" + (", as many as fit on the GPU when training starts" if kept == "auto" else ""))
     if memory["cpu_offloaded_checkpoints"]:
         print("host memory for the offloaded checkpoints (speed.offload_checkpoints): "
-              f"{memory['cpu_offloaded_checkpoints']:.1f} GiB")
+              f"{memory['cpu_offloaded_checkpoints']:.2f} GiB")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -294,13 +294,23 @@ def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, t
 def test_data_dry_run_reports_rows_lengths_mask_and_memory(make_recipe, capsys):
     from qlora_kit.cli import main
 
-    assert main(["data", str(make_recipe(data={"cache": False}))]) == 0
+    assert main(["data", str(make_recipe(data={"cache": False}, training={"gradient_checkpointing": True}))]) == 0
     out = capsys.readouterr().out
     assert "train: 40 rows (of 40 read)" in out
     assert "length p50" in out and "max_length 64" in out
     assert "⟦SHOUT" in out or "⟦" in out.split("example 0")[1]
     assert "<|im_end|>" in out.split("⟦")[-1]  # the end-of-turn token is inside the trained span
     assert "estimated peak GPU memory:" in out
+    assert "speed.keep_activations_layers (auto):" in out and "as many as fit on the GPU when training starts" in out
+
+
+def test_data_dry_run_shows_the_host_memory_of_offloaded_checkpoints(make_recipe, capsys):
+    from qlora_kit.cli import main
+
+    recipe = make_recipe(data={"cache": False}, training={"gradient_checkpointing": True},
+                         speed={"offload_checkpoints": True})
+    assert main(["data", str(recipe)]) == 0
+    assert "host memory for the offloaded checkpoints (speed.offload_checkpoints):" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ stopping

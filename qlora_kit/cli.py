@@ -132,8 +132,9 @@ def cmd_data(args: argparse.Namespace) -> None:
     memory = estimate_training_memory(recipe, folder)
     print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k not in ("total", *NOT_IN_TOTAL)) + ")")
-    if memory["each_kept_layer"]:
-        kept = recipe.speed.keep_activations_layers
+    speed, kept = recipe.speed, recipe.speed.keep_activations_layers
+    auto_keeps_none = kept == "auto" and (speed.offload_checkpoints or speed.mlp_chunk_tokens)  # long-context settings
+    if memory["each_kept_layer"] and not auto_keeps_none:
         print(f"speed.keep_activations_layers ({kept}): {memory['each_kept_layer']:.2f} GiB more per layer that keeps "
               "its activations" + (", as many as fit on the GPU when training starts" if kept == "auto" else ""))
     if memory["cpu_offloaded_checkpoints"]:

@@ -310,7 +310,9 @@ def test_data_dry_run_shows_the_host_memory_of_offloaded_checkpoints(make_recipe
     recipe = make_recipe(data={"cache": False}, training={"gradient_checkpointing": True},
                          speed={"offload_checkpoints": True})
     assert main(["data", str(recipe)]) == 0
-    assert "host memory for the offloaded checkpoints (speed.offload_checkpoints):" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "host memory for the offloaded checkpoints (speed.offload_checkpoints):" in out
+    assert "speed.keep_activations_layers" not in out  # auto keeps none with offloaded checkpoints
 
 
 # ------------------------------------------------------------------------------------------------ stopping

@@ -123,6 +123,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
     from qlora_kit.data import build_datasets, describe_data
     from qlora_kit.model import NOT_IN_TOTAL, base_model_folder, estimate_training_memory, load_tokenizer
+    from qlora_kit.speed import long_context_settings
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
@@ -132,9 +133,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     memory = estimate_training_memory(recipe, folder)
     print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k not in ("total", *NOT_IN_TOTAL)) + ")")
-    speed, kept = recipe.speed, recipe.speed.keep_activations_layers
-    auto_keeps_none = kept == "auto" and (speed.offload_checkpoints or speed.mlp_chunk_tokens)  # long-context settings
-    if memory["each_kept_layer"] and not auto_keeps_none:
+    kept = recipe.speed.keep_activations_layers
+    if memory["each_kept_layer"] and not (kept == "auto" and long_context_settings(recipe.speed)):
         print(f"speed.keep_activations_layers ({kept}): {memory['each_kept_layer']:.2f} GiB more per layer that keeps "
               "its activations" + (", as many as fit on the GPU when training starts" if kept == "auto" else ""))
     if memory["cpu_offloaded_checkpoints"]:

@@ -213,7 +213,7 @@ def layers_to_keep(recipe: Recipe, config) -> int:
     speed = recipe.speed
     if speed.keep_activations_layers != "auto":
         return speed.keep_activations_layers
-    if not torch.cuda.is_available() or speed.offload_checkpoints or speed.mlp_chunk_tokens:
+    if not torch.cuda.is_available() or long_context_settings(speed):
         return 0
     device = torch.cuda.current_device()
     free, total = torch.cuda.mem_get_info(device)
@@ -227,6 +227,11 @@ def layers_to_keep(recipe: Recipe, config) -> int:
              "the GPU, estimated peak %.1f GiB with every layer checkpointed, %.2f GiB per kept layer, %d%% spare)",
              keep, layers, usable, estimate["total"], estimate["each_kept_layer"], 100 * GPU_MEMORY_SPARE)
     return keep
+
+
+def long_context_settings(speed: SpeedSection) -> bool:
+    """Offloaded checkpoints or chunked MLPs: memory is the limit, and the estimate runs low at such row lengths."""
+    return bool(speed.offload_checkpoints or speed.mlp_chunk_tokens)
 
 
 def kept_layers_that_fit(usable_gib: float, checkpointed_peak_gib: float, per_layer_gib: float, layers: int) -> int:

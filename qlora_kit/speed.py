@@ -48,13 +48,21 @@ class LoraOver4bit(torch.autograd.Function):
         bias = None if layer.bias is None else layer.bias.to(dtype)
         out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
         xa = torch.mm(xl2, a.t())
-        # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul accumulate
-        # onto it with beta=1 measured 27% slower per 8B step on an H200: scripts/bench_results/h200_2026-11-25.)
-        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(xl2, xa, lora_a, lora_b)
-        return out.to(x.dtype)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
+            # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
+            # gradient upstream of it comes out zero (pytorch/pytorch#180642).
+            y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
+        else:
+            # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul
+            # accumulate onto it with beta=1 measured 27% slower per 8B step on an H200:
+            # scripts/bench_results/h200_2026-11-25.)
+            out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+            return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -280,6 +288,49 @@ def adjusts_checkpointing(speed: SpeedSection) -> bool:
     return bool(speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers)
 
 
+def layer_compile_blocker(speed: SpeedSection) -> str | None:
+    """Why speed.compile_layers does not apply in this process, or None when it does."""
+    import os
+
+    if not speed.compile_layers:
+        return "switched off"
+    if not torch.cuda.is_available():
+        return "off on CPU (no GPU here)"
+    if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:
+        return "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return "off with several processes"
+    return None
+
+
+def compile_for_training(layer: torch.nn.Module) -> None:
+    """Run `layer`'s forward through torch.compile while it trains; evaluation and generation (no gradients, KV
+    caches, one-token steps) keep the eager forward, so they never wait on a compile.
+
+    Decoder layers of one kind share a compiled graph (dynamo reuses it across instances); layers that checkpoint and
+    layers that keep their activations get one each.
+    """
+    eager = layer.forward
+    compiled = torch.compile(eager)
+
+    def forward(*args, **kwargs):
+        if layer.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    layer.forward = forward
+
+
+def compile_decoder_layers(model) -> int:
+    """speed.compile_layers: compile every decoder layer's training forward; returns how many."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        compile_for_training(layer)
+    return len(layers)
+
+
 def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     tokens = x.shape[:-1].numel()
     if tokens <= self._chunk_tokens:
@@ -314,6 +365,12 @@ def apply_speedups(model, speed: SpeedSection) -> None:
         log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
     elif speed.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(model))
+    blocker = layer_compile_blocker(speed)
+    if blocker is None:
+        log.info("speed.compile_layers: %d decoder layers compile on their first training step",
+                 compile_decoder_layers(model))
+    elif speed.compile_layers:
+        log.info("speed.compile_layers: %s", blocker)
     if speed.mlp_chunk_tokens:
         chunked = chunk_mlps(model, speed.mlp_chunk_tokens)
         log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens", chunked, speed.mlp_chunk_tokens)

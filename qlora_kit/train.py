@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
-from qlora_kit.speed import CheckpointSettings, apply_speedups, checkpoint_callback
+from qlora_kit.speed import CheckpointSettings, apply_speedups, checkpoint_callback, layer_compile_blocker
 
 log = logging.getLogger("qlora_kit")
 
@@ -316,6 +316,8 @@ def liger_kernels_usable(recipe: Recipe) -> bool:
     """speed.liger_kernels on a GPU with liger-kernel installed; its Triton kernels have no CPU path."""
     if not recipe.speed.liger_kernels or not torch.cuda.is_available():
         return False
+    if layer_compile_blocker(recipe.speed) is None:
+        return False  # compiled layers fuse norms, RoPE and SwiGLU themselves
     if not liger_kernel_installed():
         log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
                     "liger-kernel, or set speed.liger_kernels: false to silence this)")

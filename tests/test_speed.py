@@ -12,6 +12,7 @@ from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
 from qlora_kit.speed import (
     chunk_mlps,
+    compile_decoder_layers,
     keep_activations,
     offloaded_checkpoint,
     reentrant_checkpoint,
@@ -147,6 +148,57 @@ def test_layers_that_keep_their_activations_train_the_same(make_recipe, tiny_mod
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
 
 
+def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_recipe, tiny_model_dir):
+    from torch._dynamo.utils import counters
+
+    model = adapted_model(make_recipe, tiny_model_dir)
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    eager = loss_and_gradients(model, IDS)
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_decoder_layers(model) == 2
+    assert_same_training_signal(eager, loss_and_gradients(model, IDS))
+    # the whole layer, fused LoRA functions and checkpoint included, is one graph: one for the checkpointed layer,
+    # one for the layer that keeps its activations
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=IDS[:, :5])  # evaluation and generation run eager: nothing new to compile
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.parametrize(("speed", "world_size", "reason"), [
+    ({}, "1", None),
+    ({"compile_layers": False}, "1", "switched off"),
+    ({"offload_checkpoints": True}, "1", "off with offload_checkpoints"),
+    ({"mlp_chunk_tokens": 4096}, "1", "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens"),
+    ({}, "2", "off with several processes"),
+])
+def test_layers_compile_on_one_gpu_where_it_was_measured_and_then_replace_liger_s_layer_kernels(
+        make_recipe, monkeypatch, speed, world_size, reason):
+    from qlora_kit.speed import layer_compile_blocker
+    from qlora_kit.train import liger_kernels_usable
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("qlora_kit.train.liger_kernel_installed", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    recipe = load_recipe(make_recipe(speed=speed))
+    blocker = layer_compile_blocker(recipe.speed)
+    assert blocker is None if reason is None else blocker.startswith(reason)
+    assert liger_kernels_usable(recipe) is (blocker is not None)
+
+
+def test_layers_are_not_compiled_on_cpu(make_recipe):
+    from qlora_kit.speed import layer_compile_blocker
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    assert layer_compile_blocker(load_recipe(make_recipe()).speed) == "off on CPU (no GPU here)"
+
+
 def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_dir):
     from qlora_kit.model import estimate_training_memory
 
@@ -211,10 +263,10 @@ def read_metrics(run_dir):
 def test_liger_kernels_are_left_off_on_cpu(make_recipe):
     from qlora_kit.train import liger_kernels_usable
 
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
     assert load_recipe(make_recipe()).speed.liger_kernels is True
-    assert liger_kernels_usable(load_recipe(make_recipe())) is (torch.cuda.is_available() and
-                                                                 __import__("importlib").util.find_spec(
-                                                                     "liger_kernel") is not None)
+    assert liger_kernels_usable(load_recipe(make_recipe())) is False
 
 
 def test_liger_through_sft_args_points_to_the_speed_switch(make_recipe):

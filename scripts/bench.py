@@ -300,8 +300,11 @@ def profile_callback(out_path: Path, first_step: int = 5, steps: int = 2):
             lines += [f"  {kind:28s} {us / 1e3:9.1f} ms  {100 * us / max(busy, 1):5.1f}%"
                       for kind, us in sorted(by_kind.items(), key=lambda item: -item[1])]
             sort_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            table = self.profiler.key_averages().table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
-            out_path.write_text("\n".join(lines) + "\n\n" + table + "\n")
+            averages = self.profiler.key_averages()
+            table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
+            # where the host CPU's time goes: what to cut when the GPU waits on kernel launches
+            host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
+            out_path.write_text("\n".join(lines) + "\n\n" + table + "\n\nby host time:\n" + host + "\n")
             print("\n".join(lines), flush=True)
             self.profiler = None
 

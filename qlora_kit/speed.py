@@ -46,10 +46,7 @@ class LoraOver4bit(torch.autograd.Function):
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        if torch.compiler.is_compiling():
-            out = torch.nn.functional.linear(xc, dequantized_weight(layer, dtype), bias)
-        else:
-            out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+        out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
         xa = torch.mm(xl2, a.t())
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
@@ -94,42 +91,10 @@ class LoraOver4bit(torch.autograd.Function):
 
 
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
-    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it.
-
-    Under torch.compile it is written in torch ops, which the compiler fuses into one kernel launched from its own
-    wrapper; bitsandbytes' ops cost ~190 µs of host time a call there (three kernels behind Python dispatch), and the
-    host CPU is what bounds a compiled step.
-    """
+    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
     import bitsandbytes as bnb
 
-    state = layer.weight.quant_state
-    if torch.compiler.is_compiling() and traceable_dequantize_applies(state):
-        return dequantize_4bit_in_torch_ops(layer.weight.data, state, dtype)
-    return bnb.functional.dequantize_4bit(layer.weight.data, state).to(dtype)
-
-
-def traceable_dequantize_applies(state) -> bool:
-    """Whole blocks only (every real model's shapes); anything else keeps bitsandbytes' kernels."""
-    import math
-
-    blocks = math.prod(state.shape) // state.blocksize
-    whole = math.prod(state.shape) % state.blocksize == 0
-    return whole and (not state.nested or blocks % state.state2.blocksize == 0)
-
-
-def dequantize_4bit_in_torch_ops(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' NF4/FP4 dequantize (double-quantized scales included) as plain tensor ops, bit for bit: each
-    byte holds two 4-bit codes (high nibble first), each block of `blocksize` values shares one fp32 scale, and a
-    double-quantized scale is itself an 8-bit code times its block's fp32 scale plus an offset."""
-    absmax = state.absmax
-    if state.nested:
-        inner = state.state2
-        absmax = (inner.code[absmax.int()].view(-1, inner.blocksize) * inner.absmax.view(-1, 1)).view(-1)
-        absmax = absmax + state.offset
-    codes = packed.view(torch.uint8).reshape(-1)
-    codes = torch.stack((codes >> 4, codes & 0xF), dim=-1).reshape(-1, state.blocksize)
-    values = state.code[codes.int()] * absmax.float().view(-1, 1)
-    return values.view(state.shape).to(dtype)
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
 
 
 def fusable_adapter(layer) -> str | None:

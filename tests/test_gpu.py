@@ -254,19 +254,3 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert all(plain[name].norm() > 0 for name in plain)
     assert max(errors.values()) < 3e-2, errors
-
-
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_dequantize_in_torch_ops_is_the_cuda_kernel_bit_for_bit(double_quant: bool) -> None:
-    """The compiled layers dequantize with torch ops; they must give exactly what bitsandbytes' CUDA kernel gives."""
-    from bitsandbytes import functional as bnb_functional
-
-    from qlora_kit.speed import dequantize_4bit_in_torch_ops
-
-    weight = torch.randn(1024, 4096, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-    packed, state = bnb_functional.quantize_4bit(weight.bfloat16(), blocksize=64, compress_statistics=double_quant,
-                                                 quant_type="nf4")
-    expected = bnb_functional.dequantize_4bit(packed, state).to(torch.bfloat16)
-    assert torch.equal(dequantize_4bit_in_torch_ops(packed, state, torch.bfloat16), expected)
-    compiled = torch.compile(dequantize_4bit_in_torch_ops)  # one fused kernel; may contract the scale's mul-add
-    torch.testing.assert_close(compiled(packed, state, torch.bfloat16), expected, rtol=2**-8, atol=0)

@@ -170,31 +170,6 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_dequantize_in_torch_ops_is_bitsandbytes_bit_for_bit(quant_type, double_quant):
-    from bitsandbytes import functional as bnb_functional
-
-    from qlora_kit.speed import dequantize_4bit_in_torch_ops, traceable_dequantize_applies
-
-    weight = torch.randn(384, 256, generator=torch.Generator().manual_seed(0)) * 3
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
-                                                 quant_type=quant_type)
-    assert traceable_dequantize_applies(state)
-    for dtype in (torch.bfloat16, torch.float32):
-        expected = bnb_functional.dequantize_4bit(packed, state).to(dtype)
-        assert torch.equal(dequantize_4bit_in_torch_ops(packed, state, dtype), expected)
-
-
-def test_dequantize_in_torch_ops_leaves_partial_blocks_to_bitsandbytes():
-    from bitsandbytes import functional as bnb_functional
-
-    from qlora_kit.speed import traceable_dequantize_applies
-
-    _, state = bnb_functional.quantize_4bit(torch.randn(10, 100), blocksize=64, quant_type="nf4")
-    assert not traceable_dequantize_applies(state)  # 1000 values: the last block of 64 is partial
-
-
 @pytest.mark.parametrize(("speed", "world_size", "reason"), [
     ({}, "1", None),
     ({"compile_layers": False}, "1", "switched off"),

@@ -288,12 +288,15 @@ def adjusts_checkpointing(speed: SpeedSection) -> bool:
     return bool(speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers)
 
 
-def layer_compile_blocker(speed: SpeedSection) -> str | None:
-    """Why speed.compile_layers does not apply in this process, or None when it does."""
+def layer_compile_blocker(speed: SpeedSection, every_layer_kept: bool = False) -> str | None:
+    """Why speed.compile_layers does not apply in this process, or None when it does. `every_layer_kept`: no layer
+    recomputes (no gradient checkpointing, or all layers keep their activations)."""
     import os
 
     if not speed.compile_layers:
         return "switched off"
+    if speed.compile_layers == "auto" and every_layer_kept:
+        return "auto: off, no layer is recomputed (compiled layers measured no faster there)"
     if not torch.cuda.is_available():
         return "off on CPU (no GPU here)"
     if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:
@@ -359,13 +362,21 @@ def chunk_mlps(model, chunk_tokens: int) -> int:
     return count
 
 
-def apply_speedups(model, speed: SpeedSection) -> None:
+def every_layer_keeps_activations(recipe: Recipe, settings: CheckpointSettings | None, config) -> bool:
+    """No layer is recomputed: gradient checkpointing is off, or `settings` keep every layer's activations."""
+    if not recipe.training.gradient_checkpointing:
+        return True
+    kept = settings.speed.keep_activations_layers if settings else 0
+    return kept >= config.get_text_config().num_hidden_layers
+
+
+def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -> None:
     """Apply the recipe's `speed` switches to a model the trainer has set up; says what it did."""
     if speed.fused_lora and under_fsdp():
         log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
     elif speed.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(model))
-    blocker = layer_compile_blocker(speed)
+    blocker = layer_compile_blocker(speed, every_layer_kept)
     if blocker is None:
         log.info("speed.compile_layers: %d decoder layers compile on their first training step",
                  compile_decoder_layers(model))

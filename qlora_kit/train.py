@@ -21,7 +21,13 @@ from transformers.trainer_utils import get_last_checkpoint
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
-from qlora_kit.speed import CheckpointSettings, apply_speedups, checkpoint_callback, layer_compile_blocker
+from qlora_kit.speed import (
+    CheckpointSettings,
+    apply_speedups,
+    checkpoint_callback,
+    every_layer_keeps_activations,
+    layer_compile_blocker,
+)
 
 log = logging.getLogger("qlora_kit")
 
@@ -269,7 +275,7 @@ def choose_optimizer(recipe: Recipe, trainable_parameters: int = 0) -> str:
 
 
 def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
-                     trainable_parameters: int = 0):
+                     trainable_parameters: int = 0, compiled_layers: bool = False):
     from trl import SFTConfig
 
     t = recipe.training
@@ -305,19 +311,18 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
             fp16=compute_dtype is torch.float16,
             include_num_input_tokens_seen="non_padding",
             logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
-            use_liger_kernel=liger_kernels_usable(recipe),
+            use_liger_kernel=liger_kernels_usable(recipe, compiled_layers),
             **t.sft_args,
         )
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{recipe.source}: training: {exc}") from None
 
 
-def liger_kernels_usable(recipe: Recipe) -> bool:
-    """speed.liger_kernels on a GPU with liger-kernel installed; its Triton kernels have no CPU path."""
-    if not recipe.speed.liger_kernels or not torch.cuda.is_available():
+def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
+    """speed.liger_kernels on a GPU with liger-kernel installed (its Triton kernels have no CPU path), unless the
+    decoder layers are compiled: the compiled graph fuses norms, RoPE and SwiGLU itself."""
+    if not recipe.speed.liger_kernels or not torch.cuda.is_available() or compiled_layers:
         return False
-    if layer_compile_blocker(recipe.speed) is None:
-        return False  # compiled layers fuse norms, RoPE and SwiGLU themselves
     if not liger_kernel_installed():
         log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
                     "liger-kernel, or set speed.liger_kernels: false to silence this)")
@@ -328,17 +333,20 @@ def liger_kernels_usable(recipe: Recipe) -> bool:
 def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
     from trl import SFTTrainer
 
+    swap = checkpoint_callback(recipe, model.config)
+    every_layer_kept = every_layer_keeps_activations(recipe, swap, model.config)
     args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
-                            trainable_parameters=model.get_nb_trainable_parameters()[0])
+                            trainable_parameters=model.get_nb_trainable_parameters()[0],
+                            compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
-    if swap := checkpoint_callback(recipe, model.config):
+    if swap:
         callbacks.append(swap)  # checkpointing is switched on when training starts
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=callbacks)
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
         keep_adapter_weights_in_fp32(trainer.model)
-    apply_speedups(trainer.model, recipe.speed)  # after the trainer: Liger's kernels are in place by now
+    apply_speedups(trainer.model, recipe.speed, every_layer_kept)  # after the trainer: Liger's kernels are in place
     return trainer
 
 

@@ -234,7 +234,8 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool,
     return loss.item(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("setting", ["fused", "fused+liger", "fused+liger+bf16-residual", "fused+compiled+bf16-residual"])
+@pytest.mark.parametrize("setting", ["fused", "fused+liger", "fused+liger+bf16-residual",
+                                     "fused+compiled+bf16-residual"])
 def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
         setting: str, tmp_path: Path, wide_base: Path, chat_file: Path) -> None:
     """One step of the plain path (peft's LoRA, fp32 residual, no Liger) against each speed setting: same loss,

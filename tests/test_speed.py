@@ -5,6 +5,8 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -170,25 +172,51 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize(("speed", "world_size", "reason"), [
-    ({}, "1", None),
-    ({"compile_layers": False}, "1", "switched off"),
-    ({"offload_checkpoints": True}, "1", "off with offload_checkpoints"),
-    ({"mlp_chunk_tokens": 4096}, "1", "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens"),
-    ({}, "2", "off with several processes"),
+@pytest.mark.parametrize(("speed", "world_size", "every_layer_kept", "reason"), [
+    ({}, "1", False, None),
+    ({}, "1", True, "auto: off, no layer is recomputed"),
+    ({"compile_layers": True}, "1", True, None),
+    ({"compile_layers": False}, "1", False, "switched off"),
+    ({"offload_checkpoints": True}, "1", False, "off with offload_checkpoints"),
+    ({"mlp_chunk_tokens": 4096}, "1", False, "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk"),
+    ({}, "2", False, "off with several processes"),
 ])
-def test_layers_compile_on_one_gpu_where_it_was_measured_and_then_replace_liger_s_layer_kernels(
-        make_recipe, monkeypatch, speed, world_size, reason):
+def test_layers_compile_on_one_gpu_where_layers_recompute(make_recipe, monkeypatch, speed, world_size,
+                                                          every_layer_kept, reason):
     from qlora_kit.speed import layer_compile_blocker
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    blocker = layer_compile_blocker(load_recipe(make_recipe(speed=speed)).speed, every_layer_kept)
+    assert blocker is None if reason is None else blocker.startswith(reason)
+
+
+@pytest.mark.parametrize(("training", "kept", "expected"), [
+    ({"gradient_checkpointing": False}, None, True),
+    ({"gradient_checkpointing": True}, None, False),
+    ({"gradient_checkpointing": True}, 1, False),
+    ({"gradient_checkpointing": True}, 2, True),  # the tiny model has 2 layers
+])
+def test_every_layer_keeps_its_activations_without_checkpointing_or_when_all_are_kept(make_recipe, tiny_model_dir,
+                                                                                      training, kept, expected):
+    from transformers import AutoConfig
+
+    from qlora_kit.speed import CheckpointSettings, every_layer_keeps_activations
+
+    recipe = load_recipe(make_recipe(training=training))
+    settings = None if kept is None else CheckpointSettings(
+        dataclasses.replace(recipe.speed, keep_activations_layers=kept))
+    assert every_layer_keeps_activations(recipe, settings, AutoConfig.from_pretrained(tiny_model_dir)) is expected
+
+
+def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, monkeypatch):
     from qlora_kit.train import liger_kernels_usable
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr("qlora_kit.train.liger_kernel_installed", lambda: True)
-    monkeypatch.setenv("WORLD_SIZE", world_size)
-    recipe = load_recipe(make_recipe(speed=speed))
-    blocker = layer_compile_blocker(recipe.speed)
-    assert blocker is None if reason is None else blocker.startswith(reason)
-    assert liger_kernels_usable(recipe) is (blocker is not None)
+    recipe = load_recipe(make_recipe())
+    assert liger_kernels_usable(recipe, compiled_layers=False) is True
+    assert liger_kernels_usable(recipe, compiled_layers=True) is False
 
 
 def test_layers_are_not_compiled_on_cpu(make_recipe):

@@ -222,13 +222,14 @@ class SpeedSection:
         "models; `qlora-kit data` shows the host memory it takes; a copy each way per layer costs speed; implies "
         "reentrant checkpointing; one process only)")
     compile_layers: bool | Literal["auto"] = option(
-        "auto", help="torch.compile each decoder layer for training on GPU (its fused LoRA layers and checkpointing "
-        "included): elementwise work fused into a few kernels and less Python per step, which pays where layers are "
-        "recomputed; the first step pays the compile (10-15 s for an 8B model on 16 cores); Liger's layer kernels "
-        "are then not applied (the compiled graph fuses the same work); evaluation and generation stay eager. auto: "
-        "on where gradient checkpointing recomputes at least one layer (with every layer keeping its activations it "
-        "measured no faster). Off on CPU, with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens, and "
-        "with several processes")
+        False, help="torch.compile each decoder layer for training on GPU (its fused LoRA layers and checkpointing "
+        "included): elementwise work fused into a few kernels and less Python per step; the first step pays the "
+        "compile (10-15 s for an 8B model on 16 cores); Liger's layer kernels are then not applied (the compiled "
+        "graph fuses the same work); evaluation and generation stay eager. Off by default: on H200 machines it gave "
+        "+28% with every layer recomputed on a slow host, but -1% to -4% with layers kept on faster ones "
+        "(scripts/bench_results/h200_2026-11-26_compile). auto: on where gradient checkpointing recomputes at least "
+        "one layer. Never on CPU, with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens, or with "
+        "several processes")
     mlp_chunk_tokens: int = option(
         0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
         "one chunk at a time (long context; 0 = whole batch at once)", min=0)

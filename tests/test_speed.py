@@ -173,8 +173,9 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
 
 
 @pytest.mark.parametrize(("speed", "world_size", "every_layer_kept", "reason"), [
-    ({}, "1", False, None),
-    ({}, "1", True, "auto: off, no layer is recomputed"),
+    ({}, "1", False, "switched off"),
+    ({"compile_layers": "auto"}, "1", False, None),
+    ({"compile_layers": "auto"}, "1", True, "auto: off, no layer is recomputed"),
     ({"compile_layers": True}, "1", True, None),
     ({"compile_layers": False}, "1", False, "switched off"),
     ({"offload_checkpoints": True}, "1", False, "off with offload_checkpoints"),
@@ -224,7 +225,8 @@ def test_layers_are_not_compiled_on_cpu(make_recipe):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    assert layer_compile_blocker(load_recipe(make_recipe()).speed) == "off on CPU (no GPU here)"
+    recipe = load_recipe(make_recipe(speed={"compile_layers": True}))
+    assert layer_compile_blocker(recipe.speed) == "off on CPU (no GPU here)"
 
 
 def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_dir):

@@ -178,9 +178,9 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     ({"compile_layers": "auto"}, "1", True, "auto: off, no layer is recomputed"),
     ({"compile_layers": True}, "1", True, None),
     ({"compile_layers": False}, "1", False, "switched off"),
-    ({"offload_checkpoints": True}, "1", False, "off with offload_checkpoints"),
-    ({"mlp_chunk_tokens": 4096}, "1", False, "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk"),
-    ({}, "2", False, "off with several processes"),
+    ({"compile_layers": True, "offload_checkpoints": True}, "1", False, "off with offload_checkpoints"),
+    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, "1", False, "off with offload_checkpoints, reentrant"),
+    ({"compile_layers": True}, "2", False, "off with several processes"),
 ])
 def test_layers_compile_on_one_gpu_where_layers_recompute(make_recipe, monkeypatch, speed, world_size,
                                                           every_layer_kept, reason):

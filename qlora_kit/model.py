@@ -387,8 +387,9 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     bytes_act = compute_dtype.itemsize
     layer_input = tokens * text.hidden_size * bytes_act
     mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
+    mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
     one_layer = (tokens * 10 * text.hidden_size +
-                 mlp_tokens * 3 * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
+                 mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
     kept = recipe.speed.keep_activations_layers
     kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
     checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
@@ -414,6 +415,16 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
     parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
     return parts
+
+
+def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:
+    """speed.fused_mlp would run this model's MLPs (4-bit, fused LoRA, gated SiLU, down_proj adapted)."""
+    from qlora_kit.speed import gated_silu_mlp
+
+    speed = recipe.speed
+    if not (speed.fused_lora and speed.fused_mlp and recipe.quantization.load_in_4bit):
+        return False
+    return any(gated_silu_mlp(m) and any(m.down_proj is a for a in adapted) for m in model.modules())
 
 
 def check_model_config(recipe: Recipe, folder: str) -> None:

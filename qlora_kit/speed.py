@@ -90,6 +90,85 @@ class LoraOver4bit(torch.autograd.Function):
         return grad_x, grad_xl, grad_a, grad_b, None, None
 
 
+class SwigluDownOver4bit(torch.autograd.Function):
+    """down_proj(silu(gate) * up) for a LoRA down projection over a 4-bit weight, without saving silu(gate) * up.
+
+    That product is as wide as gate and up, and the plain path keeps all three per layer (the activation saves gate
+    and up, the down projection its input). Here backward recomputes it from gate and up, which the activation's
+    backward reads anyway: one intermediate-sized tensor less per layer that keeps its activations. Gradients for
+    gate, up, A and B.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling):
+        import bitsandbytes as bnb
+
+        dtype = layer.compute_dtype or gate.dtype
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        h = silu_mul(gate, up).to(dtype)
+        h2 = h.reshape(-1, h.shape[-1])
+        out = bnb.matmul_4bit(h, layer.weight.t(), quant_state=layer.weight.quant_state)
+        xa = torch.mm(h2, a.t())
+        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+        ctx.layer, ctx.scaling = layer, scaling
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
+        return out.to(gate.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, xa, lora_a, lora_b = ctx.saved_tensors
+        layer, s = ctx.layer, ctx.scaling
+        a_dtype, b_dtype = ctx.dtypes
+        dtype = xa.dtype
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        grad_xa = torch.mm(g, b).mul_(s)
+        grad_b = torch.mm(g.t(), xa).mul_(s).to(b_dtype)
+        h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
+        grad_a = torch.mm(grad_xa.t(), h2).to(a_dtype)
+        del h2
+        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
+        grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
+        return grad_gate, grad_up, grad_a, grad_b, None, None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up as Liger computes it (silu in fp32, cast to up's dtype, times up): its Triton kernel on a GPU
+    with liger-kernel, the same arithmetic in torch ops elsewhere."""
+    if gate.is_cuda and liger_swiglu() is not None:
+        return liger_swiglu().swiglu_forward(gate, up)[2]
+    return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
+
+
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
+    """Gradients of silu(gate) * up for gate and up. Liger's kernel writes them over gate and up (saved tensors
+    that nothing reads afterwards); the torch-ops version allocates."""
+    if gate.is_cuda and liger_swiglu() is not None:
+        return liger_swiglu().swiglu_backward(gate, up, grad)
+    sig = torch.sigmoid(gate.float())
+    silu = gate.float() * sig
+    grad_up = (grad.float() * silu).to(up.dtype)
+    grad_gate = (grad.float() * (silu * (1 - sig) + sig) * up.float()).to(gate.dtype)
+    return grad_gate, grad_up
+
+
+def liger_swiglu():
+    """liger_kernel.ops.swiglu when liger-kernel is installed, else None (imported on first use: Triton is slow to
+    import and absent on CPU-only machines)."""
+    global _LIGER_SWIGLU
+    if _LIGER_SWIGLU is False:
+        try:
+            from liger_kernel.ops import swiglu as module
+        except ImportError:
+            module = None
+        _LIGER_SWIGLU = module
+    return _LIGER_SWIGLU
+
+
+_LIGER_SWIGLU = False
+
+
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
     import bitsandbytes as bnb
@@ -123,6 +202,40 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
     return LoraOver4bit.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
                               self.scaling[name])
+
+
+def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    down = self.down_proj
+    training = self.training and torch.is_grad_enabled() and hasattr(down, "_peft_forward")
+    name = fusable_adapter(down) if training else None
+    if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity) or torch.compiler.is_compiling():
+        return self._unfused_mlp_forward(x)
+    return SwigluDownOver4bit.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight,
+                                    down.lora_B[name].weight, down.get_base_layer(), down.scaling[name])
+
+
+def gated_silu_mlp(module) -> bool:
+    """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen; not Gemma's GELU, not
+    fused gate_up projections)."""
+    act = getattr(module, "act_fn", None)
+    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' own SiLU class
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and silu and not hasattr(
+        module, "experts")
+
+
+def use_fused_mlp(model) -> int:
+    """Run every gated-SiLU MLP whose down projection takes the fused LoRA path through SwigluDownOver4bit; returns
+    how many. Other MLPs (and any call the fused path cannot take) keep their own forward."""
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    count = 0
+    for module in model.modules():
+        if (gated_silu_mlp(module) and isinstance(module.down_proj, PeftLinear4bit)
+                and not hasattr(module, "_unfused_mlp_forward")):
+            module._unfused_mlp_forward = module.forward
+            module.forward = types.MethodType(fused_mlp_forward, module)
+            count += 1
+    return count
 
 
 def use_fused_lora(model) -> int:
@@ -376,6 +489,8 @@ def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -
         log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
     elif speed.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(model))
+        if speed.fused_mlp:
+            log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
     blocker = layer_compile_blocker(speed, every_layer_kept)
     if blocker is None:
         log.info("speed.compile_layers: %d decoder layers compile on their first training step",

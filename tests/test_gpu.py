@@ -201,12 +201,12 @@ def wide_base(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path
     return folder
 
 
-def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool,
-                       compiled: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled: bool = False,
+                       mlp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and LoRA gradients of one bf16-autocast step, the way the trainer runs it (checkpointing on; compiled:
     the last layer keeps its activations, so both compiled graphs run)."""
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.speed import compile_decoder_layers, keep_activations, use_fused_lora
+    from qlora_kit.speed import compile_decoder_layers, keep_activations, use_fused_lora, use_fused_mlp
     from qlora_kit.train import keep_adapter_weights_in_fp32
 
     torch.manual_seed(0)
@@ -222,6 +222,8 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool,
         _apply_liger_kernel_to_instance(model=model.get_base_model())
     if fused:
         assert use_fused_lora(model) == 14
+    if mlp:  # silu(gate) * up recomputed in backward, through Liger's kernels when liger is on
+        assert use_fused_mlp(model) == 2
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         keep_activations(model, 1)
@@ -235,7 +237,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool,
 
 
 @pytest.mark.parametrize("setting", ["fused", "fused+liger", "fused+liger+bf16-residual",
-                                     "fused+compiled+bf16-residual"])
+                                     "fused+mlp+liger+bf16-residual", "fused+compiled+bf16-residual"])
 def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
         setting: str, tmp_path: Path, wide_base: Path, chat_file: Path) -> None:
     """One step of the plain path (peft's LoRA, fp32 residual, no Liger) against each speed setting: same loss,
@@ -247,7 +249,7 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
                               [f"quantization.upcast_to_fp32={'bf16-residual' not in setting}"])
     plain_loss, plain = one_step_gradients(plain_recipe, wide_base, liger=False, fused=False)
     fast_loss, fast = one_step_gradients(fast_recipe, wide_base, liger="liger" in setting, fused=True,
-                                         compiled="compiled" in setting)
+                                         compiled="compiled" in setting, mlp="mlp" in setting)
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
     assert plain.keys() == fast.keys() and len(plain) == 2 * 2 * 7
     errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}

@@ -20,6 +20,7 @@ from qlora_kit.speed import (
     reentrant_checkpoint,
     use_checkpoint_function,
     use_fused_lora,
+    use_fused_mlp,
 )
 
 
@@ -65,6 +66,53 @@ def test_fused_lora_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_mo
     fused = loss_and_gradients(model, IDS)
     assert_same_training_signal(plain, fused)
     assert all(g.abs().sum() > 0 for name, g in fused[1].items() if "lora_A" in name)
+
+
+def test_fused_mlp_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    plain = loss_and_gradients(model, IDS)
+    use_fused_lora(model)
+    assert use_fused_mlp(model) == 2
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)  # one layer recomputed, one keeping its activations
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
+def saved_wide_tensors(mlp, x: torch.Tensor) -> int:
+    """How many tensors as wide as the MLP's intermediate size autograd keeps for backward of one MLP call."""
+    wide = mlp.down_proj.in_features
+    count = 0
+
+    def pack(tensor):
+        nonlocal count
+        count += tensor.shape[-1] == wide and tensor.numel() >= x.shape[0] * x.shape[1] * wide
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        mlp(x)
+    return count
+
+
+def test_fused_mlp_keeps_gate_and_up_but_not_their_product(make_recipe, tiny_model_dir):
+    model = adapted_model(make_recipe, tiny_model_dir)
+    use_fused_lora(model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    x = torch.randn(2, 24, model.config.hidden_size, requires_grad=True)
+    assert saved_wide_tensors(mlp, x) == 4  # gate, silu(gate), up, silu(gate) * up
+    use_fused_mlp(model)
+    assert saved_wide_tensors(mlp, x) == 2  # gate and up: the product is recomputed in backward
+
+
+def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate(make_recipe, tiny_model_dir):
+    from qlora_kit.model import estimate_training_memory
+
+    fused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True})),
+                                     str(tiny_model_dir))
+    unfused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True},
+                                                               speed={"fused_mlp": False})), str(tiny_model_dir))
+    tokens, intermediate, bf16 = 4 * 64, 128, 2  # batch 4 x 64 tokens, the tiny Llama; compute_dtype auto: bf16
+    assert unfused["each_kept_layer"] - fused["each_kept_layer"] == pytest.approx(tokens * intermediate * bf16 / 2**30)
 
 
 def test_fused_lora_applies_lora_dropout_like_peft(make_recipe, tiny_model_dir):

@@ -217,8 +217,9 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 def gated_silu_mlp(module) -> bool:
     """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen; not Gemma's GELU, not
     fused gate_up projections)."""
-    act = getattr(module, "act_fn", None)
-    silu = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"  # transformers' own SiLU class
+    config = getattr(module, "config", None)  # transformers' MLPs keep it; their act_fn class varies by version
+    silu = getattr(config, "hidden_act", None) in ("silu", "swish") or isinstance(getattr(module, "act_fn", None),
+                                                                                  torch.nn.SiLU)
     return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and silu and not hasattr(
         module, "experts")
 

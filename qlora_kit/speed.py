@@ -13,6 +13,9 @@ when the trainer is built; the switches here wrap whatever forward is current):
 - offloaded checkpoints: each checkpointed layer's input lives in CPU memory until backward needs it.
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
+- fused MLP (off until measured on a GPU): silu(gate) * up and the down projection as one function that recomputes
+  the product in backward, so a layer that keeps its activations holds one 3.5x-wide tensor less.
+- compiled layers (off: measured no faster on fast hosts): torch.compile of each decoder layer's training forward.
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up as Liger computes it (silu in fp32, cast to up's dtype, times up): its Triton kernel on a GPU
     with liger-kernel, the same arithmetic in torch ops elsewhere."""
     if gate.is_cuda and liger_swiglu() is not None:
-        return liger_swiglu().swiglu_forward(gate, up)[2]
+        return liger_swiglu().swiglu_forward(gate.contiguous(), up.contiguous())[2]
     return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
 
 
@@ -145,7 +148,7 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     """Gradients of silu(gate) * up for gate and up. Liger's kernel writes them over gate and up (saved tensors
     that nothing reads afterwards); the torch-ops version allocates."""
     if gate.is_cuda and liger_swiglu() is not None:
-        return liger_swiglu().swiglu_backward(gate, up, grad)
+        return liger_swiglu().swiglu_backward(gate.contiguous(), up.contiguous(), grad.contiguous())
     sig = torch.sigmoid(gate.float())
     silu = gate.float() * sig
     grad_up = (grad.float() * silu).to(up.dtype)

@@ -42,30 +42,16 @@ class LoraOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
-        import bitsandbytes as bnb
 
         dtype = layer.compute_dtype or x.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        out = bnb.matmul_4bit(xc, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
-        xa = torch.mm(xl2, a.t())
+        out, xa = frozen_matmul_plus_adapter(xc, xl2, lora_a, lora_b, layer, scaling, x.dtype, bias)
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(xl2, xa, lora_a, lora_b)
-        if torch.compiler.is_compiling():
-            # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
-            # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
-            # gradient upstream of it comes out zero (pytorch/pytorch#180642).
-            y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
-            return y if y.dtype == x.dtype else y.to(x.dtype)
-        else:
-            # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul
-            # accumulate onto it with beta=1 measured 27% slower per 8B step on an H200:
-            # scripts/bench_results/h200_2026-11-25.)
-            out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
-            return out.to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -75,9 +61,9 @@ class LoraOver4bit(torch.autograd.Function):
         dtype = xa.dtype
         batch_shape = grad_out.shape[:-1]
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
+        a = lora_a.to(dtype)
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        grad_xa = torch.mm(g, b).mul_(s)  # d loss / d (x' A^T), rank r: small
+        grad_xa = adapter_output_grad(g, lora_b, s)
         grad_x = grad_xl = grad_a = grad_b = None
         if need_x:
             grad_x = torch.mm(g, dequantized_weight(layer, dtype))
@@ -89,8 +75,38 @@ class LoraOver4bit(torch.autograd.Function):
         if need_a:
             grad_a = torch.mm(grad_xa.t(), xl2).to(a_dtype)
         if need_b:
-            grad_b = torch.mm(g.t(), xa).mul_(s).to(b_dtype)
+            grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
         return grad_x, grad_xl, grad_a, grad_b, None, None
+
+
+def frozen_matmul_plus_adapter(x, x_lora2d, lora_a, lora_b, layer, scaling, out_dtype, bias=None):
+    """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x, returned in `out_dtype`, and x' A^T (rank r, what
+    backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
+    import bitsandbytes as bnb
+
+    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+    xa = torch.mm(x_lora2d, a.t())
+    if torch.compiler.is_compiling():
+        # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
+        # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
+        # gradient upstream of it comes out zero (pytorch/pytorch#180642).
+        y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
+        return (y if y.dtype == out_dtype else y.to(out_dtype)), xa
+    # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul accumulate onto
+    # it with beta=1 measured 27% slower per 8B step on an H200: scripts/bench_results/h200_2026-11-25.)
+    out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+    return out.to(out_dtype), xa
+
+
+def adapter_output_grad(g: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """d loss / d (x' A^T) from the output gradient `g` (2-D, compute dtype): rank r, small."""
+    return torch.mm(g, lora_b.to(g.dtype)).mul_(scaling)
+
+
+def adapter_b_grad(g: torch.Tensor, xa: torch.Tensor, scaling: float) -> torch.Tensor:
+    """d loss / d B from the output gradient `g` (2-D) and the saved x' A^T."""
+    return torch.mm(g.t(), xa).mul_(scaling)
 
 
 class SwigluDownOver4bit(torch.autograd.Function):
@@ -104,19 +120,13 @@ class SwigluDownOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, lora_a, lora_b, layer, scaling):
-        import bitsandbytes as bnb
-
-        dtype = layer.compute_dtype or gate.dtype
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        h = silu_mul(gate, up).to(dtype)
-        h2 = h.reshape(-1, h.shape[-1])
-        out = bnb.matmul_4bit(h, layer.weight.t(), quant_state=layer.weight.quant_state)
-        xa = torch.mm(h2, a.t())
-        out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+        h = silu_mul(gate, up).to(layer.compute_dtype or gate.dtype)
+        out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), lora_a, lora_b, layer, scaling,
+                                             gate.dtype)
         ctx.layer, ctx.scaling = layer, scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
-        return out.to(gate.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -125,13 +135,12 @@ class SwigluDownOver4bit(torch.autograd.Function):
         a_dtype, b_dtype = ctx.dtypes
         dtype = xa.dtype
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
-        a, b = lora_a.to(dtype), lora_b.to(dtype)
-        grad_xa = torch.mm(g, b).mul_(s)
-        grad_b = torch.mm(g.t(), xa).mul_(s).to(b_dtype)
+        grad_xa = adapter_output_grad(g, lora_b, s)
+        grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
         h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
         grad_a = torch.mm(grad_xa.t(), h2).to(a_dtype)
         del h2
-        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
+        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, lora_a.to(dtype))
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
         return grad_gate, grad_up, grad_a, grad_b, None, None
 

@@ -42,7 +42,6 @@ class LoraOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
-
         dtype = layer.compute_dtype or x.dtype
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
@@ -398,16 +397,22 @@ def checkpoint_callback(recipe: Recipe, config) -> CheckpointSettings | None:
     GPU and the model's `config`. One process only: none of these has been measured under DDP or FSDP, which keep
     torch's non-reentrant checkpointing of every layer."""
     import dataclasses
-    import os
 
     if not recipe.training.gradient_checkpointing or not adjusts_checkpointing(recipe.speed):
         return None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several_processes():
         log.info("speed.reentrant_checkpointing / offload_checkpoints / keep_activations_layers: not applied with "
                  "several processes")
         return None
     speed = dataclasses.replace(recipe.speed, keep_activations_layers=layers_to_keep(recipe, config))
     return CheckpointSettings(speed) if adjusts_checkpointing(speed) else None
+
+
+def several_processes() -> bool:
+    """Launched as one of several processes (DDP, FSDP): the switches measured on one process only stay off."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def adjusts_checkpointing(speed: SpeedSection) -> bool:
@@ -417,7 +422,6 @@ def adjusts_checkpointing(speed: SpeedSection) -> bool:
 def layer_compile_blocker(speed: SpeedSection, every_layer_kept: bool = False) -> str | None:
     """Why speed.compile_layers does not apply in this process, or None when it does. `every_layer_kept`: no layer
     recomputes (no gradient checkpointing, or all layers keep their activations)."""
-    import os
 
     if not speed.compile_layers:
         return "switched off"
@@ -427,7 +431,7 @@ def layer_compile_blocker(speed: SpeedSection, every_layer_kept: bool = False) -
         return "off on CPU (no GPU here)"
     if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:
         return "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if several_processes():
         return "off with several processes"
     return None
 

@@ -20,6 +20,7 @@ when the trainer is built; the switches here wrap whatever forward is current):
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 
@@ -164,20 +165,15 @@ def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
     return grad_gate, grad_up
 
 
+@functools.cache
 def liger_swiglu():
     """liger_kernel.ops.swiglu when liger-kernel is installed, else None (imported on first use: Triton is slow to
     import and absent on CPU-only machines)."""
-    global _LIGER_SWIGLU
-    if _LIGER_SWIGLU is False:
-        try:
-            from liger_kernel.ops import swiglu as module
-        except ImportError:
-            module = None
-        _LIGER_SWIGLU = module
-    return _LIGER_SWIGLU
-
-
-_LIGER_SWIGLU = False
+    try:
+        from liger_kernel.ops import swiglu
+    except ImportError:
+        return None
+    return swiglu
 
 
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:

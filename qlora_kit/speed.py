@@ -496,6 +496,18 @@ def every_layer_keeps_activations(recipe: Recipe, settings: CheckpointSettings |
     return kept >= config.get_text_config().num_hidden_layers
 
 
+class Speedups(TrainerCallback):
+    """Applies the recipe's `speed` switches when training starts: after whatever the trainer does to the model
+    first. transformers 5.17 applies Liger's kernels in `train()`, and Liger's SwiGLU would replace a fused or chunked
+    MLP forward installed any earlier."""
+
+    def __init__(self, speed: SpeedSection, every_layer_kept: bool) -> None:
+        self.speed, self.every_layer_kept = speed, every_layer_kept
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        apply_speedups(model, self.speed, self.every_layer_kept)
+
+
 def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -> None:
     """Apply the recipe's `speed` switches to a model the trainer has set up; says what it did."""
     if speed.fused_lora and under_fsdp():

@@ -23,7 +23,7 @@ from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
 from qlora_kit.speed import (
     CheckpointSettings,
-    apply_speedups,
+    Speedups,
     checkpoint_callback,
     every_layer_keeps_activations,
     layer_compile_blocker,
@@ -339,14 +339,13 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
                             trainable_parameters=model.get_nb_trainable_parameters()[0],
                             compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
     train_on_one_gpu_without_a_launcher(args)
-    callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard()]
+    callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), Speedups(recipe.speed, every_layer_kept)]
     if swap:
         callbacks.append(swap)  # checkpointing is switched on when training starts
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=callbacks)
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
         keep_adapter_weights_in_fp32(trainer.model)
-    apply_speedups(trainer.model, recipe.speed, every_layer_kept)  # after the trainer: Liger's kernels are in place
     return trainer
 
 

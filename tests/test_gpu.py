@@ -131,6 +131,29 @@ def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
     assert saved["train_tokens_per_second"] > 0
 
 
+def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
+        tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liger's SwiGLU replaces each MLP's forward (inside `train()` on transformers 5.17); the fused MLP must still be
+    the one that runs, or it saves no memory."""
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.speed import SwigluDownOver4bit
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
+                         ["speed.fused_mlp=true", "speed.keep_activations_layers=0", "export.merge=false"])
+    assert recipe.speed.liger_kernels
+    fused_calls = []
+    fused_forward = SwigluDownOver4bit.forward
+    monkeypatch.setattr(SwigluDownOver4bit, "forward",
+                        staticmethod(lambda *args: fused_calls.append(1) or fused_forward(*args)))
+    with qlora_kit_log() as messages:
+        run_training(recipe)
+
+    assert "speed.fused_mlp: 2 gated-SiLU MLPs recompute silu(gate) * up in backward" in messages
+    assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
+
+
 def test_quantized_model_sits_whole_on_cuda0_without_offload(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bitsandbytes as bnb

@@ -104,6 +104,39 @@ def test_fused_mlp_keeps_gate_and_up_but_not_their_product(make_recipe, tiny_mod
     assert saved_wide_tensors(mlp, x) == 2  # gate and up: the product is recomputed in backward
 
 
+def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(make_recipe, tiny_model_dir,
+                                                                            tiny_tokenizer, tmp_path, monkeypatch):
+    """transformers 5.17 applies Liger's kernels inside `train()`; Liger's SwiGLU rebinds each MLP's forward. The
+    speed switches must land after that, or the fused MLP silently never runs (no memory saved)."""
+    import transformers
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.speed import SwigluDownOver4bit
+    from qlora_kit.train import build_trainer
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 1, "gradient_checkpointing": True},
+                                     speed={"fused_mlp": True}), ["data.cache=false"])
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
+                            torch.float32)
+
+    plain_train = transformers.Trainer.train
+
+    def train_like_5_17_with_liger(self, *args, **kwargs):
+        for layer in self.model.get_base_model().model.layers:
+            layer.mlp.forward = type(layer.mlp).forward.__get__(layer.mlp)  # as Liger's _patch_swiglu_module does
+        return plain_train(self, *args, **kwargs)
+
+    fused_calls = []
+    fused_forward = SwigluDownOver4bit.forward
+    monkeypatch.setattr(transformers.Trainer, "train", train_like_5_17_with_liger)
+    monkeypatch.setattr(SwigluDownOver4bit, "forward",
+                        staticmethod(lambda *args: fused_calls.append(1) or fused_forward(*args)))
+    trainer.train()
+
+    assert len(fused_calls) == 4  # both MLPs of the one step, forward and checkpointed recompute
+
+
 def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate(make_recipe, tiny_model_dir):
     from qlora_kit.model import estimate_training_memory
 

@@ -206,10 +206,10 @@ class SpeedSection:
         True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
         "(DoRA and several active adapters keep peft's path)")
     fused_mlp: bool = option(
-        False, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) runs its activation and down projection "
+        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) runs its activation and down projection "
         "as one function that recomputes silu(gate) * up in backward instead of saving it: one intermediate-sized "
-        "tensor less per layer that keeps its activations, for one elementwise kernel more in backward. Off by "
-        "default until measured on a GPU (its gradients match peft's on CPU)")
+        "tensor less per layer that keeps its activations (8B batch 2: 10.00 instead of 10.76 GiB with 7 layers "
+        "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward")
     liger_kernels: bool = option(
         True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")

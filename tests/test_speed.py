@@ -142,8 +142,8 @@ def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate
 
     fused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True},
                                                              speed={"fused_mlp": True})), str(tiny_model_dir))
-    unfused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True})),
-                                       str(tiny_model_dir))
+    unfused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True},
+                                                               speed={"fused_mlp": False})), str(tiny_model_dir))
     tokens, intermediate, bf16 = 4 * 64, 128, 2  # batch 4 x 64 tokens, the tiny Llama; compute_dtype auto: bf16
     assert unfused["each_kept_layer"] - fused["each_kept_layer"] == pytest.approx(tokens * intermediate * bf16 / 2**30)
 

@@ -47,23 +47,23 @@ class LoraOver4bit(torch.autograd.Function):
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        out, xa = frozen_matmul_plus_adapter(xc, xl2, lora_a, lora_b, layer, scaling, x.dtype, bias)
+        a, b = in_compute_dtype(lora_a, dtype), in_compute_dtype(lora_b, dtype)
+        out, xa = frozen_matmul_plus_adapter(xc, xl2, a, b, layer, scaling, x.dtype, bias)
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(xl2, xa, lora_a, lora_b)
+        ctx.save_for_backward(xl2, xa, a, b)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        xl2, xa, lora_a, lora_b = ctx.saved_tensors
+        xl2, xa, a, b = ctx.saved_tensors
         layer, s = ctx.layer, ctx.scaling
         x_dtype, xl_dtype, a_dtype, b_dtype = ctx.dtypes
         dtype = xa.dtype
         batch_shape = grad_out.shape[:-1]
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
-        a = lora_a.to(dtype)
         need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
-        grad_xa = adapter_output_grad(g, lora_b, s)
+        grad_xa = adapter_output_grad(g, b, s)
         grad_x = grad_xl = grad_a = grad_b = None
         if need_x:
             grad_x = torch.mm(g, dequantized_weight(layer, dtype))
@@ -79,12 +79,11 @@ class LoraOver4bit(torch.autograd.Function):
         return grad_x, grad_xl, grad_a, grad_b, None, None
 
 
-def frozen_matmul_plus_adapter(x, x_lora2d, lora_a, lora_b, layer, scaling, out_dtype, bias=None):
-    """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x, returned in `out_dtype`, and x' A^T (rank r, what
-    backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
+def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
+    """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
+    and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
     import bitsandbytes as bnb
 
-    a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
     xa = torch.mm(x_lora2d, a.t())
     if torch.compiler.is_compiling():
@@ -99,9 +98,36 @@ def frozen_matmul_plus_adapter(x, x_lora2d, lora_a, lora_b, layer, scaling, out_
     return out.to(out_dtype), xa
 
 
-def adapter_output_grad(g: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """d loss / d (x' A^T) from the output gradient `g` (2-D, compute dtype): rank r, small."""
-    return torch.mm(g, lora_b.to(g.dtype)).mul_(scaling)
+def adapter_output_grad(g: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """d loss / d (x' A^T) from the output gradient `g` (2-D) and B, both in the compute dtype: rank r, small."""
+    return torch.mm(g, b).mul_(scaling)
+
+
+_copies_generation = [0]  # bumped by forget_compute_copies
+
+
+def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An fp32 master adapter weight cast to the compute dtype once per change, not in every call.
+
+    Forward, checkpointed recompute and backward each need the bf16 copy: cast per call, that is about 1,600 small
+    cast kernels per 8B step. A copy is reused while the weight's version counter (bumped by in-place updates through
+    torch: optimizers, checkpoint loads) and storage stay the same, and until the trainer's next optimizer step
+    (`Speedups` forgets them all then: an optimizer writing through its own kernels may not bump the counter). It
+    costs 2 bytes per adapter parameter.
+    """
+    if weight.dtype == dtype or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    key = (weight._version, weight.data_ptr(), dtype, _copies_generation[0])
+    cached = getattr(weight, "_qlora_kit_compute_copy", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        weight._qlora_kit_compute_copy = cached
+    return cached[1]
+
+
+def forget_compute_copies() -> None:
+    """Every cached compute-dtype copy is stale from now on (each is replaced at its weight's next use)."""
+    _copies_generation[0] += 1
 
 
 def adapter_b_grad(g: torch.Tensor, xa: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -120,27 +146,28 @@ class SwigluDownOver4bit(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, lora_a, lora_b, layer, scaling):
-        h = silu_mul(gate, up).to(layer.compute_dtype or gate.dtype)
-        out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), lora_a, lora_b, layer, scaling,
-                                             gate.dtype)
+        dtype = layer.compute_dtype or gate.dtype
+        h = silu_mul(gate, up).to(dtype)
+        a, b = in_compute_dtype(lora_a, dtype), in_compute_dtype(lora_b, dtype)
+        out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
         ctx.layer, ctx.scaling = layer, scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
-        ctx.save_for_backward(gate, up, xa, lora_a, lora_b)
+        ctx.save_for_backward(gate, up, xa, a, b)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        gate, up, xa, lora_a, lora_b = ctx.saved_tensors
+        gate, up, xa, a, b = ctx.saved_tensors
         layer, s = ctx.layer, ctx.scaling
         a_dtype, b_dtype = ctx.dtypes
         dtype = xa.dtype
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
-        grad_xa = adapter_output_grad(g, lora_b, s)
+        grad_xa = adapter_output_grad(g, b, s)
         grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
         h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
         grad_a = torch.mm(grad_xa.t(), h2).to(a_dtype)
         del h2
-        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, lora_a.to(dtype))
+        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
         return grad_gate, grad_up, grad_a, grad_b, None, None
 
@@ -506,6 +533,9 @@ class Speedups(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         apply_speedups(model, self.speed, self.every_layer_kept)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        forget_compute_copies()  # the adapter weights changed
 
 
 def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -> None:

@@ -154,6 +154,33 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "paged_adamw_8bit"])
+def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_every_call(
+        tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:
+    """The fused layers reuse one bf16 copy of each fp32 adapter weight until the next optimizer step. A stale copy
+    would train on old weights: the loss curve would part from casting in every call after the first step."""
+    import qlora_kit.speed
+    from qlora_kit.cli import run_training
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+
+    def losses(run_name: str) -> list[float]:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
+                             [f"training.optimizer={optimizer}", f"training.run_name={run_name}", "export.merge=false",
+                              "training.learning_rate=0.01"])
+        run_training(recipe)
+        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    cached = losses("cached")
+    monkeypatch.setattr(qlora_kit.speed, "in_compute_dtype", lambda weight, dtype: weight.to(dtype))
+    every_call = losses("every-call")
+
+    assert len(cached) == 4 and abs(cached[-1] - cached[0]) > 0.05  # four steps that move the loss
+    assert cached == pytest.approx(every_call, abs=1e-4)  # run-to-run noise only (GPU kernels are not bitwise)
+
+
 def test_quantized_model_sits_whole_on_cuda0_without_offload(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import bitsandbytes as bnb

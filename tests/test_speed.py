@@ -104,6 +104,30 @@ def test_fused_mlp_keeps_gate_and_up_but_not_their_product(make_recipe, tiny_mod
     assert saved_wide_tensors(mlp, x) == 2  # gate and up: the product is recomputed in backward
 
 
+def test_adapter_weights_are_cast_to_the_compute_dtype_once_per_update():
+    from qlora_kit.speed import forget_compute_copies, in_compute_dtype
+
+    weight = torch.nn.Parameter(torch.randn(4, 8))
+    first = in_compute_dtype(weight, torch.bfloat16)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, weight.detach().bfloat16())
+    assert in_compute_dtype(weight, torch.bfloat16) is first  # forward, recompute and backward share one cast
+    assert in_compute_dtype(weight, torch.float32) is weight  # already in the compute dtype: no copy
+
+    with torch.no_grad():
+        weight.add_(1.0)  # what a torch optimizer step does
+    updated = in_compute_dtype(weight, torch.bfloat16)
+    assert torch.equal(updated, weight.detach().bfloat16())
+
+    weight.data = torch.zeros(4, 8)  # new storage (a reload that swaps the tensor)
+    assert torch.equal(in_compute_dtype(weight, torch.bfloat16), torch.zeros(4, 8, dtype=torch.bfloat16))
+
+    kept = in_compute_dtype(weight, torch.bfloat16)
+    weight.data.fill_(2.0)  # writes that bypass the version counter are caught by the per-step forget
+    forget_compute_copies()
+    assert torch.equal(in_compute_dtype(weight, torch.bfloat16), torch.full((4, 8), 2.0, dtype=torch.bfloat16))
+    assert in_compute_dtype(weight, torch.bfloat16) is not kept
+
+
 def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(make_recipe, tiny_model_dir,
                                                                             tiny_tokenizer, tmp_path, monkeypatch):
     """transformers 5.17 applies Liger's kernels inside `train()`; Liger's SwiGLU rebinds each MLP's forward. The

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -148,8 +149,14 @@ def main() -> None:
     from qlora_kit.speed import use_fused_lora, use_fused_mlp
 
     results = {}
+    import qlora_kit.speed
+
+    cached_casts = qlora_kit.speed.in_compute_dtype
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
-                                    ("fused_lora+fused_mlp", True, True, True)]:
+                                    ("fused_lora+fused_mlp", True, True, True),
+                                    ("fused_lora+fused_mlp, adapter cast in every call", True, True, True)]:
+        qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
+                                            lambda weight, dtype: weight.to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()
         if fused:
@@ -161,7 +168,8 @@ def main() -> None:
         print(name, results[name], flush=True)
         if args.kernels:
             Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / f"kernels_{name}.txt").write_text(kernel_table(layer_step(model, 4096)))
+            slug = re.sub(r"[^a-z0-9]+", "_", name)
+            (Path(args.out) / f"kernels_{slug}.txt").write_text(kernel_table(layer_step(model, 4096)))
         if name == "fused_lora+fused_mlp":
             results["pieces_host_us"] = pieces(model)
             print(results["pieces_host_us"], flush=True)

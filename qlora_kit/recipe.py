@@ -235,6 +235,11 @@ class SpeedSection:
         "(scripts/bench_results/h200_2026-11-26_compile). auto: on where gradient checkpointing recomputes at least "
         "one layer. Never on CPU, with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens, or with "
         "several processes")
+    gc_every_steps: int = option(
+        50, help="during training Python's garbage collector runs every this many optimizer steps (young objects "
+        "only; what exists when training starts is frozen out of it) instead of whenever allocations trigger it, as "
+        "torchtitan does: a host-bound step otherwise pauses for its full collections at random. 0: Python's default",
+        min=0)
     mlp_chunk_tokens: int = option(
         0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
         "one chunk at a time (long context; 0 = whole batch at once)", min=0)

@@ -161,6 +161,36 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
     assert len(fused_calls) == 4  # both MLPs of the one step, forward and checkpointed recompute
 
 
+def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,
+                                                                            tiny_tokenizer, tmp_path, monkeypatch):
+    import gc
+
+    from transformers import TrainerCallback
+
+    import qlora_kit.speed
+    from qlora_kit.data import build_datasets
+    from qlora_kit.train import build_trainer
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 4}, speed={"gc_every_steps": 2}), ["data.cache=false"])
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
+                            torch.float32)
+    seen = []
+
+    class WatchGc(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append((state.global_step, gc.isenabled(), gc.get_freeze_count() > 0))
+
+    collected = []
+    monkeypatch.setattr(qlora_kit.speed.gc, "collect", lambda generation=2: collected.append(generation))
+    trainer.add_callback(WatchGc())
+    trainer.train()
+
+    assert seen == [(1, False, True), (2, False, True), (3, False, True), (4, False, True)]
+    assert collected.count(1) == 2  # the young generations at steps 2 and 4 (full ones: before freezing, others')
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # Python's own schedule once training ends
+
+
 def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate(make_recipe, tiny_model_dir):
     from qlora_kit.model import estimate_training_memory
 

@@ -236,9 +236,10 @@ class SpeedSection:
         "one layer. Never on CPU, with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens, or with "
         "several processes")
     gc_every_steps: int = option(
-        50, help="during training Python's garbage collector runs every this many optimizer steps (young objects "
+        0, help="during training Python's garbage collector runs every this many optimizer steps (young objects "
         "only; what exists when training starts is frozen out of it) instead of whenever allocations trigger it, as "
-        "torchtitan does: a host-bound step otherwise pauses for its full collections at random. 0: Python's default",
+        "torchtitan does against random pauses of a host-bound step. 0 (default): Python's own schedule; on an H200 "
+        "(8B batch 2) the difference was within run-to-run noise (scripts/bench_results/h200_2026-11-26_fused_mlp)",
         min=0)
     mlp_chunk_tokens: int = option(
         0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "

@@ -353,14 +353,14 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
-    prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA
-    weights + grads in fp32 and 8-bit Adam states; activations with checkpointing = each layer's input plus one
-    layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the peak: with it the estimate
-    lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1 GiB of CUDA context and
-    allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the layer inputs are
-    host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer` is what one more
-    layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows the one-layer
-    term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
+    prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA weights +
+    grads in fp32, 8-bit Adam states and (fused LoRA) the weights' compute-dtype copies; activations with checkpointing
+    = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the
+    peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1
+    GiB of CUDA context and allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the
+    layer inputs are host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
+    is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
+    the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
     `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
     held.
     """
@@ -405,7 +405,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts = {
         "quantized_weights": quantized * bits / gib,
         "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
-        "lora_weights_grads_optimizer": lora * (4 + 4 + 2) / gib,
+        "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
         "activations": activations / gib,
         # Liger's fused linear cross-entropy never holds the full-vocabulary logits
         "logits": 0.0 if fused_cross_entropy else tokens * text.vocab_size * LOGIT_BYTES / gib,
@@ -415,6 +415,12 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
     parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
     return parts
+
+
+def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
+    """Bytes per adapter parameter of the compute-dtype copies the fused LoRA layers keep between optimizer steps."""
+    fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit
+    return compute_dtype.itemsize if fused and compute_dtype != torch.float32 else 0
 
 
 def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:

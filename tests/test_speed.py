@@ -202,6 +202,19 @@ def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate
     assert unfused["each_kept_layer"] - fused["each_kept_layer"] == pytest.approx(tokens * intermediate * bf16 / 2**30)
 
 
+def test_estimate_counts_the_adapter_s_bf16_copies_that_fused_lora_keeps(make_recipe, tiny_model_dir):
+    from qlora_kit.model import estimate_training_memory
+
+    def adapter_gib(**speed):
+        recipe = load_recipe(make_recipe(speed=speed))  # compute_dtype auto: bf16 in the estimate
+        return estimate_training_memory(recipe, str(tiny_model_dir))["lora_weights_grads_optimizer"]
+
+    # r=8 on q, k, v, o (64 -> 64, 32, 32, 64) and gate, up, down (64 <-> 128) in each of the 2 layers
+    lora_parameters = 2 * 8 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    fused, unfused = adapter_gib(), adapter_gib(fused_lora=False)
+    assert fused - unfused == pytest.approx(lora_parameters * 2 / 2**30)
+
+
 def test_fused_lora_applies_lora_dropout_like_peft(make_recipe, tiny_model_dir):
     model = adapted_model(make_recipe, tiny_model_dir, dropout=0.3)
     plain = loss_and_gradients(model, IDS, seed=7)

@@ -1,7 +1,8 @@
 """Training speed-ups and memory savers, each behind a `speed.*` recipe switch and measured by scripts/bench.py.
 
-Applied to the model the trainer holds, after trl/transformers have set it up (Liger's kernels patch module forwards
-when the trainer is built; the switches here wrap whatever forward is current):
+Applied to the model the trainer holds when training starts (`Speedups`), after trl/transformers have set it up
+(Liger's kernels patch module forwards, in `train()` on transformers 5.17; the switches here wrap whatever forward is
+current then):
 
 - fused LoRA over 4-bit layers: one autograd function per adapted layer computes the frozen NF4 matmul and the
   adapter together, with a hand-written backward. peft's path clones every base output, scales and adds the adapter
@@ -13,8 +14,10 @@ when the trainer is built; the switches here wrap whatever forward is current):
 - offloaded checkpoints: each checkpointed layer's input lives in CPU memory until backward needs it.
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
-- fused MLP (off until measured on a GPU): silu(gate) * up and the down projection as one function that recomputes
-  the product in backward, so a layer that keeps its activations holds one 3.5x-wide tensor less.
+- fused MLP: silu(gate) * up and the down projection as one function that recomputes the product in backward, so a
+  layer that keeps its activations holds one 3.5x-wide tensor less.
+- the fp32 adapter weights' compute-dtype copies, made once per optimizer step instead of in every call.
+- a step-scheduled Python garbage collector (off: no measured difference).
 - compiled layers (off: measured no faster on fast hosts): torch.compile of each decoder layer's training forward.
 """
 

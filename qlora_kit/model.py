@@ -419,7 +419,9 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
 
 def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
     """Bytes per adapter parameter of the compute-dtype copies the fused LoRA layers keep between optimizer steps."""
-    fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit
+    from qlora_kit.speed import long_context_settings
+
+    fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit and not long_context_settings(recipe.speed)
     return compute_dtype.itemsize if fused and compute_dtype != torch.float32 else 0
 
 

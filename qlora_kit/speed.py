@@ -46,12 +46,12 @@ class LoraOver4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling):
+    def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling, cast_once=True):
         dtype = layer.compute_dtype or x.dtype
         xc = x.to(dtype)
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
-        a, b = in_compute_dtype(lora_a, dtype), in_compute_dtype(lora_b, dtype)
+        a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
         out, xa = frozen_matmul_plus_adapter(xc, xl2, a, b, layer, scaling, x.dtype, bias)
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
@@ -80,7 +80,7 @@ class LoraOver4bit(torch.autograd.Function):
             grad_a = torch.mm(grad_xa.t(), xl2).to(a_dtype)
         if need_b:
             grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
-        return grad_x, grad_xl, grad_a, grad_b, None, None
+        return grad_x, grad_xl, grad_a, grad_b, None, None, None
 
 
 def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
@@ -110,16 +110,17 @@ def adapter_output_grad(g: torch.Tensor, b: torch.Tensor, scaling: float) -> tor
 _copies_generation = [0]  # bumped by forget_compute_copies
 
 
-def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype, cast_once: bool = True) -> torch.Tensor:
     """An fp32 master adapter weight cast to the compute dtype once per change, not in every call.
 
     Forward, checkpointed recompute and backward each need the bf16 copy: cast per call, that is about 1,600 small
     cast kernels per 8B step. A copy is reused while the weight's version counter (bumped by in-place updates through
     torch: optimizers, checkpoint loads) and storage stay the same, and until the trainer's next optimizer step
     (`Speedups` forgets them all then: an optimizer writing through its own kernels may not bump the counter). It
-    costs 2 bytes per adapter parameter.
+    costs 2 bytes per adapter parameter, so the long-context settings (memory first) cast in every call instead
+    (`cast_once` false).
     """
-    if weight.dtype == dtype or torch.compiler.is_compiling():
+    if weight.dtype == dtype or not cast_once or torch.compiler.is_compiling():
         return weight.to(dtype)
     key = (weight._version, weight.data_ptr(), dtype, _copies_generation[0])
     cached = getattr(weight, "_qlora_kit_compute_copy", None)
@@ -149,10 +150,10 @@ class SwigluDownOver4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling):
+    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True):
         dtype = layer.compute_dtype or gate.dtype
         h = silu_mul(gate, up).to(dtype)
-        a, b = in_compute_dtype(lora_a, dtype), in_compute_dtype(lora_b, dtype)
+        a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
         out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
         ctx.layer, ctx.scaling = layer, scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
@@ -173,7 +174,7 @@ class SwigluDownOver4bit(torch.autograd.Function):
         del h2
         grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
-        return grad_gate, grad_up, grad_a, grad_b, None, None
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -239,7 +240,7 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     dropout = self.lora_dropout[name]
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
     return LoraOver4bit.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
-                              self.scaling[name])
+                              self.scaling[name], self._cast_adapters_once)
 
 
 def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +250,8 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity) or torch.compiler.is_compiling():
         return self._unfused_mlp_forward(x)
     return SwigluDownOver4bit.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight,
-                                    down.lora_B[name].weight, down.get_base_layer(), down.scaling[name])
+                                    down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
+                                    down._cast_adapters_once)
 
 
 def gated_silu_mlp(module) -> bool:
@@ -277,14 +279,16 @@ def use_fused_mlp(model) -> int:
     return count
 
 
-def use_fused_lora(model) -> int:
-    """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many."""
+def use_fused_lora(model, cast_adapters_once: bool = True) -> int:
+    """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many.
+    `cast_adapters_once`: keep each adapter weight's compute-dtype copy until it changes (see in_compute_dtype)."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     count = 0
     for module in model.modules():
         if isinstance(module, PeftLinear4bit) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
+            module._cast_adapters_once = cast_adapters_once
             module.forward = types.MethodType(fused_lora_forward, module)
             count += 1
     return count
@@ -570,7 +574,8 @@ def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -
     if speed.fused_lora and under_fsdp():
         log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
     elif speed.fused_lora:
-        log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(model))
+        log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
+            model, cast_adapters_once=not long_context_settings(speed)))
         if speed.fused_mlp:
             log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
     blocker = layer_compile_blocker(speed, every_layer_kept)

@@ -156,7 +156,7 @@ def main() -> None:
                                     ("fused_lora+fused_mlp", True, True, True),
                                     ("fused_lora+fused_mlp, adapter cast in every call", True, True, True)]:
         qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
-                                            lambda weight, dtype: weight.to(dtype))
+                                            lambda weight, dtype, cast_once=True: weight.to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()
         if fused:

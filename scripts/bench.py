@@ -305,11 +305,44 @@ def profile_callback(out_path: Path, first_step: int = 5, steps: int = 2):
             table = averages.table(sort_by=sort_key, row_limit=30, max_name_column_width=70)
             # where the host CPU's time goes: what to cut when the GPU waits on kernel launches
             host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)
-            out_path.write_text("\n".join(lines) + "\n\n" + table + "\n\nby host time:\n" + host + "\n")
+            idle = gpu_idle_report(self.profiler.events(), kernels) if kernels else ""
+            out_path.write_text("\n".join(lines) + "\n\n" + table + "\n\nby host time:\n" + host + "\n" + idle)
             print("\n".join(lines), flush=True)
             self.profiler = None
 
     return ProfileSteps()
+
+
+def gpu_idle_report(events, kernels, min_gap_us: float = 20.0, rows: int = 30) -> str:
+    """Where the GPU sat idle between kernels, by what the host was running when each gap began.
+
+    A gap starts when every launched kernel has finished; the host op open at that moment (innermost, on any thread:
+    backward runs on autograd's own) is what the GPU waited on: a sync, Python between launches, an allocation.
+    """
+    import bisect
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+    gaps, busy_until = [], spans[0][1]
+    for start, end in spans[1:]:
+        if start - busy_until >= min_gap_us:
+            gaps.append((busy_until, start - busy_until))
+        busy_until = max(busy_until, end)
+    host = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                  if e.device_type != kernels[0].device_type)
+    starts = [h[0] for h in host]
+    by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for at, length in gaps:
+        i = bisect.bisect_right(starts, at)
+        open_ops = [h for h in host[max(0, i - 3000):i] if h[1] > at]  # ops running at the gap's start
+        name = min(open_ops, key=lambda h: h[1] - h[0])[2] if open_ops else "(no host op: between steps)"
+        by_op[name][0] += length
+        by_op[name][1] += 1
+    total = sum(length for _, length in gaps)
+    lines = [f"\nGPU idle between kernels (gaps >= {min_gap_us:.0f} us): {total / 1e3:.1f} ms in {len(gaps)} gaps, "
+             "by the host op open when each began:"]
+    lines += [f"  {us / 1e3:8.1f} ms  {count:6d} gaps  {name[:90]}"
+              for name, (us, count) in sorted(by_op.items(), key=lambda item: -item[1][0])[:rows]]
+    return "\n".join(lines) + "\n"
 
 
 def cmd_reference(spec_path: str) -> None:

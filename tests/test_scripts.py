@@ -85,3 +85,24 @@ def test_long_context_memory_probe_runs_one_step_with_the_memory_savers(tmp_path
     assert run["error"] is None and len(run["losses"]) == 1 and run["tokens_per_second"] is None
     assert "speed.offload_checkpoints: 2 checkpointed layers" in done.stdout + done.stderr
     assert "speed.mlp_chunk_tokens: 2 MLPs run over chunks of 512 tokens" in done.stdout + done.stderr
+
+
+def test_gpu_idle_report_blames_the_host_op_open_when_the_gpu_ran_dry():
+    from types import SimpleNamespace
+
+    from bench import gpu_idle_report
+
+    def event(name, start, end, device):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device)
+
+    kernels = [event("gemm", 0, 100, "cuda"), event("gemm", 150, 300, "cuda"), event("copy", 290, 310, "cuda"),
+               event("gemm", 1310, 1400, "cuda")]
+    host = [event("step", 0, 2000, "cpu"), event("aten::item", 95, 160, "cpu"),  # a sync: 50 us idle
+            event("Optimizer.step", 305, 1320, "cpu"), event("aten::empty", 309, 315, "cpu")]  # 1000 us idle
+
+    report = gpu_idle_report(host + kernels, kernels)
+
+    assert "1.1 ms in 2 gaps" in report
+    lines = report.splitlines()[2:]
+    assert "1.0 ms" in lines[0] and lines[0].endswith("aten::empty")  # innermost op open at the gap's start
+    assert "0.1 ms" in lines[1] and lines[1].endswith("aten::item")

@@ -430,6 +430,8 @@ def cmd_capped(gib: str, *argv: str) -> None:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, float(gib) / total))
         print(f"GPU memory capped at {float(gib):.1f} of {total:.1f} GiB", flush=True)
+        if os.environ.get("BENCH_SYNC_DEBUG") == "1":
+            torch.cuda.set_sync_debug_mode("warn")
     else:
         print("no GPU: --gpu-memory-gib ignored", flush=True)
     if argv[0] == "-m":
@@ -762,7 +764,12 @@ def main(argv: list[str]) -> None:
                         help="cap every run's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 79 to "
                         "hold an H200 to what an 80 GB H100 offers")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="with --gpu-memory-gib: runs warn at every CUDA synchronisation (once per call site, "
+                        "torch.cuda.set_sync_debug_mode): where the GPU's queue is drained each step")
     args = parser.parse_args(argv)
+    if args.sync_debug:
+        os.environ["BENCH_SYNC_DEBUG"] = "1"  # read by `capped` children
     defaults = ("tiny:2", 128, 4) if args.tiny else ("8b:2,1b:4", 2048, 12)
     args.configs, args.seq, args.steps = (given if given is not None else default for given, default in
                                           zip((args.configs, args.seq, args.steps), defaults, strict=True))

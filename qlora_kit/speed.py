@@ -538,11 +538,13 @@ class Speedups(TrainerCallback):
 
     def __init__(self, speed: SpeedSection, every_layer_kept: bool) -> None:
         self.speed, self.every_layer_kept = speed, every_layer_kept
+        self.gc_scheduled = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         apply_speedups(model, self.speed, self.every_layer_kept)
         if self.speed.gc_every_steps:
             schedule_python_gc()
+            self.gc_scheduled = True
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         forget_compute_copies()  # the adapter weights changed
@@ -552,7 +554,15 @@ class Speedups(TrainerCallback):
             gc.collect(1)
 
     def on_train_end(self, args, state, control, **kwargs):
-        restore_python_gc()
+        self.restore_python_gc()
+
+    def restore_python_gc(self) -> None:
+        """Python's own collection schedule again, if training changed it (also run when training ends with an
+        error, which skips on_train_end)."""
+        if self.gc_scheduled:
+            gc.unfreeze()
+            gc.enable()
+            self.gc_scheduled = False
 
 
 def schedule_python_gc() -> None:
@@ -561,12 +571,6 @@ def schedule_python_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.disable()
-
-
-def restore_python_gc() -> None:
-    """Python's own collection schedule again (idempotent; also run when training ends with an error)."""
-    gc.unfreeze()
-    gc.enable()
 
 
 def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -> None:

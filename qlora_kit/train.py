@@ -27,7 +27,6 @@ from qlora_kit.speed import (
     checkpoint_callback,
     every_layer_keeps_activations,
     layer_compile_blocker,
-    restore_python_gc,
 )
 
 log = logging.getLogger("qlora_kit")
@@ -392,7 +391,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
             "for padding"
         ) from exc
     finally:
-        restore_python_gc()  # an error skips the trainer's on_train_end
+        callback_of(trainer, Speedups).restore_python_gc()  # an error skips the trainer's on_train_end
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if guard.nan_step is not None:

@@ -191,6 +191,31 @@ def test_python_gc_collects_young_objects_every_n_steps_during_training_only(mak
     assert gc.isenabled() and gc.get_freeze_count() == 0  # Python's own schedule once training ends
 
 
+def test_python_gc_schedule_is_undone_when_training_fails(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
+    import gc
+
+    from transformers import TrainerCallback
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.train import build_trainer, train_adapter
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 4}, speed={"gc_every_steps": 2}), ["data.cache=false"])
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
+                            torch.float32)
+
+    class FailAtStepOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            assert not gc.isenabled()  # the schedule is on while training runs
+            raise RuntimeError("simulated failure")
+
+    trainer.add_callback(FailAtStepOne())
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        train_adapter(trainer, recipe, tmp_path / "run")
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
 def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate(make_recipe, tiny_model_dir):
     from qlora_kit.model import estimate_training_memory
 

@@ -37,6 +37,17 @@ def adapted_model(make_recipe, tiny_model_dir, **lora):
     return model
 
 
+def tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, run_dir, **sections):
+    """The recipe (data cache off), its tiny NF4 model and the SFTTrainer the pipeline builds for them, on CPU."""
+    from qlora_kit.data import build_datasets
+    from qlora_kit.train import build_trainer
+
+    recipe = load_recipe(make_recipe(**sections), ["data.cache=false"])
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    return recipe, build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), run_dir,
+                                 torch.float32)
+
+
 def loss_and_gradients(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
@@ -134,15 +145,10 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
     speed switches must land after that, or the fused MLP silently never runs (no memory saved)."""
     import transformers
 
-    from qlora_kit.data import build_datasets
     from qlora_kit.speed import SwigluDownOver4bit
-    from qlora_kit.train import build_trainer
 
-    recipe = load_recipe(make_recipe(training={"max_steps": 1, "gradient_checkpointing": True},
-                                     speed={"fused_mlp": True}), ["data.cache=false"])
-    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
-    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
-                            torch.float32)
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
+                              training={"max_steps": 1, "gradient_checkpointing": True}, speed={"fused_mlp": True})
 
     plain_train = transformers.Trainer.train
 
@@ -168,13 +174,9 @@ def test_python_gc_collects_young_objects_every_n_steps_during_training_only(mak
     from transformers import TrainerCallback
 
     import qlora_kit.speed
-    from qlora_kit.data import build_datasets
-    from qlora_kit.train import build_trainer
 
-    recipe = load_recipe(make_recipe(training={"max_steps": 4}, speed={"gc_every_steps": 2}), ["data.cache=false"])
-    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
-    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
-                            torch.float32)
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
+                              training={"max_steps": 4}, speed={"gc_every_steps": 2})
     seen = []
 
     class WatchGc(TrainerCallback):
@@ -196,13 +198,10 @@ def test_python_gc_schedule_is_undone_when_training_fails(make_recipe, tiny_mode
 
     from transformers import TrainerCallback
 
-    from qlora_kit.data import build_datasets
-    from qlora_kit.train import build_trainer, train_adapter
+    from qlora_kit.train import train_adapter
 
-    recipe = load_recipe(make_recipe(training={"max_steps": 4}, speed={"gc_every_steps": 2}), ["data.cache=false"])
-    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
-    trainer = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "run",
-                            torch.float32)
+    recipe, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
+                                   training={"max_steps": 4}, speed={"gc_every_steps": 2})
 
     class FailAtStepOne(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -133,9 +133,7 @@ def pieces(model) -> dict[str, float]:
     out = {
         "bnb.matmul_4bit": piece_host_us(lambda: bnb.matmul_4bit(x, w.t(), quant_state=w.quant_state)),
         "dequantize_4bit + mm": piece_host_us(lambda: torch.mm(x, dequantized_weight(down, torch.bfloat16).t())),
-        "dequantize_4bit (API)": piece_host_us(
-            lambda: bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.bfloat16)),
-        "dequantize_4bit (direct)": piece_host_us(lambda: dequantized_weight(down, torch.bfloat16)),
+        "dequantize_4bit": piece_host_us(lambda: dequantized_weight(down, torch.bfloat16)),
         "torch.mm": piece_host_us(lambda: torch.mm(gate, x.t())),
         "torch silu*mul": piece_host_us(lambda: torch.nn.functional.silu(gate.float()).to(up.dtype) * up),
     }
@@ -160,14 +158,13 @@ def main() -> None:
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
                                     ("fused_lora+fused_mlp", True, True, True),
                                     ("fused_lora+fused_mlp, adapter cast in every call", True, True, True),
-                                    ("fused_lora+fused_mlp, bitsandbytes API dequantize", True, True, True),
                                     ("fused_lora+fused_mlp+grouped_projections", True, True, True)]:
         qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
                                             lambda weight, dtype, cast_once=True: weight.to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()
         if fused:
-            use_fused_lora(model, direct_dequantize="API dequantize" not in name)
+            use_fused_lora(model)
         if mlp:
             use_fused_mlp(model)
         if "grouped" in name:

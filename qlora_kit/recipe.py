@@ -210,10 +210,6 @@ class SpeedSection:
         "as one function that recomputes silu(gate) * up in backward instead of saving it: one intermediate-sized "
         "tensor less per layer that keeps its activations (8B batch 2: 10.00 instead of 10.76 GiB with 7 layers "
         "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward")
-    direct_dequantize: bool = option(
-        True, help="with fused_lora on a GPU, call bitsandbytes' CUDA dequantize kernels directly, as unsloth does, "
-        "instead of through its Python API: the same kernels and bits (checked once per run), less host time per "
-        "call; falls back to the API where the kernels are missing or disagree")
     grouped_projections: bool = option(
         False, help="with fused_lora, each attention's q/k/v and each MLP's gate/up LoRA layers run as one function: "
         "one dequantized weight matrix and one matmul per group, fewer Python calls and kernel launches per layer; "

@@ -86,12 +86,9 @@ class LoraOver4bit(torch.autograd.Function):
 def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
     """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
     and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
-    if torch.compiler.is_compiling():  # an opaque op: inductor must not merge it with backward's dequantize
-        import bitsandbytes as bnb
+    import bitsandbytes as bnb
 
-        out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
-    else:  # bitsandbytes' own path for a batch this size (dequantize, then linear), with less Python on the way
-        out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
+    out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
     xa = torch.mm(x_lora2d, a.t())
     if torch.compiler.is_compiling():
         # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
@@ -358,10 +355,16 @@ class ProjectionGroup:
 
     def dequantized_weights(self, dtype: torch.dtype) -> torch.Tensor:
         """Every member's frozen 4-bit weight, dequantized into one [sum out, in] matrix for one matmul."""
+        import bitsandbytes as bnb
+
+        states = [base.weight.quant_state for base in self.bases]
+        # bitsandbytes dequantizes into a given tensor on CUDA (and XPU, MPS), not on CPU
+        if not self.bases[0].weight.is_cuda or any(state.dtype != dtype for state in states):
+            return torch.cat([dequantized_weight(base, dtype) for base in self.bases])
         weight = torch.empty(sum(self.out_features), self.bases[0].in_features, dtype=dtype,
                              device=self.bases[0].weight.device)
-        for base, rows in zip(self.bases, weight.split(self.out_features), strict=True):
-            dequantized_weight(base, dtype, out=rows)
+        for base, state, rows in zip(self.bases, states, weight.split(self.out_features), strict=True):
+            bnb.functional.dequantize_4bit(base.weight.data, state, out=rows)
         return weight
 
 
@@ -384,82 +387,11 @@ def group_projections(model, cast_once: bool = True) -> int:
     return count
 
 
-def dequantized_weight(layer, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The frozen 4-bit weight as a dense [out, in] matrix in `dtype` (written into `out` when given), made for one
-    matmul and dropped after it."""
-    weight = layer.weight
-    state = weight.quant_state
-    direct = getattr(layer, "_direct_dequantize", True)  # speed.direct_dequantize, set by use_fused_lora
-    if direct and weight.is_cuda and state.dtype == dtype and direct_dequantize_works(weight):
-        return dequantize_directly(weight.data, state, out)
+def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
     import bitsandbytes as bnb
 
-    dense = bnb.functional.dequantize_4bit(weight.data, state).to(dtype)
-    return dense if out is None else out.copy_(dense)
-
-
-@functools.cache
-def bnb_dequantize_kernels() -> dict | None:
-    """bitsandbytes' CUDA dequantize kernels by (output dtype, 4-bit type), plus "absmax" (the double-quantized
-    absmax's blockwise 8-bit kernel); None where this bitsandbytes build lacks them."""
-    try:
-        from bitsandbytes.cextension import lib
-
-        kernels = {(dtype, kind): getattr(lib, f"cdequantize_blockwise_{name}_{kind}")
-                   for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32"))
-                   for kind in ("nf4", "fp4")}
-        kernels["absmax"] = lib.cdequantize_blockwise_fp32
-    except (ImportError, AttributeError, RuntimeError) as error:
-        log.info("bitsandbytes' dequantize kernels are not callable directly (%s); using its Python API", error)
-        return None
-    return kernels
-
-
-def dequantize_directly(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
-    """bitsandbytes' own CUDA dequantize kernels, called the way its CUDA backend calls them but without its op
-    dispatch, device guard and checks, as unsloth does: the host cost of a dequantize is what an 8B step on a fast
-    GPU waits for (scripts/layer_host_time.py). Same kernels, same result bit for bit (checked once per process by
-    direct_dequantize_works). The weight must be on the current CUDA device, contiguous, in state.dtype."""
-    import ctypes
-
-    kernels = bnb_dequantize_kernels()
-    device = packed.device
-    stream = ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(device.index))
-    absmax = state.absmax
-    if state.nested:  # the absmax is itself 8-bit blockwise-quantized, around an offset
-        nested = torch.empty(absmax.shape, dtype=torch.float32, device=device)
-        kernels["absmax"](ctypes.c_void_p(state.state2.code.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
-                          ctypes.c_void_p(state.state2.absmax.data_ptr()), ctypes.c_void_p(nested.data_ptr()),
-                          ctypes.c_int32(state.state2.blocksize), ctypes.c_int32(absmax.numel()), stream)
-        absmax = nested.add_(state.offset)
-    if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=device)
-    kernels[state.dtype, state.quant_type](None, ctypes.c_void_p(packed.data_ptr()), ctypes.c_void_p(absmax.data_ptr()),
-                                           ctypes.c_void_p(out.data_ptr()), ctypes.c_int32(state.blocksize),
-                                           ctypes.c_int32(out.numel()), stream)
-    return out
-
-
-_direct_dequantize_checked: dict[tuple, bool] = {}  # (dtype, 4-bit type, nested) -> same bits as bitsandbytes' API
-
-
-def direct_dequantize_works(weight) -> bool:
-    """dequantize_directly may serve this weight: the kernels exist, the weight sits where they run, and the first
-    weight of its kind dequantized to the same bits as bitsandbytes' public API (else, for good, the API)."""
-    if (torch.compiler.is_compiling() or bnb_dequantize_kernels() is None or not weight.data.is_contiguous()
-            or weight.device.index != torch.cuda.current_device()):
-        return False
-    state = weight.quant_state
-    kind = (state.dtype, state.quant_type, bool(state.nested))
-    if kind not in _direct_dequantize_checked:
-        import bitsandbytes as bnb
-
-        same = torch.equal(dequantize_directly(weight.data, state), bnb.functional.dequantize_4bit(weight.data, state))
-        _direct_dequantize_checked[kind] = same
-        if not same:
-            log.warning("bitsandbytes' dequantize kernels called directly disagree with its API for %s; using the API",
-                        kind)
-    return _direct_dequantize_checked[kind]
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(dtype)
 
 
 def fusable_adapter(layer) -> str | None:
@@ -530,10 +462,9 @@ def use_fused_mlp(model) -> int:
     return count
 
 
-def use_fused_lora(model, cast_adapters_once: bool = True, direct_dequantize: bool = True) -> int:
+def use_fused_lora(model, cast_adapters_once: bool = True) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many.
-    `cast_adapters_once`: keep each adapter weight's compute-dtype copy until it changes (see in_compute_dtype);
-    `direct_dequantize`: call bitsandbytes' dequantize kernels directly on CUDA (see dequantize_directly)."""
+    `cast_adapters_once`: keep each adapter weight's compute-dtype copy until it changes (see in_compute_dtype)."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     count = 0
@@ -541,7 +472,6 @@ def use_fused_lora(model, cast_adapters_once: bool = True, direct_dequantize: bo
         if isinstance(module, PeftLinear4bit) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module._cast_adapters_once = cast_adapters_once
-            module.get_base_layer()._direct_dequantize = direct_dequantize
             module.forward = types.MethodType(fused_lora_forward, module)
             count += 1
     return count
@@ -832,7 +762,7 @@ def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -
         log.info("speed.fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
     elif speed.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
-            model, cast_adapters_once=not long_context_settings(speed), direct_dequantize=speed.direct_dequantize))
+            model, cast_adapters_once=not long_context_settings(speed)))
         if speed.fused_mlp:
             log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
         if speed.grouped_projections:

@@ -48,9 +48,7 @@ def build_layer(folder: Path, liger: bool):
     return model
 
 
-def layer_step(model, tokens: int, backward: bool = True):
-    """One forward + backward of the layer (backward false: one forward without autograd, as reentrant
-    checkpointing runs a recomputed layer's first forward)."""
+def layer_step(model, tokens: int):
     base = model.get_base_model().model
     layer = base.layers[0]
     x = torch.randn(1, tokens, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -59,11 +57,10 @@ def layer_step(model, tokens: int, backward: bool = True):
     grad = torch.randn_like(x)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(backward):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
             out = layer(x, position_embeddings=cos_sin, attention_mask=None, position_ids=positions)
         out = out[0] if isinstance(out, tuple) else out
-        if backward:
-            out.backward(grad)
+        out.backward(grad)
 
     return step
 
@@ -149,7 +146,7 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/layer_host_time_model")
     parser.add_argument("--kernels", action="store_true", help="also write a CUDA-time table per variant")
     args = parser.parse_args()
-    from qlora_kit.speed import group_projections, use_fused_lora, use_fused_mlp
+    from qlora_kit.speed import use_fused_lora, use_fused_mlp
 
     results = {}
     import qlora_kit.speed
@@ -157,8 +154,7 @@ def main() -> None:
     cached_casts = qlora_kit.speed.in_compute_dtype
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
                                     ("fused_lora+fused_mlp", True, True, True),
-                                    ("fused_lora+fused_mlp, adapter cast in every call", True, True, True),
-                                    ("fused_lora+fused_mlp+grouped_projections", True, True, True)]:
+                                    ("fused_lora+fused_mlp, adapter cast in every call", True, True, True)]:
         qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
                                             lambda weight, dtype, cast_once=True: weight.to(dtype))
         model = build_layer(Path(args.work), liger)
@@ -167,12 +163,8 @@ def main() -> None:
             use_fused_lora(model)
         if mlp:
             use_fused_mlp(model)
-        if "grouped" in name:
-            group_projections(model)
         results[name] = {"host_ms_16_tokens": host_ms(layer_step(model, 16)),
-                         "forward_only_host_ms_16_tokens": host_ms(layer_step(model, 16, backward=False)),
-                         "gpu_ms_4096_tokens": gpu_ms(layer_step(model, 4096)),
-                         "forward_only_gpu_ms_4096_tokens": gpu_ms(layer_step(model, 4096, backward=False))}
+                         "gpu_ms_4096_tokens": gpu_ms(layer_step(model, 4096))}
         print(name, results[name], flush=True)
         if args.kernels:
             Path(args.out).mkdir(parents=True, exist_ok=True)

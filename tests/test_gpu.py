@@ -154,28 +154,6 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_direct_dequantize_gives_bitsandbytes_own_bits(quant_type: str, double_quant: bool,
-                                                        dtype: torch.dtype) -> None:
-    """The fused layers call bitsandbytes' dequantize kernels directly (less host time); the result must be what its
-    public API returns, bit for bit, also when written into part of a larger matrix (grouped projections)."""
-    import bitsandbytes as bnb
-
-    from qlora_kit.speed import dequantize_directly
-
-    weight = torch.randn(384, 256, device="cuda", dtype=dtype)
-    packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant,
-                                                 quant_type=quant_type)
-    expected = bnb.functional.dequantize_4bit(packed, state)
-    assert torch.equal(dequantize_directly(packed, state), expected)
-    rows = torch.full((3 * 384, 256), float("nan"), device="cuda", dtype=dtype)
-    dequantize_directly(packed, state, out=rows[384:768])
-    assert torch.equal(rows[384:768], expected)
-    assert rows[:384].isnan().all() and rows[768:].isnan().all()  # nothing written outside its rows
-
-
 def test_grouped_projections_run_in_training_and_learn_like_single_layers(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With Liger on (its RoPE reads q and k, here column views of one q/k/v result), the grouped layers run once per
@@ -205,8 +183,7 @@ def test_grouped_projections_run_in_training_and_learn_like_single_layers(
     assert "speed.grouped_projections: 4 groups of projections (q/k/v, gate/up) run as one" in messages
     assert len(calls) == 4 * 4 * 2  # 4 steps x 4 groups x (forward + checkpointed recompute)
     assert len(single) == 4 and abs(single[-1] - single[0]) > 0.05
-    # the group's one GEMM rounds differently in bf16 from three: losses drift apart by bf16 noise, not by a step
-    assert grouped == pytest.approx(single, rel=3e-3)
+    assert grouped == pytest.approx(single, abs=1e-3)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "paged_adamw_8bit"])

@@ -210,11 +210,6 @@ class SpeedSection:
         "as one function that recomputes silu(gate) * up in backward instead of saving it: one intermediate-sized "
         "tensor less per layer that keeps its activations (8B batch 2: 10.00 instead of 10.76 GiB with 7 layers "
         "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward")
-    grouped_projections: bool = option(
-        False, help="with fused_lora, each attention's q/k/v and each MLP's gate/up LoRA layers run as one function: "
-        "one dequantized weight matrix and one matmul per group, fewer Python calls and kernel launches per layer; "
-        "the group's dequantized weights exist together, a transient of up to one more weight matrix (not with "
-        "lora dropout)")
     liger_kernels: bool = option(
         True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")

@@ -208,185 +208,6 @@ def liger_swiglu():
     return swiglu
 
 
-class GroupedLoraOver4bit(torch.autograd.Function):
-    """LoraOver4bit for the members of a ProjectionGroup at once: the layers that read one input (an attention's q, k
-    and v; an MLP's gate and up). Their 4-bit weights are dequantized into one matrix for one GEMM, their adapters run
-    as one rank-sum projection x A_cat^T and one block-diagonal up-projection (each block s_i B_i). The same sums as
-    one LoraOver4bit per member, with far fewer Python calls and kernel launches in forward (which recomputed layers
-    run twice) and one autograd node in backward: the small k/v projections are host-bound on fast GPUs.
-
-    Returns one output per member: column views of one [tokens, sum of out_features] result.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group, *adapter_weights):  # adapter_weights: A_1, B_1, A_2, B_2, ...
-        dtype = group.compute_dtype or x.dtype
-        x2 = x.to(dtype).reshape(-1, x.shape[-1])
-        a_cat, b_diag, bias = group.adapter_matrices(dtype)
-        weight = group.dequantized_weights(dtype)
-        out = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-        del weight
-        xa = torch.mm(x2, a_cat.t())
-        out.addmm_(xa, b_diag.t())
-        ctx.group, ctx.x_dtype = group, x.dtype
-        ctx.weight_dtypes = [w.dtype for w in adapter_weights]
-        ctx.save_for_backward(x2, xa, a_cat, b_diag)
-        out = out.to(x.dtype).view(*x.shape[:-1], -1)
-        return tuple(out.split(group.out_features, dim=-1))
-
-    @staticmethod
-    def backward(ctx, *grad_outs):
-        # One member at a time: the concatenated output gradient and weight matrix would add a transient of the
-        # group's full width (gate/up at 8B: 470 MB) to the step's peak.
-        x2, xa, a_cat, b_diag = ctx.saved_tensors
-        group = ctx.group
-        dtype = xa.dtype
-        grad_x = None
-        grad_xas, grads_b = [], []
-        for (row, col, rows, rank, scaling), base, grad_out, b_dtype in zip(
-                group.blocks(), group.bases, grad_outs, ctx.weight_dtypes[1::2], strict=True):
-            g = grad_out.to(dtype).reshape(-1, rows)
-            grad_xas.append(torch.mm(g, b_diag.narrow(0, row, rows).narrow(1, col, rank)))  # scaling included
-            grads_b.append(torch.mm(g.t(), xa.narrow(1, col, rank)).mul_(scaling).to(b_dtype))
-            if ctx.needs_input_grad[0]:
-                weight = dequantized_weight(base, dtype)
-                grad_x = torch.mm(g, weight) if grad_x is None else grad_x.addmm_(g, weight)
-                del weight
-        grad_xa = torch.cat(grad_xas, dim=1)
-        if grad_x is not None:
-            grad_x = grad_x.addmm_(grad_xa, a_cat).view(*grad_outs[0].shape[:-1], -1).to(ctx.x_dtype)
-        grad_a_cat = torch.mm(grad_xa.t(), x2)
-        grads = []
-        for (_, col, _, rank, _), a_dtype, grad_b in zip(group.blocks(), ctx.weight_dtypes[::2], grads_b,
-                                                         strict=True):
-            grads += [grad_a_cat.narrow(0, col, rank).to(a_dtype), grad_b]
-        return grad_x, None, *grads
-
-
-class ProjectionGroup:
-    """peft LoRA layers over 4-bit weights that their parent module calls on one input, one after the other (q_proj,
-    k_proj, v_proj; gate_proj, up_proj). The first member called computes every member's output through
-    GroupedLoraOver4bit; the others find theirs here, for that same input tensor.
-
-    Any other call pattern (a member called on another input, say cross-attention's k/v on the encoder's states)
-    stops the grouping for good, and each member runs its own fused layer from then on.
-    """
-
-    def __init__(self, members: list, cast_once: bool) -> None:
-        self.members, self.cast_once = members, cast_once
-        self.bases = [m.get_base_layer() for m in members]
-        self.out_features = [base.out_features for base in self.bases]
-        self.compute_dtype = self.bases[0].compute_dtype
-        self.waiting: dict[int, torch.Tensor] = {}  # member index -> its output for `waiting_input`
-        self.waiting_input = None
-        self.stopped = False
-        self.cached = None
-        self.names: list[str] = []
-
-    def output_for(self, member, x: torch.Tensor) -> torch.Tensor | None:
-        """`member`'s output for `x`, or None where the group cannot run it (the member then runs alone)."""
-        index = self.members.index(member)
-        if self.waiting:
-            if self.waiting_input is x and index in self.waiting:
-                output = self.waiting.pop(index)
-                if not self.waiting:
-                    self.waiting_input = None
-                return output
-            self.stop(f"{type(member).__name__} {index} was called on another input than the group's first member")
-            return None
-        if self.stopped or torch.compiler.is_compiling() or not self.runnable():
-            return None
-        outputs = GroupedLoraOver4bit.apply(x, self, *self.adapter_weights())
-        self.waiting = {i: out for i, out in enumerate(outputs) if i != index}
-        self.waiting_input = x
-        return outputs[index]
-
-    def runnable(self) -> bool:
-        """Every member would take the fused path now with one adapter and no dropout (dropout draws a mask per
-        member) and the same dtype; remembers the adapter names."""
-        names = [fusable_adapter(m) for m in self.members]
-        if any(name is None or not isinstance(m.lora_dropout[name], torch.nn.Identity)
-               for name, m in zip(names, self.members, strict=True)):
-            return False
-        self.names = names
-        return all(base.compute_dtype == self.compute_dtype for base in self.bases)
-
-    def stop(self, why: str) -> None:
-        log.info("speed.grouped_projections: grouping stopped for %s (%s); they run one by one",
-                 [type(m).__name__ for m in self.members], why)
-        self.stopped, self.waiting, self.waiting_input = True, {}, None
-
-    def adapter_weights(self) -> list[torch.Tensor]:
-        weights = []
-        for member, name in zip(self.members, self.names, strict=True):
-            weights += [member.lora_A[name].weight, member.lora_B[name].weight]
-        return weights
-
-    def blocks(self):
-        """(first output row, first rank column, rows, rank, scaling) of each member in the group's matrices."""
-        row = col = 0
-        for member, name, rows in zip(self.members, self.names, self.out_features, strict=True):
-            rank = member.lora_A[name].weight.shape[0]
-            yield row, col, rows, rank, member.scaling[name]
-            row, col = row + rows, col + rank
-
-    def adapter_matrices(self, dtype: torch.dtype):
-        """A_cat [sum r, in], the block-diagonal [sum out, sum r] of s_i B_i, and the concatenated frozen biases (or
-        None), in `dtype`. Kept between calls like in_compute_dtype's copies (same key: versions, storage, optimizer
-        step) unless cast_once is off."""
-        weights = self.adapter_weights()
-        biases = [base.bias for base in self.bases]
-        key = (dtype, _copies_generation[0], tuple((w._version, w.data_ptr()) for w in weights),
-               tuple(s for *_, s in self.blocks()),
-               tuple(None if b is None else (b._version, b.data_ptr()) for b in biases))
-        if self.cast_once and self.cached is not None and self.cached[0] == key:
-            return self.cached[1]
-        with torch.no_grad():
-            a_cat = torch.cat([a.to(dtype) for a in weights[::2]])
-            scalings = [scaling for *_, scaling in self.blocks()]
-            b_diag = torch.block_diag(*[b.to(dtype) * s for b, s in zip(weights[1::2], scalings, strict=True)])
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat([torch.zeros(n, dtype=dtype, device=a_cat.device) if b is None else b.to(dtype)
-                                  for b, n in zip(biases, self.out_features, strict=True)])
-        matrices = (a_cat, b_diag, bias)
-        self.cached = (key, matrices) if self.cast_once else None
-        return matrices
-
-    def dequantized_weights(self, dtype: torch.dtype) -> torch.Tensor:
-        """Every member's frozen 4-bit weight, dequantized into one [sum out, in] matrix for one matmul."""
-        import bitsandbytes as bnb
-
-        states = [base.weight.quant_state for base in self.bases]
-        # bitsandbytes dequantizes into a given tensor on CUDA (and XPU, MPS), not on CPU
-        if not self.bases[0].weight.is_cuda or any(state.dtype != dtype for state in states):
-            return torch.cat([dequantized_weight(base, dtype) for base in self.bases])
-        weight = torch.empty(sum(self.out_features), self.bases[0].in_features, dtype=dtype,
-                             device=self.bases[0].weight.device)
-        for base, state, rows in zip(self.bases, states, weight.split(self.out_features), strict=True):
-            bnb.functional.dequantize_4bit(base.weight.data, state, out=rows)
-        return weight
-
-
-PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def group_projections(model, cast_once: bool = True) -> int:
-    """speed.grouped_projections: put each attention's q/k/v and each MLP's gate/up LoRA-over-4-bit layers (already
-    on the fused path, use_fused_lora) into a ProjectionGroup; returns how many groups."""
-    count = 0
-    for module in model.modules():
-        for names in PROJECTION_GROUPS:
-            members = [getattr(module, name, None) for name in names]
-            if all(hasattr(m, "_peft_forward") and getattr(m, "_projection_group", None) is None for m in members):
-                group = ProjectionGroup(members, cast_once)
-                if len({base.in_features for base in group.bases}) == 1:
-                    for member in members:
-                        member._projection_group = group
-                    count += 1
-    return count
-
-
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it."""
     import bitsandbytes as bnb
@@ -416,10 +237,6 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = fusable_adapter(self) if self.training and not args and not kwargs else None
     if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    group = getattr(self, "_projection_group", None)
-    output = None if group is None else group.output_for(self, x)
-    if output is not None:
-        return output
     dropout = self.lora_dropout[name]
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
     return LoraOver4bit.apply(x, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
@@ -765,9 +582,6 @@ def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -
             model, cast_adapters_once=not long_context_settings(speed)))
         if speed.fused_mlp:
             log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
-        if speed.grouped_projections:
-            groups = group_projections(model, cast_once=not long_context_settings(speed))
-            log.info("speed.grouped_projections: %d groups of projections (q/k/v, gate/up) run as one", groups)
     blocker = layer_compile_blocker(speed, every_layer_kept)
     if blocker is None:
         log.info("speed.compile_layers: %d decoder layers compile on their first training step",

@@ -154,38 +154,6 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
 
 
-def test_grouped_projections_run_in_training_and_learn_like_single_layers(
-        tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With Liger on (its RoPE reads q and k, here column views of one q/k/v result), the grouped layers run once per
-    group, forward and recompute, and the run's losses match the one-layer-at-a-time run's."""
-    from qlora_kit.cli import run_training
-    from qlora_kit.recipe import load_recipe
-    from qlora_kit.speed import GroupedLoraOver4bit
-
-    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
-
-    def losses(grouped: bool) -> list[float]:
-        recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
-                             [f"speed.grouped_projections={str(grouped).lower()}", f"training.run_name=g{grouped}",
-                              "speed.keep_activations_layers=0", "export.merge=false", "training.learning_rate=0.01"])
-        run_training(recipe)
-        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [row["loss"] for row in rows if "loss" in row]
-
-    single = losses(grouped=False)
-    calls = []
-    grouped_forward = GroupedLoraOver4bit.forward
-    monkeypatch.setattr(GroupedLoraOver4bit, "forward",
-                        staticmethod(lambda *args: calls.append(1) or grouped_forward(*args)))
-    with qlora_kit_log() as messages:
-        grouped = losses(grouped=True)
-
-    assert "speed.grouped_projections: 4 groups of projections (q/k/v, gate/up) run as one" in messages
-    assert len(calls) == 4 * 4 * 2  # 4 steps x 4 groups x (forward + checkpointed recompute)
-    assert len(single) == 4 and abs(single[-1] - single[0]) > 0.05
-    assert grouped == pytest.approx(single, abs=1e-3)
-
-
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "paged_adamw_8bit"])
 def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_every_call(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:
@@ -284,17 +252,11 @@ def wide_base(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path
 
 
 def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled: bool = False,
-                       mlp: bool = False, grouped: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+                       mlp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and LoRA gradients of one bf16-autocast step, the way the trainer runs it (checkpointing on; compiled:
     the last layer keeps its activations, so both compiled graphs run)."""
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.speed import (
-        compile_decoder_layers,
-        group_projections,
-        keep_activations,
-        use_fused_lora,
-        use_fused_mlp,
-    )
+    from qlora_kit.speed import compile_decoder_layers, keep_activations, use_fused_lora, use_fused_mlp
     from qlora_kit.train import keep_adapter_weights_in_fp32
 
     torch.manual_seed(0)
@@ -312,8 +274,6 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
         assert use_fused_lora(model) == 14
     if mlp:  # silu(gate) * up recomputed in backward, through Liger's kernels when liger is on
         assert use_fused_mlp(model) == 2
-    if grouped:  # q/k/v and gate/up each as one dequantized matrix and one matmul
-        assert group_projections(model) == 4
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         keep_activations(model, 1)
@@ -327,8 +287,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
 
 
 @pytest.mark.parametrize("setting", ["fused", "fused+liger", "fused+liger+bf16-residual",
-                                     "fused+mlp+liger+bf16-residual", "fused+mlp+grouped+liger+bf16-residual",
-                                     "fused+compiled+bf16-residual"])
+                                     "fused+mlp+liger+bf16-residual", "fused+compiled+bf16-residual"])
 def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
         setting: str, tmp_path: Path, wide_base: Path, chat_file: Path) -> None:
     """One step of the plain path (peft's LoRA, fp32 residual, no Liger) against each speed setting: same loss,
@@ -340,8 +299,7 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
                               [f"quantization.upcast_to_fp32={'bf16-residual' not in setting}"])
     plain_loss, plain = one_step_gradients(plain_recipe, wide_base, liger=False, fused=False)
     fast_loss, fast = one_step_gradients(fast_recipe, wide_base, liger="liger" in setting, fused=True,
-                                         compiled="compiled" in setting, mlp="mlp" in setting,
-                                         grouped="grouped" in setting)
+                                         compiled="compiled" in setting, mlp="mlp" in setting)
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
     assert plain.keys() == fast.keys() and len(plain) == 2 * 2 * 7
     errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}

@@ -13,10 +13,8 @@ import torch
 from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
 from qlora_kit.speed import (
-    GroupedLoraOver4bit,
     chunk_mlps,
     compile_decoder_layers,
-    group_projections,
     keep_activations,
     offloaded_checkpoint,
     reentrant_checkpoint,
@@ -90,70 +88,6 @@ def test_fused_mlp_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_mod
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations(model, 1)  # one layer recomputed, one keeping its activations
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
-
-
-def test_grouped_projections_match_peft_in_loss_and_every_gradient(make_recipe, tiny_model_dir, monkeypatch):
-    model = adapted_model(make_recipe, tiny_model_dir)
-    plain = loss_and_gradients(model, IDS)
-    use_fused_lora(model)
-    assert group_projections(model) == 4  # q/k/v and gate/up in each of the 2 layers
-    calls = count_calls(monkeypatch, GroupedLoraOver4bit)
-    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
-    assert calls == [4]  # one call per group; k, v and up took their output from it
-    use_fused_mlp(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    keep_activations(model, 1)  # one layer recomputed, one keeping its activations
-    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
-    assert calls == [4 + 6]  # the recomputed layer's two groups ran again
-
-
-def test_grouped_projections_add_the_frozen_biases_of_qwen_style_attention(make_recipe, tiny_model_dir):
-    model = adapted_model(make_recipe, tiny_model_dir)
-    with torch.no_grad():
-        for layer in model.get_base_model().model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                base = proj.get_base_layer()
-                base.bias = torch.nn.Parameter(torch.randn(base.out_features) * 0.1, requires_grad=False)
-    plain = loss_and_gradients(model, IDS)
-    use_fused_lora(model)
-    group_projections(model)
-    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
-
-
-def test_a_group_called_on_different_inputs_stops_grouping_and_stays_correct(make_recipe, tiny_model_dir):
-    """Cross-attention calls k/v on other states than q: the group notices and its members run one by one."""
-    model = adapted_model(make_recipe, tiny_model_dir)
-    attention = model.get_base_model().model.layers[0].self_attn
-    x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
-    expected = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(other)]
-    use_fused_lora(model)
-    group_projections(model)
-    actual = [attention.q_proj(x), attention.k_proj(other), attention.v_proj(other)]
-    assert attention.q_proj._projection_group.stopped
-    for want, got in zip(expected, actual, strict=True):
-        torch.testing.assert_close(got, want)
-
-
-def test_grouped_projections_leave_lora_dropout_to_each_layer(make_recipe, tiny_model_dir, monkeypatch):
-    model = adapted_model(make_recipe, tiny_model_dir, dropout=0.1)
-    use_fused_lora(model)
-    group_projections(model)
-    calls = count_calls(monkeypatch, GroupedLoraOver4bit)
-    model(input_ids=IDS, labels=IDS).loss.backward()
-    assert calls == [0]
-
-
-def count_calls(monkeypatch, function) -> list[int]:
-    """A one-item list that counts calls of `function.apply` from now on."""
-    calls = [0]
-    real = function.apply
-
-    def counting(*args):
-        calls[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(function, "apply", counting)
-    return calls
 
 
 def saved_wide_tensors(mlp, x: torch.Tensor) -> int:

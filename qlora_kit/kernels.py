@@ -1,0 +1,80 @@
+"""Triton kernels for the fused layers in speed.py (GPU only; Triton has no CPU path).
+
+NF4 dequantize: bitsandbytes' CUDA kernel reaches about half of an H200's memory bandwidth (36.8 us for an average
+8B weight, 2.2 TB/s), and double quantization adds two more kernels per call (the 8-bit absmax, then its offset).
+This kernel reads the packed weight and the double-quantized absmax once and writes the dense matrix in one pass,
+with bitsandbytes' arithmetic (fp32 products, the offset added after rounding, round-to-nearest-even cast), so the
+result is the same bits.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BYTES_PER_PROGRAM = 2048  # packed bytes per Triton program: 4,096 weights
+WARPS = 8
+
+
+@functools.cache
+def nf4_dequantize_kernel():
+    """The compiled-on-first-use Triton kernel, or None where Triton is not installed."""
+    try:
+        import triton
+        import triton.language as tl
+        from triton.language.extra import libdevice
+    except ImportError:
+        return None
+
+    @triton.jit
+    def dequantize(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n_bytes,
+                   NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BYTES: tl.constexpr):
+        start = tl.program_id(0).to(tl.int64) * BYTES
+        index = start + tl.arange(0, BYTES)
+        inside = index < n_bytes
+        byte = tl.load(packed_ptr + index, mask=inside, other=0).to(tl.int32)
+        block = (index * 2) // BLOCKSIZE
+        if NESTED:
+            absmax_code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+            scaled = tl.load(code2_ptr + absmax_code) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=inside,
+                                                                  other=0.0)
+            absmax = libdevice.add_rn(scaled, tl.load(offset_ptr))  # rounded product, then the offset: no FMA
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+        high = tl.load(code_ptr + (byte >> 4)) * absmax
+        low = tl.load(code_ptr + (byte & 15)) * absmax
+        values = tl.interleave(high, low)
+        out_index = 2 * start + tl.arange(0, 2 * BYTES)
+        tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < 2 * n_bytes)
+
+    return dequantize
+
+
+def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense [out, in] weight of a bitsandbytes NF4 weight (`packed` and its QuantState) in state.dtype, written
+    into `out` (contiguous, that shape and dtype) when given. CUDA tensors; see nf4_dequantize_applies."""
+    kernel = nf4_dequantize_kernel()
+    if out is None:
+        out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+    n_bytes = packed.numel()
+    nested = bool(state.nested)
+    absmax2 = state.state2.absmax if nested else state.absmax  # unused pointers when not nested
+    code2 = state.state2.code if nested else state.code
+    offset = state.offset if nested else state.absmax
+    grid = (triton_cdiv(n_bytes, BYTES_PER_PROGRAM),)
+    with torch.cuda.device(packed.device):
+        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, NESTED=nested,
+                     BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
+                     BYTES=BYTES_PER_PROGRAM, num_warps=WARPS)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(a // -b)
+
+
+def nf4_dequantize_applies(packed: torch.Tensor, state) -> bool:
+    """The kernel covers this weight: NF4 on CUDA with Triton, an even block size, a 16-entry code, contiguous."""
+    return (packed.is_cuda and state.quant_type == "nf4" and packed.dtype == torch.uint8 and packed.is_contiguous()
+            and state.blocksize % 2 == 0 and state.code.numel() == 16 and nf4_dequantize_kernel() is not None)

@@ -1,0 +1,69 @@
+"""GPU time of one NF4 dequantize per Llama-3-8B weight shape: bitsandbytes' API against qlora-kit's Triton kernel
+(qlora_kit/kernels.py), and whether the two give the same bits.
+
+  python scripts/dequant_kernel_bench.py --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
+             "down_proj": (4096, 14336)}
+
+
+def gpu_us(fn, repeats: int = 50) -> float:
+    for _ in range(5):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / repeats
+
+
+def main() -> None:
+    import bitsandbytes as bnb
+
+    from qlora_kit import kernels
+    from qlora_kit.kernels import nf4_dequantize
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="/tmp/dequant_kernel_bench")
+    parser.add_argument("--sweep", action="store_true", help="also time other program sizes and warp counts")
+    args = parser.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "rows": []}
+    for name, shape in SHAPES_8B.items():
+        weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        same = torch.equal(nf4_dequantize(packed, state), bnb.functional.dequantize_4bit(packed, state))
+        bytes_moved = packed.numel() + state.absmax.numel() + 2 * weight.numel()
+        row = {"weight": name, "shape": list(shape), "same_bits": same,
+               "bitsandbytes_us": gpu_us(lambda p=packed, s=state: bnb.functional.dequantize_4bit(p, s)),
+               "triton_us": gpu_us(lambda p=packed, s=state: nf4_dequantize(p, s))}
+        row["bitsandbytes_tb_s"] = bytes_moved / row["bitsandbytes_us"] / 1e6
+        row["triton_tb_s"] = bytes_moved / row["triton_us"] / 1e6
+        if args.sweep:  # other program sizes and warp counts
+            default = (kernels.BYTES_PER_PROGRAM, kernels.WARPS)
+            for size, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (8192, 8)):
+                kernels.BYTES_PER_PROGRAM, kernels.WARPS = size, warps
+                row[f"triton_us_{size}b_{warps}w"] = gpu_us(lambda p=packed, s=state: nf4_dequantize(p, s))
+            kernels.BYTES_PER_PROGRAM, kernels.WARPS = default
+        results["rows"].append(row)
+        print(row, flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "dequant_kernel_bench.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,5 @@
-"""GPU time of one NF4 dequantize per Llama-3-8B weight shape: bitsandbytes' API against qlora-kit's Triton kernel
-(qlora_kit/kernels.py), and whether the two give the same bits.
+"""GPU time of one NF4 dequantize per Llama-3-8B weight shape (call to call, and kernels alone): bitsandbytes' API
+against qlora-kit's Triton kernel (qlora_kit/kernels.py), and whether the two give the same bits.
 
   python scripts/dequant_kernel_bench.py --out $OUT
 """
@@ -32,6 +32,20 @@ def gpu_us(fn, repeats: int = 50) -> float:
     return 1000 * start.elapsed_time(end) / repeats
 
 
+def kernel_us(fn, repeats: int = 20) -> float:
+    """GPU kernel time per call (the profiler's device time, launch gaps excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / repeats
+
+
 def main() -> None:
     import bitsandbytes as bnb
 
@@ -51,13 +65,15 @@ def main() -> None:
         row = {"weight": name, "shape": list(shape), "same_bits": same,
                "bitsandbytes_us": gpu_us(lambda p=packed, s=state: bnb.functional.dequantize_4bit(p, s)),
                "triton_us": gpu_us(lambda p=packed, s=state: nf4_dequantize(p, s))}
-        row["bitsandbytes_tb_s"] = bytes_moved / row["bitsandbytes_us"] / 1e6
-        row["triton_tb_s"] = bytes_moved / row["triton_us"] / 1e6
+        row["bitsandbytes_kernel_us"] = kernel_us(lambda p=packed, s=state: bnb.functional.dequantize_4bit(p, s))
+        row["triton_kernel_us"] = kernel_us(lambda p=packed, s=state: nf4_dequantize(p, s))
+        row["bitsandbytes_kernel_tb_s"] = bytes_moved / row["bitsandbytes_kernel_us"] / 1e6
+        row["triton_kernel_tb_s"] = bytes_moved / row["triton_kernel_us"] / 1e6
         if args.sweep:  # other program sizes and warp counts
             default = (kernels.BYTES_PER_PROGRAM, kernels.WARPS)
             for size, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (8192, 8)):
                 kernels.BYTES_PER_PROGRAM, kernels.WARPS = size, warps
-                row[f"triton_us_{size}b_{warps}w"] = gpu_us(lambda p=packed, s=state: nf4_dequantize(p, s))
+                row[f"triton_kernel_us_{size}b_{warps}w"] = kernel_us(lambda p=packed, s=state: nf4_dequantize(p, s))
             kernels.BYTES_PER_PROGRAM, kernels.WARPS = default
         results["rows"].append(row)
         print(row, flush=True)

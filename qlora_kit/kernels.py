@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-BYTES_PER_PROGRAM = 2048  # packed bytes per Triton program: 4,096 weights
-WARPS = 8
+BYTES_PER_PROGRAM = 1024  # packed bytes per Triton program (2,048 weights) and its warps: the fastest of those
+WARPS = 4  # tried on an H200 for every 8B weight shape (scripts/dequant_kernel_bench.py --sweep)
 
 
 @functools.cache
@@ -28,7 +28,7 @@ def nf4_dequantize_kernel():
         return None
 
     @triton.jit
-    def dequantize(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n_bytes,
+    def dequantize(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n_bytes, n_values,
                    NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BYTES: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BYTES
         index = start + tl.arange(0, BYTES)
@@ -46,7 +46,7 @@ def nf4_dequantize_kernel():
         low = tl.load(code_ptr + (byte & 15)) * absmax
         values = tl.interleave(high, low)
         out_index = 2 * start + tl.arange(0, 2 * BYTES)
-        tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < 2 * n_bytes)
+        tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < n_values)
 
     return dequantize
 
@@ -64,7 +64,7 @@ def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None)
     offset = state.offset if nested else state.absmax
     grid = (triton_cdiv(n_bytes, BYTES_PER_PROGRAM),)
     with torch.cuda.device(packed.device):
-        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, NESTED=nested,
+        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, out.numel(), NESTED=nested,
                      BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
                      BYTES=BYTES_PER_PROGRAM, num_warps=WARPS)
     return out

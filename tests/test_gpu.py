@@ -154,6 +154,29 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
 
 
+@pytest.mark.parametrize("shape", [(384, 256), (1, 4095)])  # the second: an odd count, half a byte of padding
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_triton_dequantize_gives_bitsandbytes_own_bits(shape: tuple[int, int], blocksize: int, double_quant: bool,
+                                                       dtype: torch.dtype) -> None:
+    import bitsandbytes as bnb
+
+    from qlora_kit.kernels import nf4_dequantize, nf4_dequantize_applies
+
+    torch.manual_seed(0)
+    weight = torch.randn(shape, device="cuda", dtype=dtype) * 3
+    packed, state = bnb.functional.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                                 quant_type="nf4")
+    assert nf4_dequantize_applies(packed, state)
+    expected = bnb.functional.dequantize_4bit(packed, state)
+    padded = torch.full((shape[0] * shape[1] + 1,), float("nan"), device="cuda", dtype=dtype)
+    dense = nf4_dequantize(packed, state, out=padded[:-1].view(shape))
+    assert torch.equal(dense, expected)
+    assert padded[-1].isnan()  # nothing written past the last weight
+    assert not nf4_dequantize_applies(*bnb.functional.quantize_4bit(weight, quant_type="fp4"))
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "paged_adamw_8bit"])
 def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_every_call(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:

@@ -15,7 +15,8 @@ current then):
 - chunked MLP: the MLP runs over chunks of tokens, each recomputed in backward, so its 3.5x-wide intermediates exist
   for one chunk at a time (long context).
 - fused MLP: silu(gate) * up and the down projection as one function that recomputes the product in backward, so a
-  layer that keeps its activations holds one 3.5x-wide tensor less.
+  layer that keeps its activations holds one 3.5x-wide tensor less; in a checkpointed layer's recompute it skips the
+  down projection's matmul, whose output nothing reads there.
 - the fp32 adapter weights' compute-dtype copies, made once per optimizer step instead of in every call.
 - NF4 dequantize through a Triton kernel (kernels.py): bitsandbytes' bits, one kernel instead of three, faster.
 - a step-scheduled Python garbage collector (off: no measured difference).
@@ -151,14 +152,22 @@ class SwigluDownOver4bit(torch.autograd.Function):
     and up, the down projection its input). Here backward recomputes it from gate and up, which the activation's
     backward reads anyway: one intermediate-sized tensor less per layer that keeps its activations. Gradients for
     gate, up, A and B.
+
+    `output_read` false: the caller knows nothing will read the output (a checkpointed layer's recompute, see
+    fused_mlp_forward), so the down projection's matmul is skipped; backward is the same.
     """
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True):
+    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True, output_read=True):
         dtype = layer.compute_dtype or gate.dtype
         h = silu_mul(gate, up).to(dtype)
         a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
-        out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
+        if output_read:
+            out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
+        else:  # only what backward needs; NaN, so that a reader the caller did not foresee fails loudly
+            xa = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+            out = torch.full((*gate.shape[:-1], layer.out_features), float("nan"), dtype=gate.dtype,
+                             device=gate.device)
         ctx.layer, ctx.scaling = layer, scaling
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(gate, up, xa, a, b)
@@ -178,7 +187,7 @@ class SwigluDownOver4bit(torch.autograd.Function):
         del h2
         grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
-        return grad_gate, grad_up, grad_a, grad_b, None, None, None
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -261,9 +270,12 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     name = fusable_adapter(down) if training else None
     if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity) or torch.compiler.is_compiling():
         return self._unfused_mlp_forward(x)
+    # Run inside backward, this forward is a checkpointed layer's recompute: autograd needs what the MLP saves, never
+    # its output, when the layer only adds that output to the residual (a 481 GFLOP matmul per 8B layer and step).
+    recompute = torch._C._current_graph_task_id() != -1
     return SwigluDownOver4bit.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight,
                                     down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
-                                    down._cast_adapters_once)
+                                    down._cast_adapters_once, not (recompute and self._output_only_summed))
 
 
 def gated_silu_mlp(module) -> bool:
@@ -276,16 +288,24 @@ def gated_silu_mlp(module) -> bool:
         module, "experts")
 
 
+# Decoder layers that end `residual + mlp(norm(hidden))`: nothing saves the MLP's output for backward, so a recompute
+# can skip computing it. (Not, say, OLMo 2 or Gemma 2, which normalise the MLP output first.)
+MLP_OUTPUT_ONLY_SUMMED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
 def use_fused_mlp(model) -> int:
     """Run every gated-SiLU MLP whose down projection takes the fused LoRA path through SwigluDownOver4bit; returns
     how many. Other MLPs (and any call the fused path cannot take) keep their own forward."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
+    summed = {id(layer.mlp) for layer in model.modules()
+              if type(layer).__name__ in MLP_OUTPUT_ONLY_SUMMED and hasattr(layer, "mlp")}
     count = 0
     for module in model.modules():
         if (gated_silu_mlp(module) and isinstance(module.down_proj, PeftLinear4bit)
                 and not hasattr(module, "_unfused_mlp_forward")):
             module._unfused_mlp_forward = module.forward
+            module._output_only_summed = id(module) in summed
             module.forward = types.MethodType(fused_mlp_forward, module)
             count += 1
     return count

@@ -25,8 +25,9 @@ from qlora_kit.speed import (
 
 
 def adapted_model(make_recipe, tiny_model_dir, **lora):
-    """The tiny Llama in NF4 with LoRA on all linears, adapters made non-zero so they change outputs and gradients."""
-    recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, **lora}))
+    """The tiny Llama (or the model in `tiny_model_dir`) in NF4 with LoRA on all linears, adapters made non-zero so
+    they change outputs and gradients."""
+    recipe = load_recipe(make_recipe(model={"name": str(tiny_model_dir)}, lora={"r": 4, "alpha": 8, **lora}))
     torch.manual_seed(0)
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
     with torch.no_grad():
@@ -87,6 +88,54 @@ def test_fused_mlp_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_mod
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations(model, 1)  # one layer recomputed, one keeping its activations
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
+@pytest.mark.parametrize("checkpoint", [None, reentrant_checkpoint])
+def test_a_recomputed_llama_mlp_skips_the_down_projection_it_never_reads(make_recipe, tiny_model_dir, monkeypatch,
+                                                                         checkpoint):
+    """In a checkpointed Llama layer's recompute, the MLP output only feeds `residual + mlp`, which backward does not
+    read: the fused MLP skips that matmul there, and every gradient stays peft's."""
+    from qlora_kit.speed import SwigluDownOver4bit
+
+    model = adapted_model(make_recipe, tiny_model_dir)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = loss_and_gradients(model, IDS)
+    use_fused_lora(model)
+    use_fused_mlp(model)
+    if checkpoint is not None:
+        use_checkpoint_function(model, checkpoint)
+    output_read = []
+    forward = SwigluDownOver4bit.forward
+    monkeypatch.setattr(SwigluDownOver4bit, "forward",
+                        staticmethod(lambda *args: output_read.append(args[-1]) or forward(*args)))
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+    # reentrant: the first forward builds no graph and runs the plain MLP; the recompute the fused one
+    assert output_read == ([False, False] if checkpoint else [True, True, False, False])
+
+
+def test_an_mlp_whose_output_is_normalised_is_computed_in_its_recompute_too(make_recipe, tiny_model_dir, tmp_path):
+    """OLMo 2 normalises the MLP output before the residual sum, and that norm saves its input for backward: skipping
+    the matmul there would train on NaN."""
+    import shutil
+
+    from transformers import AutoTokenizer, Olmo2Config, Olmo2ForCausalLM
+
+    folder = tmp_path / "tiny-olmo2"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    Olmo2ForCausalLM(Olmo2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+                     ).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    model = adapted_model(make_recipe, folder)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    plain = loss_and_gradients(model, IDS)
+    use_fused_lora(model)
+    assert use_fused_mlp(model) == 2
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
 
 

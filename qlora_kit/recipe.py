@@ -209,7 +209,8 @@ class SpeedSection:
         True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) runs its activation and down projection "
         "as one function that recomputes silu(gate) * up in backward instead of saving it: one intermediate-sized "
         "tensor less per layer that keeps its activations (8B batch 2: 10.00 instead of 10.76 GiB with 7 layers "
-        "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward")
+        "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward; in a checkpointed Llama, "
+        "Mistral or Qwen layer's recompute it skips the down projection's matmul, whose output nothing reads")
     triton_dequantize: bool = option(
         True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: the same "
         "bits as bitsandbytes' in one kernel instead of three, about 1.6x faster (an 8B gate weight: 44 vs 71 us on "

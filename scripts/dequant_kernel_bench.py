@@ -20,16 +20,10 @@ SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate
 
 
 def gpu_us(fn, repeats: int = 50) -> float:
-    for _ in range(5):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / repeats
+    """Call-to-call GPU time (events around back-to-back calls: host-bound calls show their host time)."""
+    from layer_host_time import gpu_ms
+
+    return 1000 * gpu_ms(fn, repeats)
 
 
 def kernel_us(fn, repeats: int = 20) -> float:

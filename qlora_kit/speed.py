@@ -33,6 +33,7 @@ import types
 import torch
 from transformers import TrainerCallback
 
+from qlora_kit.kernels import nf4_dequantize, nf4_dequantize_applies, nf4_dequantize_kernel
 from qlora_kit.model import under_fsdp
 from qlora_kit.recipe import Recipe, SpeedSection
 
@@ -226,8 +227,6 @@ def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     qlora-kit's Triton kernel where speed.triton_dequantize is on and it applies (the same bits, in one kernel at
     about 1.6x bitsandbytes' speed), else bitsandbytes'."""
     import bitsandbytes as bnb
-
-    from qlora_kit.kernels import nf4_dequantize, nf4_dequantize_applies
 
     packed, state = layer.weight.data, layer.weight.quant_state
     triton = getattr(layer, "_triton_dequantize", False) and not torch.compiler.is_compiling()
@@ -615,8 +614,6 @@ def apply_speedups(model, speed: SpeedSection, every_layer_kept: bool = False) -
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
             model, cast_adapters_once=not long_context_settings(speed), triton_dequantize=speed.triton_dequantize))
         if speed.triton_dequantize and torch.cuda.is_available():
-            from qlora_kit.kernels import nf4_dequantize_kernel
-
             log.info("speed.triton_dequantize: %s", "NF4 weights dequantize through qlora-kit's Triton kernel"
                      if nf4_dequantize_kernel() is not None else "Triton is not installed; bitsandbytes' kernels")
         if speed.fused_mlp:

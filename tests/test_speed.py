@@ -216,6 +216,21 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
     assert len(fused_calls) == 4  # both MLPs of the one step, forward and checkpointed recompute
 
 
+def test_the_flop_count_takes_the_parameter_count_once_and_keeps_transformers_formula(make_recipe, tiny_model_dir,
+                                                                                     tiny_tokenizer, tmp_path):
+    """Trainer counts parameters for `total_flos` in every step (a walk over every parameter, ~6 ms a step at 8B);
+    the pipeline's trainer counts once, with the same result."""
+    from trl import SFTTrainer
+
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
+    inputs = {"input_ids": torch.ones(2, 24, dtype=torch.long)}
+    expected = SFTTrainer.floating_point_ops(trainer, inputs)  # transformers' own, walking the parameters
+    assert expected > 0
+    trainer.model.num_parameters = lambda **kwargs: pytest.fail("parameters counted again")
+    assert trainer.floating_point_ops(inputs) == expected
+    assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0
+
+
 def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,
                                                                             tiny_tokenizer, tmp_path, monkeypatch):
     import gc

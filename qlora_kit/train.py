@@ -347,6 +347,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     if not under_fsdp():  # FSDP needs one dtype per shard: adapters stay in the compute dtype there
         keep_adapter_weights_in_fp32(trainer.model)
     count_parameters_for_flops_once(trainer)
+    clip_only_trainable_gradients(trainer)
     return trainer
 
 
@@ -364,6 +365,25 @@ def count_parameters_for_flops_once(trainer) -> None:
         return 6 * inputs[main_input].numel() * parameters if main_input in inputs else 0
 
     trainer.floating_point_ops = floating_point_ops
+
+
+def clip_only_trainable_gradients(trainer) -> None:
+    """Trainer clips gradients through accelerate with every parameter of the model, listed anew in every step, though
+    only the adapter's have gradients: ~4 ms of host time a step on an 8B-layout PEFT model, spent while the GPU waits
+    (Trainer has just synchronised to count tokens). The same norm and clipping, over the trainable parameters listed
+    once. One process or DDP; FSDP and DeepSpeed clip their own way and keep Trainer's."""
+    from accelerate.utils import DistributedType
+
+    if trainer.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
+        return
+    trainable: list[torch.nn.Parameter] = []
+
+    def clip_grad_norm(model):
+        if not trainable:
+            trainable.extend(p for p in model.parameters() if p.requires_grad)
+        return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
+
+    trainer._clip_grad_norm = clip_grad_norm
 
 
 def train_on_one_gpu_without_a_launcher(args) -> None:

@@ -231,6 +231,32 @@ def test_the_flop_count_takes_the_parameter_count_once_and_keeps_transformers_fo
     assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0
 
 
+def test_gradient_clipping_lists_the_trainable_parameters_once_and_clips_like_transformers(
+        make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
+    from trl import SFTTrainer
+
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
+    model = trainer.model
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(0)
+    gradients = [torch.randn_like(p) * 10 for p in trainable]  # a norm well above max_grad_norm: clipping happens
+
+    def clipped(clip) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for param, grad in zip(trainable, gradients, strict=True):
+            param.grad = grad.clone()
+        norm = clip(model)
+        return norm, [p.grad.clone() for p in trainable]
+
+    expected_norm, expected = clipped(lambda m: SFTTrainer._clip_grad_norm(trainer, m))  # transformers' own
+    norm, actual = clipped(trainer._clip_grad_norm)
+    assert expected_norm > trainer.args.max_grad_norm
+    torch.testing.assert_close(norm, expected_norm)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    model.parameters = lambda *args, **kwargs: pytest.fail("parameters listed again")
+    torch.testing.assert_close(clipped(trainer._clip_grad_norm)[0], expected_norm)
+
+
 def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,
                                                                             tiny_tokenizer, tmp_path, monkeypatch):
     import gc

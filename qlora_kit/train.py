@@ -348,6 +348,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
         keep_adapter_weights_in_fp32(trainer.model)
     count_parameters_for_flops_once(trainer)
     clip_only_trainable_gradients(trainer)
+    if not under_fsdp():  # FSDP's flat parameters replace the model's own
+        zero_only_trainable_gradients(trainer.model)
     return trainer
 
 
@@ -376,14 +378,25 @@ def clip_only_trainable_gradients(trainer) -> None:
 
     if trainer.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
         return
-    trainable: list[torch.nn.Parameter] = []
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer._clip_grad_norm = lambda model: trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
 
-    def clip_grad_norm(model):
-        if not trainable:
-            trainable.extend(p for p in model.parameters() if p.requires_grad)
-        return trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
 
-    trainer._clip_grad_norm = clip_grad_norm
+def zero_only_trainable_gradients(model) -> None:
+    """Trainer calls `model.zero_grad()` after every optimizer step, which walks every module and parameter (~3.5 ms
+    of host time at 8B layout) to drop gradients that only the trainable parameters have. The same, over those
+    listed once. (Under DDP, Trainer calls the wrapper's zero_grad, which stays torch's.)"""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def zero_grad(set_to_none: bool = True) -> None:
+        for param in trainable:
+            if param.grad is not None:
+                if set_to_none:
+                    param.grad = None
+                else:
+                    param.grad.zero_()
+
+    model.zero_grad = zero_grad
 
 
 def train_on_one_gpu_without_a_launcher(args) -> None:

@@ -231,7 +231,7 @@ def test_the_flop_count_takes_the_parameter_count_once_and_keeps_transformers_fo
     assert trainer.floating_point_ops({"labels": inputs["input_ids"]}) == 0
 
 
-def test_gradient_clipping_lists_the_trainable_parameters_once_and_clips_like_transformers(
+def test_gradient_clipping_and_zeroing_list_the_trainable_parameters_once_and_act_like_torch(
         make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
     from trl import SFTTrainer
 
@@ -255,6 +255,11 @@ def test_gradient_clipping_lists_the_trainable_parameters_once_and_clips_like_tr
         torch.testing.assert_close(got, want)
     model.parameters = lambda *args, **kwargs: pytest.fail("parameters listed again")
     torch.testing.assert_close(clipped(trainer._clip_grad_norm)[0], expected_norm)
+
+    model.zero_grad(set_to_none=False)  # Trainer's per-step call, without a walk over every module
+    assert all(p.grad is not None and not p.grad.any() for p in trainable)
+    model.zero_grad()
+    assert all(p.grad is None for p in trainable)
 
 
 def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,

@@ -190,10 +190,16 @@ class MetricsLog(TrainerCallback):
         if len(marks) >= 2:
             (t0, s0, n0), (t1, s1, n1) = marks[0], marks[-1]
             stats = {"train_tokens_per_second": (n1 - n0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (s1 - s0),
-                     "measured_steps": s1 - s0}
+                     "measured_steps": s1 - s0, "step_seconds": step_durations(marks)}
         if torch.cuda.is_available():
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return stats
+
+
+def step_durations(marks: list[tuple]) -> list[float]:
+    """Seconds of each step between consecutive (time, step, ...) marks: whether a slow run was slow throughout or
+    stalled now and then."""
+    return [round(t1 - t0, 4) for (t0, *_), (t1, *_) in zip(marks, marks[1:], strict=False)]
 
 
 class TrainingInterrupted(QloraKitError):

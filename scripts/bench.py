@@ -402,10 +402,13 @@ def cmd_reference(spec_path: str) -> None:
     marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
     (t0, s0), (t1, s1) = (marks[0], marks[-1]) if len(marks) >= 2 else ((0.0, 0), (0.0, 0))
     tokens_per_step = spec["batch"] * max(row_lengths)
+    from qlora_kit.train import step_durations  # after training: the plain path imports nothing of qlora-kit's
+
     print("BENCH_JSON " + json.dumps({
         "tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0) if s1 > s0 else None,
         "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
-        "measured_steps": s1 - s0, "peak_gpu_memory_gib": peak, "losses": steps.losses,
+        "measured_steps": s1 - s0, "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
+        "losses": steps.losses,
         "row_tokens": sorted(row_lengths), "setup_s": round(loaded - start, 1),
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
 
@@ -588,7 +591,7 @@ def run_measurements(run_dir: Path) -> dict[str, Any]:
             "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
             "kept_activation_layers": summary.get("kept_activation_layers"),
-            "losses": [m["loss"] for m in metrics if "loss" in m]}
+            "step_seconds": summary.get("step_seconds"), "losses": [m["loss"] for m in metrics if "loss" in m]}
 
 
 def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, sft_args: dict[str, Any],
@@ -655,6 +658,10 @@ def fmt(value: Any, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def step_range(seconds: list[float] | None) -> str:
+    return f"{min(seconds):.3f}–{max(seconds):.3f}" if seconds else "—"
+
+
 def markdown(results: dict[str, Any]) -> str:
     env, settings = results["env"], results["settings"]
     lines = [
@@ -677,14 +684,15 @@ def markdown(results: dict[str, Any]) -> str:
                             fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
                             fmt(r["memory_vs_reference"], ".3f")]) + " |" for r in results["summary"]),
         "", "Every run (speed and memory against the median reference run):", "",
-        "| path | shape | seq | batch | tokens/s | peak GiB | s/step | measured steps | layers not checkpointed "
-        "| speed vs reference | memory vs reference | loss per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| path | shape | seq | batch | tokens/s | peak GiB | s/step | step s (min–max) | measured steps "
+        "| layers not checkpointed | speed vs reference | memory vs reference | loss per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         losses = f"**failed:** {r['error']}" if r.get("error") else " ".join(f"{x:.3f}" for x in r.get("losses", []))
         cells = [r["path"], r["label"], str(r["seq"]), str(r["batch"]), fmt(r.get("tokens_per_second"), ",.0f"),
                  fmt(r.get("peak_gpu_memory_gib"), ".2f"), fmt(r.get("seconds_per_step"), ".3f"),
-                 fmt(r.get("measured_steps"), "d"), fmt(r.get("kept_activation_layers"), "d"),
+                 step_range(r.get("step_seconds")), fmt(r.get("measured_steps"), "d"),
+                 fmt(r.get("kept_activation_layers"), "d"),
                  fmt(r.get("speedup_vs_reference"), ".3f"),
                  fmt(r.get("memory_vs_reference"), ".3f"), losses]
         lines.append("| " + " | ".join(cells) + " |")

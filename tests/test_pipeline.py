@@ -113,6 +113,9 @@ def test_summary_records_steps_loss_and_throughput(trained_run):
     assert summary["global_step"] == 4
     assert summary["train_loss"] > 0
     assert summary["train_tokens_per_second"] > 0
+    assert len(summary["step_seconds"]) == summary["measured_steps"]  # one duration per measured step
+    assert sum(summary["step_seconds"]) == pytest.approx(summary["seconds_per_step"] * summary["measured_steps"],
+                                                         abs=1e-3)
 
 
 def test_merge_writes_safetensors_and_a_passed_logits_check(trained_run):

@@ -47,6 +47,7 @@ def test_bench_dry_run_compares_variants_with_the_reference(tmp_path):
     runs = json.loads((out / "bench.json").read_text())["runs"]
     assert [r["path"] for r in runs] == ["qlora-kit:base", "qlora-kit:bf16", "reference"]
     assert all(r["error"] is None and r["tokens_per_second"] > 0 and r["measured_steps"] == 2 for r in runs)
+    assert all(len(r["step_seconds"]) == 2 and min(r["step_seconds"]) > 0 for r in runs)  # each measured step
     first_losses = {r["path"]: r["losses"][0] for r in runs}
     assert max(first_losses.values()) - min(first_losses.values()) < 1e-3, first_losses  # same model, data, init
     assert "| qlora-kit:bf16 |" in (out / "bench.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -199,7 +200,7 @@ class MetricsLog(TrainerCallback):
 def step_durations(marks: list[tuple]) -> list[float]:
     """Seconds of each step between consecutive (time, step, ...) marks: whether a slow run was slow throughout or
     stalled now and then."""
-    return [round(t1 - t0, 4) for (t0, *_), (t1, *_) in zip(marks, marks[1:], strict=False)]
+    return [round(t1 - t0, 4) for (t0, *_), (t1, *_) in itertools.pairwise(marks)]
 
 
 class TrainingInterrupted(QloraKitError):

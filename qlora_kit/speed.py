@@ -229,8 +229,7 @@ def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes as bnb
 
     packed, state = layer.weight.data, layer.weight.quant_state
-    triton = getattr(layer, "_triton_dequantize", False) and not torch.compiler.is_compiling()
-    if triton and state.dtype == dtype and nf4_dequantize_applies(packed, state):
+    if getattr(layer, "_triton_dequantize", False) and state.dtype == dtype and not torch.compiler.is_compiling():
         return nf4_dequantize(packed, state)
     return bnb.functional.dequantize_4bit(packed, state).to(dtype)
 
@@ -313,7 +312,8 @@ def use_fused_mlp(model) -> int:
 def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bool = True) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many.
     `cast_adapters_once`: keep each adapter weight's compute-dtype copy until it changes (see in_compute_dtype);
-    `triton_dequantize`: dequantize NF4 weights with qlora-kit's Triton kernel where it applies (dequantized_weight)."""
+    `triton_dequantize`: dequantize NF4 weights with qlora-kit's Triton kernel where it applies (dequantized_weight;
+    the model must sit on its GPU already)."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     count = 0
@@ -321,7 +321,9 @@ def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bo
         if isinstance(module, PeftLinear4bit) and not hasattr(module, "_peft_forward"):
             module._peft_forward = module.forward
             module._cast_adapters_once = cast_adapters_once
-            module.get_base_layer()._triton_dequantize = triton_dequantize
+            base = module.get_base_layer()  # whether the kernel covers this weight is decided once, not per call
+            base._triton_dequantize = triton_dequantize and nf4_dequantize_applies(base.weight.data,
+                                                                                  base.weight.quant_state)
             module.forward = types.MethodType(fused_lora_forward, module)
             count += 1
     return count

@@ -186,7 +186,9 @@ class SwigluDownOver4bit(torch.autograd.Function):
         h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
         grad_a = torch.mm(grad_xa.t(), h2).to(a_dtype)
         del h2
-        grad_h = torch.mm(g, dequantized_weight(layer, dtype)).addmm_(grad_xa, a)
+        # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as the
+        # MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).
+        grad_h = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
         return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
 

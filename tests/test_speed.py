@@ -262,6 +262,55 @@ def test_gradient_clipping_and_zeroing_list_the_trainable_parameters_once_and_ac
     assert all(p.grad is None for p in trainable)
 
 
+def test_trainer_mode_switches_walk_the_model_only_when_a_module_differs(make_recipe, tiny_model_dir,
+                                                                         tiny_tokenizer, tmp_path, monkeypatch):
+    """Trainer calls `model.train()` before every micro-batch; torch's walk sets every module's flag (~6.5 ms at 8B
+    layout). The pipeline's model skips the walk when every flag already matches, and walks when any differs."""
+    walked = []
+    plain_train = torch.nn.Module.train
+    monkeypatch.setattr(torch.nn.Module, "train",
+                        lambda self, mode=True: walked.append(mode) or plain_train(self, mode))
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
+    model = trainer.model
+    modules = list(model.modules())
+
+    model.train()
+    walked.clear()
+    model.train()  # Trainer's per-step call: everything is in training mode already
+    assert walked == []
+
+    deepest = modules[-1]
+    deepest.eval()  # one module switched on its own: the next call must walk and put it back
+    walked.clear()
+    model.train()
+    assert walked and deepest.training and all(m.training for m in modules)
+
+    model.eval()  # evaluation: every module off, then back on for training
+    assert not any(m.training for m in modules)
+    model.train()
+    assert all(m.training for m in modules)
+
+
+def test_a_module_with_its_own_train_keeps_torchs_walk(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
+    """peft's DoRA layers clear a cache in `train()`: a model holding one keeps Trainer's call as it is."""
+    from qlora_kit.train import switch_modes_only_when_a_module_differs
+
+    _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
+    assert "train" in vars(trainer.model)  # the pipeline's model has the shortcut
+
+    class CachesUntilTrain(torch.nn.Module):
+        def train(self, mode=True):
+            self.cache = None
+            return super().train(mode)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), CachesUntilTrain())
+    switch_modes_only_when_a_module_differs(model)
+    assert "train" not in vars(model)
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    switch_modes_only_when_a_module_differs(plain)
+    assert "train" in vars(plain)
+
+
 def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,
                                                                             tiny_tokenizer, tmp_path, monkeypatch):
     import gc

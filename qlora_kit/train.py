@@ -11,6 +11,7 @@ import shutil
 import signal
 import tempfile
 import time
+import types
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -417,12 +418,11 @@ def switch_modes_only_when_a_module_differs(model) -> None:
     plain = (torch.nn.Module.train, PreTrainedModel.train)  # transformers' acts only when the mode changes
     if any(type(module).train not in plain for module in model.modules()):
         return
-    walk = model.train
 
-    def train(mode: bool = True):
-        return model if every_module_in_mode(model, mode) else walk(mode)
+    def train(self, mode: bool = True):
+        return self if every_module_in_mode(self, mode) else type(self).train(self, mode)
 
-    model.train = train
+    model.train = types.MethodType(train, model)  # bound, so that a deep copy switches itself, not this model
 
 
 def every_module_in_mode(root: torch.nn.Module, mode: bool) -> bool:

@@ -6,6 +6,7 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 from __future__ import annotations
 
 import dataclasses
+from copy import deepcopy
 
 import pytest
 import torch
@@ -309,6 +310,8 @@ def test_a_module_with_its_own_train_keeps_torchs_walk(make_recipe, tiny_model_d
     plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
     switch_modes_only_when_a_module_differs(plain)
     assert "train" in vars(plain)
+    copy = deepcopy(plain).eval()  # a copy switches itself, not the model it was copied from
+    assert not any(m.training for m in copy.modules()) and all(m.training for m in plain.modules())
 
 
 def test_python_gc_collects_young_objects_every_n_steps_during_training_only(make_recipe, tiny_model_dir,

@@ -102,8 +102,8 @@ def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bia
         # gradient upstream of it comes out zero (pytorch/pytorch#180642).
         y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
         return (y if y.dtype == out_dtype else y.to(out_dtype)), xa
-    # The adapter lands on the base output in place. (Writing it first and letting the 4-bit matmul accumulate onto
-    # it with beta=1 measured 27% slower per 8B step on an H200: scripts/bench_results/h200_2026-11-25.)
+    # The adapter lands on the base output in place. Writing it first and letting the big matmul accumulate onto it
+    # (beta=1) gained for gate/up in one H100 run of three and lost for k/v (scripts/adapter_add_bench.py).
     out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
     return out.to(out_dtype), xa
 

@@ -12,10 +12,10 @@ bench.json and bench.md are rewritten after every run, so a cut-off call still r
 
 The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit) and checkpoints every layer, as the
 reference does; qlora-kit's defaults are `training.optimizer=auto` and `speed.keep_activations_layers=auto` (as many
-layers keep their activations as fit on the GPU): pass them as a --variant.
+layers keep their activations as fit on the GPU): `--variant defaults` runs them.
 
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
-  python scripts/bench.py --configs 8b:2 --variant same: --variant auto:training.optimizer=auto \
+  python scripts/bench.py --configs 8b:2 --variant same: --variant defaults --variant auto:training.optimizer=auto \
       --variant nofuse:speed.fused_lora=false --profile qlora-kit:auto   # levers side by side with the reference
   python scripts/bench.py --configs 8b:8 --ref-sft-args '{"use_liger_kernel": true}'   # the reference's best
   python scripts/bench.py --configs 70b:1 --paths qlora-kit --steps 4 --override speed.offload_checkpoints=true
@@ -722,11 +722,34 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit.stdout.strip(), "qlora_kit_changes": dirty.stdout.split("\n")[:-1]}
 
 
+# Recipe keys the bench pins to the plain path's settings (qlora_kit_recipe); `--variant defaults` sets them back
+PINNED_TO_PLAIN = (("training", "TrainingSection", "optimizer"), ("speed", "SpeedSection", "keep_activations_layers"))
+
+
+def qlora_kit_defaults() -> list[str]:
+    """Overrides that give the pinned keys qlora-kit's own defaults, read from the recipe dataclasses."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT))
+    import qlora_kit.recipe
+
+    return [f"{section}.{key}=" + str(next(f.default for f in dataclasses.fields(getattr(qlora_kit.recipe, cls))
+                                           if f.name == key))
+            for section, cls, key in PINNED_TO_PLAIN]
+
+
 def parse_variants(items: list[str]) -> dict[str, list[str]]:
-    """`NAME:k=v,k=v` -> {"qlora-kit:NAME": ["k=v", "k=v"]}, in the order given."""
+    """`NAME:k=v,k=v` -> {"qlora-kit:NAME": ["k=v", "k=v"]}, in the order given; `defaults` -> qlora-kit's defaults
+    for the keys the bench pins to the plain path's settings."""
     variants: dict[str, list[str]] = {}
     for item in items:
+        if item == "defaults":
+            variants["qlora-kit:defaults"] = qlora_kit_defaults()
+            continue
         name, colon, overrides = item.partition(":")
+        if name == "defaults" and sorted(o for o in overrides.split(",") if o) != sorted(qlora_kit_defaults()):
+            raise SystemExit(f"--variant: '{item}' is not qlora-kit's defaults ({','.join(qlora_kit_defaults())}): "
+                             "`--variant defaults` runs them; name this variant otherwise")
         if not colon or not name or any("=" not in o for o in overrides.split(",") if o):
             raise SystemExit(f"--variant: '{item}' is not NAME:key=value[,key=value...] (or NAME: for no overrides)")
         variants[f"qlora-kit:{name}"] = [o for o in overrides.split(",") if o]
@@ -757,7 +780,8 @@ def main(argv: list[str]) -> None:
                         help="extra qlora-kit recipe override key=value (repeatable)")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME:key=value,key=value — run qlora-kit once per variant with these extra overrides "
-                        "(repeatable; 'base:' for none), in place of the single qlora-kit path")
+                        "(repeatable; 'base:' for none; 'defaults' for qlora-kit's own optimizer and kept layers), "
+                        "in place of the single qlora-kit path")
     parser.add_argument("--ref-sft-args", default="{}", help="JSON of extra SFTConfig arguments for the reference")
     parser.add_argument("--run-timeout", type=float, default=540, help="seconds allowed to one child process")
     parser.add_argument("--deadline", type=float, default=None,

@@ -41,16 +41,36 @@ def test_bench_dry_run_compares_variants_with_the_reference(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--out", str(out), "--work", str(tmp_path / "w"),
-         "--variant", "base:", "--variant", "bf16:quantization.upcast_to_fp32=false"],
+         "--variant", "defaults", "--variant", "bf16:quantization.upcast_to_fp32=false"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = json.loads((out / "bench.json").read_text())["runs"]
-    assert [r["path"] for r in runs] == ["qlora-kit:base", "qlora-kit:bf16", "reference"]
+    assert [r["path"] for r in runs] == ["qlora-kit:defaults", "qlora-kit:bf16", "reference"]
+    assert runs[0]["overrides"] == ["training.optimizer=auto", "speed.keep_activations_layers=auto"]
     assert all(r["error"] is None and r["tokens_per_second"] > 0 and r["measured_steps"] == 2 for r in runs)
     assert all(len(r["step_seconds"]) == 2 and min(r["step_seconds"]) > 0 for r in runs)  # each measured step
     first_losses = {r["path"]: r["losses"][0] for r in runs}
     assert max(first_losses.values()) - min(first_losses.values()) < 1e-3, first_losses  # same model, data, init
     assert "| qlora-kit:bf16 |" in (out / "bench.md").read_text()
+
+
+def test_bench_variant_defaults_is_qlora_kits_own_defaults_and_nothing_else():
+    """The bench recipe pins the optimizer and checkpointing to the plain path's; `--variant defaults` undoes that
+    with the recipe dataclasses' defaults. A variant named `defaults` with other overrides (`defaults:` means none)
+    is refused, not run mislabelled."""
+    import bench
+
+    from qlora_kit.recipe import SpeedSection, TrainingSection
+
+    variants = bench.parse_variants(["defaults", "kept9:speed.keep_activations_layers=9", "base:"])
+    assert variants == {
+        "qlora-kit:defaults": [f"training.optimizer={TrainingSection.optimizer}",
+                               f"speed.keep_activations_layers={SpeedSection.keep_activations_layers}"],
+        "qlora-kit:kept9": ["speed.keep_activations_layers=9"], "qlora-kit:base": []}
+    spelled_out = "defaults:" + ",".join(variants["qlora-kit:defaults"])
+    assert bench.parse_variants([spelled_out]) == {"qlora-kit:defaults": variants["qlora-kit:defaults"]}
+    with pytest.raises(SystemExit, match="is not qlora-kit's defaults"):
+        bench.parse_variants(["defaults:"])
 
 
 def test_long_context_probe_model_has_rope_scaling_that_qlora_kit_accepts(tmp_path, make_recipe):

@@ -80,9 +80,9 @@ class LoraOver4bit(torch.autograd.Function):
         if not ctx.same_input and need_xl:
             grad_xl = torch.mm(grad_xa, a).view(*batch_shape, -1).to(xl_dtype)
         if need_a:
-            grad_a = torch.mm(grad_xa.t(), xl2).to(a_dtype)
+            grad_a = matmul_into(grad_xa.t(), xl2, a_dtype)
         if need_b:
-            grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
+            grad_b = adapter_b_grad(g, xa, s, b_dtype)
         return grad_x, grad_xl, grad_a, grad_b, None, None, None
 
 
@@ -141,9 +141,21 @@ def forget_compute_copies() -> None:
     _copies_generation[0] += 1
 
 
-def adapter_b_grad(g: torch.Tensor, xa: torch.Tensor, scaling: float) -> torch.Tensor:
-    """d loss / d B from the output gradient `g` (2-D) and the saved x' A^T."""
-    return torch.mm(g.t(), xa).mul_(scaling)
+def adapter_b_grad(g: torch.Tensor, xa: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d B in `dtype` (B's own) from the output gradient `g` (2-D) and the saved x' A^T."""
+    return matmul_into(g.t(), xa, dtype).mul_(scaling)
+
+
+MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.float32) from bf16/fp16, CUDA
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`. An fp32 adapter weight's gradient from bf16/fp16 inputs comes out of the GEMM in fp32 on
+    CUDA (torch >= 2.8): one kernel instead of a matmul and a cast, and the result is not rounded to bf16 first."""
+    if (MM_OUT_DTYPE and dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_compiling()):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(dtype)
 
 
 class SwigluDownOver4bit(torch.autograd.Function):
@@ -182,9 +194,9 @@ class SwigluDownOver4bit(torch.autograd.Function):
         dtype = xa.dtype
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
         grad_xa = adapter_output_grad(g, b, s)
-        grad_b = adapter_b_grad(g, xa, s).to(b_dtype)
+        grad_b = adapter_b_grad(g, xa, s, b_dtype)
         h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
-        grad_a = torch.mm(grad_xa.t(), h2).to(a_dtype)
+        grad_a = matmul_into(grad_xa.t(), h2, a_dtype)
         del h2
         # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as the
         # MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).

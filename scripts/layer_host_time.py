@@ -151,12 +151,15 @@ def main() -> None:
     results = {}
     import qlora_kit.speed
 
-    cached_casts = qlora_kit.speed.in_compute_dtype
+    cached_casts, fp32_grads = qlora_kit.speed.in_compute_dtype, qlora_kit.speed.matmul_into
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
                                     ("fused_lora+fused_mlp", True, True, True),
-                                    ("fused_lora+fused_mlp, adapter cast in every call", True, True, True)]:
+                                    ("fused_lora+fused_mlp, adapter cast in every call", True, True, True),
+                                    ("fused_lora+fused_mlp, adapter grads cast after the matmul", True, True, True)]:
         qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
                                             lambda weight, dtype, cast_once=True: weight.to(dtype))
+        qlora_kit.speed.matmul_into = (fp32_grads if "cast after" not in name else
+                                       lambda a, b, dtype: torch.mm(a, b).to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()
         if fused:

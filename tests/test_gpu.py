@@ -177,6 +177,22 @@ def test_triton_dequantize_gives_bitsandbytes_own_bits(shape: tuple[int, int], b
     assert not nf4_dequantize_applies(*bnb.functional.quantize_4bit(weight, quant_type="fp4"))
 
 
+def test_fp32_adapter_gradients_come_out_of_the_matmul_unrounded() -> None:
+    """An fp32 LoRA weight's gradient from bf16 activations: one GEMM straight to fp32, closer to the exact product
+    than the bf16 product cast up (what a matmul then a cast gives)."""
+    from qlora_kit.speed import matmul_into
+
+    torch.manual_seed(0)
+    grad_out, saved = (torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16))
+    exact = grad_out.t().double() @ saved.double()
+    grad = matmul_into(grad_out.t(), saved, torch.float32)
+    assert grad.dtype == torch.float32
+    rounded_error = ((grad_out.t() @ saved).double() - exact).abs().max()
+    assert (grad.double() - exact).abs().max() < rounded_error / 10
+    assert matmul_into(grad_out.t(), saved, torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("optimizer", ["adamw_torch_fused", "paged_adamw_8bit"])
 def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_every_call(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:

@@ -89,14 +89,15 @@ class LoraOver4bit(torch.autograd.Function):
 def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
     """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
     and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
-    if torch.compiler.is_compiling():  # an opaque op: inductor must not merge it with backward's dequantize
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # an opaque op: inductor must not merge it with backward's dequantize
         import bitsandbytes as bnb
 
         out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
     else:  # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
         out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
     xa = torch.mm(x_lora2d, a.t())
-    if torch.compiler.is_compiling():
+    if compiling:
         # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
         # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
         # gradient upstream of it comes out zero (pytorch/pytorch#180642).
@@ -284,10 +285,10 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._unfused_mlp_forward(x)
     # Run inside backward, this forward is a checkpointed layer's recompute: autograd needs what the MLP saves, never
     # its output, when the layer only adds that output to the residual (a 481 GFLOP matmul per 8B layer and step).
-    recompute = torch._C._current_graph_task_id() != -1
+    unread = self._output_only_summed and torch._C._current_graph_task_id() != -1
     return SwigluDownOver4bit.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight,
                                     down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
-                                    down._cast_adapters_once, not (recompute and self._output_only_summed))
+                                    down._cast_adapters_once, not unread)
 
 
 def gated_silu_mlp(module) -> bool:

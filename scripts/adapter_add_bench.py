@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-SHAPES_8B = {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dequant_kernel_bench import SHAPES_8B  # noqa: E402  (out, in) of each Llama-3-8B projection
 
 
 def timed(fn, iters: int) -> float:

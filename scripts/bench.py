@@ -723,19 +723,24 @@ def code_version() -> dict[str, Any]:
 
 
 # Recipe keys the bench pins to the plain path's settings (qlora_kit_recipe); `--variant defaults` sets them back
-PINNED_TO_PLAIN = (("training", "TrainingSection", "optimizer"), ("speed", "SpeedSection", "keep_activations_layers"))
+PINNED_TO_PLAIN = ("training.optimizer", "speed.keep_activations_layers")
 
 
 def qlora_kit_defaults() -> list[str]:
     """Overrides that give the pinned keys qlora-kit's own defaults, read from the recipe dataclasses."""
     import dataclasses
+    import typing
 
     sys.path.insert(0, str(ROOT))
-    import qlora_kit.recipe
+    from qlora_kit.recipe import Recipe
 
-    return [f"{section}.{key}=" + str(next(f.default for f in dataclasses.fields(getattr(qlora_kit.recipe, cls))
-                                           if f.name == key))
-            for section, cls, key in PINNED_TO_PLAIN]
+    sections = typing.get_type_hints(Recipe)
+    overrides = []
+    for dotted in PINNED_TO_PLAIN:
+        section, key = dotted.split(".")
+        default = next(f.default for f in dataclasses.fields(sections[section]) if f.name == key)
+        overrides.append(f"{dotted}={default}")
+    return overrides
 
 
 def parse_variants(items: list[str]) -> dict[str, list[str]]:

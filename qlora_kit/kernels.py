@@ -54,6 +54,8 @@ def nf4_dequantize_kernel():
 def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense [out, in] weight of a bitsandbytes NF4 weight (`packed` and its QuantState) in state.dtype, written
     into `out` (contiguous, that shape and dtype) when given. CUDA tensors; see nf4_dequantize_applies."""
+    import triton  # present wherever the kernel is (nf4_dequantize_applies)
+
     kernel = nf4_dequantize_kernel()
     if out is None:
         out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
@@ -62,16 +64,12 @@ def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None)
     absmax2 = state.state2.absmax if nested else state.absmax  # unused pointers when not nested
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
-    grid = (triton_cdiv(n_bytes, BYTES_PER_PROGRAM),)
+    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
     with torch.cuda.device(packed.device):
         kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, out.numel(), NESTED=nested,
                      BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
                      BYTES=BYTES_PER_PROGRAM, num_warps=WARPS)
     return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(a // -b)
 
 
 def nf4_dequantize_applies(packed: torch.Tensor, state) -> bool:

@@ -69,7 +69,7 @@ def estimate(recipe_file: str) -> dict[str, float]:
     replaced by it, so no download happens)."""
     from transformers import AutoConfig
 
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
     from qlora_kit.recipe import load_recipe
 
     _, model_type, sizes = REAL_CONFIGS[recipe_file]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import logging
@@ -213,7 +212,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path, plan: SpeedPlan) -> di
                                   "training.resume=auto")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
                "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
-               "kept_activation_layers": plan.kept_layers, "speed_plan": dataclasses.asdict(plan)}
+               "kept_activation_layers": plan.kept_layers, "speed_plan": plan.as_dict()}
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     return summary

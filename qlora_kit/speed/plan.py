@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -84,6 +85,10 @@ class SpeedPlan:
     gc_every_steps: int
     machine: Machine
     notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
+
+    def as_dict(self) -> dict:
+        """The plan as summary.json holds it (JSON types: lists, not tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def describe(self) -> str:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("machine", "notes")}

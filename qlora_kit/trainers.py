@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from qlora_kit.data import PreparedData
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
-from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete
+from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
 from qlora_kit.speed import ApplySpeedPlan, SpeedPlan, bend_trainer, train_on_one_gpu_without_a_launcher
 
 log = logging.getLogger("qlora_kit")
@@ -208,8 +208,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path, plan: SpeedPlan) -> di
                             "training.max_grad_norm > 0, or check the data for empty/garbage rows")
     if guard.stop_signal is not None:
         raise TrainingInterrupted(f"stopped by {guard.stop_signal} at step {trainer.state.global_step}; checkpoint "
-                                  f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
-                                  "training.resume=auto")
+                                  f"saved in {guard.last_saved}. Resume with: {resume_command(recipe)}")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
                "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
                "kept_activation_layers": plan.kept_layers, "speed_plan": plan.as_dict()}

@@ -3,7 +3,7 @@ published config alone (no weights, no network), at the recipe's own batch size 
 
     python scripts/recipe_memory_table.py          # rewrite the table between the markers in recipes/README.md
 
-Each row is qlora_kit.model.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
+Each row is qlora_kit.memory.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
 the other weights in the compute dtype (fp32 with quantization.upcast_to_fp32), LoRA weights + grads in fp32 with
 8-bit Adam states, checkpointed activations, the logits (none with Liger's fused cross-entropy, the GPU default;
 else batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack

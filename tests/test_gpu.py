@@ -116,8 +116,9 @@ def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
         summary = run_training(recipe)
 
     assert "compute dtype: bfloat16" in messages
-    assert any(m.startswith("training.optimizer: auto -> adamw_torch_fused (fp32 optimizer states 0.00 GiB")
-               for m in messages), messages
+    plan = [m for m in messages if m.startswith("speed plan:")]  # one block, with why each choice was made
+    assert len(plan) == 1 and "  - training.optimizer: auto -> adamw_torch_fused (fp32 optimizer states 0.00 GiB" in \
+        plan[0], messages
     run_dir = recipe.run_dir
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -127,6 +128,7 @@ def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["global_step"] == 4
+    assert saved["speed_plan"]["optimizer"] == "adamw_torch_fused" and saved["speed_plan"]["machine"]["gpus"] >= 1
     assert 0 < saved["peak_gpu_memory_gib"] < 4
     assert saved["train_tokens_per_second"] > 0
 

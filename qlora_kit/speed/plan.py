@@ -93,7 +93,8 @@ class SpeedPlan:
     def describe(self) -> str:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("machine", "notes")}
         lines = ["speed plan:"] + [f"  {key}: {value}" for key, value in fields.items()]
-        lines.append("  machine: " + ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self.machine).items()))
+        lines.append("  machine: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in dataclasses.asdict(self.machine).items()))
         return "\n".join(lines + [f"  - {note}" for note in self.notes])
 
 

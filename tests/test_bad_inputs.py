@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_kit.cli import run_training
 from qlora_kit.data import DataError
+from qlora_kit.pipeline import run_training
 from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
 
 

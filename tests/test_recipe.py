@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from qlora_kit.recipe import RecipeError, load_recipe, recipe_reference, recipe_to_dict
-from qlora_kit.train import prepare_run_dir
+from qlora_kit.rundir import prepare_run_dir
 
 
 def recipe_error(path: Path, *overrides: str) -> str:
@@ -263,7 +263,7 @@ def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_rec
     # `validate` and fails only after data and model are loaded ("got multiple values for keyword argument").
     import trl
 
-    from qlora_kit import train
+    from qlora_kit import trainers as train
 
     passed: dict = {}
     monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: passed.update(kwargs))

@@ -848,6 +848,32 @@ def check_hub_model_cached(recipe: Recipe) -> None:
                                                         f"cache ({constants.HF_HUB_CACHE})"))
 
 
+def check_hub_model_reachable(recipe: Recipe) -> None:
+    """`validate` only: a Hub base model that is not in the cache is looked up on the Hub once (seconds), so "valid"
+    means training can fetch it; load_recipe itself stays offline."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    m = recipe.model
+    if m.gguf_file is not None or Path(m.name).expanduser().exists() or constants.is_offline_mode():
+        return  # local, or offline (check_hub_model_cached has looked in the cache)
+    if isinstance(try_to_load_from_cache(m.name, "config.json", revision=m.revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(m.name, "config.json", revision=m.revision), timeout=10)
+    except GatedRepoError:
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: {m.name} is gated: accept its terms on "
+                          f"https://huggingface.co/{m.name} and log in: `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: no model {m.name} on the Hub (or it is private and "
+                          "your token cannot see it); check the id, or log in with `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise RecipeError(f"{at(recipe.source, 'model.revision')}: {m.name} has no revision {m.revision!r}") from None
+    except Exception as exc:  # noqa: BLE001 - any transport failure (httpx, proxy, DNS, timeout) means unreachable
+        raise RecipeError(hub_model_unavailable(recipe, f"it is not in the Hugging Face cache and the Hub cannot be "
+                                                        f"reached ({type(exc).__name__}: {exc})")) from None
+
+
 def hub_model_unavailable(recipe: Recipe, why: str) -> str:
     """The one message for a Hub base model that cannot be read on this machine, with the ways out."""
     m = recipe.model

@@ -104,7 +104,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
             write_report(run_dir)
         if recipe.export.push.repo_id:
             push = recipe.export.push
-            push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
+            push_run(run_dir, push.repo_id, merged=push.merged, private=push.private, base_model=push.base_model)
         log.info("done: %s", run_dir)
     return summary
 

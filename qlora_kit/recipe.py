@@ -99,6 +99,12 @@ def optimizer_name(name: str) -> str:
     return one_of(name, ["auto", *(o.value for o in OptimizerNames)], "optimizer")
 
 
+def hub_model_id(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or Path(name).expanduser().exists():
+        raise ValueError(f"{name!r} is not a Hub model id like HuggingFaceTB/SmolLM2-135M-Instruct")
+    return name
+
+
 def target_modules_value(targets: str | list[str]) -> str | list[str]:
     """A bare module name is a one-element list: peft reads a string as a regular expression over full names
     (model.layers.0.self_attn.q_proj), which a bare name never matches."""
@@ -295,6 +301,9 @@ class PushSection:
     repo_id: str | None = option(None, help="Hub repo USER/NAME to upload to after training; null = no upload")
     private: bool = option(False, help="create the repo private (an existing repo keeps its visibility)")
     merged: bool = option(False, help="upload the merged model instead of the adapter")
+    base_model: str | None = option(
+        None, check=hub_model_id, help="Hub id of the base model, named in the card and adapter_config.json; needed "
+        "for an adapter upload when model.name is a local folder or GGUF whose files do not say it")
 
 
 @dataclass

@@ -399,10 +399,11 @@ class RecipeSource(str):
     override the user typed, not the file."""
 
     overrides: dict[str, str]
+    run_checks: bool  # False for a run folder's recipe.yaml: checked when it trained, and read by light commands
 
-    def __new__(cls, path: str, overrides: dict[str, str] | None = None) -> RecipeSource:
+    def __new__(cls, path: str, overrides: dict[str, str] | None = None, run_checks: bool = True) -> RecipeSource:
         made = super().__new__(cls, path)
-        made.overrides = overrides or {}
+        made.overrides, made.run_checks = overrides or {}, run_checks
         return made
 
     def __reduce__(self) -> tuple:  # copies and pickles (dataclasses.asdict) are the plain file name
@@ -450,7 +451,7 @@ def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
         raise RecipeError(f"{run_dir}: not a qlora-kit run folder (no recipe.yaml); pass outputs/<run_name>")
     raw = parse_yaml(read_text_file(path, "recipe"), str(path))
     raw.pop("versions", None)
-    recipe = build_dataclass(Recipe, raw, str(path), prefix="")
+    recipe = build_dataclass(Recipe, raw, RecipeSource(str(path), run_checks=False), prefix="")
     recipe.source = str(path)
     return recipe
 
@@ -549,6 +550,8 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> str:
         if not takes_only_text(parts):
             raise RecipeError(f"{exc}; quote the value if it is text, e.g. {key}='...'") from None
         value = text
+    if value is not None and not isinstance(value, str) and takes_only_text(parts):
+        value = text  # `run_name=2024`, `system_prompt=Answer: yes`: a key that takes only text gets the text typed
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -585,7 +588,8 @@ def build_dataclass(cls: type, raw: Any, source: str, prefix: str) -> Any:
                               f"{suggest(str(key), known, prefix)}")
         values[key] = convert(hints[key], value, source, f"{prefix}{key}", known[key])
         check = known[key].metadata.get("check")
-        if check is not None and values[key] is not None:
+        # a default needs no check (some checks import transformers); a run's own recipe was checked when it trained
+        if check is not None and values[key] not in (None, known[key].default) and getattr(source, "run_checks", True):
             try:
                 values[key] = check(values[key])
             except ValueError as exc:

@@ -356,6 +356,25 @@ def test_plain_run_names_are_kept_as_given(name, make_recipe):
     assert recipe.run_dir.name == name and recipe.run_dir.parent == Path(recipe.training.output_dir)
 
 
+def test_an_override_of_a_text_key_keeps_the_text_typed(make_recipe):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    recipe = load_recipe(make_recipe(), ["training.run_name=2024", "data.system_prompt=Answer: yes or no",
+                                         f"data.chat_template={template}"])
+    assert (recipe.training.run_name, recipe.data.system_prompt) == ("2024", "Answer: yes or no")
+    assert recipe.data.chat_template == template
+
+
+def test_a_run_folder_recipe_is_read_without_importing_transformers(finished_run):
+    import subprocess
+    import sys
+
+    code = ("import sys; from qlora_kit.recipe import read_run_recipe; read_run_recipe(sys.argv[1]); "
+            "print('transformers' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code, str(finished_run)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "False", result.stderr  # push, report and chat start in seconds
+
+
 def test_a_run_name_from_an_override_is_blamed_on_the_override(make_recipe):
     with pytest.raises(RecipeError, match=r"^override 'training.run_name=../x': training.run_name: '../x' is a path"):
         load_recipe(make_recipe(), ["training.run_name=../x"])

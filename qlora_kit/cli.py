@@ -242,6 +242,8 @@ def setup_logging(verbose: bool = False) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if "datasets" in sys.modules:  # imported already (qlora-kit used as a library): its progress bars read no env
+        sys.modules["datasets"].disable_progress_bars()
     warnings.filterwarnings("ignore", module=r"(" + "|".join(LIBRARIES) + r")(\.|$)")
 
 

@@ -155,7 +155,10 @@ def read_utf8(path: str) -> str:
     """A data file's text (a UTF-8 byte-order mark is allowed); another encoding is one message with the fix."""
     data = Path(path).read_bytes()
     try:
-        return data.decode("utf-8-sig")
+        text = data.decode("utf-8-sig")
+        if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL before every ASCII byte
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        return text
     except UnicodeDecodeError as exc:
         problem = encoding_problem(data, exc)
         encoding = next((name for name in ("UTF-32", "UTF-16") if name in problem), "CP1252")

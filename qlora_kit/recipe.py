@@ -404,8 +404,8 @@ def blame(source: str, key: str) -> str:
     """`source`, or the override that set `key` (or a section above it)."""
     if isinstance(source, RecipeSource):
         for set_key in sorted(source.overrides, key=len, reverse=True):
-            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
-                return f"override '{source.overrides[set_key]}'"
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):
+                return f"override '{source.overrides[set_key]}'"  # the key, a section above it, or one it created
     return source
 
 
@@ -798,10 +798,10 @@ def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:
     check_field_mapping(src, key, ds)
     if ds.path is None:
         return
-    if any(ch in ds.path for ch in "*?["):
+    if any(ch in ds.path for ch in "*?[") and not Path(ds.path).expanduser().exists():
         if not glob.glob(ds.path, recursive=True):
             raise RecipeError(f"{at(src, f'{key}.path')}: the pattern {ds.path} matches no file")
-    elif not Path(ds.path).exists():
+    elif not Path(ds.path).expanduser().exists():
         raise RecipeError(f"{at(src, f'{key}.path')}: file not found: {ds.path} "
                           f"(relative paths are read from the current folder, {os.getcwd()})")
 

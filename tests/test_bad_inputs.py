@@ -466,7 +466,8 @@ BAD_DATA_FILES = [
     ("rows.json", b"   \n", r"rows.json: the file is empty"),
     ("rows.csv", b'prompt,completion\n"Say hi.,hi\n', r"cannot be read as CSV \(ParserError"),
     ("rows.json", bytes(range(256)), r"the file is binary or UTF-16 \(it contains NUL bytes\)"),
-    ("rows.jsonl", b"\x1f\x8b\x08\x00gzip", r"line 1: byte 0x8b is not valid UTF-8"),
+    ("rows.jsonl", b"\x1f\x8b\x08\x00gzip", r"the file is binary or UTF-16 \(it contains NUL bytes\)"),
+    ("rows.jsonl", b"\x1f\x8b\x08\x08gzip\xff", r"line 1: byte 0x8b is not valid UTF-8"),
     ("rows.json", b'[{"prompt": "a", "completion": ', r"rows.json: line 1: invalid JSON"),
     ("rows.json", b'{"a": 1, "b": 2}', r"a .json dataset must be a list of rows, got dict"),
     ("rows.txt", b"Say hi.", r"rows.txt: unsupported file type; use .jsonl, .json, .csv or .parquet"),
@@ -638,7 +639,10 @@ def test_a_hub_model_that_does_not_exist_is_named_by_validate(make_recipe, cli, 
     from huggingface_hub.errors import RepositoryNotFoundError
 
     def not_found(*args, **kwargs):
-        raise RepositoryNotFoundError("404", response=None)
+        import httpx2
+
+        request = httpx2.Request("HEAD", "https://huggingface.co/no-such-org/no-such-model/resolve/main/config.json")
+        raise RepositoryNotFoundError("404 Repository Not Found", response=httpx2.Response(404, request=request))
 
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", not_found)

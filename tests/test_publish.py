@@ -193,7 +193,7 @@ def test_push_to_another_users_namespace_exits_2_before_creating_anything(finish
 
 def test_push_refused_by_the_hub_exits_2_with_the_reason(finished_run, tmp_path):
     with LocalHub(token=TOKEN, orgs=("acme",), writable_orgs=()) as hub:  # a member of acme without write access
-        result = push(str(finished_run), "--repo-id", "acme/shout", hub=hub, home=tmp_path)
+        result = push(str(finished_run), "--repo-id", "acme/shout", *BASE, hub=hub, home=tmp_path)
 
     assert result.returncode == 2
     assert "acme/shout: your token may not write there (403 Forbidden)" in result.stderr

@@ -6,7 +6,14 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM
 
-from qlora_kit.model import DTYPES, gated_silu_mlp, liger_kernel_installed, targets_module, upcasts_to_fp32
+from qlora_kit.model import (
+    DTYPES,
+    gated_silu_mlp,
+    hub_model_errors,
+    liger_kernel_installed,
+    targets_module,
+    upcasts_to_fp32,
+)
 from qlora_kit.recipe import Recipe, SpeedSection
 
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
@@ -22,9 +29,28 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     estimate_memory_for_config."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    with hub_model_errors(recipe, folder):
+        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
     return estimate_memory_for_config(recipe, config, liger)
+
+
+LARGEST_GPU_GIB = 192  # about the memory of the largest single GPU sold today
+
+
+def memory_warning(total_gib: float) -> str | None:
+    """A loud line when the estimate cannot fit: more than every GPU here has, or than any single GPU made."""
+    if torch.cuda.is_available():
+        largest = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        limit = largest / 2**30
+        what = f"the largest GPU here ({torch.cuda.get_device_name()}, {limit:.0f} GiB)"
+    else:
+        limit, what = LARGEST_GPU_GIB, f"any single GPU made today (about {LARGEST_GPU_GIB} GiB)"
+    if total_gib <= limit:
+        return None
+    return (f"WARNING: the estimated peak of {total_gib:,.1f} GiB is more than {what}: training would run out of "
+            "memory. Lower training.batch_size, training.max_length or lora.r, or shard the model over several GPUs "
+            "(FSDP)")
 
 
 def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None) -> dict[str, float]:

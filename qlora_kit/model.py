@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qlora_kit.data import resolve_chat_template
-from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError
+from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError, at, hub_model_unavailable
 from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
@@ -32,6 +34,19 @@ def resolve_dtype(name: str, what: str) -> torch.dtype:
         log.warning("%s: auto -> fp16 (%s has no bf16)", what, torch.cuda.get_device_name())
         return torch.float16
     return torch.float32
+
+
+@contextlib.contextmanager
+def hub_model_errors(recipe: Recipe, folder: str) -> Iterator[None]:
+    """transformers raises OSError when a Hub base cannot be fetched (offline, no network, unknown or gated id); for a
+    Hub id that is the one message with the fix, the same in `validate`, `data` and `train`."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(folder).expanduser().exists():  # a local folder: a real file-system error, not the Hub's
+            raise
+        why = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        raise RecipeError(hub_model_unavailable(recipe, why)) from None
 
 
 def cache_root() -> Path:
@@ -89,7 +104,8 @@ def first_id(ids: int | list[int] | None) -> int | None:
 def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token and a chat template; training on chat rows needs both."""
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    with hub_model_errors(recipe, folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if not tokenizer.is_fast:
         raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
     tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
@@ -136,15 +152,16 @@ def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
     """The frozen base, quantized as the recipe says."""
     m = recipe.model
     quantization = build_quantization_config(recipe, compute_dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        revision=m.revision,
-        quantization_config=quantization,
-        dtype=compute_dtype if quantization else resolve_dtype(m.dtype, "model.dtype"),
-        attn_implementation=m.attn_implementation,
-        trust_remote_code=m.trust_remote_code,
-        device_map=device_map_for_this_process(),
-    )
+    with hub_model_errors(recipe, folder):
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            revision=m.revision,
+            quantization_config=quantization,
+            dtype=compute_dtype if quantization else resolve_dtype(m.dtype, "model.dtype"),
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+            device_map=device_map_for_this_process(),
+        )
 
 
 def check_fsdp_quant_storage(recipe: Recipe, compute_dtype: torch.dtype) -> None:
@@ -334,8 +351,17 @@ def check_model_config(recipe: Recipe, folder: str) -> None:
     """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+    from qlora_kit.recipe import check_hub_model_reachable
+
+    check_hub_model_reachable(recipe)  # one quick look-up instead of transformers' minute of retries
+    with hub_model_errors(recipe, folder):
+        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+    hidden = getattr(config, "hidden_size", None)
+    if hidden and recipe.lora.r > hidden:
+        raise RecipeError(f"{at(recipe.source, 'lora.r')}: {recipe.lora.r} is larger than the model's hidden size "
+                          f"({hidden}); a rank above it adds memory but nothing a full-rank update could not do. Use "
+                          f"at most {hidden} (8 to 64 is usual)")
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     scaled = rope.get("rope_type", rope.get("type", "default")) not in (None, "default")

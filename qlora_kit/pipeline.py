@@ -93,5 +93,5 @@ def export(recipe: Recipe, run_dir: Path) -> None:
         write_report(run_dir)
     if recipe.export.push.repo_id:
         push = recipe.export.push
-        push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
+        push_run(run_dir, push.repo_id, merged=push.merged, private=push.private, base_model=push.base_model)
 

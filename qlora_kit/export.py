@@ -69,6 +69,14 @@ class MergeCheck:
     peak_gpu_memory_gib: float | None = None
 
 
+class MergeCheckFailed(QloraKitError):
+    """The merged model does not compute what the trained model did; `check` holds every number measured."""
+
+    def __init__(self, message: str, check: MergeCheck) -> None:
+        super().__init__(message)
+        self.check = check
+
+
 def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str | None = None,
                   base: str = "original", device: str | None = None, tolerance: float | None = None) -> Path:
     """Fold the run's adapter into its base and write a plain transformers model, only if the check passes.
@@ -106,9 +114,10 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
         base_in_dtype = references.base_fp32
     else:
         base_in_dtype = base_logits_in(recipe, folder, merge_dtype, inputs, device)
-    merged, overflowed = merge_layerwise(recipe, folder, adapter, merge_dtype, device,
-                                         quantized if base == "dequantized" else None)
-    del quantized
+    if base == "original":
+        quantized = None  # its 4-bit layers were needed for the references only
+    merged, overflowed = merge_layerwise(recipe, folder, adapter, merge_dtype, device, quantized)
+    quantized = None
     merged_logits = logits_on(merged, inputs, device)
 
     check = judge(references, base_in_dtype, merged_logits, merge_dtype, base, device, margin, overflowed)
@@ -118,8 +127,8 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
         check.peak_gpu_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     log.info("merge check %s", summary_line(check))
     if not check.passed:
-        raise QloraKitError(f"merge check failed ({dtype_name}, {base} base): " + "; ".join(check.failures) +
-                            "; the merged model was not written")
+        raise MergeCheckFailed(f"merge check failed ({dtype_name}, {base} base): " + "; ".join(check.failures) +
+                               "; the merged model was not written", check)
     save_merged(merged, tokenizer, adapter, target, check)
     log.info("merged model saved to %s", target)
     return target
@@ -183,7 +192,7 @@ def merge_layerwise(recipe: Recipe, folder: str, adapter: Path, dtype: torch.dty
         merge_layer(module, dtype, device, weight)
     merged = peft_model.unload()
     if dequantized is not None:  # layers the 4-bit base quantized but LoRA did not adapt
-        for name in dequantized.layers.keys() - adapted.keys():
+        for name in sorted(dequantized.layers.keys() - adapted.keys()):
             merged.get_submodule(name).weight.data = dequantized.weight(name).to(dtype)
     merged.to(dtype)
     overflowed = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
@@ -224,14 +233,15 @@ class QuantizedBase:
         from qlora_kit.model import load_base_model
 
         compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
-        self.model = load_base_model(recipe, folder, compute_dtype)
-        self.layers = {name for name, m in self.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        model = load_base_model(recipe, folder, compute_dtype)
+        # only the packed 4-bit layers are kept: the embeddings and norms it also holds are the original ones
+        self.layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
     def weight(self, name: str) -> torch.Tensor:
         """dequantize(NF4(W)) of one layer in fp32 on the CPU: the weight the 4-bit layer multiplied by in training."""
         import bitsandbytes.functional as bnbf
 
-        weight = self.model.get_submodule(name).weight
+        weight = self.layers[name].weight
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
 
 

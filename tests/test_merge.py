@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, recipe_writer) -> Path:
-    """8 NF4 steps at a high learning rate, so the adapter moves the logits well beyond any rounding; 4 held-out rows."""
+    """8 NF4 steps at a high learning rate, so the adapter moves the logits well past any rounding; 4 held-out rows."""
     folder = tmp_path_factory.mktemp("merge")
     recipe = recipe_writer(folder, "tiny", data={"validation": 4, "cache": False},
                            training={"max_steps": 8, "learning_rate": 2e-2}, export={"merge": False, "report": False})
@@ -81,7 +81,7 @@ def test_merge_in_each_dtype_and_base_writes_w_plus_scaled_ba_and_passes_the_che
     if base == "dequantized":
         quantized = export.QuantizedBase(load_recipe_of(run_copy), str(tiny_model_dir))
         dequantize = quantized.weight
-        untouched = sorted(quantized.layers - set(adapted_layers(lora)))
+        untouched = sorted(quantized.layers.keys() - set(adapted_layers(lora)))
         for name in untouched:  # quantized in training but not adapted: written as dequantized too
             assert torch.equal(merged[f"{name}.weight"], quantized.weight(name).to(torch_dtype))
     layers = adapted_layers(lora)
@@ -106,3 +106,220 @@ def load_recipe_of(run_dir: Path):
     from qlora_kit.recipe import read_run_recipe
 
     return read_run_recipe(run_dir)
+
+
+def test_the_check_s_trained_model_reference_is_what_the_4bit_layers_compute(run_copy: Path) -> None:
+    """The fp32 model with dequantize(NF4(W)) swapped in computes what bitsandbytes' Linear4bit + LoRA computes (CPU,
+    fp32 compute): the reference the merge is checked against is the model that was trained and evaluated."""
+    from qlora_kit.evaluate import load_trained_model
+    from qlora_kit.recipe import read_run_recipe
+
+    recipe = read_run_recipe(run_copy)
+    tokenizer = load_trained_model(run_copy).tokenizer
+    inputs, _ = export.check_inputs(tokenizer, recipe)
+    folder = recipe.model.name
+    quantized = export.QuantizedBase(recipe, folder)
+    references = export.reference_logits(recipe, folder, run_copy / "adapter", quantized, inputs, "cpu")
+    trained = load_trained_model(run_copy).model  # 4-bit base + adapter, as `qlora-kit eval` scores it
+
+    as_evaluated = export.logits_on(trained, inputs, "cpu")
+
+    assert torch.allclose(references.trained, as_evaluated, rtol=0, atol=1e-5)
+    assert not torch.allclose(references.full_precision, as_evaluated, rtol=0, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------ broken merges
+
+
+def doubling_the_scale(original):
+    def merge_layer(module, dtype, device, weight=None):
+        module.scaling = {name: 2 * s for name, s in module.scaling.items()}
+        original(module, dtype, device, weight)
+
+    return merge_layer
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_doubled_lora_scale_fails_the_check_and_writes_nothing(run_copy: Path, dtype: str, monkeypatch) -> None:
+    monkeypatch.setattr(export, "merge_layer", doubling_the_scale(export.merge_layer))
+
+    with pytest.raises(export.MergeCheckFailed) as caught:
+        merge_adapter(run_copy, dtype=dtype)
+
+    message = str(caught.value)
+    assert message.startswith(f"merge check failed ({dtype}, original base): the merged model differs from the "
+                              "unmerged fp32 adapter model")
+    assert "max |logit diff|" in message and "mean KL" in message and "the merge itself is wrong" in message
+    check = caught.value.check
+    assert not check.passed
+    assert check.merge_rounding.max_abs_logit_diff > check.margin * max(check.rounding_budget.max_abs_logit_diff,
+                                                                        1e-4)
+    assert not (run_copy / "merged").exists() and not list(run_copy.glob(".merged*"))
+
+
+def test_a_layer_left_unmerged_fails_the_check(run_copy: Path, monkeypatch) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    original = export.merge_layer
+    seen: list[object] = []
+
+    def merge_layer(module: LoraLayer, dtype, device, weight=None):
+        seen.append(module)
+        if len(seen) == 5:  # layer 0's gate_proj (q, k, v, o come first): shipped without its adapter
+            module.get_base_layer().weight.data = module.get_base_layer().weight.data.to(dtype)
+            return
+        original(module, dtype, device, weight)
+
+    monkeypatch.setattr(export, "merge_layer", merge_layer)
+
+    with pytest.raises(export.MergeCheckFailed, match="differs from the unmerged fp32 adapter model"):
+        merge_adapter(run_copy, dtype="bf16")
+
+    assert len(seen) == 14
+
+
+def test_an_fp16_overflow_fails_the_check_naming_the_layer(run_copy: Path) -> None:
+    weights_file = run_copy / "adapter" / "adapter_model.safetensors"
+    weights = load_file(weights_file)
+    key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    weights[key] = weights[key] * 1e8  # W + BA beyond fp16's 65504, still finite in fp32
+    save_file(weights, weights_file)
+
+    with pytest.raises(export.MergeCheckFailed) as caught:
+        merge_adapter(run_copy, dtype="fp16")
+
+    message = str(caught.value)
+    assert "do not fit in fp16 (largest finite value 6.55e+04): model.layers.1.mlp.down_proj.weight" in message
+    assert "--dtype bf16 or fp32" in message
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+
+def test_the_merge_holds_one_layer_in_fp32_at_a_time(run_copy: Path, tiny_model_dir: Path, tmp_path: Path,
+                                                      monkeypatch) -> None:
+    """A bf16 checkpoint merged into bf16: while peft merges a layer, that layer's weight is the only fp32 weight of
+    the model (a merge that upcast the model first would hold every layer in fp32)."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16_base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(bf16_base)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(bf16_base)
+    recipe_file = run_copy / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace(str(tiny_model_dir), str(bf16_base)))
+
+    models: list[torch.nn.Module] = []
+    loaded = peft.PeftModel.from_pretrained
+
+    def record(*args, **kwargs):
+        models.append(loaded(*args, **kwargs))
+        return models[-1]
+
+    fp32_at_merge: list[tuple[int, int]] = []
+    original = export.merge_layer
+
+    def measured(module, dtype, device, weight=None):
+        merge = module.merge
+
+        def merge_and_measure(*args, **kwargs):
+            base_weights = [p for n, p in models[-1].named_parameters() if "lora_" not in n]
+            fp32 = sum(p.numel() * 4 for p in base_weights if p.dtype is torch.float32)
+            fp32_at_merge.append((fp32, module.get_base_layer().weight.numel() * 4))
+            return merge(*args, **kwargs)
+
+        module.merge = merge_and_measure
+        original(module, dtype, device, weight)
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", record)
+    monkeypatch.setattr(export, "merge_layer", measured)
+
+    merge_adapter(run_copy, dtype="bf16")
+
+    assert len(fp32_at_merge) == 14
+    assert all(fp32 == this_layer for fp32, this_layer in fp32_at_merge), fp32_at_merge
+    total = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
+    assert max(fp32 for fp32, _ in fp32_at_merge) < total / 10
+
+
+# --------------------------------------------------------------------------------------------- choices
+
+
+def test_merge_defaults_to_the_recipe_dtype_and_the_original_base(run_copy: Path) -> None:
+    out = merge_adapter(run_copy)  # model.dtype auto on a CPU: fp32
+
+    check = merge_check(out)
+    assert (check["dtype"], check["base"], check["device"]) == ("fp32", "original", "cpu")
+    assert out == run_copy / "merged"
+
+
+def test_dequantized_base_is_refused_for_a_run_without_a_4bit_base(run_copy: Path) -> None:
+    recipe_file = run_copy / "recipe.yaml"
+    recipe_file.write_text(recipe_file.read_text().replace("load_in_4bit: true", "load_in_4bit: false"))
+
+    with pytest.raises(QloraKitError, match="--base dequantized: .* not a 4-bit base; .* use --base original"):
+        merge_adapter(run_copy, base="dequantized")
+
+
+def test_cli_merge_takes_dtype_base_and_out(run_copy: Path, tmp_path: Path) -> None:
+    from qlora_kit.cli import main
+
+    out = tmp_path / "shipped"
+    status = main(["merge", str(run_copy), "--dtype", "bf16", "--base", "dequantized", "--device", "cpu", "--out",
+                   str(out)])
+
+    assert status == 0
+    check = merge_check(out)
+    assert check["passed"] and (check["dtype"], check["base"]) == ("bf16", "dequantized")
+    assert not (run_copy / "merged").exists()
+
+
+def test_cli_merge_on_cuda_without_a_gpu_exits_2(run_copy: Path, capsys) -> None:
+    from qlora_kit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["merge", str(run_copy), "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA GPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.fixture(scope="module")
+def smollm2_run(tmp_path_factory) -> Path:
+    """The quickstart recipe on the real SmolLM2-135M-Instruct, cut to 8 steps (enough for its adapter to answer in
+    JSON: the logits move by far more than any rounding), with its 48 held-out rows."""
+    folder = tmp_path_factory.mktemp("smollm2-merge")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)  # the recipe's data path is relative to the repository root
+        recipe = load_recipe(REPO / "recipes" / "quickstart.yaml",
+                             [f"training.output_dir={folder}", "training.max_steps=8", "training.save_steps=100",
+                              "evaluation.metric=none", "export.merge=false", "export.report=false"])
+        run_training(recipe)
+    return folder / "quickstart"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_smollm2_quickstart_adapter_merged_in_16_bits_passes(smollm2_run: Path, tmp_path: Path, dtype: str,
+                                                              monkeypatch) -> None:
+    monkeypatch.chdir(REPO)  # the held-out rows are read from the recipe's relative data path
+    out = merge_adapter(smollm2_run, out=tmp_path / dtype, dtype=dtype)
+
+    check = merge_check(out)
+    assert check["passed"] and check["inputs"] == {"check_prompts": 3, "heldout_rows": 4}
+    assert check["merge_rounding"]["top1_agreement"] > 0.97
+    assert check["merged_vs_trained"]["top1_agreement"] > 0.9  # NF4 of the base moves more than the merge does
+
+
+@pytest.mark.slow
+def test_smollm2_with_a_doubled_lora_scale_fails(smollm2_run: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(export, "merge_layer", doubling_the_scale(export.merge_layer))
+
+    with pytest.raises(export.MergeCheckFailed, match=r"merge check failed \(bf16, original base\): the merged model "
+                                                      "differs from the unmerged fp32 adapter model"):
+        merge_adapter(smollm2_run, out=tmp_path / "broken", dtype="bf16")
+
+    assert not (tmp_path / "broken").exists()

@@ -109,9 +109,10 @@ def load_recipe_of(run_dir: Path):
 
 
 def test_the_check_s_trained_model_reference_is_what_the_4bit_layers_compute(run_copy: Path) -> None:
-    """The fp32 model with dequantize(NF4(W)) swapped in computes what bitsandbytes' Linear4bit + LoRA computes (CPU,
-    fp32 compute): the reference the merge is checked against is the model that was trained and evaluated."""
+    """The fp32 model with dequantize(NF4(W)) swapped in computes what bitsandbytes' Linear4bit + LoRA computes in
+    training (CPU, fp32 compute): the reference the merge is checked against is the model that was trained."""
     from qlora_kit.evaluate import load_trained_model
+    from qlora_kit.model import keep_4bit_weights_in_training_layout
     from qlora_kit.recipe import read_run_recipe
 
     recipe = read_run_recipe(run_copy)
@@ -120,7 +121,8 @@ def test_the_check_s_trained_model_reference_is_what_the_4bit_layers_compute(run
     folder = recipe.model.name
     quantized = export.QuantizedBase(recipe, folder)
     references = export.reference_logits(recipe, folder, run_copy / "adapter", quantized, inputs, "cpu")
-    trained = load_trained_model(run_copy).model  # 4-bit base + adapter, as `qlora-kit eval` scores it
+    trained = load_trained_model(run_copy).model  # 4-bit base + adapter, as `qlora-kit eval` loads it
+    keep_4bit_weights_in_training_layout(trained)  # else bitsandbytes' CPU eval kernel computes in bf16
 
     as_evaluated = export.logits_on(trained, inputs, "cpu")
 

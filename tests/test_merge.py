@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_kit import export
-from qlora_kit.cli import run_training
 from qlora_kit.export import merge_adapter
+from qlora_kit.pipeline import run_training
 from qlora_kit.recipe import QloraKitError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -88,10 +88,10 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    recipe = read_run_recipe(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
+    recipe = read_run_recipe(run_dir)
     target = Path(out) if out else run_dir / "merged"
     if target.exists() and out is not None:
         raise QloraKitError(f"{target} already exists; pass another --out or delete it first")

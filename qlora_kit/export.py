@@ -116,11 +116,11 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
         base_in_dtype = base_logits_in(recipe, folder, merge_dtype, inputs, device)
     if base == "original":
         quantized = None  # its 4-bit layers were needed for the references only
-    merged, overflowed = merge_layerwise(recipe, folder, adapter, merge_dtype, device, quantized)
+    merged, overflowed, unmerged = merge_layerwise(recipe, folder, adapter, merge_dtype, device, quantized)
     quantized = None
     merged_logits = logits_on(merged, inputs, device)
 
-    check = judge(references, base_in_dtype, merged_logits, merge_dtype, base, device, margin, overflowed)
+    check = judge(references, base_in_dtype, merged_logits, merge_dtype, base, device, margin, overflowed, unmerged)
     check.tokens, check.inputs = int(inputs["attention_mask"].sum()), counts
     check.seconds = round(time.perf_counter() - start, 1)
     if device == "cuda":
@@ -172,12 +172,13 @@ def dtype_label(dtype: torch.dtype) -> str:
 
 
 def merge_layerwise(recipe: Recipe, folder: str, adapter: Path, dtype: torch.dtype, device: str,
-                    dequantized: QuantizedBase | None) -> tuple[torch.nn.Module, list[str]]:
+                    dequantized: QuantizedBase | None) -> tuple[torch.nn.Module, list[str], list[str]]:
     """The merged model in `dtype`, holding at most one layer in fp32 beyond the base as stored on disk.
 
     The base loads in its checkpoint dtype; each LoRA layer's weight is made fp32 (the original, or its NF4 round trip
     when `dequantized` is given), merged by peft on `device`, and cast to `dtype` at once. Returns the model and the
-    names of layers whose merged weights do not fit in `dtype` (inf after the cast).
+    names of layers whose merged weights do not fit in `dtype` (inf after the cast) and of LoRA layers peft did not
+    merge (a layer whose adapter is too small to show in the logits must still not ship unmerged).
     """
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
@@ -190,13 +191,14 @@ def merge_layerwise(recipe: Recipe, folder: str, adapter: Path, dtype: torch.dty
     for name, module in adapted.items():
         weight = dequantized.weight(name) if dequantized and name in dequantized.layers else None
         merge_layer(module, dtype, device, weight)
+    unmerged = [name for name, module in adapted.items() if not module.merged]
     merged = peft_model.unload()
     if dequantized is not None:  # layers the 4-bit base quantized but LoRA did not adapt
         for name in sorted(dequantized.layers.keys() - adapted.keys()):
             merged.get_submodule(name).weight.data = dequantized.weight(name).to(dtype)
     merged.to(dtype)
     overflowed = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
-    return merged, overflowed
+    return merged, overflowed, unmerged
 
 
 def merge_layer(module, dtype: torch.dtype, device: str, weight: torch.Tensor | None = None) -> None:
@@ -384,7 +386,7 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> Agreement:
 
 
 def judge(references: References, base_in_dtype: torch.Tensor, merged: torch.Tensor, dtype: torch.dtype, base: str,
-          device: str, margin: float, overflowed: list[str]) -> MergeCheck:
+          device: str, margin: float, overflowed: list[str], unmerged: list[str]) -> MergeCheck:
     """Pass unless the merge itself is wrong: its error against the unmerged fp32 model on the same base must stay
     within `margin` x the error rounding the base alone to `dtype` makes (logits; margin^2 for KL, which is quadratic
     in the logit error), or a few fp32 epsilons of summation order where that is zero."""
@@ -396,6 +398,8 @@ def judge(references: References, base_in_dtype: torch.Tensor, merged: torch.Ten
     allowed_max = margin * max(budget.max_abs_logit_diff or 0.0, floor)
     allowed_kl = margin**2 * max(budget.mean_kl or 0.0, floor**2 / 2)
     failures = []
+    if unmerged:
+        failures.append(f"{len(unmerged)} LoRA layer(s) were not merged: {', '.join(unmerged[:3])}")
     if overflowed:
         failures.append(f"{len(overflowed)} merged weight(s) do not fit in {name} (largest finite value "
                         f"{torch.finfo(dtype).max:.3g}): {', '.join(overflowed[:3])}; merge with --dtype bf16 or fp32")

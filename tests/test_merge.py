@@ -174,10 +174,13 @@ def test_a_layer_left_unmerged_fails_the_check(run_copy: Path, monkeypatch) -> N
 
     monkeypatch.setattr(export, "merge_layer", merge_layer)
 
-    with pytest.raises(export.MergeCheckFailed, match="differs from the unmerged fp32 adapter model"):
+    with pytest.raises(export.MergeCheckFailed) as caught:
         merge_adapter(run_copy, dtype="bf16")
 
     assert len(seen) == 14
+    message = str(caught.value)
+    assert "1 LoRA layer(s) were not merged: model.layers.0.mlp.gate_proj;" in message
+    assert "differs from the unmerged fp32 adapter model" in message  # and the logits show it too
 
 
 def test_an_fp16_overflow_fails_the_check_naming_the_layer(run_copy: Path) -> None:

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from qlora_kit.export import merge_adapter
 
-    print(merge_adapter(args.run_dir, args.out))
+    print(merge_adapter(args.run_dir, args.out, dtype=args.dtype, base=args.base, device=args.device))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -206,8 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML file")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4 lora.r=32")
         p.set_defaults(func=func)
-    p = sub.add_parser("merge", help="merge a run's adapter into a full-precision base")
+    p = sub.add_parser("merge", help="merge a run's adapter into its base (fp32 arithmetic), checked before writing")
     p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                   help="dtype of the written model (default: the recipe's model.dtype; auto = bf16 on a GPU, fp32 "
+                        "on CPU)")
+    p.add_argument("--base", choices=("original", "dequantized"), default="original",
+                   help="original: full-precision W + BA (default); dequantized: dequantize(NF4(W)) + BA, exactly "
+                        "the 4-bit model that was trained and evaluated")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where the per-layer merge arithmetic runs (default: cuda when there is a GPU)")
     p.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
     p.set_defaults(func=cmd_merge)
     add_after_training_commands(sub)

@@ -312,7 +312,8 @@ class ExportSection:
 
     merge: bool = option(True, help="write a merged full-precision model to <run>/merged")
     merge_check_tolerance: float = option(
-        0.0, help="max |logit difference| allowed between merged and adapter models; 0 = pick by dtype", min=0)
+        0.0, help="margin of the merge check: the merged model may differ from the unmerged fp32 adapter model by "
+        "this many times what rounding the base alone to the merge dtype costs (KL: its square); 0 = 4", min=0)
     report: bool = option(True, help="write <run>/report/ (plots, report.md, report.html) after training")
     push: PushSection = option(default_factory=PushSection, help="")
 

@@ -46,6 +46,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
     from qlora_kit.data import build_datasets
     from qlora_kit.evaluate import evaluate_generation, format_comparison
     from qlora_kit.export import merge_adapter
+    from qlora_kit.gguf import export_after_training
     from qlora_kit.model import (
         base_model_folder,
         build_quantized_model,
@@ -93,6 +94,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
         if recipe.export.merge:
             del trainer, model
             merge_adapter(run_dir)
+            export_after_training(run_dir, recipe.export)
         if recipe.export.report:
             write_report(run_dir)
         if recipe.export.push.repo_id:
@@ -150,6 +152,12 @@ def cmd_merge(args: argparse.Namespace) -> None:
     from qlora_kit.export import merge_adapter
 
     print(merge_adapter(args.run_dir, args.out))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from qlora_kit.gguf import export_run
+
+    print(export_run(args.run_dir, args.format, args.quant, args.out, force=args.force))
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -234,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
     p.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("export", help="write a run as GGUF (llama.cpp), a LoRA GGUF, or an Ollama folder; checked")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--format", choices=["gguf", "gguf-lora", "ollama"], default="gguf",
+                   help="gguf: the merged model; gguf-lora: the adapter for llama-cli --lora; ollama: GGUF + Modelfile")
+    p.add_argument("--quant", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default q8_0; gguf-lora: f16)")
+    p.add_argument("--out", help="file (gguf, gguf-lora) or folder (ollama); default RUN_DIR/gguf/... or RUN_DIR/ollama")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
     add_after_training_commands(sub)
     return parser
 

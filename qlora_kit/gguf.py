@@ -84,6 +84,14 @@ def export_run(run_dir: str | Path, fmt: str, quant: str | None = None, out: str
         return export_ollama(run_dir, merged, target, quant)
 
 
+def export_after_training(run_dir: Path, export) -> None:
+    """The recipe's export.gguf / export.ollama, after the merge; a run folder's own exports are replaced."""
+    if export.gguf is not None:
+        export_run(run_dir, "gguf", export.gguf.quant, force=True)
+    if export.ollama:
+        export_run(run_dir, "ollama", export.gguf.quant if export.gguf else None, force=True)
+
+
 def refuse_existing(target: Path, force: bool) -> None:
     if target.exists() and not force:
         raise QloraKitError(f"{target} already exists; pass --force to replace it, or --out for another path")
@@ -155,7 +163,8 @@ def unpermute_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def gguf_tensor(arch: Architecture, name: str, data: np.ndarray, name_map: gguf.TensorNameMap) -> tuple[str, np.ndarray]:
+def gguf_tensor(arch: Architecture, name: str, data: np.ndarray,
+                name_map: gguf.TensorNameMap) -> tuple[str, np.ndarray]:
     """One HF tensor as llama.cpp stores it: its name, and the q/k permutation or Gemma's +1 on norm weights."""
     gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
     if gguf_name is None:
@@ -170,7 +179,7 @@ def gguf_tensor(arch: Architecture, name: str, data: np.ndarray, name_map: gguf.
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], wanted: Q) -> Q:
-    """convert_hf_to_gguf's rule: 1-D tensors and norms stay F32; rows that do not fill whole blocks fall back to F16."""
+    """convert_hf_to_gguf's rule: 1-D tensors and norms stay F32; rows that fill no whole blocks fall back to F16."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return Q.F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
@@ -217,9 +226,8 @@ def add_hyperparameters(writer: gguf.GGUFWriter, arch: Architecture, file_type: 
     if a == gguf.MODEL_ARCH.LLAMA:
         writer.add_vocab_size(c.vocab_size)
         writer.add_rope_dimension_count(head_dim)
-    if a in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3):
-        if c.sliding_window is not None:
-            writer.add_sliding_window(c.sliding_window)
+    if a in (gguf.MODEL_ARCH.GEMMA2, gguf.MODEL_ARCH.GEMMA3) and c.sliding_window is not None:
+        writer.add_sliding_window(c.sliding_window)
     if a == gguf.MODEL_ARCH.GEMMA2:
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
@@ -310,9 +318,11 @@ def looks_special(token: str) -> bool:
 # tokenizer.json pre-tokenizer regex -> llama.cpp's `tokenizer.ggml.pre` name (llama-vocab.cpp). llama.cpp names
 # pre-tokenizers by a hash of a test string's tokens (convert_hf_to_gguf_update.py); the regex identifies the same ones.
 PRE_TOKENIZER_REGEXES = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+":
         "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+":
         "qwen2",
 }
 
@@ -582,3 +592,355 @@ def write_and_check(merged: Path, path: Path, quant: str) -> GGUFCheck:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ LoRA GGUF
+
+
+@dataclass
+class LoraCheck:
+    """The adapter GGUF read back with gguf.GGUFReader against the safetensors adapter."""
+
+    file: str
+    quant: str
+    architecture: str
+    alpha: float
+    tensors: int
+    max_abs_diff: float  # after undoing the q/k row permutation, against the adapter rounded to the stored type
+    passed: bool
+
+
+def lora_tensor_names(key: str) -> tuple[str, str] | None:
+    """peft's `base_model.model.<module>.lora_A.weight` -> (`<module>.weight`, "a"); None for other tensors."""
+    match = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
+    if match is None:
+        return None
+    return match.group(1) + ".weight", match.group(2).lower()
+
+
+def export_lora(run_dir: Path, target: Path, quant: str) -> Path:
+    """convert_lora_to_gguf.py's layout: general.type adapter, adapter.type lora, adapter.lora.alpha, and for each
+    adapted weight `<llama.cpp name>.lora_a` ([r, in]) and `.lora_b` ([out, r]); llama.cpp scales by alpha / r."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    from qlora_kit.model import base_model_folder
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    if settings.get("use_dora") or settings.get("rank_pattern") or settings.get("alpha_pattern") \
+            or settings.get("modules_to_save"):
+        raise QloraKitError(f"{adapter}: DoRA, per-layer rank/alpha and modules_to_save have no llama.cpp LoRA "
+                            "form; export --format gguf (the merged model) instead")
+    rank, alpha = settings["r"], float(settings["lora_alpha"])
+    if settings.get("use_rslora"):
+        alpha *= rank ** 0.5  # rsLoRA scales by alpha / sqrt(r); llama.cpp by alpha / r
+    recipe = read_run_recipe(run_dir)
+    arch = architecture_of(AutoConfig.from_pretrained(base_model_folder(recipe.model)))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    name_map = gguf.get_tensor_name_map(arch.arch, arch.config.num_hidden_layers)
+    qtype = QUANT_TYPES[quant][0]
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        path = partial / target.name
+        writer = gguf.GGUFWriter(path, arch.name)
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+        writer.add_name(f"{run_dir.name} LoRA")
+        expected: dict[str, np.ndarray] = {}
+        for key in sorted(weights):
+            names = lora_tensor_names(key)
+            if names is None:
+                raise QloraKitError(f"{adapter}: tensor {key} is not a LoRA A/B matrix; llama.cpp cannot load it")
+            base, side = names
+            data = weights[key].float().numpy()
+            if side == "b":  # the base weight's rows are B's rows: permute them like the weight's
+                gguf_name, data = gguf_tensor(arch, hf_tensor_name(base), data, name_map)
+            else:
+                gguf_name = name_map.get_name(hf_tensor_name(base), try_suffixes=(".weight",))
+            name = f"{gguf_name}.lora_{side}"
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            expected[name] = round_trip(weights[key].float().numpy(), qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        check = check_lora_gguf(path, arch, expected, alpha, quant)
+        if not check.passed:
+            raise QloraKitError(f"LoRA GGUF check failed for {target.name}: tensors differ from the adapter by up to "
+                                f"{check.max_abs_diff:.3g}; nothing written")
+        os.replace(path, target)
+        write_json(target.with_name(f"{target.stem}.check.json"), asdict(check))
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("LoRA GGUF written to %s (%d tensors, alpha %g); run it with: llama-cli -m BASE.gguf --lora %s",
+             target, len(expected), alpha, target.name)
+    return target
+
+
+def check_lora_gguf(path: Path, arch: Architecture, expected: dict[str, np.ndarray], alpha: float,
+                    quant: str) -> LoraCheck:
+    """Every tensor read back (dequantized, q/k rows un-permuted) equals the adapter's, and the metadata says LoRA."""
+    reader = gguf.GGUFReader(path)
+    fields = {name: reader.fields[name].contents() for name in (gguf.Keys.General.TYPE, gguf.Keys.Adapter.TYPE,
+                                                                gguf.Keys.Adapter.LORA_ALPHA)}
+    worst, count = 0.0, 0
+    for tensor in reader.tensors:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(
+            [int(d) for d in reversed(tensor.shape)])
+        if arch.arch == gguf.MODEL_ARCH.LLAMA and tensor.name.endswith(("attn_q.weight.lora_b",
+                                                                       "attn_k.weight.lora_b")):
+            heads = arch.config.num_attention_heads if ".attn_q." in tensor.name else arch.config.num_key_value_heads
+            data = unpermute_rows(data, heads)
+        if tensor.name not in expected or data.shape != expected[tensor.name].shape:
+            worst = float("inf")
+            continue
+        worst = max(worst, float(np.abs(data - expected[tensor.name]).max()))
+        count += 1
+    passed = (count == len(expected) == len(reader.tensors) and worst == 0.0 and fields[gguf.Keys.General.TYPE] ==
+              "adapter" and fields[gguf.Keys.Adapter.TYPE] == "lora"
+              and abs(fields[gguf.Keys.Adapter.LORA_ALPHA] - alpha) <= 1e-6 * alpha)
+    return LoraCheck(path.name, quant, arch.name, alpha, count, worst, passed)
+
+
+# ---------------------------------------------------------------------------------------------------- Ollama
+
+# Placeholder contents: rendering the chat template with these shows the text the template puts around each message.
+PROBE = "QLKPROBE{}X"
+PROBE_ROLES = {"S": "system", "U": "user", "A": "assistant"}
+
+
+@dataclass
+class OllamaTemplate:
+    """A Go TEMPLATE for Ollama built from a chat template: the text before each message (by the previous and the
+    current role), and after the last one (with the generation prompt)."""
+
+    before: dict[str, str]  # "prev>role" ("" for the first message) -> text before the message's content
+    after: dict[str, str]  # role of the last message -> text after it, with the generation prompt
+    drop_bos: str  # the BOS text the chat template starts with, left out because llama.cpp adds BOS itself
+    system: bool  # whether the chat template accepts a system message
+
+    def go_template(self) -> str:
+        cases = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq $key "{key}" }}}}{text}'
+                         for i, (key, text) in enumerate(self.before.items()))
+        ends = "".join(f'{{{{ {"if" if i == 0 else "else if"} eq $prev "{role}" }}}}{text}'
+                        for i, (role, text) in enumerate(self.after.items()))
+        body = ('{{ $prev := "" }}{{ range .Messages }}{{ $key := printf "%s>%s" $prev .Role }}'
+                + cases + "{{ end }}{{ .Content }}{{ $prev = .Role }}{{ end }}" + ends + "{{ end }}")
+        if "{{" in "".join(self.before.values()) + "".join(self.after.values()) or '"""' in body:
+            raise QloraKitError('the chat template writes "{{" or \'"""\', which a Modelfile TEMPLATE cannot hold')
+        return body
+
+
+def split_by_probes(text: str, order: list[str]) -> list[str] | None:
+    """The text around each probe in `order`, or None when the template moved or dropped one (content not in place)."""
+    pieces, rest = [], text
+    for tag in order:
+        marker = PROBE.format(tag)
+        if rest.count(marker) != 1:
+            return None
+        head, rest = rest.split(marker)
+        pieces.append(head)
+    return [*pieces, rest]
+
+
+def conversation(tags: list[str]) -> list[dict[str, str]]:
+    return [{"role": PROBE_ROLES[tag[0]], "content": PROBE.format(tag)} for tag in tags]
+
+
+def ollama_template(tokenizer, adds_bos: bool) -> OllamaTemplate:
+    """Read the pieces off the chat template with probe messages, then prove the Go template renders exactly what
+    `apply_chat_template(..., add_generation_prompt=True)` does for several conversations, or raise."""
+    from jinja2 import TemplateError
+
+    def render(tags: list[str]) -> str | None:
+        try:
+            return tokenizer.apply_chat_template(conversation(tags), tokenize=False, add_generation_prompt=True)
+        except (TemplateError, ValueError):
+            return None
+
+    before: dict[str, str] = {}
+    after: dict[str, str] = {}
+    bos = tokenizer.bos_token or ""
+    for tags in (["S0", "U0", "A0", "U1", "A1", "U2"], ["U0", "A0", "U1", "A1", "U2"], ["U0", "A0"]):
+        text = render(tags)
+        if text is None:
+            continue
+        pieces = split_by_probes(text, tags)
+        if pieces is None:
+            raise QloraKitError(unsupported_template("it moves a message's content away from its turn (e.g. the "
+                                                     "system prompt into a later user turn)"))
+        roles = [PROBE_ROLES[t[0]] for t in tags]
+        for i, role in enumerate(roles):
+            key = f"{roles[i - 1] if i else ''}>{role}"
+            before.setdefault(key, pieces[i])
+        after.setdefault(roles[-1], pieces[-1])
+    if ">user" not in before:
+        raise QloraKitError(unsupported_template("it cannot render a user message followed by a generation prompt"))
+    drop_bos = ""
+    if adds_bos and bos and all(text.startswith(bos) for key, text in before.items() if key.startswith(">")):
+        drop_bos = bos
+        before = {k: v[len(bos):] if k.startswith(">") else v for k, v in before.items()}
+    template = OllamaTemplate(before, after, drop_bos, system=">system" in before)
+    for tags in (["U0"], ["S0", "U0"], ["U0", "A0", "U1"], ["S0", "U0", "A0", "U1", "A1", "U2"]):
+        expected = render(tags)
+        if expected is None:
+            continue
+        messages = conversation(tags)
+        got = drop_bos + render_go_template(template.go_template(), messages)
+        if got != expected:
+            raise QloraKitError(unsupported_template(f"for {[m['role'] for m in messages]} the Go template renders "
+                                                     f"{got!r} instead of {expected!r}"))
+    return template
+
+
+def unsupported_template(why: str) -> str:
+    return (f"the tokenizer's chat template cannot be written as an Ollama TEMPLATE: {why}; export --format gguf "
+            "(the GGUF carries the chat template for llama.cpp) and write the Modelfile TEMPLATE by hand")
+
+
+GO_ACTION = re.compile(r"\{\{(.*?)\}\}", re.S)
+
+
+def render_go_template(template: str, messages: list[dict[str, str]]) -> str:
+    """Render the subset of Go's text/template that `OllamaTemplate.go_template` writes (variables, printf "%s",
+    eq, if / else if / end, range .Messages, .Role / .Content), the way Ollama would; anything else is an error."""
+    tokens: list[tuple[str, str]] = []
+    last = 0
+    for match in GO_ACTION.finditer(template):
+        tokens.append(("text", template[last:match.start()]))
+        tokens.append(("action", match.group(1).strip()))
+        last = match.end()
+    tokens.append(("text", template[last:]))
+    out: list[str] = []
+    variables: dict[str, str] = {}
+
+    def value(expr: str, dot: dict[str, str] | None) -> str:
+        expr = expr.strip()
+        if expr.startswith('"') and expr.endswith('"'):
+            return expr[1:-1]
+        if expr.startswith("$"):
+            return variables[expr]
+        if expr in (".Role", ".Content") and dot is not None:
+            return dot[expr[1:].lower()]
+        if expr.startswith("printf "):
+            fmt, *args = re.findall(r'"[^"]*"|\S+', expr[len("printf "):])
+            return fmt[1:-1].replace("%s", "{}").format(*(value(a, dot) for a in args))
+        raise ValueError(f"Go template subset: cannot evaluate {expr!r}")
+
+    def condition(expr: str, dot: dict[str, str] | None) -> bool:
+        parts = re.findall(r'"[^"]*"|\S+', expr)
+        if parts[0] != "eq" or len(parts) != 3:
+            raise ValueError(f"Go template subset: cannot test {expr!r}")
+        return value(parts[1], dot) == value(parts[2], dot)
+
+    def block(i: int, dot: dict[str, str] | None, emit: bool) -> tuple[int, str]:
+        """Run tokens from i until an `end` / `else...` at this level; returns (index of that token, its action)."""
+        while i < len(tokens):
+            kind, text = tokens[i]
+            if kind == "text":
+                if emit:
+                    out.append(text)
+                i += 1
+                continue
+            if text == "end" or text.startswith("else"):
+                return i, text
+            if text.startswith("range "):
+                if text != "range .Messages":
+                    raise ValueError(f"Go template subset: cannot range over {text!r}")
+                start = i + 1
+                end = skip(start)
+                for message in messages if emit else []:
+                    block(start, message, True)
+                i = end + 1
+            elif text.startswith("if "):
+                i = if_chain(i, dot, emit)
+            elif ":=" in text or " = " in text:
+                name, expr = re.split(r"\s*:?=\s*", text, maxsplit=1)
+                if emit:
+                    variables[name] = value(expr, dot)
+                i += 1
+            else:
+                if emit:
+                    out.append(value(text, dot))
+                i += 1
+        return i, ""
+
+    def skip(i: int) -> int:
+        depth = 0
+        while True:
+            kind, text = tokens[i]
+            if kind == "action" and (text.startswith(("if ", "range "))):
+                depth += 1
+            elif kind == "action" and text == "end":
+                if depth == 0:
+                    return i
+                depth -= 1
+            i += 1
+
+    def if_chain(i: int, dot: dict[str, str] | None, emit: bool) -> int:
+        taken = False
+        action = tokens[i][1]
+        i += 1
+        while True:
+            if action.startswith("if ") or action.startswith("else if "):
+                test = action.split(" ", 2)[-1] if action.startswith("else if ") else action[3:]
+                run = emit and not taken and condition(test, dot)
+            else:  # plain else
+                run = emit and not taken
+            taken = taken or run
+            i, action = block(i, dot, run)
+            if action == "end":
+                return i + 1
+            i += 1
+
+    block(0, None, True)
+    return "".join(out)
+
+
+def write_modelfile(folder: Path, merged: Path, system_prompt: str | None) -> str:
+    """The Modelfile next to model.gguf: TEMPLATE from the chat template, a stop for each end-of-turn token, SYSTEM."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from qlora_kit.model import end_of_turn_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    adds_bos = bool(gguf.SpecialVocab(merged).add_special_token.get("bos"))
+    template = ollama_template(tokenizer, adds_bos)
+    if system_prompt and not template.system:
+        raise QloraKitError("data.system_prompt is set but the chat template rejects a system message, so Ollama "
+                            "could not use it; export --format gguf instead")
+    eos = GenerationConfig.from_pretrained(merged).eos_token_id if (merged / "generation_config.json").is_file() \
+        else tokenizer.eos_token_id
+    stops = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer, eos))
+    lines = ["# Written by qlora-kit. Create the model with: ollama create NAME -f Modelfile", "FROM ./model.gguf",
+             f'TEMPLATE """{template.go_template()}"""']
+    lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
+    if system_prompt:
+        lines.append(f'SYSTEM """{system_prompt}"""')
+    text = "\n".join(lines) + "\n"
+    (folder / "Modelfile").write_text(text)
+    return text
+
+
+def export_ollama(run_dir: Path, merged: Path, target: Path, quant: str) -> Path:
+    """An Ollama folder: model.gguf, its Modelfile and gguf_check.json, written aside and renamed into place."""
+    from qlora_kit.train import publish_dir
+
+    system_prompt = read_run_recipe(run_dir).data.system_prompt
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_modelfile(partial, merged, system_prompt)  # before the GGUF: a template it cannot express fails fast
+        check = write_and_check(merged, partial / "model.gguf", quant)
+        write_json(partial / "gguf_check.json", asdict(check))
+        publish_dir(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("Ollama model written to %s; create it with: ollama create NAME -f %s", target, target / "Modelfile")
+    return target

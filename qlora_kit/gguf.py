@@ -772,9 +772,12 @@ def ollama_template(tokenizer, adds_bos: bool) -> OllamaTemplate:
         if text is None:
             continue
         pieces = split_by_probes(text, tags)
+        if pieces is None and tags[0] == "S0":
+            log.warning("the chat template moves the system prompt away from the start (e.g. into the last user "
+                        "turn); the Ollama TEMPLATE has no system message")
+            continue
         if pieces is None:
-            raise QloraKitError(unsupported_template("it moves a message's content away from its turn (e.g. the "
-                                                     "system prompt into a later user turn)"))
+            raise QloraKitError(unsupported_template("it moves a message's content away from its turn"))
         roles = [PROBE_ROLES[t[0]] for t in tags]
         for i, role in enumerate(roles):
             key = f"{roles[i - 1] if i else ''}>{role}"
@@ -789,7 +792,7 @@ def ollama_template(tokenizer, adds_bos: bool) -> OllamaTemplate:
     template = OllamaTemplate(before, after, drop_bos, system=">system" in before)
     for tags in (["U0"], ["S0", "U0"], ["U0", "A0", "U1"], ["S0", "U0", "A0", "U1", "A1", "U2"]):
         expected = render(tags)
-        if expected is None:
+        if expected is None or (tags[0] == "S0" and not template.system):
             continue
         messages = conversation(tags)
         got = drop_bos + render_go_template(template.go_template(), messages)

@@ -164,7 +164,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     from qlora_kit.publish import push_run
 
     print(push_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, base_model=args.base_model,
-                   dry_run=args.dry_run, out=args.out))
+                   dry_run=args.dry_run, out=args.out, gguf=args.gguf))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -204,6 +204,8 @@ def add_after_training_commands(sub) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--base-model", help="Hub id of the base model, for the card and adapter_config.json, when "
                                         "training used a local folder or GGUF")
+    p.add_argument("--gguf", action="store_true", help="also upload the run's GGUF files (exporting q8_0 first if "
+                                                       "there is none) and a Modelfile")
     p.add_argument("--dry-run", action="store_true", help="only write the exact folder that would be uploaded")
     p.add_argument("--out", help="dry-run folder (default: RUN_DIR/hub-upload)")
     p.set_defaults(func=cmd_push)

@@ -420,26 +420,30 @@ class GGUFCheck:
     not_checked: list[str] = field(default_factory=list)
 
 
+def check_texts(tokenizer) -> list[str]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in CHECK_PROMPTS]
+
+
 def check_inputs(tokenizer) -> dict[str, torch.Tensor]:
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in CHECK_PROMPTS]
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return tokenizer(check_texts(tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
 
 
 @torch.no_grad()
 def logits_and_greedy(model, inputs: dict[str, torch.Tensor], tokenizer) -> tuple[torch.Tensor, list[list[int]]]:
+    """Logits on the check prompts, and greedy continuations of all of them in one batch (left-padded)."""
     model.eval()
     logits = model(**inputs).logits.float()
-    greedy = []
-    for row in range(inputs["input_ids"].shape[0]):  # one prompt at a time: no padding in the continuation
-        real = inputs["attention_mask"][row].bool()
-        ids = inputs["input_ids"][row][real].unsqueeze(0)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-        greedy.append(out[0, ids.shape[1]:].tolist())
-    return logits, greedy
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(check_texts(tokenizer), return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(**batch, max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return logits, out[:, batch["input_ids"].shape[1]:].tolist()
 
 
 def check_model_gguf(merged: Path, path: Path, quant: str, stored: dict[str, Q]) -> GGUFCheck:
@@ -534,8 +538,7 @@ def tokenizer_round_trip(path: Path, tokenizer) -> bool | None:
     """Does the tokenizer transformers builds from the GGUF metadata give the same ids on the check prompts?"""
     from transformers import AutoTokenizer
 
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                           add_generation_prompt=True) for p in CHECK_PROMPTS]
+    texts = check_texts(tokenizer)
     try:
         loaded = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, NotImplementedError) as exc:
@@ -906,8 +909,9 @@ def render_go_template(template: str, messages: list[dict[str, str]]) -> str:
     return "".join(out)
 
 
-def write_modelfile(folder: Path, merged: Path, system_prompt: str | None) -> str:
-    """The Modelfile next to model.gguf: TEMPLATE from the chat template, a stop for each end-of-turn token, SYSTEM."""
+def write_modelfile(folder: Path, merged: Path, system_prompt: str | None, gguf_name: str = "model.gguf") -> str:
+    """The Modelfile next to the GGUF: TEMPLATE from the chat template, a stop for each end-of-turn token, SYSTEM.
+    `merged` is any folder with the trained tokenizer (the merged model's, or the adapter's)."""
     from transformers import AutoTokenizer, GenerationConfig
 
     from qlora_kit.model import end_of_turn_token_ids
@@ -921,7 +925,7 @@ def write_modelfile(folder: Path, merged: Path, system_prompt: str | None) -> st
     eos = GenerationConfig.from_pretrained(merged).eos_token_id if (merged / "generation_config.json").is_file() \
         else tokenizer.eos_token_id
     stops = tokenizer.convert_ids_to_tokens(end_of_turn_token_ids(tokenizer, eos))
-    lines = ["# Written by qlora-kit. Create the model with: ollama create NAME -f Modelfile", "FROM ./model.gguf",
+    lines = ["# Written by qlora-kit. Create the model with: ollama create NAME -f Modelfile", f"FROM ./{gguf_name}",
              f'TEMPLATE """{template.go_template()}"""']
     lines += [f"PARAMETER stop {json.dumps(stop)}" for stop in stops]
     if system_prompt:

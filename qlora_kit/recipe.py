@@ -204,7 +204,8 @@ class ExportSection:
         0.0, help="max |logit difference| allowed between merged and adapter models; 0 = pick by dtype", min=0)
     report: bool = option(True, help="write <run>/report/ (plots, report.md, report.html) after training")
     gguf: GGUFSection | None = option(
-        None, help="write <run>/gguf/model-<quant>.gguf from the merged model, checked read back; null = no GGUF")
+        None, help="{quant: q8_0} writes <run>/gguf/model-q8_0.gguf from the merged model, checked read back (quant: "
+        "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); null = no GGUF")
     ollama: bool = option(False, help="write <run>/ollama/: the GGUF plus a Modelfile (`ollama create NAME -f ...`)")
     push: PushSection = option(default_factory=PushSection, help="")
 

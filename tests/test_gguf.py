@@ -390,3 +390,49 @@ def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(ma
     assert (run / "gguf" / "model-q8_0.gguf").is_file()
     assert sorted(p.name for p in (run / "ollama").iterdir()) == ["Modelfile", "gguf_check.json", "model.gguf"]
     assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2 (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2_merged(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct with a LoRA of random, non-zero A and B merged in: a merged model that is not the base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.model import base_model_folder
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(Path(__file__).resolve().parents[1])
+        folder = base_model_folder(load_recipe("recipes/quickstart.yaml").model)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    merged = tmp_path_factory.mktemp("smollm2") / "merged"
+    model.merge_and_unload().save_pretrained(merged)
+    AutoTokenizer.from_pretrained(folder).save_pretrained(merged)
+    return merged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_smollm2_gguf_answers_the_check_prompts_like_the_merged_model(quant, smollm2_merged, tmp_path):
+    check = export.write_and_check(smollm2_merged, tmp_path / "model.gguf", quant)
+
+    assert check.passed
+    assert check.greedy_tokens_equal and check.greedy_gguf == check.greedy_merged
+    assert check.tokenizer_ids_equal  # transformers rebuilds the same tokenizer from the GGUF metadata
+    assert metadata(tmp_path / "model.gguf")["tokenizer.ggml.pre"] == "smollm"
+
+
+@pytest.mark.slow
+def test_smollm2_modelfile_renders_its_chat_template_with_the_default_system_prompt(smollm2_merged, tmp_path):
+    text = export.write_modelfile(tmp_path, smollm2_merged, None)
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_merged)
+    for messages in CONVERSATIONS:
+        expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert export.render_go_template(template, messages) == expected
+    assert "You are a helpful AI assistant named SmolLM" in template
+    assert 'PARAMETER stop "<|im_end|>"' in text and "\nSYSTEM " not in text

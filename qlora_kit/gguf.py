@@ -231,11 +231,12 @@ def add_hyperparameters(writer: gguf.GGUFWriter, arch: Architecture, file_type: 
     if a == gguf.MODEL_ARCH.GEMMA2:
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
         writer.add_final_logit_softcapping(c.final_logit_softcapping)
+    original = (rope.get("original_max_position_embeddings") or getattr(c, "original_max_position_embeddings", None)
+                or c.max_position_embeddings)
     if a == gguf.MODEL_ARCH.PHI3:
         rotary = int(getattr(c, "partial_rotary_factor", 1.0) * c.hidden_size) // c.num_attention_heads
         writer.add_rope_dimension_count(rotary)
         writer.add_sliding_window(c.sliding_window or 0)
-        original = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(original)
     kind = rope.get("rope_type", "default")
     if kind == "default":
@@ -253,9 +254,8 @@ def add_hyperparameters(writer: gguf.GGUFWriter, arch: Architecture, file_type: 
     elif kind == "yarn":
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(rope["factor"])
-        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_orig_ctx_len(original)
     elif kind == "longrope" and a == gguf.MODEL_ARCH.PHI3:
-        original = getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings
         scale = c.max_position_embeddings / original
         attn_factor = float(np.sqrt(1 + np.log(scale) / np.log(original))) if scale > 1.0 else 1.0
         writer.add_rope_scaling_attn_factors(attn_factor)
@@ -346,6 +346,21 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     return "default"
 
 
+def adds_space_prefix(tokenizer_json: dict) -> bool:
+    """Whether the SentencePiece-style tokenizer puts "▁" before the first word (Llama 2, Mistral: yes; Gemma: no);
+    llama.cpp assumes yes unless `tokenizer.ggml.add_space_prefix` says otherwise."""
+    steps = []
+    for part in (tokenizer_json.get("normalizer"), tokenizer_json.get("pre_tokenizer")):
+        if part:
+            steps += part.get("normalizers") or part.get("pretokenizers") or [part]
+    for step in steps:
+        if step.get("type") == "Prepend" and step.get("prepend") == "▁":
+            return True
+        if step.get("type") == "Metaspace":
+            return step.get("prepend_scheme", "always") != "never"
+    return False
+
+
 def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
     """Vocabulary, merges, special token ids and the chat template: byte-level BPE as llama.cpp's `gpt2` model,
     SentencePiece-style BPE with byte fallback (Llama 2, Mistral, Gemma, Phi-3) as its `llama` model."""
@@ -365,6 +380,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> None:
             types.append(kind)
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
+        writer.add_add_space_prefix(adds_space_prefix(tokenizer_json))
         load_merges = False
     else:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -398,21 +398,10 @@ def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(ma
 @pytest.fixture(scope="module")
 def smollm2_merged(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct with a LoRA of random, non-zero A and B merged in: a merged model that is not the base."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from gguf_quant_table import smollm2_with_random_lora
 
-    from qlora_kit.model import base_model_folder
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(Path(__file__).resolve().parents[1])
-        folder = base_model_folder(load_recipe("recipes/quickstart.yaml").model)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-    merged = tmp_path_factory.mktemp("smollm2") / "merged"
-    model.merge_and_unload().save_pretrained(merged)
-    AutoTokenizer.from_pretrained(folder).save_pretrained(merged)
-    return merged
+    return smollm2_with_random_lora(tmp_path_factory.mktemp("smollm2") / "merged")
 
 
 @pytest.mark.slow

@@ -482,7 +482,7 @@ def check_model_gguf(merged: Path, path: Path, quant: str, stored: dict[str, Q])
         for name, param in reference.named_parameters():
             key = hf_tensor_name(name)
             if key in stored:
-                param.copy_(torch.from_numpy(round_trip(param.numpy(), stored[key])).reshape(param.shape))
+                param.copy_(torch.from_numpy(round_trip(param.detach().numpy(), stored[key])).reshape(param.shape))
     rounded_logits = reference(**inputs).logits.float()
     del reference
 

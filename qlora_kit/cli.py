@@ -1,107 +1,16 @@
-"""`qlora-kit` subcommands. Argument parsing, and the pipeline read top to bottom in `run_training`."""
+"""`qlora-kit` subcommands: argument parsing only. Each command imports what it runs when it runs (torch, trl and
+transformers cost seconds to import), so `validate` and `report` stay quick."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-from qlora_kit.recipe import QloraKitError, Recipe, load_recipe
+from qlora_kit.recipe import QloraKitError, load_recipe
 
 log = logging.getLogger("qlora_kit")
-
-
-def run_training(recipe: Recipe) -> dict:
-    """load recipe -> build data -> build model -> (score before) -> train -> save adapter -> (score after) -> merge."""
-    from accelerate import PartialState
-
-    from qlora_kit.publish import check_push_settings
-    from qlora_kit.train import prepare_run_dir
-
-    check_push_settings(recipe)  # an upload at the end needs a token now, not after hours of training
-    state = PartialState()
-    run_dir = prepare_run_dir(recipe, state)
-    try:
-        return train_in_run_dir(recipe, run_dir, state)
-    except BaseException:
-        if state.is_main_process:
-            discard_if_nothing_saved(run_dir)
-        raise
-
-
-def discard_if_nothing_saved(run_dir: Path) -> None:
-    """A run that failed before its first checkpoint leaves no folder for the next run to trip over."""
-    if not any((run_dir / "checkpoints").glob("checkpoint-*")) and not (run_dir / "adapter").exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log.info("removed %s: the run failed before saving anything", run_dir)
-
-
-def train_in_run_dir(recipe: Recipe, run_dir: Path, state) -> dict:
-    from transformers import set_seed
-
-    from qlora_kit.data import build_datasets
-    from qlora_kit.evaluate import evaluate_generation, format_comparison
-    from qlora_kit.export import merge_adapter
-    from qlora_kit.gguf import export_after_training
-    from qlora_kit.model import (
-        base_model_folder,
-        build_quantized_model,
-        check_model_config,
-        end_of_turn_token_ids,
-        load_tokenizer,
-        resolve_dtype,
-    )
-    from qlora_kit.publish import push_run
-    from qlora_kit.report import data_summary, write_report
-    from qlora_kit.train import build_trainer, save_adapter, train_adapter, write_atomically
-
-    with state.main_process_first():
-        folder = base_model_folder(recipe.model)
-    check_model_config(recipe, folder)
-    tokenizer = load_tokenizer(recipe, folder)
-    with state.main_process_first():  # rank 0 fills the tokenised-data cache, the others read it
-        data = build_datasets(recipe, tokenizer)
-
-    compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
-    log.info("compute dtype: %s", str(compute_dtype).removeprefix("torch."))
-    set_seed(recipe.training.seed)  # LoRA's random init must not depend on what ran before in this process
-    model = build_quantized_model(recipe, folder, compute_dtype)
-    stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
-
-    score_generation = recipe.evaluation.metric != "none" and state.is_main_process
-    if score_generation:
-        with model.disable_adapter():
-            before = evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
-        log.info("before training: %s = %.1f%%", before.metric, 100 * before.score)
-
-    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
-    summary = train_adapter(trainer, recipe, run_dir)
-    summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
-    summary["data"] = data_summary(data.stats)
-    save_adapter(trainer, tokenizer, run_dir, stop_ids)
-
-    if score_generation:
-        after = evaluate_generation(trainer.model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
-        summary["generation"] = {"before": asdict(before), "after": asdict(after)}
-        print(format_comparison(before, after), flush=True)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        if recipe.export.merge:
-            del trainer, model
-            merge_adapter(run_dir)
-            export_after_training(run_dir, recipe.export)
-        if recipe.export.report:
-            write_report(run_dir)
-        if recipe.export.push.repo_id:
-            push = recipe.export.push
-            push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
-        log.info("done: %s", run_dir)
-    return summary
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -145,6 +54,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from qlora_kit.pipeline import run_training
+
     run_training(load_recipe(args.recipe, args.overrides))
 
 
@@ -270,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except QloraKitError as exc:
-        # Only a command that imported qlora_kit.train can be interrupted mid-run; importing it here would cost every
-        # other command (report, push, validate) ~10 s of torch/trl imports.
-        train = sys.modules.get("qlora_kit.train")
-        if train is not None and isinstance(exc, train.TrainingInterrupted):
+        # Only a command that imported qlora_kit.trainers can be interrupted mid-run; importing it here would cost
+        # every other command (report, push, validate) ~10 s of torch/trl imports.
+        trainers = sys.modules.get("qlora_kit.trainers")
+        if trainers is not None and isinstance(exc, trainers.TrainingInterrupted):
             print(f"qlora-kit: {exc}", file=sys.stderr)
             return 130
         print(f"qlora-kit: error: {exc}", file=sys.stderr)

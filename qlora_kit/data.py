@@ -13,8 +13,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.recipe import DatasetSource, QloraKitError, Recipe
+from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
 
@@ -460,21 +459,12 @@ def load_cached(key: str) -> PreparedData | None:
 
 def store_cached(key: str, data: PreparedData) -> None:
     folder = data_cache_dir() / key
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder, replace=False) as tmp:  # another rank may finish first: keep its copy
         data.train.save_to_disk(str(tmp / "train"))
         if data.eval is not None:
             data.eval.save_to_disk(str(tmp / "eval"))
         meta = {"eval_conversations": data.eval_conversations, "stats": data.stats}
         (tmp / "meta.json").write_text(json.dumps(meta))
-        if folder.exists():
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # -------------------------------------------------------------------------------------------------- build

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.data import Conversation, render
 from qlora_kit.recipe import EvaluationSection, QloraKitError, Recipe, read_run_recipe
+from qlora_kit.rundir import write_atomically
 
 log = logging.getLogger("qlora_kit")
 
@@ -231,8 +232,6 @@ def score_model(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], rec
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples: int | None = None,
                  max_new_tokens: int | None = None, batch_size: int | None = None, include_base: bool = True) -> dict:
     """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
-    from qlora_kit.train import write_atomically
-
     recipe = read_run_recipe(run_dir)
     rows, described = heldout_rows(recipe, data_file)  # before loading weights: a missing split fails fast
     trained = load_trained_model(run_dir)

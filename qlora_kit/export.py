@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_kit.model import base_model_folder, resolve_dtype
 from qlora_kit.recipe import QloraKitError, read_run_recipe
-from qlora_kit.train import publish_dir, write_atomically
+from qlora_kit.rundir import atomic_folder, write_atomically
 
 log = logging.getLogger("qlora_kit")
 
@@ -94,12 +94,9 @@ def compare_logits(expected: torch.Tensor, actual: torch.Tensor, mask: torch.Ten
 
 
 def save_merged(merged, tokenizer, adapter: Path, target: Path, check: MergeCheck) -> None:
-    partial = target.with_name(f".{target.name}.partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    merged.save_pretrained(partial, safe_serialization=True)
-    tokenizer.save_pretrained(partial)
-    if (adapter / "generation_config.json").is_file():
-        shutil.copy(adapter / "generation_config.json", partial / "generation_config.json")
-    write_atomically(partial / "merge_check.json", json.dumps(asdict(check), indent=2) + "\n")
-    publish_dir(partial, target)
+    with atomic_folder(target) as partial:
+        merged.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        if (adapter / "generation_config.json").is_file():
+            shutil.copy(adapter / "generation_config.json", partial / "generation_config.json")
+        write_atomically(partial / "merge_check.json", json.dumps(asdict(check), indent=2) + "\n")

@@ -953,17 +953,12 @@ def write_modelfile(folder: Path, merged: Path, system_prompt: str | None, gguf_
 
 def export_ollama(run_dir: Path, merged: Path, target: Path, quant: str) -> Path:
     """An Ollama folder: model.gguf, its Modelfile and gguf_check.json, written aside and renamed into place."""
-    from qlora_kit.train import publish_dir
+    from qlora_kit.rundir import atomic_folder
 
     system_prompt = read_run_recipe(run_dir).data.system_prompt
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_folder(target) as partial:
         write_modelfile(partial, merged, system_prompt)  # before the GGUF: a template it cannot express fails fast
         check = write_and_check(merged, partial / "model.gguf", quant)
         write_json(partial / "gguf_check.json", asdict(check))
-        publish_dir(partial, target)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
     log.info("Ollama model written to %s; create it with: ollama create NAME -f %s", target, target / "Modelfile")
     return target

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from qlora_kit.data import resolve_chat_template
 from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError
+from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
 
@@ -78,18 +77,9 @@ def convert_gguf(gguf_path: Path, target: Path) -> None:
         log.info("GGUF tokenizer EOS %r differs from the generation config's %r; using %r", tokenizer.eos_token,
                  eos, eos)
         tokenizer.eos_token = eos
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_folder(target, replace=False) as tmp:  # another process may finish first: keep its copy
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def first_id(ids: int | list[int] | None) -> int | None:

@@ -278,6 +278,7 @@ class Recipe:
     export: ExportSection = option(default_factory=ExportSection, help="")
     speed: SpeedSection = option(default_factory=SpeedSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
+    overrides: list[str] = field(default_factory=list, metadata={"internal": True})
 
     @property
     def run_dir(self) -> Path:
@@ -297,6 +298,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         apply_override(raw, item, source)
     recipe = build_dataclass(Recipe, raw, source, prefix="")
     recipe.source = source
+    recipe.overrides = list(overrides)  # for the resume command printed after an interruption
     validate_recipe(recipe)
     return recipe
 
@@ -628,7 +630,9 @@ def check_sft_args(recipe: Recipe) -> None:
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The fully resolved recipe, as written to <run>/recipe.yaml."""
     data = dataclasses.asdict(recipe)
-    data.pop("source")
+    for f in dataclasses.fields(recipe):
+        if f.metadata.get("internal"):
+            data.pop(f.name)
     return data
 
 

@@ -11,10 +11,7 @@ import base64
 import html
 import json
 import logging
-import os
-import shutil
 import statistics
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import Any
 import yaml
 
 from qlora_kit.recipe import QloraKitError
+from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
 
@@ -353,27 +351,13 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     read_recipe_dict(run_dir)  # fails early, with the usual message, on a folder that is not a run
     target = run_dir / "report"
-    partial = Path(tempfile.mkdtemp(prefix=".report.", dir=run_dir))
-    try:
+    with atomic_folder(target) as partial:
         plots = plot_metrics(read_metrics(run_dir), partial)
         blocks = report_blocks(run_dir, plots)
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         blocks.insert(1, ("p", f"Generated {stamp} by qlora-kit from `{run_dir}`."))
         (partial / "report.md").write_text(render_markdown(blocks))
         (partial / "report.html").write_text(render_html(blocks, partial, f"qlora-kit run {run_dir.name}"))
-        replace_folder(partial, target)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     log.info("report written to %s (%s)", target, ", ".join(p.name for p in plots) or "no plots")
     return target
 
-
-def replace_folder(partial: Path, target: Path) -> None:
-    """Swap a finished folder into place (like train.publish_dir, which we avoid importing: it pulls in trl)."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(partial, target)
-    shutil.rmtree(old, ignore_errors=True)

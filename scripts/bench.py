@@ -67,7 +67,7 @@ PATHS = ("qlora-kit", "reference")
 # The seed recipe's settings, shared by both paths.
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 LEARNING_RATE, SCHEDULER, WARMUP, SEED = 2e-4, "cosine", 0.03, 42
-WARMUP_STEPS_SKIPPED = 2  # as qlora_kit.train.MetricsLog.warmup_steps
+WARMUP_STEPS_SKIPPED = 2  # as qlora_kit.trainers.MetricsLog.warmup_steps
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -402,7 +402,7 @@ def cmd_reference(spec_path: str) -> None:
     marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
     (t0, s0), (t1, s1) = (marks[0], marks[-1]) if len(marks) >= 2 else ((0.0, 0), (0.0, 0))
     tokens_per_step = spec["batch"] * max(row_lengths)
-    from qlora_kit.train import step_durations  # after training: the plain path imports nothing of qlora-kit's
+    from qlora_kit.trainers import step_durations  # after training: the plain path imports nothing of qlora-kit's
 
     print("BENCH_JSON " + json.dumps({
         "tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0) if s1 > s0 else None,
@@ -541,18 +541,18 @@ def profile_path(out: Path, shape: str, batch: int, path: str) -> Path | None:
 def cmd_profile_qlora_kit(recipe_path: str, out_path: str, *overrides: str) -> None:
     """`qlora-kit train` in this process with the profiler callback added to its trainer."""
     sys.path.insert(0, str(ROOT))
-    import qlora_kit.train
-    from qlora_kit.cli import run_training
+    import qlora_kit.pipeline
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
-    build_trainer = qlora_kit.train.build_trainer
+    build_trainer = qlora_kit.pipeline.build_trainer
 
     def build_profiled_trainer(*args, **kwargs):
         trainer = build_trainer(*args, **kwargs)
         trainer.add_callback(profile_callback(Path(out_path)))
         return trainer
 
-    qlora_kit.train.build_trainer = build_profiled_trainer
+    qlora_kit.pipeline.build_trainer = build_profiled_trainer
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_training(load_recipe(recipe_path, list(overrides)))
 

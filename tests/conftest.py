@@ -194,7 +194,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, recipe_writer: Recipe
     30 NF4 steps of 16 rows on the shout task with a system prompt and 8 held-out rows: eval loss every 10 steps, exact
     match before/after, merged model and report. Enough for the tiny model to answer in capitals and to stop.
     """
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     folder = tmp_path_factory.mktemp("finished")

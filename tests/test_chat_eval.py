@@ -174,7 +174,7 @@ def test_generation_metrics(answer, reference, metric, expected):
 def test_chat_and_eval_run_on_cuda(tmp_path, recipe_writer):
     import torch
 
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     recipe = recipe_writer(tmp_path, "cuda", data={"validation": 8, "cache": False},

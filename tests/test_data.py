@@ -246,7 +246,7 @@ def test_build_datasets_tokenizes_train_and_held_out_rows(make_recipe, tiny_toke
 def test_sft_trainer_labels_are_input_ids_where_masked_in_and_minus_100_elsewhere(make_recipe, tiny_tokenizer,
                                                                                   tiny_model_dir, tmp_path):
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.train import build_trainer
+    from qlora_kit.trainers import build_trainer
 
     recipe = load_recipe(make_recipe(), ["data.cache=false"])
     data = build_datasets(recipe, tiny_tokenizer)

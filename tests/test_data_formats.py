@@ -281,7 +281,7 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokeni
 def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, tmp_path):
     import torch
 
-    from qlora_kit.train import build_sft_config
+    from qlora_kit.trainers import build_sft_config
 
     recipe = load_recipe(make_recipe(training={"packing": True}))
     config = build_sft_config(recipe, tmp_path, torch.float32, has_eval=False)
@@ -324,8 +324,8 @@ def test_a_short_fine_tune_teaches_the_model_to_stop_on_its_own(make_recipe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_kit.cli import run_training
     from qlora_kit.evaluate import generate_answers
+    from qlora_kit.pipeline import run_training
 
     recipe = load_recipe(make_recipe(
         "stops", quantization={"load_in_4bit": False}, lora={"r": 16, "alpha": 32},

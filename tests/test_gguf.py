@@ -379,7 +379,7 @@ def test_recipe_export_gguf_and_ollama_keys_are_strict(make_recipe):
 
 
 def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(make_recipe, tmp_path):
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
 
     run_training(load_recipe(make_recipe(name="exported", export={"gguf": {"quant": "q8_0"}, "ollama": True,
                                                                    "report": False})))
@@ -387,7 +387,7 @@ def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(ma
     assert json.loads((run / "gguf" / "model-q8_0.check.json").read_text())["passed"]
     assert (run / "gguf" / "model-q8_0.gguf").is_file()
     assert sorted(p.name for p in (run / "ollama").iterdir()) == ["Modelfile", "gguf_check.json", "model.gguf"]
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folders left
+    assert not [p for p in run.rglob(".*") if "partial" in p.name or p.name.startswith((".gguf-merge", ".model-"))]
 
 
 # ------------------------------------------------------------------------------------------ SmolLM2 (slow)

@@ -106,7 +106,7 @@ def qlora_kit_log() -> Iterator[list[str]]:
 
 def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
@@ -135,7 +135,7 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Liger's SwiGLU replaces each MLP's forward (inside `train()` on transformers 5.17); the fused MLP must still be
     the one that runs, or it saves no memory."""
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
     from qlora_kit.speed import SwigluDownOver4bit
 
@@ -199,7 +199,7 @@ def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_e
     """The fused layers reuse one bf16 copy of each fp32 adapter weight until the next optimizer step. A stale copy
     would train on old weights: the loss curve would part from casting in every call after the first step."""
     import qlora_kit.speed
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
@@ -296,7 +296,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
     the last layer keeps its activations, so both compiled graphs run)."""
     from qlora_kit.model import build_quantized_model
     from qlora_kit.speed import compile_decoder_layers, keep_activations, use_fused_lora, use_fused_mlp
-    from qlora_kit.train import keep_adapter_weights_in_fp32
+    from qlora_kit.trainers import keep_adapter_weights_in_fp32
 
     torch.manual_seed(0)
     model = build_quantized_model(recipe, str(folder), torch.bfloat16)

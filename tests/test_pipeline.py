@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from qlora_kit.cli import run_training
+from qlora_kit.pipeline import run_training
 from qlora_kit.recipe import RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -286,7 +286,7 @@ def hub_reachable(monkeypatch, tmp_path):
 
 
 def test_recipe_with_export_push_uploads_at_the_end_of_training(make_recipe, hub_reachable, tmp_path):
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     recipe = make_recipe("pushed", training={"max_steps": 2}, data={"cache": False},
@@ -303,7 +303,7 @@ def test_recipe_with_export_push_uploads_at_the_end_of_training(make_recipe, hub
 
 
 def test_recipe_with_export_push_and_no_token_fails_before_training(make_recipe, hub_reachable, tmp_path):
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import QloraKitError, load_recipe
 
     recipe = make_recipe("pushed", export={"push": {"repo_id": "alice/pushed"}})

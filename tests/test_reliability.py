@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from qlora_kit.cli import main, run_training
+from qlora_kit.cli import main
+from qlora_kit.pipeline import run_training
 from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
-from qlora_kit.train import COMPLETE_MARKER, checkpoint_is_complete, find_resume_checkpoint
+from qlora_kit.rundir import COMPLETE_MARKER, checkpoint_is_complete, find_resume_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(make_recipe,
 def test_a_save_the_disk_cannot_hold_is_refused_before_writing(make_recipe, monkeypatch):
     import shutil as real_shutil
 
-    from qlora_kit import train
+    from qlora_kit import trainers as train
 
     full = real_shutil._ntuple_diskusage(total=10 << 30, used=(10 << 30) - (1 << 20), free=1 << 20)
     monkeypatch.setattr(train.shutil, "disk_usage", lambda path: full)
@@ -184,7 +185,7 @@ def test_an_adapter_file_without_weights_is_refused_not_published(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from qlora_kit.train import check_adapter_not_empty
+    from qlora_kit.trainers import check_adapter_not_empty
 
     folder = tmp_path / "run" / ".adapter.partial"
     folder.mkdir(parents=True)
@@ -203,7 +204,7 @@ def test_adapter_tensors_finds_every_lora_weight_by_walking_modules(tiny_model_d
     from peft import get_peft_model_state_dict
 
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.train import adapter_tensors
+    from qlora_kit.trainers import adapter_tensors
 
     recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, "use_dora": True}))
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
@@ -223,7 +224,7 @@ def test_fsdp_adapter_writer_matches_peft_save_pretrained(tiny_model_dir, make_r
     from transformers import AutoModelForCausalLM
 
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.train import adapter_tensors, write_peft_adapter
+    from qlora_kit.trainers import adapter_tensors, write_peft_adapter
 
     recipe = load_recipe(make_recipe(lora={"r": 4, "alpha": 8, "use_dora": True}))
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)

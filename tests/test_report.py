@@ -135,7 +135,7 @@ def test_report_of_an_interrupted_run_plots_what_was_logged(finished_run, tmp_pa
 @pytest.fixture(scope="module")
 def tensorboard_run(tmp_path_factory, recipe_writer) -> Path:
     pytest.importorskip("tensorboard")
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
     folder = tmp_path_factory.mktemp("tensorboard")

@@ -42,7 +42,7 @@ def adapted_model(make_recipe, tiny_model_dir, **lora):
 def tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, run_dir, **sections):
     """The recipe (data cache off), its tiny NF4 model and the SFTTrainer the pipeline builds for them, on CPU."""
     from qlora_kit.data import build_datasets
-    from qlora_kit.train import build_trainer
+    from qlora_kit.trainers import build_trainer
 
     recipe = load_recipe(make_recipe(**sections), ["data.cache=false"])
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
@@ -294,7 +294,7 @@ def test_trainer_mode_switches_walk_the_model_only_when_a_module_differs(make_re
 
 def test_a_module_with_its_own_train_keeps_torchs_walk(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
     """peft's DoRA layers clear a cache in `train()`: a model holding one keeps Trainer's call as it is."""
-    from qlora_kit.train import switch_modes_only_when_a_module_differs
+    from qlora_kit.trainers import switch_modes_only_when_a_module_differs
 
     _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
     assert "train" in vars(trainer.model)  # the pipeline's model has the shortcut
@@ -345,7 +345,7 @@ def test_python_gc_schedule_is_undone_when_training_fails(make_recipe, tiny_mode
 
     from transformers import TrainerCallback
 
-    from qlora_kit.train import train_adapter
+    from qlora_kit.trainers import train_adapter
 
     recipe, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
                                    training={"max_steps": 4}, speed={"gc_every_steps": 2})
@@ -541,10 +541,10 @@ def test_every_layer_keeps_its_activations_without_checkpointing_or_when_all_are
 
 
 def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, monkeypatch):
-    from qlora_kit.train import liger_kernels_usable
+    from qlora_kit.trainers import liger_kernels_usable
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("qlora_kit.train.liger_kernel_installed", lambda: True)
+    monkeypatch.setattr("qlora_kit.trainers.liger_kernel_installed", lambda: True)
     recipe = load_recipe(make_recipe())
     assert liger_kernels_usable(recipe, compiled_layers=False) is True
     assert liger_kernels_usable(recipe, compiled_layers=True) is False
@@ -601,7 +601,7 @@ def test_chunked_mlp_trains_the_same_as_the_whole_mlp(make_recipe, tiny_model_di
                                    {"mlp_chunk_tokens": 32, "offload_checkpoints": True}])
 def test_a_short_run_learns_the_same_with_any_speed_setting(make_recipe, speed):
     """Three steps of the real trainer (checkpointing on): losses agree whatever speed switches are set."""
-    from qlora_kit.cli import run_training
+    from qlora_kit.pipeline import run_training
 
     losses = []
     for name, setting in (("plain", {"fused_lora": False}), ("fast", speed)):
@@ -622,7 +622,7 @@ def read_metrics(run_dir):
 
 
 def test_liger_kernels_are_left_off_on_cpu(make_recipe):
-    from qlora_kit.train import liger_kernels_usable
+    from qlora_kit.trainers import liger_kernels_usable
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
@@ -644,7 +644,7 @@ def test_liger_through_sft_args_points_to_the_speed_switch(make_recipe):
 ])
 def test_auto_optimizer_on_gpu_is_fused_adamw_unless_its_states_get_big(make_recipe, monkeypatch,
                                                                         adapter_parameters, expected):
-    from qlora_kit.train import choose_optimizer
+    from qlora_kit.trainers import choose_optimizer
 
     recipe = load_recipe(make_recipe())
     assert choose_optimizer(recipe, adapter_parameters) == "adamw_torch"  # this CPU

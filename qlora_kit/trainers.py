@@ -1,4 +1,4 @@
-"""Build trl's SFTConfig/SFTTrainer from the recipe, run it, resume it, and save the adapter atomically."""
+"""Build trl's trainer and its config from the recipe, run it (resuming if asked), and save the adapter."""
 
 from __future__ import annotations
 
@@ -6,23 +6,19 @@ import itertools
 import json
 import logging
 import math
-import os
 import shutil
 import signal
-import tempfile
 import time
 import types
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
-from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
+from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
+from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
 from qlora_kit.speed import (
     CheckpointSettings,
     Speedups,
@@ -32,136 +28,6 @@ from qlora_kit.speed import (
 )
 
 log = logging.getLogger("qlora_kit")
-
-LIBRARIES = ("qlora-kit", "torch", "transformers", "accelerate", "bitsandbytes", "peft", "trl", "datasets")
-
-
-# ------------------------------------------------------------------------------------------------ run folder
-
-
-def prepare_run_dir(recipe: Recipe, state=None) -> Path:
-    """Create (or, with resume/overwrite, reuse) the run folder; an existing run is never replaced silently.
-
-    Under `accelerate launch` every rank decides on the folder as it is *before* rank 0 touches it (a barrier), so
-    rank 1 never mistakes the folder rank 0 just created for an old run."""
-    run_dir, t = recipe.run_dir, recipe.training
-    is_main_process = state is None or state.is_main_process
-    existing = run_dir.exists() and any(run_dir.iterdir())
-    if existing and not t.overwrite and t.resume != "auto":
-        raise RecipeError(
-            f"{recipe.source}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
-            f"replace it with training.overwrite=true, or pick another training.run_name")
-    if state is not None:
-        state.wait_for_everyone()
-    if is_main_process:
-        if existing and t.overwrite:
-            log.warning("training.overwrite=true: deleting the existing run folder %s", run_dir)
-            shutil.rmtree(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(run_dir / "recipe.yaml", resolved_recipe_text(recipe))
-        except OSError as exc:
-            raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir}: {exc.strerror}") from None
-    if state is not None:
-        state.wait_for_everyone()
-    return run_dir
-
-
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def resolved_recipe_text(recipe: Recipe) -> str:
-    data = recipe_to_dict(recipe)
-    header = f"# Resolved from {recipe.source}\n"
-    return header + yaml.safe_dump({**data, "versions": library_versions()}, sort_keys=False)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write next to `path`, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def publish_dir(partial: Path, target: Path) -> None:
-    """Move a fully written folder into place; an older `target` is swapped out first, then deleted."""
-    old = target.with_name(f".{target.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(partial, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-COMPLETE_MARKER = "qlora_kit_complete.json"
-
-
-def checkpoint_is_complete(folder: Path) -> bool:
-    """A checkpoint is usable if qlora-kit marked it complete, or if the trainer got as far as its last file.
-
-    transformers writes `trainer_state.json` last, so a run killed mid-save leaves a folder without it (or with
-    weights that do not parse); such a folder is never resumed from.
-    """
-    if (folder / COMPLETE_MARKER).is_file():
-        return True
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    weights = [p for p in folder.glob("*.safetensors")]
-    return bool(weights) and all(safetensors_header_ok(p) for p in weights)
-
-
-def safetensors_header_ok(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            json.loads(handle.read(size))
-        return path.stat().st_size >= 8 + size
-    except (OSError, ValueError):
-        return False
-
-
-def mark_checkpoint_complete(folder: Path) -> None:
-    """fsync every file of a finished checkpoint, then write the marker: after this it survives a power cut."""
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}) + "\n")
-
-
-def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
-    """The newest complete checkpoint; incomplete ones are renamed aside with a warning, never loaded."""
-    checkpoints = run_dir / "checkpoints"
-    if recipe.training.resume != "auto" or not checkpoints.is_dir():
-        return None
-    while (last := get_last_checkpoint(str(checkpoints))) is not None:
-        if checkpoint_is_complete(Path(last)):
-            log.info("resuming from %s", last)
-            return last
-        aside = Path(f"{last}.incomplete-{int(time.time())}")
-        log.warning("%s is incomplete (the run stopped while saving it); skipping it, moved to %s", last, aside.name)
-        os.replace(last, aside)
-    log.info("training.resume=auto: no checkpoint in %s yet; starting from scratch", checkpoints)
-    return None
-
 
 # -------------------------------------------------------------------------------------------------- trainer
 
@@ -487,8 +353,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
                             "training.max_grad_norm > 0, or check the data for empty/garbage rows")
     if guard.stop_signal is not None:
         raise TrainingInterrupted(f"stopped by {guard.stop_signal} at step {trainer.state.global_step}; checkpoint "
-                                  f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
-                                  "training.resume=auto")
+                                  f"saved in {guard.last_saved}. Resume with: {resume_command(recipe)}")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
                "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
                "kept_activation_layers": kept_activation_layers(trainer)}
@@ -588,23 +453,21 @@ def check_adapter_not_empty(folder: Path) -> None:
 
 def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path:
     """PEFT adapter + tokenizer in <run>/adapter, loadable by plain `PeftModel.from_pretrained`."""
-    target, partial = run_dir / "adapter", run_dir / ".adapter.partial"
-    if trainer.is_world_process_zero() and partial.exists():
-        shutil.rmtree(partial)  # left by a run killed mid-save
-    if getattr(trainer, "is_fsdp_enabled", False):
-        adapter = gather_fsdp_adapter(trainer)  # a collective: every rank takes part, rank 0 gets the weights
-        if trainer.is_world_process_zero():
-            write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)
-    else:
-        trainer.save_model(str(partial))
+    target = run_dir / "adapter"
+    fsdp = getattr(trainer, "is_fsdp_enabled", False)
+    adapter = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part, rank 0 gets them
     if not trainer.is_world_process_zero():
         return target
-    check_adapter_not_empty(partial)
-    tokenizer.save_pretrained(str(partial))
-    generation_config = trainer.model.generation_config
-    generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
-    generation_config.pad_token_id = tokenizer.pad_token_id
-    generation_config.save_pretrained(str(partial))
-    publish_dir(partial, target)
+    with atomic_folder(target) as partial:
+        if fsdp:
+            write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)
+        else:
+            trainer.save_model(str(partial))  # writes on the main process only, no collective
+        check_adapter_not_empty(partial)
+        tokenizer.save_pretrained(str(partial))
+        generation_config = trainer.model.generation_config
+        generation_config.eos_token_id = stop_ids if len(stop_ids) > 1 else stop_ids[0]
+        generation_config.pad_token_id = tokenizer.pad_token_id
+        generation_config.save_pretrained(str(partial))
     log.info("adapter saved to %s", target)
     return target

@@ -1,0 +1,96 @@
+"""The training pipeline, top to bottom: recipe -> run folder -> tokenizer -> data -> model -> trainer -> train ->
+save -> evaluate -> export. Every phase is one call into the module that owns it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from accelerate import PartialState
+from transformers import set_seed
+
+from qlora_kit.data import build_datasets
+from qlora_kit.evaluate import evaluate_generation, format_comparison
+from qlora_kit.export import merge_adapter
+from qlora_kit.gguf import export_after_training
+from qlora_kit.model import (
+    base_model_folder,
+    build_quantized_model,
+    check_model_config,
+    end_of_turn_token_ids,
+    load_tokenizer,
+    resolve_dtype,
+)
+from qlora_kit.publish import check_push_settings, push_run
+from qlora_kit.recipe import Recipe
+from qlora_kit.report import data_summary, write_report
+from qlora_kit.rundir import RunFolder, open_run_folder, write_atomically
+from qlora_kit.trainers import build_trainer, save_adapter, train_adapter
+
+log = logging.getLogger("qlora_kit")
+
+
+def run_training(recipe: Recipe) -> dict:
+    """Train the recipe in its run folder (locked for the run); a run that fails before saving anything leaves things
+    as they were."""
+    check_push_settings(recipe)  # an upload at the end needs a token now, not after hours of training
+    state = PartialState()
+    with open_run_folder(recipe, state) as run:
+        return train_in_run_folder(recipe, run, state)
+
+
+def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> dict:
+    run_dir = run.path
+    with state.main_process_first():
+        folder = base_model_folder(recipe.model)
+    check_model_config(recipe, folder)
+    tokenizer = load_tokenizer(recipe, folder)
+    with state.main_process_first():  # rank 0 fills the tokenised-data cache, the others read it
+        data = build_datasets(recipe, tokenizer)
+
+    compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
+    log.info("compute dtype: %s", str(compute_dtype).removeprefix("torch."))
+    set_seed(recipe.training.seed)  # LoRA's random init must not depend on what ran before in this process
+    model = build_quantized_model(recipe, folder, compute_dtype)
+    stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
+
+    score_generation = recipe.evaluation.metric != "none" and state.is_main_process
+    if score_generation:
+        with model.disable_adapter():
+            before = evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+        log.info("before training: %s = %.1f%%", before.metric, 100 * before.score)
+
+    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
+    if state.is_main_process:
+        run.begin(recipe, state.num_processes)  # every check passed: the run's recipe.yaml is (re)written now
+    summary = train_adapter(trainer, recipe, run_dir)
+    summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
+    summary["data"] = data_summary(data.stats)
+    save_adapter(trainer, tokenizer, run_dir, stop_ids)
+
+    if score_generation:
+        after = evaluate_generation(trainer.model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+        summary["generation"] = {"before": asdict(before), "after": asdict(after)}
+        print(format_comparison(before, after), flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_atomically(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        del trainer, model  # the 4-bit model goes before a merge loads the base in full precision
+        export(recipe, run_dir)
+        log.info("done: %s", run_dir)
+    return summary
+
+
+def export(recipe: Recipe, run_dir: Path) -> None:
+    """What the recipe's `export` section asks for once the adapter is saved: merge, report, push."""
+    if recipe.export.merge:
+        merge_adapter(run_dir)
+        export_after_training(run_dir, recipe.export)  # GGUF / Ollama from the merged model
+    if recipe.export.report:
+        write_report(run_dir)
+    if recipe.export.push.repo_id:
+        push = recipe.export.push
+        push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
+

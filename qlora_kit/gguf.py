@@ -7,12 +7,14 @@ convert_lora_to_gguf.py (read at ggml-org/llama.cpp 0024aa7); names come from `g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ import gguf
 import numpy as np
 import torch
 
-from qlora_kit.recipe import QloraKitError, read_run_recipe
+from qlora_kit.export import CHECK_PROMPTS, merge_adapter
+from qlora_kit.recipe import ExportSection, QloraKitError, read_run_recipe
 
 log = logging.getLogger("qlora_kit")
 
@@ -47,12 +50,7 @@ LORA_QUANT_TYPES = ("f32", "f16", "bf16")
 # The GGUF read back must compute what the merged model with the same rounded weights computes: only summation order
 # may differ. Relative to the largest |logit|; docs/export.md has the measurements.
 EXPORT_TOLERANCE = 1e-4
-CHECK_PROMPTS = [
-    "Write one sentence about the sea.",
-    "What is 12 plus 30?",
-    "Translate 'good morning' into French.",
-]
-GREEDY_TOKENS = 16
+GREEDY_TOKENS = 16  # continuation compared on each check prompt (qlora_kit.export.CHECK_PROMPTS)
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -84,7 +82,7 @@ def export_run(run_dir: str | Path, fmt: str, quant: str | None = None, out: str
         return export_ollama(run_dir, merged, target, quant)
 
 
-def export_after_training(run_dir: Path, export) -> None:
+def export_after_training(run_dir: Path, export: ExportSection) -> None:
     """The recipe's export.gguf / export.ollama, after the merge; a run folder's own exports are replaced."""
     if export.gguf is not None:
         export_run(run_dir, "gguf", export.gguf.quant, force=True)
@@ -97,24 +95,18 @@ def refuse_existing(target: Path, force: bool) -> None:
         raise QloraKitError(f"{target} already exists; pass --force to replace it, or --out for another path")
 
 
-class merged_model:
+@contextlib.contextmanager
+def merged_model(run_dir: Path) -> Iterator[Path]:
     """RUN_DIR/merged if it exists, else a merge into a temporary folder inside the run, removed afterwards."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir, self.temporary = run_dir, None
-
-    def __enter__(self) -> Path:
-        if (self.run_dir / "merged" / "config.json").is_file():
-            return self.run_dir / "merged"
-        from qlora_kit.export import merge_adapter
-
-        self.temporary = Path(tempfile.mkdtemp(prefix=".gguf-merge-", dir=self.run_dir))
-        log.info("no merged model in %s; merging into a temporary folder first", self.run_dir)
-        return Path(merge_adapter(self.run_dir, out=self.temporary / "merged"))
-
-    def __exit__(self, *exc: object) -> None:
-        if self.temporary is not None:
-            shutil.rmtree(self.temporary, ignore_errors=True)
+    if (run_dir / "merged" / "config.json").is_file():
+        yield run_dir / "merged"
+        return
+    log.info("no merged model in %s; merging into a temporary folder first", run_dir)
+    temporary = Path(tempfile.mkdtemp(prefix=".gguf-merge-", dir=run_dir))
+    try:
+        yield Path(merge_adapter(run_dir, out=temporary / "merged"))
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- model -> GGUF

@@ -8,6 +8,7 @@ convert_lora_to_gguf.py (read at ggml-org/llama.cpp 0024aa7); names come from `g
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -480,8 +481,9 @@ def check_model_gguf(merged: Path, path: Path, quant: str, stored: dict[str, Q])
 
     # The merged config, not the one transformers rebuilds from GGUF metadata: that one omits keys transformers does
     # not read (softcapping, rope scaling); the metadata it does read is compared below.
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=readback_config(arch),
-                                                  dtype=torch.float32)
+    with cached_tensor_name_maps():
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                      config=readback_config(arch), dtype=torch.float32)
     gguf_logits, gguf_greedy = logits_and_greedy(loaded, inputs, tokenizer)
     del loaded
 
@@ -506,6 +508,19 @@ def check_model_gguf(merged: Path, path: Path, quant: str, stored: dict[str, Q])
         greedy_merged=[tokenizer.decode(g) for g in merged_greedy],
         greedy_gguf=[tokenizer.decode(g) for g in gguf_greedy],
         not_checked=not_read_by_transformers(arch))
+
+
+@contextlib.contextmanager
+def cached_tensor_name_maps() -> Iterator[None]:
+    """transformers' GGUF loader offers no way to reuse the name table: get_gguf_hf_weights_map rebuilds
+    gguf.get_tensor_name_map once per submodule (minutes for a 30-layer model on a busy CPU). It imports the function
+    from `gguf` on each call, so a cached one is put there for the load (transformers 5.24, gguf 0.19)."""
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
 
 
 def readback_config(arch: Architecture):

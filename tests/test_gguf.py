@@ -31,7 +31,19 @@ FAMILIES = {
     "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
                {"head_dim": 16, "query_pre_attn_scalar": 16}),
     "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {}),
+    # rope variants written as llama.cpp tensors: Llama 3.1's rope_freqs, Phi-4-mini's long/short factors
+    "llama3.1-rope": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+                      {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                           "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 64}}),
+    "phi4-mini-rope": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                       {"partial_rotary_factor": 0.75, "original_max_position_embeddings": 128,
+                        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                            "long_factor": [1.0 + i / 6 for i in range(6)], "short_factor": [1.0] * 6,
+                                            "original_max_position_embeddings": 128}}),
 }
+ROPE_TENSORS = {"llama3.1-rope": {"rope_freqs.weight"},
+                "phi4-mini-rope": {"rope_factors_long.weight", "rope_factors_short.weight"}}
 
 
 def tiny_model_folder(folder: Path, family: str, tokenizer_dir: Path) -> Path:
@@ -40,7 +52,7 @@ def tiny_model_folder(folder: Path, family: str, tokenizer_dir: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config_class, model_class, extra = FAMILIES[family]
     config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                          num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **extra)
     torch.manual_seed(0)
@@ -74,6 +86,15 @@ def test_gguf_read_back_computes_the_logits_and_greedy_tokens_of_the_model(famil
     assert check.greedy_tokens_equal and check.greedy_gguf == check.greedy_merged
     assert check.config_mismatches == []
     assert check.architecture == export.ARCHITECTURES[FAMILIES[family][1].__name__].name.lower()
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert {n for n in names if n.startswith("rope")} == ROPE_TENSORS.get(family, set())
+
+
+def test_a_wrong_hyperparameter_in_the_metadata_fails_the_check(family_folders, tmp_path, monkeypatch):
+    real = gguf.GGUFWriter.add_layer_norm_rms_eps
+    monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps", lambda self, value: real(self, 10 * value))
+    with pytest.raises(QloraKitError, match=r"metadata mismatches: \['rms_norm_eps"):
+        export.write_and_check(family_folders["qwen2"], tmp_path / "model.gguf", "f32")
 
 
 @pytest.mark.parametrize("quant", ["bf16", "q8_0", "q4_0"])

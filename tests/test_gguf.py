@@ -90,6 +90,27 @@ def test_gguf_read_back_computes_the_logits_and_greedy_tokens_of_the_model(famil
     assert {n for n in names if n.startswith("rope")} == ROPE_TENSORS.get(family, set())
 
 
+def test_gemma3_multimodal_checkpoint_exports_its_text_model(tiny_model_dir, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    n = len(tokenizer)
+    text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": n + 8, "head_dim": 16, "query_pre_attn_scalar": 16,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 28, "patch_size": 14}
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=n + 1, boi_token_index=n + 2, eoi_token_index=n + 3)
+    torch.manual_seed(0)
+    transformers.Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "merged")
+    tokenizer.save_pretrained(tmp_path / "merged")
+
+    check = export.write_and_check(tmp_path / "merged", tmp_path / "model.gguf", "f32")
+    assert check.passed and check.greedy_tokens_equal and check.architecture == "gemma3"
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "model.gguf").tensors}
+    assert "token_embd.weight" in names and not [n for n in names if "v." in n or "mm." in n]  # no vision tower
+
+
 def test_a_wrong_hyperparameter_in_the_metadata_fails_the_check(family_folders, tmp_path, monkeypatch):
     real = gguf.GGUFWriter.add_layer_norm_rms_eps
     monkeypatch.setattr(gguf.GGUFWriter, "add_layer_norm_rms_eps", lambda self, value: real(self, 10 * value))

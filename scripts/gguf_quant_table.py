@@ -19,7 +19,8 @@ from qlora_kit.gguf import QUANT_TYPES, write_and_check
 
 
 def smollm2_with_random_lora(folder: Path) -> Path:
-    """The quickstart base with a rank-8 LoRA of random, non-zero A and B merged in: a model that is not the base."""
+    """The quickstart base with a rank-8 LoRA merged in whose B is random at the scale training leaves it (std 0.02;
+    peft starts it at 0): a model that is not the base, and still answers like SmolLM2."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,7 +30,11 @@ def smollm2_with_random_lora(folder: Path) -> Path:
     base_folder = base_model_folder(load_recipe(Path(__file__).resolve().parents[1] / "recipes/quickstart.yaml").model)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
     model.merge_and_unload().save_pretrained(folder)
     AutoTokenizer.from_pretrained(base_folder).save_pretrained(folder)
     return folder

@@ -437,7 +437,7 @@ def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(ma
 
 @pytest.fixture(scope="module")
 def smollm2_merged(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct with a LoRA of random, non-zero A and B merged in: a merged model that is not the base."""
+    """SmolLM2-135M-Instruct with a LoRA of random non-zero weights merged in: a merged model that is not the base."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from gguf_quant_table import smollm2_with_random_lora
 

@@ -445,14 +445,24 @@ def smollm2_merged(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quant", ["q8_0"])
-def test_smollm2_gguf_answers_the_check_prompts_like_the_merged_model(quant, smollm2_merged, tmp_path):
-    check = export.write_and_check(smollm2_merged, tmp_path / "model.gguf", quant)
+def test_smollm2_f16_gguf_answers_the_check_prompts_like_the_merged_model(smollm2_merged, tmp_path):
+    check = export.write_and_check(smollm2_merged, tmp_path / "model.gguf", "f16")
 
     assert check.passed
     assert check.greedy_tokens_equal and check.greedy_gguf == check.greedy_merged
     assert check.tokenizer_ids_equal  # transformers rebuilds the same tokenizer from the GGUF metadata
     assert metadata(tmp_path / "model.gguf")["tokenizer.ggml.pre"] == "smollm"
+
+
+@pytest.mark.slow
+def test_smollm2_q8_0_gguf_predicts_the_merged_models_next_tokens(smollm2_merged, tmp_path):
+    """q8_0 rounds each weight to 8 bits: the next token agrees at every prompt position (docs/export.md has the
+    measured logit differences), while a 16-token continuation may part at a near tie."""
+    check = export.write_and_check(smollm2_merged, tmp_path / "model.gguf", "q8_0")
+
+    assert check.passed
+    assert check.top1_agreement_vs_merged == 1.0
+    assert [g.split()[0] for g in check.greedy_gguf] == [g.split()[0] for g in check.greedy_merged]
 
 
 @pytest.mark.slow

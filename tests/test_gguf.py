@@ -461,8 +461,7 @@ def test_smollm2_q8_0_gguf_predicts_the_merged_models_next_tokens(smollm2_merged
     check = export.write_and_check(smollm2_merged, tmp_path / "model.gguf", "q8_0")
 
     assert check.passed
-    assert check.top1_agreement_vs_merged == 1.0
-    assert [g.split()[0] for g in check.greedy_gguf] == [g.split()[0] for g in check.greedy_merged]
+    assert check.top1_agreement_vs_merged == 1.0  # the last prompt position included: the first answer token
 
 
 @pytest.mark.slow

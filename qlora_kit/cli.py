@@ -33,8 +33,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
     from qlora_kit.data import build_datasets, describe_data
-    from qlora_kit.model import NOT_IN_TOTAL, base_model_folder, estimate_training_memory, load_tokenizer
-    from qlora_kit.speed import long_context_settings
+    from qlora_kit.memory import NOT_IN_TOTAL, estimate_training_memory, long_context_settings
+    from qlora_kit.model import base_model_folder, load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)

@@ -1,5 +1,5 @@
 """GPU time of one NF4 dequantize per Llama-3-8B weight shape (call to call, and kernels alone): bitsandbytes' API
-against qlora-kit's Triton kernel (qlora_kit/kernels.py), and whether the two give the same bits.
+against qlora-kit's Triton kernel (qlora_kit/speed/nf4_triton.py), and whether the two give the same bits.
 
   python scripts/dequant_kernel_bench.py --out $OUT
 """
@@ -14,15 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
-             "down_proj": (4096, 14336)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import gpu_ms, projection_shapes  # noqa: E402  (scripts/ is not a package)
 
 
 def gpu_us(fn, repeats: int = 50) -> float:
     """Call-to-call GPU time (events around back-to-back calls: host-bound calls show their host time)."""
-    from layer_host_time import gpu_ms
-
     return 1000 * gpu_ms(fn, repeats)
 
 
@@ -43,15 +40,15 @@ def kernel_us(fn, repeats: int = 20) -> float:
 def main() -> None:
     import bitsandbytes as bnb
 
-    from qlora_kit import kernels
-    from qlora_kit.kernels import nf4_dequantize
+    from qlora_kit.speed import nf4_triton
+    from qlora_kit.speed.nf4_triton import nf4_dequantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/dequant_kernel_bench")
     parser.add_argument("--sweep", action="store_true", help="also time other program sizes and warp counts")
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    for name, shape in SHAPES_8B.items():
+    for name, shape in projection_shapes("8b").items():
         weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         same = torch.equal(nf4_dequantize(packed, state), bnb.functional.dequantize_4bit(packed, state))
@@ -64,11 +61,11 @@ def main() -> None:
         row["bitsandbytes_kernel_tb_s"] = bytes_moved / row["bitsandbytes_kernel_us"] / 1e6
         row["triton_kernel_tb_s"] = bytes_moved / row["triton_kernel_us"] / 1e6
         if args.sweep:  # other program sizes and warp counts
-            default = (kernels.BYTES_PER_PROGRAM, kernels.WARPS)
+            default = (nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS)
             for size, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (8192, 8)):
-                kernels.BYTES_PER_PROGRAM, kernels.WARPS = size, warps
+                nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS = size, warps
                 row[f"triton_kernel_us_{size}b_{warps}w"] = kernel_us(lambda p=packed, s=state: nf4_dequantize(p, s))
-            kernels.BYTES_PER_PROGRAM, kernels.WARPS = default
+            nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS = default
         results["rows"].append(row)
         print(row, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

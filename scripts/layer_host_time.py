@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import SHAPES, gpu_ms  # noqa: E402  (scripts/ is not a package)
 
 
 def build_layer(folder: Path, liger: bool):
@@ -28,8 +30,9 @@ def build_layer(folder: Path, liger: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     if not (folder / "config.json").exists():
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                             num_hidden_layers=1, vocab_size=256, rope_theta=500000.0)
+        shape = {key: SHAPES["8b"][key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                      "num_key_value_heads", "rope_theta")}
+        config = LlamaConfig(**shape, num_hidden_layers=1, vocab_size=256)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
@@ -78,19 +81,6 @@ def host_ms(step, repeats: int = 30) -> float:
     return 1000 * best
 
 
-def gpu_ms(step, repeats: int = 10) -> float:
-    for _ in range(2):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def kernel_table(step, rows: int = 25) -> str:
     """CUDA time by op of two forward + backward calls (after warm-up), heaviest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -121,7 +111,7 @@ def pieces(model) -> dict[str, float]:
     """Host microseconds per call of the pieces the fused layers call, at 16 tokens (enqueue only)."""
     import bitsandbytes as bnb
 
-    from qlora_kit.speed import dequantized_weight, liger_swiglu
+    from qlora_kit.speed.lora_autograd import dequantized_weight, liger_swiglu
 
     down = model.get_base_model().model.layers[0].mlp.down_proj.get_base_layer()
     x = torch.randn(16, 14336, device="cuda", dtype=torch.bfloat16)
@@ -146,19 +136,18 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/layer_host_time_model")
     parser.add_argument("--kernels", action="store_true", help="also write a CUDA-time table per variant")
     args = parser.parse_args()
-    from qlora_kit.speed import use_fused_lora, use_fused_mlp
+    import qlora_kit.speed.lora_autograd as lora_autograd
+    from qlora_kit.speed.patches import use_fused_lora, use_fused_mlp
 
     results = {}
-    import qlora_kit.speed
-
-    cached_casts, fp32_grads = qlora_kit.speed.in_compute_dtype, qlora_kit.speed.matmul_into
+    cached_casts, fp32_grads = lora_autograd.in_compute_dtype, lora_autograd.matmul_into
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
                                     ("fused_lora+fused_mlp", True, True, True),
                                     ("fused_lora+fused_mlp, adapter cast in every call", True, True, True),
                                     ("fused_lora+fused_mlp, adapter grads cast after the matmul", True, True, True)]:
-        qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
+        lora_autograd.in_compute_dtype = (cached_casts if "every call" not in name else
                                             lambda weight, dtype, cast_once=True: weight.to(dtype))
-        qlora_kit.speed.matmul_into = (fp32_grads if "cast after" not in name else
+        lora_autograd.matmul_into = (fp32_grads if "cast after" not in name else
                                        lambda a, b, dtype: torch.mm(a, b).to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()

@@ -47,6 +47,7 @@ F = gguf.LlamaFileType
 QUANT_TYPES = {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
                "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q5_1": (Q.Q5_1, F.MOSTLY_Q5_1), "q5_0": (Q.Q5_0, F.MOSTLY_Q5_0),
                "q4_1": (Q.Q4_1, F.MOSTLY_Q4_1), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
+FOUR_AND_FIVE_BIT = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1)
 LORA_QUANT_TYPES = ("f32", "f16", "bf16")
 # The GGUF read back must compute what the merged model with the same rounded weights computes: only summation order
 # may differ. Relative to the largest |logit|; docs/export.md has the measurements.
@@ -175,6 +176,8 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], wanted: Q) -> Q:
     """convert_hf_to_gguf's rule: 1-D tensors and norms stay F32; rows that fill no whole blocks fall back to F16."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight"):
         return Q.F32
+    if wanted in FOUR_AND_FIVE_BIT and gguf_name in ("token_embd.weight", "output.weight"):
+        return Q.Q8_0  # llama-quantize keeps these at q6_K; the nearest type gguf.quants writes is q8_0
     block = gguf.GGML_QUANT_SIZES[wanted][0]
     if shape[-1] % block:
         return Q.F16

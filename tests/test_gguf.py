@@ -128,6 +128,8 @@ def test_quantized_gguf_matches_the_model_with_the_same_rounding(quant, family_f
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == export.QUANT_TYPES[quant][0]
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
+    expected_output = gguf.GGMLQuantizationType.Q8_0 if quant == "q4_0" else types["blk.0.attn_q.weight"]
+    assert types["output.weight"] == expected_output  # 4-bit types keep the output layer at 8 bits
 
 
 def test_a_wrong_q_k_layout_fails_the_check_and_writes_nothing(family_folders, tmp_path, monkeypatch):

@@ -79,11 +79,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(merge_adapter(args.run_dir, args.out, dtype=args.dtype, base=args.base, device=args.device))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from qlora_kit.gguf import export_run
+
+    print(export_run(args.run_dir, args.format, args.quant, args.out, force=args.force))
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from qlora_kit.publish import push_run
 
     print(push_run(args.run_dir, args.repo_id, merged=args.merged, private=args.private, base_model=args.base_model,
-                   dry_run=args.dry_run, out=args.out))
+                   dry_run=args.dry_run, out=args.out, gguf=args.gguf))
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -145,6 +151,8 @@ def add_after_training_commands(sub) -> None:
     p.add_argument("--private", action="store_true", help="create the repo private")
     p.add_argument("--base-model", help="Hub id of the base model, for the card and adapter_config.json, when "
                                         "training used a local folder or GGUF")
+    p.add_argument("--gguf", action="store_true", help="also upload the run's GGUF files (exporting q8_0 first if "
+                                                       "there is none) and a Modelfile")
     p.add_argument("--dry-run", action="store_true", help="only write the exact folder that would be uploaded")
     p.add_argument("--out", help="dry-run folder (default: RUN_DIR/hub-upload)")
     p.set_defaults(func=cmd_push)
@@ -218,6 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the per-layer merge arithmetic runs (default: cuda when there is a GPU)")
     p.add_argument("--out", help="where to write the merged model (default: RUN_DIR/merged)")
     p.set_defaults(func=cmd_merge)
+    p = sub.add_parser("export", help="write a run as GGUF (llama.cpp), a LoRA GGUF, or an Ollama folder; checked")
+    p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
+    p.add_argument("--format", choices=["gguf", "gguf-lora", "ollama"], default="gguf",
+                   help="gguf: the merged model; gguf-lora: the adapter for llama-cli --lora; ollama: GGUF + Modelfile")
+    p.add_argument("--quant", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default q8_0; gguf-lora: f16)")
+    p.add_argument("--out", help="output file (gguf, gguf-lora) or folder (ollama); default under RUN_DIR")
+    p.add_argument("--force", action="store_true", help="replace an existing output")
+    p.set_defaults(func=cmd_export)
     add_after_training_commands(sub)
     return parser
 

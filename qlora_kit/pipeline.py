@@ -14,6 +14,7 @@ from transformers import set_seed
 from qlora_kit.data import build_datasets
 from qlora_kit.evaluate import evaluate_generation, format_comparison
 from qlora_kit.export import merge_adapter
+from qlora_kit.gguf import export_after_training
 from qlora_kit.model import (
     base_model_folder,
     build_quantized_model,
@@ -89,6 +90,7 @@ def export(recipe: Recipe, run_dir: Path) -> None:
     """What the recipe's `export` section asks for once the adapter is saved: merge, report, push."""
     if recipe.export.merge:
         merge_adapter(run_dir)
+        export_after_training(run_dir, recipe.export)  # GGUF / Ollama from the merged model
     if recipe.export.report:
         write_report(run_dir)
     if recipe.export.push.repo_id:

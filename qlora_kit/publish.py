@@ -99,8 +99,9 @@ def gguf_metadata(recipe: Recipe) -> dict[str, str]:
 
 
 def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, merged: bool = False,
-                        base_model: str | None = None, require_base: bool = False) -> Path:
-    """Write `target` with exactly the files the repo will get: weights + tokenizer, README.md, training/.
+                        base_model: str | None = None, require_base: bool = False, gguf: bool = False) -> Path:
+    """Write `target` with exactly the files the repo will get: weights + tokenizer, README.md, training/, and with
+    `gguf` the run's GGUF files and a Modelfile.
 
     An adapter needs its base's Hub id: with `require_base` (a real upload) an unknown one is an error asking for
     --base-model; otherwise (a dry run) a warning. No local path is ever written.
@@ -148,9 +149,29 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
             evaluation["data"] = Path(evaluation["data"]).name
         (record / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     plots = plot_metrics(read_metrics(run_dir), record)
-    (target / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots))
+    ggufs = add_gguf_files(run_dir, target, recipe) if gguf else []
+    (target / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots, ggufs))
     assert_no_local_paths(target, run_dir)
     return target
+
+
+def add_gguf_files(run_dir: Path, target: Path, recipe: Recipe) -> list[Path]:
+    """The run's GGUF exports (RUN_DIR/gguf/*.gguf, a q8_0 one written first if there is none), their check records,
+    and a Modelfile for the first merged-model GGUF."""
+    from qlora_kit.gguf import export_run, write_modelfile
+
+    if not list((run_dir / "gguf").glob("model-*.gguf")):
+        log.info("no GGUF in %s yet; exporting one first", run_dir / "gguf")
+        export_run(run_dir, "gguf")
+    ggufs = sorted((run_dir / "gguf").glob("*.gguf"))
+    for path in ggufs:
+        link_or_copy(path, target / path.name)
+        check = path.with_name(f"{path.stem}.check.json")
+        if check.is_file():
+            shutil.copy2(check, target / "training" / check.name)
+    model = next(p for p in ggufs if p.name.startswith("model-"))
+    write_modelfile(target, run_dir / "adapter", recipe.data.system_prompt, model.name)
+    return [target / p.name for p in ggufs]
 
 
 def local_path_markers(run_dir: Path) -> list[str]:
@@ -218,7 +239,8 @@ def assert_no_secret(folder: Path, secret: str | None) -> None:
 # --------------------------------------------------------------------------------------------- model card
 
 
-def model_card(run_dir: Path, recipe: Recipe, repo_id: str, base: BaseModel, merged: bool, plots: list[Path]) -> str:
+def model_card(run_dir: Path, recipe: Recipe, repo_id: str, base: BaseModel, merged: bool, plots: list[Path],
+               ggufs: list[Path] | None = None) -> str:
     """README.md for the repo: Hub metadata, usage with plain transformers (+ peft), data, results, recipe."""
     from huggingface_hub import ModelCardData
 
@@ -250,6 +272,8 @@ def model_card(run_dir: Path, recipe: Recipe, repo_id: str, base: BaseModel, mer
         blocks.append(("p", f"Training used {base.described}, whose Hub id is not recorded; replace `BASE` below "
                             "with the Hub id of the same model, or push again with `--base-model HUB_ID`."))
     blocks += [("h2", "Usage"), ("code", usage_snippet(repo_id, hub_base, merged, recipe))]
+    if ggufs:
+        blocks += gguf_card_section(repo_id, ggufs)
     data = summary.get("data")
     sources = ", ".join(f"`{s.hub or Path(s.path).name}`" for s in recipe.data.datasets)
     blocks += [("h2", "Training data"),
@@ -276,6 +300,33 @@ def model_card(run_dir: Path, recipe: Recipe, repo_id: str, base: BaseModel, mer
                ("code", recipe_text, "yaml")]
     body = render_markdown(blocks_with_code(blocks))
     return f"---\n{metadata.to_yaml()}\n---\n\n{body}"
+
+
+def gguf_card_section(repo_id: str, ggufs: list[Path]) -> list[tuple]:
+    """How to run the GGUF files with llama.cpp and Ollama, and what each file's check measured."""
+    models = [p for p in ggufs if p.name.startswith("model-")]
+    adapters = [p for p in ggufs if not p.name.startswith("model-")]
+    model = models[0].name
+    rows = []
+    for path in ggufs:
+        check = read_json(path.parent / "training" / f"{path.stem}.check.json")
+        if "max_abs_logit_diff_vs_merged" in check:
+            measured = (f"max logit diff {check['max_abs_logit_diff_vs_merged']:.3g}, top-1 agreement "
+                        f"{100 * check['top1_agreement_vs_merged']:.1f}%")
+        else:
+            measured = "tensors equal to the adapter's" if check.get("passed") else "not checked"
+        rows.append([f"`{path.name}`", check.get("quant", "?"), f"{path.stat().st_size / 2**20:.1f} MiB", measured])
+    commands = [f"huggingface-cli download {repo_id} {model} Modelfile --local-dir .",
+                f"llama-cli -m {model} -cnv            # llama.cpp: chat with the chat template in the GGUF",
+                f"ollama create {repo_id.split('/')[-1].lower()} -f Modelfile   # Ollama: TEMPLATE, stops and system "
+                "prompt of training"]
+    if adapters:
+        commands.append(f"llama-cli -m BASE.gguf --lora {adapters[0].name} -cnv   # the adapter on a GGUF of the base")
+    return [("h2", "GGUF (llama.cpp, Ollama, LM Studio)"),
+            ("p", "Written by qlora-kit with the `gguf` package and checked before upload: read back by transformers "
+                  "and compared with the merged model on check prompts (record in `training/*.check.json`)."),
+            ("table", ["file", "type", "size", "vs the merged model"], rows),
+            ("code", "\n".join(commands), "sh")]
 
 
 def blocks_with_code(blocks: list[tuple]) -> list[tuple]:
@@ -425,7 +476,8 @@ def process_is_alive(pid: int) -> bool:
 
 
 def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: bool = False,
-             base_model: str | None = None, dry_run: bool = False, out: str | Path | None = None) -> str:
+             base_model: str | None = None, dry_run: bool = False, out: str | Path | None = None,
+             gguf: bool = False) -> str:
     """Upload the run (or with `dry_run`, only write the upload folder to `out`, default <run>/hub-upload).
 
     Returns the repo URL, or the folder written for a dry run.
@@ -437,7 +489,7 @@ def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: b
         raise QloraKitError(f"--repo-id: {repo_id!r} is not USER/NAME (or ORG/NAME)")
     if dry_run:
         folder = build_upload_folder(run_dir, Path(out) if out else run_dir / "hub-upload", repo_id, merged,
-                                     base_model, require_base=False)
+                                     base_model, require_base=False, gguf=gguf)
         files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
         log.info("dry run: %d files that would be uploaded to %s are in %s", len(files), repo_id, folder)
         return str(folder)
@@ -449,7 +501,8 @@ def push_run(run_dir: str | Path, repo_id: str, merged: bool = False, private: b
     remove_stale_upload_folders(run_dir)
     # in the run, so weights can be hard-linked; the pid in the name tells a later push whether its owner is alive
     with tempfile.TemporaryDirectory(prefix=f".push.{os.getpid()}.", dir=run_dir) as tmp:
-        folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id, merged, base_model, require_base=True)
+        folder = build_upload_folder(run_dir, Path(tmp) / "upload", repo_id, merged, base_model, require_base=True,
+                                     gguf=gguf)
         assert_no_secret(folder, token)
         with hub_errors(repo_id, endpoint):
             url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

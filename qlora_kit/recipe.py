@@ -307,6 +307,14 @@ class PushSection:
 
 
 @dataclass
+class GGUFSection:
+    """A GGUF of the merged model for llama.cpp / Ollama / LM Studio (qlora_kit/gguf.py)."""
+
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = option(
+        "q8_0", help="storage type of the weights (norms stay f32); written in Python, no llama.cpp build")
+
+
+@dataclass
 class ExportSection:
     """What happens after training."""
 
@@ -315,6 +323,10 @@ class ExportSection:
         0.0, help="margin of the merge check: the merged model may differ from the unmerged fp32 adapter model by "
         "this many times what rounding the base alone to the merge dtype costs (KL: its square); 0 = 4", min=0)
     report: bool = option(True, help="write <run>/report/ (plots, report.md, report.html) after training")
+    gguf: GGUFSection | None = option(
+        None, help="{quant: q8_0} writes <run>/gguf/model-q8_0.gguf from the merged model, checked read back (quant: "
+        "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); null = no GGUF")
+    ollama: bool = option(False, help="write <run>/ollama/: the GGUF plus a Modelfile (`ollama create NAME -f ...`)")
     push: PushSection = option(default_factory=PushSection, help="")
 
 
@@ -751,6 +763,8 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: training.eval_steps: needs a held-out split; set data.validation (e.g. 0.1)")
     if t.resume == "auto" and t.overwrite:
         raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
+    if (recipe.export.gguf is not None or recipe.export.ollama) and not recipe.export.merge:
+        raise RecipeError(f"{src}: export.gguf / export.ollama: need the merged model; set export.merge: true")
     check_sft_args(recipe)
     check_report_to(recipe)
 

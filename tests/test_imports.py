@@ -30,6 +30,7 @@ ORDER = [
     "qlora_kit.speed",
     "qlora_kit.trainers",
     "qlora_kit.export",
+    "qlora_kit.gguf",
     "qlora_kit.report",
     "qlora_kit.publish",
     "qlora_kit.evaluate",

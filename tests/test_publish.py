@@ -151,6 +151,31 @@ def test_push_merged_uploads_a_model_that_plain_transformers_loads(finished_run,
     assert front_matter(files["README.md"].decode())["library_name"] == "transformers"
 
 
+def test_push_gguf_uploads_the_gguf_a_modelfile_and_how_to_run_them(finished_run, tmp_path):
+    import shutil
+
+    from qlora_kit.gguf import render_go_template
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # the push exports a GGUF into the run; the shared run stays as it was
+    with LocalHub(token=TOKEN) as hub:
+        result = push(str(run), "--repo-id", "alice/shout-gguf", "--gguf", hub=hub, home=tmp_path / "home")
+
+    assert result.returncode == 0, result.stderr
+    files = hub.repos["alice/shout-gguf"].files
+    assert files["model-q8_0.gguf"] == (run / "gguf" / "model-q8_0.gguf").read_bytes()
+    assert json.loads(files["training/model-q8_0.check.json"])["passed"]
+    assert "adapter_model.safetensors" in files  # the adapter is uploaded as before
+    modelfile = files["Modelfile"].decode()
+    assert "FROM ./model-q8_0.gguf\n" in modelfile and 'SYSTEM """Answer in capitals."""' in modelfile
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert render_go_template(template, [{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
+    card = files["README.md"].decode()
+    assert "## GGUF (llama.cpp, Ollama, LM Studio)" in card
+    assert "llama-cli -m model-q8_0.gguf" in card and "ollama create shout-gguf -f Modelfile" in card
+    assert "| `model-q8_0.gguf` | q8_0 |" in card
+
+
 def test_push_again_to_an_existing_repo_adds_a_commit(finished_run, tmp_path):
     with LocalHub(token=TOKEN) as hub:
         first = push(str(finished_run), "--repo-id", "alice/shout", *BASE, hub=hub, home=tmp_path)

@@ -2,8 +2,8 @@
 
 The order, lowest first, is the pipeline's: a recipe is read, a run folder made, data prepared, the model loaded, its
 memory estimated, the speed plan decided (its own modules lowest first: the kernel, the autograd functions, the
-checkpoint functions, the upstream bends, the plan), the trainer built, then what comes after training (merge and
-export, report, upload, evaluation, chat), the pipeline that runs it all, and the command line. A new module goes
+checkpoint functions, the upstream bends, the plan), the trainer built, then what comes after training (evaluation,
+merge and export, report, upload, chat), the pipeline that runs it all, and the command line. A new module goes
 where it belongs in this list; an import against it means the code sits in the wrong module.
 """
 
@@ -29,11 +29,11 @@ ORDER = [
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",
+    "qlora_kit.evaluate",  # below export: the merge check scores the held-out rows
     "qlora_kit.export",
     "qlora_kit.gguf",
     "qlora_kit.report",
     "qlora_kit.publish",
-    "qlora_kit.evaluate",
     "qlora_kit.chat",
     "qlora_kit.pipeline",
     "qlora_kit.cli",

@@ -21,15 +21,29 @@ from typing import Any
 from datasets import Dataset, load_from_disk
 from transformers import PreTrainedTokenizerBase
 
-from qlora_kit.recipe import DatasetSource, QloraKitError, Recipe
+from qlora_kit.recipe import (
+    FORMAT_FIELDS,
+    ROLE_NAMES,
+    DatasetSource,
+    QloraKitError,
+    Recipe,
+    encoding_problem,
+    unused_mappings,
+)
 from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
 
-ROLES = ("system", "user", "assistant")
+ROLES = ROLE_NAMES
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Words in a role name that say which side it is on, for the `roles:` suggestion (bot -> assistant, never user).
+ROLE_WORDS = {"assistant": ("assistant", "gpt", "bot", "chatbot", "model", "ai", "agent", "response", "answer",
+                            "output", "llm", "claude", "gemini", "bard", "bing", "chatgpt", "completion"),
+              "user": ("user", "human", "person", "prompter", "customer", "client", "question", "input", "query",
+                       "prompt", "you", "me"),
+              "system": ("system", "sys", "instruction", "instructions", "context")}
 Conversation = list[dict[str, str]]
 Row = dict[str, Any]  # {"messages": Conversation} or {"text": str}
 
@@ -73,15 +87,19 @@ class PreparedData:
 
 def source_files(source: DatasetSource) -> list[str]:
     """The files a local source names: one file, every data file in a folder, or a glob."""
-    path = source.path or ""
+    path = os.path.expanduser(source.path or "")
     if os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in LOCAL_SUFFIXES)
+        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+    elif os.path.isfile(path):  # an existing file is itself, even if its name has glob characters ([, ?, *)
+        files = [path]
     elif any(ch in path for ch in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     else:
-        files = [path] if os.path.isfile(path) else []
+        files = []
     if not files:
-        raise DataError(f"{path}: no data files found (.jsonl, .json, .csv, .parquet)")
+        what = "a folder with no data files in it" if os.path.isdir(path) else "no data files found"
+        raise DataError(f"{path}: {what} (.jsonl, .json, .csv, .parquet; relative paths are read from the current "
+                        f"folder, {os.getcwd()})")
     unknown = [f for f in files if Path(f).suffix not in LOCAL_SUFFIXES]
     if unknown:
         raise DataError(f"{unknown[0]}: unsupported file type; use .jsonl, .json, .csv or .parquet")
@@ -94,7 +112,9 @@ def read_records(path: str) -> list[tuple[str, Any]]:
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_utf8(path)
+        if not text.strip():
+            raise DataError(f"{path}: the file is empty")
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -104,22 +124,57 @@ def read_records(path: str) -> list[tuple[str, Any]]:
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json dataset must be a list of rows, got {type(records).__name__}")
         return [(f"{path}: row {i}", r) for i, r in enumerate(records)]
+    return read_table(path, suffix)
+
+
+def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
+    """CSV and Parquet through `datasets`; an unreadable file is one message naming it, not a pyarrow traceback."""
     from datasets import load_dataset
 
-    table = load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{path}: the file is empty")
+    if suffix == ".csv":
+        read_utf8(path)  # pandas' own decode error names no line and no fix
+    kind = suffix.lstrip(".").upper()
+    try:
+        table = load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
+    except Exception as exc:  # datasets wraps pyarrow / pandas errors of every kind in DatasetGenerationError
+        cause = root_cause(exc)
+        raise DataError(f"{path}: cannot be read as {kind} ({type(cause).__name__}: {str(cause)[:200]}); the file is "
+                        f"damaged or not {kind}: export it again") from None
     return [(f"{path}: row {i}", r) for i, r in enumerate(table)]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def read_utf8(path: str) -> str:
+    """A data file's text (a UTF-8 byte-order mark is allowed); another encoding is one message with the fix."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+        if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL before every ASCII byte
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        return text
+    except UnicodeDecodeError as exc:
+        problem = encoding_problem(data, exc)
+        encoding = next((name for name in ("UTF-32", "UTF-16") if name in problem), "CP1252")
+        raise DataError(f"{path}: {problem}; re-save it as UTF-8 (e.g. `iconv -f {encoding} -t UTF-8 IN > OUT`, "
+                        "or your editor's 'Save with encoding: UTF-8')") from None
 
 
 def read_jsonl(path: str) -> list[tuple[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((f"{path}: line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                rows.append((f"{path}: line {number}", BadRecord(f"invalid JSON: {exc.msg}")))
+    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}: line {number}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            rows.append((f"{path}: line {number}", BadRecord(f"invalid JSON: {exc.msg}")))
     return rows
 
 
@@ -153,12 +208,13 @@ def read_source(source: DatasetSource) -> Iterator[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------------------ formats
 
 
+OPTIONAL_FIELDS = {"input"}  # alpaca's input may be absent
+
+
 def detect_format(record: Any, fields: dict[str, str]) -> str:
     keys = set(record) if isinstance(record, dict) else set()
-    for fmt, needed in (("messages", ["messages"]), ("sharegpt", ["conversations"]),
-                        ("alpaca", ["instruction", "output"]), ("prompt_completion", ["prompt", "completion"]),
-                        ("text", ["text"])):
-        if all(fields.get(n, n) in keys for n in needed):
+    for fmt, names in FORMAT_FIELDS.items():
+        if all(fields.get(n, n) in keys for n in names if n not in OPTIONAL_FIELDS):
             return fmt
     raise DataError(f"cannot tell the row format from its fields {sorted(keys)}; expected `messages`, "
                     "`conversations` (sharegpt), `instruction`/`output` (alpaca), `prompt`/`completion` or `text` "
@@ -188,7 +244,7 @@ def to_row(record: Any, fmt: str, source: DatasetSource) -> Row:
             raise DataError("field 'text' is empty or not a string")
         return {"text": text}
     if fmt == "messages":
-        return {"messages": check_turns(field_of(record, "messages", source))}
+        return {"messages": check_turns(field_of(record, "messages", source), source.roles)}
     if fmt == "sharegpt":
         return {"messages": check_turns(sharegpt_turns(field_of(record, "conversations", source), source))}
     if fmt == "alpaca":
@@ -211,10 +267,21 @@ def sharegpt_turns(conversations: Any, source: DatasetSource) -> Conversation:
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"turn {i}: expected {{from, value}}, got {turn!r:.80}")
         if turn["from"] not in roles:
-            raise DataError(f"turn {i}: unknown role {turn['from']!r}; map it with `roles: {{{turn['from']}: user}}`"
-                            f" (known: {', '.join(sorted(roles))})")
+            raise DataError(f"turn {i}: unknown role {turn['from']!r}; map it with {role_suggestion(turn['from'])} "
+                            f"in the dataset's entry (known: {', '.join(sorted(roles))})")
         turns.append({"role": roles[turn["from"]], "content": turn["value"]})
     return turns
+
+
+def role_suggestion(name: Any) -> str:
+    """The `roles:` mapping that keeps a role name's meaning: gpt/bot/model -> assistant, human -> user."""
+    import re
+
+    words = re.split(r"[^a-z]+", str(name).lower())
+    for role, known in ROLE_WORDS.items():
+        if any(word in known or word.startswith(("gpt", "bot")) and role == "assistant" for word in words if word):
+            return f"`roles: {{{name}: {role}}}`"
+    return f"`roles: {{{name}: assistant}}` if it is the model's side, `{{{name}: user}}` if it is the person's"
 
 
 def as_turns(value: Any, role: str) -> Conversation:
@@ -226,18 +293,21 @@ def as_turns(value: Any, role: str) -> Conversation:
     raise DataError(f"the {role} side must be a string or a list of turns, got {type(value).__name__}")
 
 
-def check_turns(messages: Any) -> Conversation:
+def check_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversation:
+    """Validated {role, content} turns; `roles` renames role names first (a dataset's `roles:` mapping)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of {{role, content}} turns, got {messages!r:.80}")
     turns = []
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"turn {i}: expected {{role, content}}, got {turn!r:.80}")
-        if turn["role"] not in ROLES:
-            raise DataError(f"turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        role = (roles or {}).get(turn["role"], turn["role"])
+        if role not in ROLES:
+            raise DataError(f"turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}, or map it "
+                            f"with {role_suggestion(turn['role'])} in the dataset's entry")
         if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise DataError(f"turn {i} ({turn['role']}): content is empty or not a string")
-        turns.append({"role": turn["role"], "content": turn["content"]})
+            raise DataError(f"turn {i} ({role}): content is empty or not a string")
+        turns.append({"role": role, "content": turn["content"]})
     if turns[-1]["role"] != "assistant":
         raise DataError(f"the conversation ends on a {turns[-1]['role']} turn; it must end on an assistant turn, "
                         "which is what the model learns to write")
@@ -274,6 +344,7 @@ def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | N
                 raise DataError(record.reason)
             if fmt == "auto":
                 fmt = detect_format(record, source.fields)
+                check_mappings_used(source, fmt)
             rows.append(with_system_prompt(to_row(record, fmt, source), system_prompt))
         except DataError as exc:
             if bad is None:
@@ -282,6 +353,15 @@ def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | N
     if not rows:
         raise DataError(f"{source.path or source.hub}: no usable rows")
     return rows
+
+
+def check_mappings_used(source: DatasetSource, fmt: str) -> None:
+    """A `fields`/`roles` entry the detected format never reads would silently do nothing."""
+    unused = unused_mappings(source, fmt)
+    if unused:
+        raise QloraKitError(f"{source.path or source.hub}: {unused[0]}: never used: the rows were detected as format "
+                            f"{fmt}, which reads {', '.join(FORMAT_FIELDS[fmt])}; remove it, or set the dataset's "
+                            "`format` and map the fields that format reads")
 
 
 def load_conversations(source: DatasetSource, system_prompt: str | None) -> list[Conversation]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,39 @@ class GenerationScore:
     examples: list[dict[str, str]] = field(default_factory=list)
 
 
+class Progress:
+    """Logs `what: done/total batches, about 1m20s left` every `every` seconds at most (and at the end), so a long
+    evaluation on a CPU is never silent."""
+
+    def __init__(self, total: int, what: str, every: float = 10.0) -> None:
+        self.total, self.what, self.every = total, what, every
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        now = time.monotonic()
+        if now - self.last < self.every and self.done < self.total:
+            return
+        self.last = now
+        left = (now - self.start) / self.done * (self.total - self.done)
+        tail = f"about {format_duration(left)} left" if self.done < self.total else \
+            f"done in {format_duration(now - self.start)}"
+        log.info("%s: %d/%d batches (%s), %s", self.what, self.done, self.total, label, tail)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes}m{seconds:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer: PreTrainedTokenizerBase, prompts: list[Conversation], max_new_tokens: int,
-                     batch_size: int, stop_ids: list[int]) -> list[str]:
+                     batch_size: int, stop_ids: list[int], progress: Progress | None = None,
+                     label: str = "generation") -> list[str]:
     """Greedy answers, left-padded batches, stopping on any end-of-turn id (so trained models stop on their own)."""
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
@@ -50,6 +81,8 @@ def generate_answers(model, tokenizer: PreTrainedTokenizerBase, prompts: list[Co
                                  pad_token_id=tokenizer.pad_token_id)
             new_tokens = out[:, batch["input_ids"].shape[1]:]
             answers += [a.strip() for a in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            if progress is not None:
+                progress.step(label)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -126,16 +159,22 @@ def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedMode
 
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    adapter, merged_folder = run_dir / "adapter", run_dir / "merged"
+    has_adapter, has_merged = (adapter / "adapter_config.json").is_file(), (merged_folder / "config.json").is_file()
+    if merged and not has_merged:
+        fix = f"run `qlora-kit merge {run_dir}` first" if has_adapter else "train the recipe first"
+        raise QloraKitError(f"{run_dir}: no merged model in {merged_folder}; {fix}")
+    if not merged and not has_adapter:
+        fix = (f"only the merged model is left ({merged_folder}): `qlora-kit chat --merged {run_dir}` uses it"
+               if has_merged else "train the recipe first")
+        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; {fix}")
+    # merge_adapter saves the training tokenizer and generation config next to the merged weights too
+    source = merged_folder if merged else adapter
+    tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if merged:
-        folder = run_dir / "merged"
-        if not (folder / "config.json").is_file():
-            raise QloraKitError(f"{run_dir}: no merged model in {folder}; run `qlora-kit merge {run_dir}` first")
+        folder = merged_folder
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(recipe.model.dtype, "model.dtype"),
                                                      device_map=device)
@@ -146,8 +185,8 @@ def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedMode
         base = load_base_model(recipe, base_model_folder(recipe.model), compute_dtype)
         model = PeftModel.from_pretrained(base, adapter)
     model.eval()
-    has_config = (adapter / "generation_config.json").is_file()
-    generation_config = GenerationConfig.from_pretrained(adapter) if has_config else model.generation_config
+    has_config = (source / "generation_config.json").is_file()
+    generation_config = GenerationConfig.from_pretrained(source) if has_config else model.generation_config
     stop_ids = end_of_turn_token_ids(tokenizer, generation_config.eos_token_id)
     return TrainedModel(model, tokenizer, stop_ids, generation_config, recipe, run_dir, merged)
 
@@ -172,9 +211,10 @@ def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str
 
     try:
         if data_file is not None:
-            if not Path(data_file).exists():
-                raise QloraKitError(f"--data: file not found: {data_file}")
-            rows = load_rows(DatasetSource(path=data_file), recipe.data.system_prompt)
+            path = Path(data_file).expanduser().absolute()  # read from the folder the command runs in
+            if not path.exists():
+                raise QloraKitError(f"--data: file not found: {data_file} (looked for {path})")
+            rows = load_rows(DatasetSource(path=str(path)), recipe.data.system_prompt)
             return rows, data_file
         if recipe.data.validation is None:
             raise QloraKitError(f"{recipe.source}: the run has no held-out split (data.validation is null); pass "
@@ -188,7 +228,7 @@ def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str
 
 @torch.no_grad()
 def heldout_loss(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], recipe: Recipe,
-                 batch_size: int) -> float | None:
+                 batch_size: int, progress: Progress | None = None, label: str = "loss") -> float | None:
     """Mean cross-entropy per trained token (assistant turns, as `data.loss_on` says): the training loss, held out."""
     from qlora_kit.data import tokenize_row
 
@@ -208,25 +248,33 @@ def heldout_loss(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], re
         total += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                                                    ignore_index=-100, reduction="sum").item()
         count += int((shifted != -100).sum())
+        if progress is not None:
+            progress.step(label)
     return total / count if count else None
 
 
 def score_model(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], recipe: Recipe, stop_ids: list[int],
-                max_samples: int, max_new_tokens: int, batch_size: int) -> EvalResult:
-    loss = heldout_loss(model, tokenizer, rows, recipe, batch_size)
+                max_samples: int, max_new_tokens: int, batch_size: int, progress: Progress | None = None,
+                name: str = "model") -> EvalResult:
+    loss = heldout_loss(model, tokenizer, rows, recipe, batch_size, progress, f"{name} loss")
     conversations = [r["messages"] for r in rows if "messages" in r][:max_samples]
     scores: dict[str, float] = {}
     examples: list[dict[str, str]] = []
     if conversations:
         prompts = [c[:-1] for c in conversations]
         references = [c[-1]["content"] for c in conversations]
-        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop_ids)
+        answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, stop_ids, progress,
+                                   f"{name} generation")
         for metric in METRICS:
             scores[metric] = sum(matches(a, r, metric) for a, r in zip(answers, references, strict=True)) / len(answers)
         examples = [{"prompt": p[-1]["content"], "reference": r, "answer": a}
                     for p, r, a in zip(prompts[:3], references[:3], answers[:3], strict=False)]
     perplexity = math.exp(min(loss, 700)) if loss is not None else None
     return EvalResult(loss, perplexity, scores, examples)
+
+
+def batch_count(rows: int, batch_size: int) -> int:
+    return -(-rows // batch_size)
 
 
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples: int | None = None,
@@ -239,12 +287,18 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples:
     settings = {"max_samples": max_samples or section.max_samples,
                 "max_new_tokens": max_new_tokens or section.max_new_tokens,
                 "batch_size": batch_size or section.batch_size}
+    batches = batch_count(len(rows), settings["batch_size"]) + batch_count(
+        min(settings["max_samples"], sum("messages" in r for r in rows)), settings["batch_size"])
+    models = 2 if include_base else 1
+    progress = Progress(batches * models, "eval")
+    log.info("eval: %d rows, %d batches of %d for %s", len(rows), batches * models, settings["batch_size"],
+             "the adapter and the base" if include_base else "the adapter")
     args = (trained.tokenizer, rows, recipe, trained.stop_ids, settings["max_samples"], settings["max_new_tokens"],
-            settings["batch_size"])
-    results = {"adapter": score_model(trained.model, *args)}
+            settings["batch_size"], progress)
+    results = {"adapter": score_model(trained.model, *args, name="adapter")}
     if include_base:
         with trained.model.disable_adapter():
-            results["base"] = score_model(trained.model, *args)
+            results["base"] = score_model(trained.model, *args, name="base")
     report = {"data": described, "rows": len(rows),
               "generated_rows": min(settings["max_samples"], sum("messages" in r for r in rows)),
               **settings, "results": {name: asdict(result) for name, result in results.items()}}

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qlora_kit.data import resolve_chat_template
-from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError
+from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError, at, hub_model_unavailable
 from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
@@ -32,6 +34,19 @@ def resolve_dtype(name: str, what: str) -> torch.dtype:
         log.warning("%s: auto -> fp16 (%s has no bf16)", what, torch.cuda.get_device_name())
         return torch.float16
     return torch.float32
+
+
+@contextlib.contextmanager
+def hub_model_errors(recipe: Recipe, folder: str) -> Iterator[None]:
+    """transformers raises OSError when a Hub base cannot be fetched (offline, no network, unknown or gated id); for a
+    Hub id that is the one message with the fix, the same in `validate`, `data` and `train`."""
+    try:
+        yield
+    except OSError as exc:
+        if Path(folder).expanduser().exists():  # a local folder: a real file-system error, not the Hub's
+            raise
+        why = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        raise RecipeError(hub_model_unavailable(recipe, why)) from None
 
 
 def cache_root() -> Path:
@@ -89,7 +104,8 @@ def first_id(ids: int | list[int] | None) -> int | None:
 def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token and a chat template; training on chat rows needs both."""
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    with hub_model_errors(recipe, folder):
+        tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if not tokenizer.is_fast:
         raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
     tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template, tokenizer)
@@ -136,15 +152,16 @@ def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
     """The frozen base, quantized as the recipe says."""
     m = recipe.model
     quantization = build_quantization_config(recipe, compute_dtype)
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        revision=m.revision,
-        quantization_config=quantization,
-        dtype=compute_dtype if quantization else resolve_dtype(m.dtype, "model.dtype"),
-        attn_implementation=m.attn_implementation,
-        trust_remote_code=m.trust_remote_code,
-        device_map=device_map_for_this_process(),
-    )
+    with hub_model_errors(recipe, folder):
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            revision=m.revision,
+            quantization_config=quantization,
+            dtype=compute_dtype if quantization else resolve_dtype(m.dtype, "model.dtype"),
+            attn_implementation=m.attn_implementation,
+            trust_remote_code=m.trust_remote_code,
+            device_map=device_map_for_this_process(),
+        )
 
 
 def check_fsdp_quant_storage(recipe: Recipe, compute_dtype: torch.dtype) -> None:
@@ -313,7 +330,6 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: in
     return sorted({i for i in ids if i is not None})
 
 
-
 def liger_kernel_installed() -> bool:
     """liger-kernel (the `gpu` extra) is importable here; found without importing Triton."""
     import importlib.util
@@ -321,116 +337,31 @@ def liger_kernel_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
-LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
-CUDA_OVERHEAD_GIB = 1.0
-
-
-NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer")  # estimate parts that are not GPU peak terms
-
-
-def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
-    """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
-    estimate_memory_for_config."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
-    return estimate_memory_for_config(recipe, config, liger)
-
-
-def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None) -> dict[str, float]:
-    """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
-
-    4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
-    prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA weights +
-    grads in fp32, 8-bit Adam states and (fused LoRA) the weights' compute-dtype copies; activations with checkpointing
-    = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the
-    peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1
-    GiB of CUDA context and allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the
-    layer inputs are host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
-    is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
-    the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
-    `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
-    held.
-    """
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    model.tie_weights()  # from_config on the meta device leaves tied heads untied: counted twice otherwise
-    text = config.get_text_config()
-    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    head = model.get_output_embeddings()
-    quantized = sum(m.weight.numel() for m in linear.values() if m is not head)
-    total = sum(p.numel() for p in model.parameters())
-    targets = recipe.lora.target_modules
-    adapted = [m for n, m in linear.items()
-               if m is not head and (targets == "all-linear" or targets_module(n, targets))]
-    lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
-    t = recipe.training
-    tokens = t.batch_size * t.max_length
-    if liger is None:  # what a GPU run of this recipe on this installation would do
-        liger = liger_kernel_installed()
-    fused_cross_entropy = recipe.speed.liger_kernels and liger
-    compute_dtype = ESTIMATE_DTYPES[recipe.quantization.compute_dtype]
-    bytes_act = compute_dtype.itemsize
-    layer_input = tokens * text.hidden_size * bytes_act
-    mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
-    mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
-    one_layer = (tokens * 10 * text.hidden_size +
-                 mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
-    kept = recipe.speed.keep_activations_layers
-    kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
-    checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
-    offloaded = t.gradient_checkpointing and recipe.speed.offload_checkpoints
-    if not t.gradient_checkpointing:
-        activations = one_layer * text.num_hidden_layers
-    elif offloaded:  # the checkpointed inputs wait in CPU memory; one is back on the GPU for its recompute
-        activations = layer_input + one_layer * (1 + kept)
-    else:
-        activations = checkpointed_inputs + one_layer * (1 + kept)
-    bits = 0.516 if recipe.quantization.load_in_4bit else 1.0 if recipe.quantization.load_in_8bit else bytes_act
-    gib = 2**30
-    parts = {
-        "quantized_weights": quantized * bits / gib,
-        "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
-        "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
-        "activations": activations / gib,
-        # Liger's fused linear cross-entropy never holds the full-vocabulary logits
-        "logits": 0.0 if fused_cross_entropy else tokens * text.vocab_size * LOGIT_BYTES / gib,
-        "cuda_overhead": CUDA_OVERHEAD_GIB,
-    }
-    parts["total"] = sum(parts.values())
-    parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
-    parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
-    return parts
-
-
-def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
-    """Bytes per adapter parameter of the compute-dtype copies the fused LoRA layers keep between optimizer steps."""
-    from qlora_kit.speed import long_context_settings
-
-    fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit and not long_context_settings(recipe.speed)
-    return compute_dtype.itemsize if fused and compute_dtype != torch.float32 else 0
-
-
-def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:
-    """speed.fused_mlp would run this model's MLPs (4-bit, fused LoRA, gated SiLU, down_proj adapted)."""
-    from qlora_kit.speed import gated_silu_mlp
-
-    speed = recipe.speed
-    if not (speed.fused_lora and speed.fused_mlp and recipe.quantization.load_in_4bit):
-        return False
-    return any(gated_silu_mlp(m) and any(m.down_proj is a for a in adapted) for m in model.modules())
+def gated_silu_mlp(module) -> bool:
+    """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen; not Gemma's GELU, not
+    fused gate_up projections). Probes any module: transformers' MLP classes differ by architecture."""
+    config = getattr(module, "config", None)  # transformers' MLPs keep it; their act_fn class varies by version
+    silu = getattr(config, "hidden_act", None) in ("silu", "swish") or isinstance(getattr(module, "act_fn", None),
+                                                                                  torch.nn.SiLU)
+    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and silu and not hasattr(
+        module, "experts")
 
 
 def check_model_config(recipe: Recipe, folder: str) -> None:
     """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+    from qlora_kit.recipe import check_hub_model_reachable
+
+    check_hub_model_reachable(recipe)  # one quick look-up instead of transformers' minute of retries
+    with hub_model_errors(recipe, folder):
+        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+    hidden = getattr(config, "hidden_size", None)
+    if hidden and recipe.lora.r > hidden:
+        raise RecipeError(f"{at(recipe.source, 'lora.r')}: {recipe.lora.r} is larger than the model's hidden size "
+                          f"({hidden}); a rank above it adds memory but nothing a full-rank update could not do. Use "
+                          f"at most {hidden} (8 to 64 is usual)")
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     scaled = rope.get("rope_type", rope.get("type", "default")) not in (None, "default")

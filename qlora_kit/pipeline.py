@@ -1,5 +1,5 @@
-"""The training pipeline, top to bottom: recipe -> run folder -> tokenizer -> data -> model -> trainer -> train ->
-save -> evaluate -> export. Every phase is one call into the module that owns it."""
+"""The training pipeline, top to bottom: recipe -> run folder -> tokenizer -> data -> model -> speed plan -> trainer ->
+train -> save -> evaluate -> export. Every phase is one call into the module that owns it."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from transformers import set_seed
 from qlora_kit.data import build_datasets
 from qlora_kit.evaluate import evaluate_generation, format_comparison
 from qlora_kit.export import merge_adapter
+from qlora_kit.gguf import export_after_training
 from qlora_kit.model import (
     base_model_folder,
     build_quantized_model,
@@ -26,6 +27,7 @@ from qlora_kit.publish import check_push_settings, push_run
 from qlora_kit.recipe import Recipe
 from qlora_kit.report import data_summary, write_report
 from qlora_kit.rundir import RunFolder, open_run_folder, write_atomically
+from qlora_kit.speed import Machine, decide_speed_plan
 from qlora_kit.trainers import build_trainer, save_adapter, train_adapter
 
 log = logging.getLogger("qlora_kit")
@@ -61,10 +63,12 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
             before = evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
         log.info("before training: %s = %.1f%%", before.metric, 100 * before.score)
 
-    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
+    # decided with the weights loaded, right before the trainer: `auto` kept layers spend the GPU memory left now
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
+    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype, plan)
     if state.is_main_process:
         run.begin(recipe, state.num_processes)  # every check passed: the run's recipe.yaml is (re)written now
-    summary = train_adapter(trainer, recipe, run_dir)
+    summary = train_adapter(trainer, recipe, run_dir, plan)
     summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
     summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
@@ -86,9 +90,10 @@ def export(recipe: Recipe, run_dir: Path) -> None:
     """What the recipe's `export` section asks for once the adapter is saved: merge, report, push."""
     if recipe.export.merge:
         merge_adapter(run_dir)
+        export_after_training(run_dir, recipe.export)  # GGUF / Ollama from the merged model
     if recipe.export.report:
         write_report(run_dir)
     if recipe.export.push.repo_id:
         push = recipe.export.push
-        push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
+        push_run(run_dir, push.repo_id, merged=push.merged, private=push.private, base_model=push.base_model)
 

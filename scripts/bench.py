@@ -307,7 +307,7 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     if status != 0 or not summary_path.is_file():
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
     try:  # qlora-kit's own config-only estimate, to see how close it lands
-        from qlora_kit.model import estimate_training_memory
+        from qlora_kit.memory import estimate_training_memory
         from qlora_kit.recipe import load_recipe
 
         estimate = round(estimate_training_memory(load_recipe(recipe_path, overrides), str(model))["total"], 2)

@@ -1,5 +1,5 @@
 """GPU time of one NF4 dequantize per Llama-3-8B weight shape (call to call, and kernels alone): bitsandbytes' API
-against qlora-kit's Triton kernel (qlora_kit/kernels.py), and whether the two give the same bits.
+against qlora-kit's Triton kernel (qlora_kit/speed/nf4_triton.py), and whether the two give the same bits.
 
   python scripts/dequant_kernel_bench.py --out $OUT
 """
@@ -40,8 +40,8 @@ def kernel_us(fn, repeats: int = 20) -> float:
 def main() -> None:
     import bitsandbytes as bnb
 
-    from qlora_kit import kernels
-    from qlora_kit.kernels import nf4_dequantize
+    from qlora_kit.speed import nf4_triton
+    from qlora_kit.speed.nf4_triton import nf4_dequantize
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/dequant_kernel_bench")
@@ -61,11 +61,11 @@ def main() -> None:
         row["bitsandbytes_kernel_tb_s"] = bytes_moved / row["bitsandbytes_kernel_us"] / 1e6
         row["triton_kernel_tb_s"] = bytes_moved / row["triton_kernel_us"] / 1e6
         if args.sweep:  # other program sizes and warp counts
-            default = (kernels.BYTES_PER_PROGRAM, kernels.WARPS)
+            default = (nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS)
             for size, warps in ((512, 4), (1024, 4), (1024, 8), (2048, 4), (4096, 8), (8192, 8)):
-                kernels.BYTES_PER_PROGRAM, kernels.WARPS = size, warps
+                nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS = size, warps
                 row[f"triton_kernel_us_{size}b_{warps}w"] = kernel_us(lambda p=packed, s=state: nf4_dequantize(p, s))
-            kernels.BYTES_PER_PROGRAM, kernels.WARPS = default
+            nf4_triton.BYTES_PER_PROGRAM, nf4_triton.WARPS = default
         results["rows"].append(row)
         print(row, flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -111,7 +111,7 @@ def pieces(model) -> dict[str, float]:
     """Host microseconds per call of the pieces the fused layers call, at 16 tokens (enqueue only)."""
     import bitsandbytes as bnb
 
-    from qlora_kit.speed import dequantized_weight, liger_swiglu
+    from qlora_kit.speed.lora_autograd import dequantized_weight, liger_swiglu
 
     down = model.get_base_model().model.layers[0].mlp.down_proj.get_base_layer()
     x = torch.randn(16, 14336, device="cuda", dtype=torch.bfloat16)
@@ -136,19 +136,18 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/layer_host_time_model")
     parser.add_argument("--kernels", action="store_true", help="also write a CUDA-time table per variant")
     args = parser.parse_args()
-    from qlora_kit.speed import use_fused_lora, use_fused_mlp
+    import qlora_kit.speed.lora_autograd as lora_autograd
+    from qlora_kit.speed.patches import use_fused_lora, use_fused_mlp
 
     results = {}
-    import qlora_kit.speed
-
-    cached_casts, fp32_grads = qlora_kit.speed.in_compute_dtype, qlora_kit.speed.matmul_into
+    cached_casts, fp32_grads = lora_autograd.in_compute_dtype, lora_autograd.matmul_into
     for name, liger, fused, mlp in [("peft", True, False, False), ("fused_lora", True, True, False),
                                     ("fused_lora+fused_mlp", True, True, True),
                                     ("fused_lora+fused_mlp, adapter cast in every call", True, True, True),
                                     ("fused_lora+fused_mlp, adapter grads cast after the matmul", True, True, True)]:
-        qlora_kit.speed.in_compute_dtype = (cached_casts if "every call" not in name else
+        lora_autograd.in_compute_dtype = (cached_casts if "every call" not in name else
                                             lambda weight, dtype, cast_once=True: weight.to(dtype))
-        qlora_kit.speed.matmul_into = (fp32_grads if "cast after" not in name else
+        lora_autograd.matmul_into = (fp32_grads if "cast after" not in name else
                                        lambda a, b, dtype: torch.mm(a, b).to(dtype))
         model = build_layer(Path(args.work), liger)
         model.train()

@@ -3,11 +3,11 @@ published config alone (no weights, no network), at the recipe's own batch size 
 
     python scripts/recipe_memory_table.py          # rewrite the table between the markers in recipes/README.md
 
-Each row is qlora_kit.model.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
+Each row is qlora_kit.memory.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
 the other weights in the compute dtype (fp32 with quantization.upcast_to_fp32), LoRA weights + grads in fp32 with
 8-bit Adam states, checkpointed activations, the logits (none with Liger's fused cross-entropy, the GPU default;
 else batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack
-(qlora_kit.model.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
+(qlora_kit.memory.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
 rows need less; packing to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
@@ -69,7 +69,7 @@ def estimate(recipe_file: str) -> dict[str, float]:
     replaced by it, so no download happens)."""
     from transformers import AutoConfig
 
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
     from qlora_kit.recipe import load_recipe
 
     _, model_type, sizes = REAL_CONFIGS[recipe_file]

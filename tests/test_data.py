@@ -246,13 +246,15 @@ def test_build_datasets_tokenizes_train_and_held_out_rows(make_recipe, tiny_toke
 def test_sft_trainer_labels_are_input_ids_where_masked_in_and_minus_100_elsewhere(make_recipe, tiny_tokenizer,
                                                                                   tiny_model_dir, tmp_path):
     from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed import Machine, decide_speed_plan
     from qlora_kit.trainers import build_trainer
 
     recipe = load_recipe(make_recipe(), ["data.cache=false"])
     data = build_datasets(recipe, tiny_tokenizer)
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
 
-    trainer = build_trainer(recipe, model, tiny_tokenizer, data, tmp_path / "run", torch.float32)
+    trainer = build_trainer(recipe, model, tiny_tokenizer, data, tmp_path / "run", torch.float32, plan)
 
     assert len(trainer.train_dataset) == len(data.train) == 40
     for ours, theirs in zip(data.train, trainer.train_dataset, strict=True):

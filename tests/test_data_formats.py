@@ -278,13 +278,16 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokeni
     torch.testing.assert_close(packed[first_len:], alone[1], atol=1e-5, rtol=1e-4)
 
 
-def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, tmp_path):
+def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, tiny_model_dir, tmp_path):
     import torch
+    from transformers import AutoConfig
 
+    from qlora_kit.speed import Machine, decide_speed_plan
     from qlora_kit.trainers import build_sft_config
 
     recipe = load_recipe(make_recipe(training={"packing": True}))
-    config = build_sft_config(recipe, tmp_path, torch.float32, has_eval=False)
+    plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), Machine.measure(), 0)
+    config = build_sft_config(recipe, tmp_path, torch.float32, has_eval=False, plan=plan)
     assert config.packing and config.padding_free and config.packing_strategy == "bfd"
 
 

@@ -116,8 +116,9 @@ def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
         summary = run_training(recipe)
 
     assert "compute dtype: bfloat16" in messages
-    assert any(m.startswith("training.optimizer: auto -> adamw_torch_fused (fp32 optimizer states 0.00 GiB")
-               for m in messages), messages
+    plan = [m for m in messages if m.startswith("speed plan:")]  # one block, with why each choice was made
+    assert len(plan) == 1 and "  - training.optimizer: auto -> adamw_torch_fused (fp32 optimizer states 0.00 GiB" in \
+        plan[0], messages
     run_dir = recipe.run_dir
     adapter = run_dir / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
@@ -127,6 +128,7 @@ def test_cuda_run_picks_bf16_saves_adapter_and_merges_within_tolerance(
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["global_step"] == 4
+    assert saved["speed_plan"]["optimizer"] == "adamw_torch_fused" and saved["speed_plan"]["machine"]["gpus"] >= 1
     assert 0 < saved["peak_gpu_memory_gib"] < 4
     assert saved["train_tokens_per_second"] > 0
 
@@ -166,7 +168,7 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     the one that runs, or it saves no memory."""
     from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.speed import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
@@ -191,7 +193,7 @@ def test_triton_dequantize_gives_bitsandbytes_own_bits(shape: tuple[int, int], b
                                                        dtype: torch.dtype) -> None:
     import bitsandbytes as bnb
 
-    from qlora_kit.kernels import nf4_dequantize, nf4_dequantize_applies
+    from qlora_kit.speed.nf4_triton import nf4_dequantize, nf4_dequantize_applies
 
     torch.manual_seed(0)
     weight = torch.randn(shape, device="cuda", dtype=dtype) * 3
@@ -209,7 +211,7 @@ def test_triton_dequantize_gives_bitsandbytes_own_bits(shape: tuple[int, int], b
 def test_fp32_adapter_gradients_come_out_of_the_matmul_unrounded() -> None:
     """An fp32 LoRA weight's gradient from bf16 activations: one GEMM straight to fp32, closer to the exact product
     than the bf16 product cast up (what a matmul then a cast gives)."""
-    from qlora_kit.speed import matmul_into
+    from qlora_kit.speed.lora_autograd import matmul_into
 
     torch.manual_seed(0)
     grad_out, saved = (torch.randn(4096, 16, device="cuda", dtype=torch.bfloat16),
@@ -227,7 +229,7 @@ def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_e
         tmp_path: Path, tiny_base: Path, chat_file: Path, monkeypatch: pytest.MonkeyPatch, optimizer: str) -> None:
     """The fused layers reuse one bf16 copy of each fp32 adapter weight until the next optimizer step. A stale copy
     would train on old weights: the loss curve would part from casting in every call after the first step."""
-    import qlora_kit.speed
+    import qlora_kit.speed.lora_autograd
     from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
 
@@ -242,7 +244,8 @@ def test_adapter_casts_kept_between_optimizer_steps_train_exactly_like_casting_e
         return [row["loss"] for row in rows if "loss" in row]
 
     cached = losses("cached")
-    monkeypatch.setattr(qlora_kit.speed, "in_compute_dtype", lambda weight, dtype, cast_once=True: weight.to(dtype))
+    monkeypatch.setattr(qlora_kit.speed.lora_autograd, "in_compute_dtype",
+                        lambda weight, dtype, cast_once=True: weight.to(dtype))
     every_call = losses("every-call")
 
     assert len(cached) == 4 and abs(cached[-1] - cached[0]) > 0.05  # four steps that move the loss
@@ -324,8 +327,13 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
     """Loss and LoRA gradients of one bf16-autocast step, the way the trainer runs it (checkpointing on; compiled:
     the last layer keeps its activations, so both compiled graphs run)."""
     from qlora_kit.model import build_quantized_model
-    from qlora_kit.speed import compile_decoder_layers, keep_activations, use_fused_lora, use_fused_mlp
-    from qlora_kit.trainers import keep_adapter_weights_in_fp32
+    from qlora_kit.speed.patches import (
+        compile_decoder_layers,
+        keep_activations,
+        keep_adapter_weights_in_fp32,
+        use_fused_lora,
+        use_fused_mlp,
+    )
 
     torch.manual_seed(0)
     model = build_quantized_model(recipe, str(folder), torch.bfloat16)

@@ -17,6 +17,7 @@ import yaml
 from local_hub import LocalHub
 
 TOKEN = "hf_qlorakitTESTtoken0123456789"
+BASE = ("--base-model", "HuggingFaceTB/SmolLM2-135M-Instruct")  # the tiny test model stands in for it
 ADAPTER_FILES = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja", "generation_config.json"}
 RECORD_FILES = {"training/recipe.yaml", "training/summary.json", "training/metrics.jsonl", "training/loss.png",
@@ -119,9 +120,12 @@ def test_credentials_in_sft_args_are_redacted_from_the_uploaded_recipe(finished_
 # ------------------------------------------------------------------------------------------------ upload
 
 
-def test_push_creates_the_repo_and_uploads_exactly_the_dry_run_files(finished_run, dry_run, tmp_path):
+def test_push_creates_the_repo_and_uploads_exactly_the_dry_run_files(finished_run, tmp_path):
+    dry_run = tmp_path / "dry"
+    assert push(str(finished_run), "--repo-id", "alice/shout", "--dry-run", "--out", str(dry_run), *BASE,
+                token=None, home=tmp_path).returncode == 0
     with LocalHub(token=TOKEN) as hub:
-        result = push(str(finished_run), "--repo-id", "alice/shout", "--private", hub=hub, home=tmp_path)
+        result = push(str(finished_run), "--repo-id", "alice/shout", "--private", *BASE, hub=hub, home=tmp_path)
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{hub.endpoint}/alice/shout"
@@ -147,10 +151,35 @@ def test_push_merged_uploads_a_model_that_plain_transformers_loads(finished_run,
     assert front_matter(files["README.md"].decode())["library_name"] == "transformers"
 
 
+def test_push_gguf_uploads_the_gguf_a_modelfile_and_how_to_run_them(finished_run, tmp_path):
+    import shutil
+
+    from qlora_kit.gguf import render_go_template
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # the push exports a GGUF into the run; the shared run stays as it was
+    with LocalHub(token=TOKEN) as hub:
+        result = push(str(run), "--repo-id", "alice/shout-gguf", "--gguf", hub=hub, home=tmp_path / "home")
+
+    assert result.returncode == 0, result.stderr
+    files = hub.repos["alice/shout-gguf"].files
+    assert files["model-q8_0.gguf"] == (run / "gguf" / "model-q8_0.gguf").read_bytes()
+    assert json.loads(files["training/model-q8_0.check.json"])["passed"]
+    assert "adapter_model.safetensors" in files  # the adapter is uploaded as before
+    modelfile = files["Modelfile"].decode()
+    assert "FROM ./model-q8_0.gguf\n" in modelfile and 'SYSTEM """Answer in capitals."""' in modelfile
+    template = modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    assert render_go_template(template, [{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
+    card = files["README.md"].decode()
+    assert "## GGUF (llama.cpp, Ollama, LM Studio)" in card
+    assert "llama-cli -m model-q8_0.gguf" in card and "ollama create shout-gguf -f Modelfile" in card
+    assert "| `model-q8_0.gguf` | q8_0 |" in card
+
+
 def test_push_again_to_an_existing_repo_adds_a_commit(finished_run, tmp_path):
     with LocalHub(token=TOKEN) as hub:
-        first = push(str(finished_run), "--repo-id", "alice/shout", hub=hub, home=tmp_path)
-        second = push(str(finished_run), "--repo-id", "alice/shout", hub=hub, home=tmp_path)
+        first = push(str(finished_run), "--repo-id", "alice/shout", *BASE, hub=hub, home=tmp_path)
+        second = push(str(finished_run), "--repo-id", "alice/shout", *BASE, hub=hub, home=tmp_path)
 
     assert first.returncode == second.returncode == 0, second.stderr
     assert len(hub.repos["alice/shout"].commits) == 2
@@ -189,7 +218,7 @@ def test_push_to_another_users_namespace_exits_2_before_creating_anything(finish
 
 def test_push_refused_by_the_hub_exits_2_with_the_reason(finished_run, tmp_path):
     with LocalHub(token=TOKEN, orgs=("acme",), writable_orgs=()) as hub:  # a member of acme without write access
-        result = push(str(finished_run), "--repo-id", "acme/shout", hub=hub, home=tmp_path)
+        result = push(str(finished_run), "--repo-id", "acme/shout", *BASE, hub=hub, home=tmp_path)
 
     assert result.returncode == 2
     assert "acme/shout: your token may not write there (403 Forbidden)" in result.stderr
@@ -265,7 +294,8 @@ def test_recipe_with_export_push_uploads_at_the_end_of_training(make_recipe, hub
     from qlora_kit.recipe import load_recipe
 
     recipe = make_recipe("pushed", training={"max_steps": 2}, data={"cache": False},
-                         export={"merge": False, "push": {"repo_id": "alice/pushed", "private": True}})
+                         export={"merge": False, "push": {"repo_id": "alice/pushed", "private": True,
+                                                          "base_model": BASE[1]}})
     with LocalHub(token=TOKEN) as hub:
         hub_reachable.setattr("huggingface_hub.constants.ENDPOINT", hub.endpoint)
         hub_reachable.setenv("HF_TOKEN", TOKEN)
@@ -281,7 +311,7 @@ def test_recipe_with_export_push_and_no_token_fails_before_training(make_recipe,
     from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import QloraKitError, load_recipe
 
-    recipe = make_recipe("pushed", export={"push": {"repo_id": "alice/pushed"}})
+    recipe = make_recipe("pushed", export={"push": {"repo_id": "alice/pushed", "base_model": BASE[1]}})
 
     with pytest.raises(QloraKitError, match="no Hugging Face token: set HF_TOKEN"):
         run_training(load_recipe(recipe))

@@ -257,16 +257,21 @@ def test_sft_args_real_sftconfig_field_is_accepted(make_recipe):
     assert recipe.training.sft_args == {"dataloader_num_workers": 0}
 
 
-def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_recipe, tmp_path, monkeypatch):
+def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_recipe, tiny_model_dir, tmp_path,
+                                                                       monkeypatch):
     # Whatever build_sft_config passes to SFTConfig must be refused at validation; otherwise the recipe passes
     # `validate` and fails only after data and model are loaded ("got multiple values for keyword argument").
     import trl
+    from transformers import AutoConfig
 
     from qlora_kit import trainers as train
+    from qlora_kit.speed import Machine, decide_speed_plan
 
+    recipe = load_recipe(make_recipe())
+    plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), Machine.measure(), 0)
     passed: dict = {}
     monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: passed.update(kwargs))
-    train.build_sft_config(load_recipe(make_recipe()), tmp_path, compute_dtype=None, has_eval=False)
+    train.build_sft_config(recipe, tmp_path, compute_dtype=None, has_eval=False, plan=plan)
     monkeypatch.undo()
     assert "learning_rate" in passed  # the recorder saw the real call
 

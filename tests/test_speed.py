@@ -5,7 +5,6 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 
 from __future__ import annotations
 
-import dataclasses
 from copy import deepcopy
 
 import pytest
@@ -13,16 +12,16 @@ import torch
 
 from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
-from qlora_kit.speed import (
+from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
+from qlora_kit.speed.patches import (
     chunk_mlps,
     compile_decoder_layers,
     keep_activations,
-    offloaded_checkpoint,
-    reentrant_checkpoint,
     use_checkpoint_function,
     use_fused_lora,
     use_fused_mlp,
 )
+from qlora_kit.speed.plan import Machine, decide_speed_plan
 
 
 def adapted_model(make_recipe, tiny_model_dir, **lora):
@@ -46,8 +45,15 @@ def tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, run_dir, **section
 
     recipe = load_recipe(make_recipe(**sections), ["data.cache=false"])
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
     return recipe, build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), run_dir,
-                                 torch.float32)
+                                 torch.float32, plan)
+
+
+def gpu_machine(**facts) -> Machine:
+    """A machine with one 80 GiB GPU free for training, Triton and liger-kernel, one process; `facts` differ."""
+    return Machine(**{"gpus": 1, "usable_gpu_gib": 78.0, "capability": (9, 0), "processes": 1, "under_fsdp": False,
+                      "triton": True, "liger": True, **facts})
 
 
 def loss_and_gradients(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,7 +103,7 @@ def test_a_recomputed_llama_mlp_skips_the_down_projection_it_never_reads(make_re
                                                                          checkpoint):
     """In a checkpointed Llama layer's recompute, the MLP output only feeds `residual + mlp`, which backward does not
     read: the fused MLP skips that matmul there, and every gradient stays peft's."""
-    from qlora_kit.speed import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
 
     model = adapted_model(make_recipe, tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -166,7 +172,7 @@ def test_fused_mlp_keeps_gate_and_up_but_not_their_product(make_recipe, tiny_mod
 
 
 def test_adapter_weights_are_cast_to_the_compute_dtype_once_per_update():
-    from qlora_kit.speed import forget_compute_copies, in_compute_dtype
+    from qlora_kit.speed.lora_autograd import forget_compute_copies, in_compute_dtype
 
     weight = torch.nn.Parameter(torch.randn(4, 8))
     first = in_compute_dtype(weight, torch.bfloat16)
@@ -195,7 +201,7 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
     speed switches must land after that, or the fused MLP silently never runs (no memory saved)."""
     import transformers
 
-    from qlora_kit.speed import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
 
     _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
                               training={"max_steps": 1, "gradient_checkpointing": True}, speed={"fused_mlp": True})
@@ -294,7 +300,7 @@ def test_trainer_mode_switches_walk_the_model_only_when_a_module_differs(make_re
 
 def test_a_module_with_its_own_train_keeps_torchs_walk(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path):
     """peft's DoRA layers clear a cache in `train()`: a model holding one keeps Trainer's call as it is."""
-    from qlora_kit.trainers import switch_modes_only_when_a_module_differs
+    from qlora_kit.speed.patches import switch_modes_only_when_a_module_differs
 
     _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run")
     assert "train" in vars(trainer.model)  # the pipeline's model has the shortcut
@@ -320,7 +326,7 @@ def test_python_gc_collects_young_objects_every_n_steps_during_training_only(mak
 
     from transformers import TrainerCallback
 
-    import qlora_kit.speed
+    import qlora_kit.speed.plan
 
     _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
                               training={"max_steps": 4}, speed={"gc_every_steps": 2})
@@ -331,7 +337,7 @@ def test_python_gc_collects_young_objects_every_n_steps_during_training_only(mak
             seen.append((state.global_step, gc.isenabled(), gc.get_freeze_count() > 0))
 
     collected = []
-    monkeypatch.setattr(qlora_kit.speed.gc, "collect", lambda generation=2: collected.append(generation))
+    monkeypatch.setattr(qlora_kit.speed.plan.gc, "collect", lambda generation=2: collected.append(generation))
     trainer.add_callback(WatchGc())
     trainer.train()
 
@@ -345,7 +351,8 @@ def test_python_gc_schedule_is_undone_when_training_fails(make_recipe, tiny_mode
 
     from transformers import TrainerCallback
 
-    from qlora_kit.trainers import train_adapter
+    from qlora_kit.speed.plan import ApplySpeedPlan
+    from qlora_kit.trainers import callback_of, train_adapter
 
     recipe, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
                                    training={"max_steps": 4}, speed={"gc_every_steps": 2})
@@ -357,13 +364,13 @@ def test_python_gc_schedule_is_undone_when_training_fails(make_recipe, tiny_mode
 
     trainer.add_callback(FailAtStepOne())
     with pytest.raises(RuntimeError, match="simulated failure"):
-        train_adapter(trainer, recipe, tmp_path / "run")
+        train_adapter(trainer, recipe, tmp_path / "run", callback_of(trainer, ApplySpeedPlan).plan)
 
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
 def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate(make_recipe, tiny_model_dir):
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
 
     fused = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True},
                                                              speed={"fused_mlp": True})), str(tiny_model_dir))
@@ -374,7 +381,7 @@ def test_fused_mlp_lowers_the_estimated_cost_of_a_kept_layer_by_one_intermediate
 
 
 def test_estimate_counts_the_adapter_s_bf16_copies_that_fused_lora_keeps(make_recipe, tiny_model_dir):
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
 
     def adapter_gib(**speed):
         recipe = load_recipe(make_recipe(speed=speed))  # compute_dtype auto: bf16 in the estimate
@@ -388,11 +395,11 @@ def test_estimate_counts_the_adapter_s_bf16_copies_that_fused_lora_keeps(make_re
 
 
 def test_long_context_settings_cast_adapter_weights_in_every_call(make_recipe, tiny_model_dir):
-    from qlora_kit.recipe import SpeedSection
-    from qlora_kit.speed import apply_speedups
+    from qlora_kit.speed.plan import apply_speed_plan
 
     model = adapted_model(make_recipe, tiny_model_dir)
-    apply_speedups(model, SpeedSection(offload_checkpoints=True))
+    recipe = load_recipe(make_recipe(speed={"offload_checkpoints": True}))
+    apply_speed_plan(model, decide_speed_plan(recipe, model.config, Machine.measure(), 0))
     fused = [m for m in model.modules() if hasattr(m, "_peft_forward")]
     assert len(fused) == 14 and not any(m._cast_adapters_once for m in fused)
 
@@ -440,7 +447,7 @@ def test_fused_lora_with_bf16_compute_tracks_the_fp32_result(make_recipe, tiny_m
 
 def test_offloaded_checkpoints_train_the_same_and_move_exactly_the_layer_inputs(make_recipe, tiny_model_dir,
                                                                                monkeypatch):
-    import qlora_kit.speed
+    import qlora_kit.speed.checkpointing as checkpointing
 
     model = adapted_model(make_recipe, tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -450,10 +457,10 @@ def test_offloaded_checkpoints_train_the_same_and_move_exactly_the_layer_inputs(
 
     def recording_pack(tensor):
         moved.append(tensor.shape)
-        return qlora_kit.speed.__dict__["_real_pack"](tensor)
+        return real_pack(tensor)
 
-    monkeypatch.setitem(qlora_kit.speed.__dict__, "_real_pack", qlora_kit.speed.pack_to_cpu)
-    monkeypatch.setattr(qlora_kit.speed, "pack_to_cpu", recording_pack)
+    real_pack = checkpointing.pack_to_cpu
+    monkeypatch.setattr(checkpointing, "pack_to_cpu", recording_pack)
     offloaded = loss_and_gradients(model, IDS)
     assert_same_training_signal(plain, offloaded)
     # what goes to CPU memory: each decoder layer's input (batch, tokens, hidden), nothing else
@@ -502,65 +509,67 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize(("speed", "world_size", "every_layer_kept", "reason"), [
-    ({}, "1", False, "switched off"),
-    ({"compile_layers": "auto"}, "1", False, None),
-    ({"compile_layers": "auto"}, "1", True, "auto: off, no layer is recomputed"),
-    ({"compile_layers": True}, "1", True, None),
-    ({"compile_layers": False}, "1", False, "switched off"),
-    ({"compile_layers": True, "offload_checkpoints": True}, "1", False, "off with offload_checkpoints"),
-    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, "1", False, "off with offload_checkpoints, reentrant"),
-    ({"compile_layers": True}, "2", False, "off with several processes"),
+@pytest.mark.parametrize(("speed", "processes", "every_layer_kept", "reason"), [
+    ({}, 1, False, "switched off"),
+    ({"compile_layers": "auto"}, 1, False, None),
+    ({"compile_layers": "auto"}, 1, True, "auto: off, no layer is recomputed"),
+    ({"compile_layers": True}, 1, True, None),
+    ({"compile_layers": False}, 1, False, "switched off"),
+    ({"compile_layers": True, "offload_checkpoints": True}, 1, False, "off with offload_checkpoints"),
+    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, 1, False, "off with offload_checkpoints, reentrant"),
+    ({"compile_layers": True}, 2, False, "off with several processes"),
 ])
-def test_layers_compile_on_one_gpu_where_layers_recompute(make_recipe, monkeypatch, speed, world_size,
-                                                          every_layer_kept, reason):
-    from qlora_kit.speed import layer_compile_blocker
+def test_layers_compile_on_one_gpu_where_layers_recompute(make_recipe, speed, processes, every_layer_kept, reason):
+    from qlora_kit.speed.plan import layer_compile_blocker
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("WORLD_SIZE", world_size)
-    blocker = layer_compile_blocker(load_recipe(make_recipe(speed=speed)).speed, every_layer_kept)
+    blocker = layer_compile_blocker(load_recipe(make_recipe(speed=speed)).speed, gpu_machine(processes=processes),
+                                    every_layer_kept)
     assert blocker is None if reason is None else blocker.startswith(reason)
 
 
-@pytest.mark.parametrize(("training", "kept", "expected"), [
-    ({"gradient_checkpointing": False}, None, True),
-    ({"gradient_checkpointing": True}, None, False),
+@pytest.mark.parametrize(("training", "kept", "every_layer_kept"), [
+    ({"gradient_checkpointing": False}, 0, True),
+    ({"gradient_checkpointing": True}, 0, False),
     ({"gradient_checkpointing": True}, 1, False),
     ({"gradient_checkpointing": True}, 2, True),  # the tiny model has 2 layers
 ])
-def test_every_layer_keeps_its_activations_without_checkpointing_or_when_all_are_kept(make_recipe, tiny_model_dir,
-                                                                                      training, kept, expected):
+def test_auto_compiled_layers_stay_off_without_checkpointing_or_when_every_layer_keeps_its_activations(
+        make_recipe, tiny_model_dir, training, kept, every_layer_kept):
     from transformers import AutoConfig
 
-    from qlora_kit.speed import CheckpointSettings, every_layer_keeps_activations
+    speed = {"compile_layers": "auto", "keep_activations_layers": kept}
+    recipe = load_recipe(make_recipe(training=training, speed=speed))
+    plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), gpu_machine(), 0)
+    assert plan.kept_layers == (kept if training["gradient_checkpointing"] else 0)
+    assert plan.compile_layers is not every_layer_kept
+    assert (plan.compile_blocker or "").startswith("auto: off, no layer is recomputed") is every_layer_kept
 
-    recipe = load_recipe(make_recipe(training=training))
-    settings = None if kept is None else CheckpointSettings(
-        dataclasses.replace(recipe.speed, keep_activations_layers=kept))
-    assert every_layer_keeps_activations(recipe, settings, AutoConfig.from_pretrained(tiny_model_dir)) is expected
 
+def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, tiny_model_dir):
+    from transformers import AutoConfig
 
-def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, monkeypatch):
-    from qlora_kit.trainers import liger_kernels_usable
+    from qlora_kit.speed.plan import liger_kernels_usable
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr("qlora_kit.trainers.liger_kernel_installed", lambda: True)
     recipe = load_recipe(make_recipe())
-    assert liger_kernels_usable(recipe, compiled_layers=False) is True
-    assert liger_kernels_usable(recipe, compiled_layers=True) is False
+    assert liger_kernels_usable(recipe.speed, gpu_machine(), compiled_layers=False) is True
+    assert liger_kernels_usable(recipe.speed, gpu_machine(), compiled_layers=True) is False
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    compiled = decide_speed_plan(load_recipe(make_recipe(speed={"compile_layers": True})), config, gpu_machine(), 0)
+    assert compiled.compile_layers and not compiled.liger_kernels
+    assert decide_speed_plan(recipe, config, gpu_machine(), 0).liger_kernels
 
 
 def test_layers_are_not_compiled_on_cpu(make_recipe):
-    from qlora_kit.speed import layer_compile_blocker
+    from qlora_kit.speed.plan import layer_compile_blocker
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     recipe = load_recipe(make_recipe(speed={"compile_layers": True}))
-    assert layer_compile_blocker(recipe.speed) == "off on CPU (no GPU here)"
+    assert layer_compile_blocker(recipe.speed, Machine.measure()) == "off on CPU (no GPU here)"
 
 
 def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_dir):
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
 
     every_layer = estimate_training_memory(load_recipe(make_recipe(training={"gradient_checkpointing": True})),
                                            str(tiny_model_dir))
@@ -573,7 +582,7 @@ def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_di
 
 
 def test_offloaded_checkpoints_and_mlp_chunks_move_memory_off_the_gpu_in_the_estimate(make_recipe, tiny_model_dir):
-    from qlora_kit.model import estimate_training_memory
+    from qlora_kit.memory import estimate_training_memory
 
     def estimate(**speed):
         recipe = make_recipe(training={"gradient_checkpointing": True, "max_length": 64}, speed=speed)
@@ -622,12 +631,12 @@ def read_metrics(run_dir):
 
 
 def test_liger_kernels_are_left_off_on_cpu(make_recipe):
-    from qlora_kit.trainers import liger_kernels_usable
+    from qlora_kit.speed.plan import liger_kernels_usable
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     assert load_recipe(make_recipe()).speed.liger_kernels is True
-    assert liger_kernels_usable(load_recipe(make_recipe())) is False
+    assert liger_kernels_usable(load_recipe(make_recipe()).speed, Machine.measure()) is False
 
 
 def test_liger_through_sft_args_points_to_the_speed_switch(make_recipe):
@@ -642,29 +651,30 @@ def test_liger_through_sft_args_points_to_the_speed_switch(make_recipe):
     (42_000_000, "adamw_torch_fused"),   # Llama-3-8B, r=16 all-linear: 0.31 GiB of fp32 states
     (207_000_000, "paged_adamw_8bit"),   # Llama-3-70B, r=16 all-linear: 1.5 GiB
 ])
-def test_auto_optimizer_on_gpu_is_fused_adamw_unless_its_states_get_big(make_recipe, monkeypatch,
-                                                                        adapter_parameters, expected):
-    from qlora_kit.trainers import choose_optimizer
+def test_auto_optimizer_on_gpu_is_fused_adamw_unless_its_states_get_big(make_recipe, adapter_parameters, expected):
+    from qlora_kit.speed.plan import choose_optimizer
 
-    recipe = load_recipe(make_recipe())
-    assert choose_optimizer(recipe, adapter_parameters) == "adamw_torch"  # this CPU
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert choose_optimizer(recipe, adapter_parameters) == expected
+    recipe, notes = load_recipe(make_recipe()), []
+    assert choose_optimizer(recipe, adapter_parameters, gpu_machine(gpus=0), notes) == "adamw_torch"
+    assert choose_optimizer(recipe, adapter_parameters, gpu_machine(), notes) == expected
+    assert notes[-1].startswith(f"training.optimizer: auto -> {expected} (fp32 optimizer states")
     recipe.training.optimizer = "adamw_8bit"
-    assert choose_optimizer(recipe, adapter_parameters) == "adamw_8bit"  # an explicit choice is kept
+    assert choose_optimizer(recipe, adapter_parameters, gpu_machine(), notes) == "adamw_8bit"  # explicit: kept
 
 
 def test_fused_lora_stays_off_under_fsdp(make_recipe, tiny_model_dir, monkeypatch):
     """FSDP flattens the 4-bit weights into its own shards: the fused function would not find bitsandbytes weights."""
-    from qlora_kit.recipe import SpeedSection
-    from qlora_kit.speed import apply_speedups
+    from qlora_kit.speed.plan import apply_speed_plan
 
     model = adapted_model(make_recipe, tiny_model_dir)
+    recipe = load_recipe(make_recipe())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    apply_speedups(model, SpeedSection())
+    fsdp = decide_speed_plan(recipe, model.config, Machine.measure(), 0)
+    assert not fsdp.fused_lora and fsdp.notes[0].startswith("fused_lora: off under FSDP")
+    apply_speed_plan(model, fsdp)
     assert not any(hasattr(module, "_peft_forward") for module in model.modules())
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
-    apply_speedups(model, SpeedSection())
+    apply_speed_plan(model, decide_speed_plan(recipe, model.config, Machine.measure(), 0))
     assert sum(hasattr(module, "_peft_forward") for module in model.modules()) == 14
 
 
@@ -698,47 +708,73 @@ class FakeGpu:
                  fraction: float = 1.0) -> None:
         gib = 2**30
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
         monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), int(total_gib * gib)))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * gib))
         monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
 
 
-def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(make_recipe, tiny_model_dir,
-                                                                               monkeypatch):
+def test_the_machine_counts_this_process_s_cached_memory_and_its_memory_fraction_cap(monkeypatch):
+    FakeGpu(monkeypatch, total_gib=80, free_gib=10)
+    assert Machine.measure().usable_gpu_gib == pytest.approx(10)
+    FakeGpu(monkeypatch, total_gib=80, free_gib=10, reserved_gib=1)  # this process's cache is usable
+    assert Machine.measure().usable_gpu_gib == pytest.approx(11)
+    FakeGpu(monkeypatch, total_gib=80, free_gib=78, fraction=0.25)  # a memory-fraction cap counts, not just free
+    machine = Machine.measure()
+    assert machine.usable_gpu_gib == pytest.approx(20) and machine.gpus == 1 and machine.capability == (9, 0)
+
+
+def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(make_recipe, tiny_model_dir):
     from transformers import AutoConfig
 
-    from qlora_kit.model import estimate_memory_for_config
-    from qlora_kit.speed import checkpoint_callback, layers_to_keep
+    from qlora_kit.memory import estimate_memory_for_config
 
     config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers
-    recipe = load_recipe(make_recipe(training={"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}))
+    training = {"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}
+    recipe = load_recipe(make_recipe(training=training))
     assert recipe.speed.keep_activations_layers == "auto"  # the default
-    assert layers_to_keep(recipe, config) == 0  # this CPU: checkpointing as configured
 
-    estimate = estimate_memory_for_config(recipe, config)
+    def kept(usable_gib: float = 78.0, recipe=recipe, **machine) -> int:
+        return decide_speed_plan(recipe, config, gpu_machine(usable_gpu_gib=usable_gib, **machine), 0).kept_layers
+
+    assert kept(gpus=0) == 0  # CPU: checkpointing as configured
+    estimate = estimate_memory_for_config(recipe, config, liger=True)
 
     def gib_for(kept_layers: float) -> float:  # the peak with every layer checkpointed, the kept layers, 10% spare
         return (estimate["total"] + kept_layers * estimate["each_kept_layer"]) / 0.9
 
-    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(1.5))
-    assert layers_to_keep(recipe, config) == 1
-    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(0.5))
-    assert layers_to_keep(recipe, config) == 0
-    FakeGpu(monkeypatch, total_gib=80, free_gib=gib_for(1.5) - 1, reserved_gib=1)  # this process's cache is usable
-    assert layers_to_keep(recipe, config) == 1
-    FakeGpu(monkeypatch, total_gib=80, free_gib=78)
-    assert layers_to_keep(recipe, config) == 2  # every layer fits
-    FakeGpu(monkeypatch, total_gib=80, free_gib=78, fraction=gib_for(1.5) / 80)
-    assert layers_to_keep(recipe, config) == 1  # a memory-fraction cap counts, not just what is free
-
+    assert kept(gib_for(1.5)) == 1
+    assert kept(gib_for(0.5)) == 0
+    assert kept(78) == 2  # every layer fits
     for long_context in ({"offload_checkpoints": True}, {"mlp_chunk_tokens": 4096}):
-        assert layers_to_keep(load_recipe(make_recipe(speed=long_context)), config) == 0
-    assert layers_to_keep(load_recipe(make_recipe(speed={"keep_activations_layers": 1})), config) == 1
-    FakeGpu(monkeypatch, total_gib=80, free_gib=78)
-    assert checkpoint_callback(recipe, config).speed.keep_activations_layers == 2
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert checkpoint_callback(recipe, config) is None  # several processes keep torch's checkpointing of every layer
+        assert kept(recipe=load_recipe(make_recipe(training=training, speed=long_context))) == 0
+    assert kept(gpus=0, recipe=load_recipe(make_recipe(training=training, speed={"keep_activations_layers": 1}))) == 1
+    assert kept(recipe=load_recipe(make_recipe(training={**training, "gradient_checkpointing": False}))) == 0
+    several = decide_speed_plan(recipe, config, gpu_machine(processes=2), 0)
+    assert several.kept_layers == 0 and several.checkpointing == "non-reentrant"  # torch's checkpointing of every layer
+    assert any("not applied with several processes" in note for note in several.notes)
+
+
+def test_the_speed_plan_is_logged_once_and_written_to_the_summary(make_recipe, caplog):
+    """The run's summary.json holds the plan it trained with, and the log shows it as one block."""
+    import json
+    import logging
+
+    from qlora_kit.pipeline import run_training
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 1, "gradient_checkpointing": True},
+                                     speed={"reentrant_checkpointing": True, "keep_activations_layers": 1},
+                                     export={"merge": False, "report": False}))
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        run_training(recipe)
+    plan = json.loads((recipe.run_dir / "summary.json").read_text())["speed_plan"]
+    assert plan["checkpointing"] == "reentrant" and plan["kept_layers"] == 1 and plan["optimizer"] == "adamw_torch"
+    assert plan["machine"]["gpus"] == 0 and plan["fused_lora"] and not plan["liger_kernels"]
+    blocks = [r.getMessage() for r in caplog.records if r.getMessage().startswith("speed plan:")]
+    assert len(blocks) == 1 and "  kept_layers: 1" in blocks[0]
+    assert any("speed.reentrant_checkpointing: 2 layers" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize(("value", "message"), [

@@ -1,7 +1,8 @@
-"""Triton kernels for the fused layers in speed.py (GPU only; Triton has no CPU path).
+"""One op: bitsandbytes' NF4 dequantize as a Triton kernel, for the fused LoRA layers (GPU only; Triton has no CPU
+path).
 
-NF4 dequantize: bitsandbytes' CUDA kernel reaches about half of an H200's memory bandwidth (36.8 us for an average
-8B weight, 2.2 TB/s), and double quantization adds two more kernels per call (the 8-bit absmax, then its offset).
+bitsandbytes' CUDA kernel reaches about half of an H200's memory bandwidth (36.8 us for an average 8B weight,
+2.2 TB/s), and double quantization adds two more kernels per call (the 8-bit absmax, then its offset).
 This kernel reads the packed weight and the double-quantized absmax once and writes the dense matrix in one pass,
 with bitsandbytes' arithmetic (fp32 products, the offset added after rounding, round-to-nearest-even cast), so the
 result is the same bits.

@@ -1,0 +1,140 @@
+"""Peak GPU memory of a recipe, estimated from the model's config alone (no weights): `qlora-kit data`, the auto
+choices of the speed plan (kept layers) and scripts/recipe_memory_table.py read it."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from qlora_kit.model import (
+    DTYPES,
+    gated_silu_mlp,
+    hub_model_errors,
+    liger_kernel_installed,
+    targets_module,
+    upcasts_to_fp32,
+)
+from qlora_kit.recipe import Recipe, SpeedSection
+
+ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
+LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
+CUDA_OVERHEAD_GIB = 1.0
+
+
+NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer")  # estimate parts that are not GPU peak terms
+
+
+def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
+    """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
+    estimate_memory_for_config."""
+    from transformers import AutoConfig
+
+    with hub_model_errors(recipe, folder):
+        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                            trust_remote_code=recipe.model.trust_remote_code)
+    return estimate_memory_for_config(recipe, config, liger)
+
+
+LARGEST_GPU_GIB = 192  # about the memory of the largest single GPU sold today
+
+
+def memory_warning(total_gib: float) -> str | None:
+    """A loud line when the estimate cannot fit: more than every GPU here has, or than any single GPU made."""
+    if torch.cuda.is_available():
+        largest = max(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        limit = largest / 2**30
+        what = f"the largest GPU here ({torch.cuda.get_device_name()}, {limit:.0f} GiB)"
+    else:
+        limit, what = LARGEST_GPU_GIB, f"any single GPU made today (about {LARGEST_GPU_GIB} GiB)"
+    if total_gib <= limit:
+        return None
+    return (f"WARNING: the estimated peak of {total_gib:,.1f} GiB is more than {what}: training would run out of "
+            "memory. Lower training.batch_size, training.max_length or lora.r, or shard the model over several GPUs "
+            "(FSDP)")
+
+
+def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None) -> dict[str, float]:
+    """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
+
+    4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
+    prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA weights +
+    grads in fp32, 8-bit Adam states and (fused LoRA) the weights' compute-dtype copies; activations with checkpointing
+    = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the
+    peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1
+    GiB of CUDA context and allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the
+    layer inputs are host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
+    is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
+    the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
+    `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
+    held.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model.tie_weights()  # from_config on the meta device leaves tied heads untied: counted twice otherwise
+    text = config.get_text_config()
+    linear = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings()
+    quantized = sum(m.weight.numel() for m in linear.values() if m is not head)
+    total = sum(p.numel() for p in model.parameters())
+    targets = recipe.lora.target_modules
+    adapted = [m for n, m in linear.items()
+               if m is not head and (targets == "all-linear" or targets_module(n, targets))]
+    lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
+    t = recipe.training
+    tokens = t.batch_size * t.max_length
+    if liger is None:  # what a GPU run of this recipe on this installation would do
+        liger = liger_kernel_installed()
+    fused_cross_entropy = recipe.speed.liger_kernels and liger
+    compute_dtype = ESTIMATE_DTYPES[recipe.quantization.compute_dtype]
+    bytes_act = compute_dtype.itemsize
+    layer_input = tokens * text.hidden_size * bytes_act
+    mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
+    mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
+    one_layer = (tokens * 10 * text.hidden_size +
+                 mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
+    kept = recipe.speed.keep_activations_layers
+    kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
+    checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
+    offloaded = t.gradient_checkpointing and recipe.speed.offload_checkpoints
+    if not t.gradient_checkpointing:
+        activations = one_layer * text.num_hidden_layers
+    elif offloaded:  # the checkpointed inputs wait in CPU memory; one is back on the GPU for its recompute
+        activations = layer_input + one_layer * (1 + kept)
+    else:
+        activations = checkpointed_inputs + one_layer * (1 + kept)
+    bits = 0.516 if recipe.quantization.load_in_4bit else 1.0 if recipe.quantization.load_in_8bit else bytes_act
+    gib = 2**30
+    parts = {
+        "quantized_weights": quantized * bits / gib,
+        "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
+        "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
+        "activations": activations / gib,
+        # Liger's fused linear cross-entropy never holds the full-vocabulary logits
+        "logits": 0.0 if fused_cross_entropy else tokens * text.vocab_size * LOGIT_BYTES / gib,
+        "cuda_overhead": CUDA_OVERHEAD_GIB,
+    }
+    parts["total"] = sum(parts.values())
+    parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
+    parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
+    return parts
+
+
+def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
+    """Bytes per adapter parameter of the compute-dtype copies the fused LoRA layers keep between optimizer steps."""
+    fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit and not long_context_settings(recipe.speed)
+    return compute_dtype.itemsize if fused and compute_dtype != torch.float32 else 0
+
+
+def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:
+    """speed.fused_mlp would run this model's MLPs (4-bit, fused LoRA, gated SiLU, down_proj adapted)."""
+    speed = recipe.speed
+    if not (speed.fused_lora and speed.fused_mlp and recipe.quantization.load_in_4bit):
+        return False
+    return any(gated_silu_mlp(m) and any(m.down_proj is a for a in adapted) for m in model.modules())
+
+
+def long_context_settings(speed: SpeedSection) -> bool:
+    """Offloaded checkpoints or chunked MLPs: memory is the limit, and the estimate runs low at such row lengths."""
+    return bool(speed.offload_checkpoints or speed.mlp_chunk_tokens)

@@ -1,0 +1,238 @@
+"""The autograd functions of the fused LoRA layers over frozen 4-bit (NF4/FP4) weights, and their math helpers.
+
+peft's path clones every base output, scales and adds the adapter output in separate kernels, and lets autograd save
+and replay all of it; here the adapter lands in the base output through one addmm, and backward needs one big matmul
+(grad input through the re-dequantized weight) plus rank-r ones. Nothing larger than the layer input is saved.
+
+Notation: W the frozen weight [out, in] (dequantized when needed), A [r, in] and B [out, r] the adapter, s its
+scaling, X the layer input, X' = dropout(X) the adapter's input, dY the output gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from qlora_kit.speed.nf4_triton import nf4_dequantize
+
+
+class LoraOver4bit(torch.autograd.Function):
+    """A LoRA layer over a frozen 4-bit weight (peft's Linear4bit in training), forward and backward by hand.
+
+    Y   = X W^T (+ bias) + s (X' A^T) B^T        X' = dropout(X); `x_lora` None: X' = X
+    dX  = dY W (+ s (dY B) A when X' = X)        the one big matmul, through the re-dequantized W
+    dX' = s (dY B) A
+    dA  = s (dY B)^T X'
+    dB  = s dY^T (X' A^T)
+
+    Matmuls run in the layer's compute dtype (as under autocast); A and B may be fp32 master weights, and their
+    gradients come back in their own dtype. Saved for backward: X' and its rank-r projection X' A^T.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_lora, lora_a, lora_b, layer, scaling, cast_once=True):
+        dtype = layer.compute_dtype or x.dtype
+        xc = x.to(dtype)
+        xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
+        bias = None if layer.bias is None else layer.bias.to(dtype)
+        a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
+        out, xa = frozen_matmul_plus_adapter(xc, xl2, a, b, layer, scaling, x.dtype, bias)
+        ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
+        ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(xl2, xa, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xl2, xa, a, b = ctx.saved_tensors
+        layer, s = ctx.layer, ctx.scaling
+        x_dtype, xl_dtype, a_dtype, b_dtype = ctx.dtypes
+        dtype = xa.dtype
+        batch_shape = grad_out.shape[:-1]
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        need_x, need_xl, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_xa = adapter_output_grad(g, b, s)
+        grad_x = grad_xl = grad_a = grad_b = None
+        if need_x:
+            grad_x = torch.mm(g, dequantized_weight(layer, dtype))
+            if ctx.same_input:
+                grad_x.addmm_(grad_xa, a)
+            grad_x = grad_x.view(*batch_shape, -1).to(x_dtype)
+        if not ctx.same_input and need_xl:
+            grad_xl = torch.mm(grad_xa, a).view(*batch_shape, -1).to(xl_dtype)
+        if need_a:
+            grad_a = matmul_into(grad_xa.t(), xl2, a_dtype)
+        if need_b:
+            grad_b = adapter_b_grad(g, xa, s, b_dtype)
+        return grad_x, grad_xl, grad_a, grad_b, None, None, None
+
+
+def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
+    """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
+    and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
+    compiling = torch.compiler.is_compiling()
+    if compiling:  # an opaque op: inductor must not merge it with backward's dequantize
+        import bitsandbytes as bnb
+
+        out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
+    else:  # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
+        out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
+    xa = torch.mm(x_lora2d, a.t())
+    if compiling:
+        # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
+        # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
+        # gradient upstream of it comes out zero (pytorch/pytorch#180642).
+        y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
+        return (y if y.dtype == out_dtype else y.to(out_dtype)), xa
+    # The adapter lands on the base output in place. Writing it first and letting the big matmul accumulate onto it
+    # (beta=1) gained for gate/up in one H100 run of three and lost for k/v (scripts/adapter_add_bench.py).
+    out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
+    return out.to(out_dtype), xa
+
+
+def adapter_output_grad(g: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """d loss / d (x' A^T) from the output gradient `g` (2-D) and B, both in the compute dtype: rank r, small."""
+    return torch.mm(g, b).mul_(scaling)
+
+
+_copies_generation = [0]  # bumped by forget_compute_copies
+
+
+def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype, cast_once: bool = True) -> torch.Tensor:
+    """An fp32 master adapter weight cast to the compute dtype once per change, not in every call.
+
+    Forward, checkpointed recompute and backward each need the bf16 copy: cast per call, that is about 1,600 small
+    cast kernels per 8B step. A copy is reused while the weight's version counter (bumped by in-place updates through
+    torch: optimizers, checkpoint loads) and storage stay the same, and until the trainer's next optimizer step (the
+    speed plan's callback forgets them all then: an optimizer writing through its own kernels may not bump the
+    counter). It costs 2 bytes per adapter parameter, so the long-context settings (memory first) cast in every call
+    instead (`cast_once` false).
+    """
+    if weight.dtype == dtype or not cast_once or torch.compiler.is_compiling():
+        return weight.to(dtype)
+    key = (weight._version, weight.data_ptr(), dtype, _copies_generation[0])
+    cached = getattr(weight, "_qlora_kit_compute_copy", None)
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        weight._qlora_kit_compute_copy = cached
+    return cached[1]
+
+
+def forget_compute_copies() -> None:
+    """Every cached compute-dtype copy is stale from now on (each is replaced at its weight's next use)."""
+    _copies_generation[0] += 1
+
+
+def adapter_b_grad(g: torch.Tensor, xa: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """d loss / d B in `dtype` (B's own) from the output gradient `g` (2-D) and the saved x' A^T."""
+    return matmul_into(g.t(), xa, dtype).mul_(scaling)
+
+
+MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.float32) from bf16/fp16, CUDA
+
+
+def matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`. An fp32 adapter weight's gradient from bf16/fp16 inputs comes out of the GEMM in fp32 on
+    CUDA (torch >= 2.8): one kernel instead of a matmul and a cast, and the result is not rounded to bf16 first."""
+    if (MM_OUT_DTYPE and dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
+            and not torch.compiler.is_compiling()):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(dtype)
+
+
+class SwigluDownOver4bit(torch.autograd.Function):
+    """down_proj(silu(gate) * up) for a LoRA down projection over a 4-bit weight, without saving silu(gate) * up.
+
+    H   = silu(G) * U                            recomputed in backward, not saved
+    Y   = H W^T + s (H A^T) B^T
+    dH  = dY W + s (dY B) A
+    dG  = dH * U * silu'(G)                      silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))
+    dU  = dH * silu(G)
+    dA  = s (dY B)^T H
+    dB  = s dY^T (H A^T)
+
+    H is as wide as G and U, and the plain path keeps all three per layer (the activation saves G and U, the down
+    projection its input). Backward recomputes H from G and U, which the activation's backward reads anyway: one
+    intermediate-sized tensor less per layer that keeps its activations.
+
+    `output_read` false: the caller knows nothing will read the output (a checkpointed layer's recompute, see
+    patches.fused_mlp_forward), so the down projection's matmul is skipped; backward is the same.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True, output_read=True):
+        dtype = layer.compute_dtype or gate.dtype
+        h = silu_mul(gate, up).to(dtype)
+        a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
+        if output_read:
+            out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
+        else:  # only what backward needs; NaN, so that a reader the caller did not foresee fails loudly
+            xa = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
+            out = torch.full((*gate.shape[:-1], layer.out_features), float("nan"), dtype=gate.dtype,
+                             device=gate.device)
+        ctx.layer, ctx.scaling = layer, scaling
+        ctx.dtypes = (lora_a.dtype, lora_b.dtype)
+        ctx.save_for_backward(gate, up, xa, a, b)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up, xa, a, b = ctx.saved_tensors
+        layer, s = ctx.layer, ctx.scaling
+        a_dtype, b_dtype = ctx.dtypes
+        dtype = xa.dtype
+        g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
+        grad_xa = adapter_output_grad(g, b, s)
+        grad_b = adapter_b_grad(g, xa, s, b_dtype)
+        h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
+        grad_a = matmul_into(grad_xa.t(), h2, a_dtype)
+        del h2
+        # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as the
+        # MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).
+        grad_h = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
+        grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up as Liger computes it (silu in fp32, cast to up's dtype, times up): its Triton kernel on a GPU
+    with liger-kernel, the same arithmetic in torch ops elsewhere."""
+    if gate.is_cuda and liger_swiglu() is not None:
+        return liger_swiglu().swiglu_forward(gate.contiguous(), up.contiguous())[2]
+    return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
+
+
+def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
+    """Gradients of silu(gate) * up for gate and up. Liger's kernel writes them over gate and up (saved tensors
+    that nothing reads afterwards); the torch-ops version allocates."""
+    if gate.is_cuda and liger_swiglu() is not None:
+        return liger_swiglu().swiglu_backward(gate.contiguous(), up.contiguous(), grad.contiguous())
+    sig = torch.sigmoid(gate.float())
+    silu = gate.float() * sig
+    grad_up = (grad.float() * silu).to(up.dtype)
+    grad_gate = (grad.float() * (silu * (1 - sig) + sig) * up.float()).to(gate.dtype)
+    return grad_gate, grad_up
+
+
+@functools.cache
+def liger_swiglu():
+    """liger_kernel.ops.swiglu when liger-kernel is installed, else None (imported on first use: Triton is slow to
+    import and absent on CPU-only machines)."""
+    try:
+        from liger_kernel.ops import swiglu
+    except ImportError:
+        return None
+    return swiglu
+
+
+def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen 4-bit weight as a dense [out, in] matrix, made for one matmul and dropped after it: through
+    qlora-kit's Triton kernel where speed.triton_dequantize is on and it applies (the same bits, in one kernel at
+    about 1.6x bitsandbytes' speed), else bitsandbytes'."""
+    import bitsandbytes as bnb
+
+    packed, state = layer.weight.data, layer.weight.quant_state
+    if getattr(layer, "_triton_dequantize", False) and state.dtype == dtype and not torch.compiler.is_compiling():
+        return nf4_dequantize(packed, state)
+    return bnb.functional.dequantize_4bit(packed, state).to(dtype)

@@ -1,0 +1,295 @@
+"""The speed plan: every speed choice of a run, decided once from the recipe, the model config and the machine, logged
+as one block, written to summary.json (`speed_plan`) and applied in one place (`ApplySpeedPlan`).
+
+The pipeline decides it right before it builds the trainer, with the weights loaded: the GPU memory this process can
+still use is measured then, and `speed.keep_activations_layers: auto` spends it. Nothing downstream asks the recipe's
+`speed` section or the machine again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import TrainerCallback
+
+from qlora_kit.memory import estimate_memory_for_config, long_context_settings
+from qlora_kit.model import liger_kernel_installed, under_fsdp
+from qlora_kit.recipe import Recipe, SpeedSection
+from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
+from qlora_kit.speed.lora_autograd import forget_compute_copies
+from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
+from qlora_kit.speed.patches import (
+    chunk_mlps,
+    compile_decoder_layers,
+    keep_activations,
+    use_checkpoint_function,
+    use_fused_lora,
+    use_fused_mlp,
+)
+
+log = logging.getLogger("qlora_kit")
+
+Checkpointing = Literal["none", "non-reentrant", "reentrant", "offloaded"]
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the plan needs to know about where it runs, measured once."""
+
+    gpus: int  # CUDA devices this process sees (0: CPU)
+    usable_gpu_gib: float  # what this process can still allocate on its GPU now (its memory-fraction cap included)
+    capability: tuple[int, int] | None  # the GPU's compute capability
+    processes: int  # WORLD_SIZE: several under DDP / FSDP
+    under_fsdp: bool
+    triton: bool  # qlora-kit's Triton kernel can be built (a GPU and Triton)
+    liger: bool  # liger-kernel is installed
+
+    @classmethod
+    def measure(cls) -> Machine:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        usable, capability = 0.0, None
+        if gpus:
+            device = torch.cuda.current_device()
+            free, total = torch.cuda.mem_get_info(device)
+            fraction = torch.cuda.get_per_process_memory_fraction(device) if hasattr(
+                torch.cuda, "get_per_process_memory_fraction") else 1.0  # torch >= 2.9; no cap before
+            usable = min(total * fraction, free + torch.cuda.memory_reserved(device)) / 2**30
+            capability = torch.cuda.get_device_capability(device)
+        return cls(gpus=gpus, usable_gpu_gib=usable, capability=capability,
+                   processes=int(os.environ.get("WORLD_SIZE", "1")), under_fsdp=under_fsdp(),
+                   triton=gpus > 0 and nf4_dequantize_kernel() is not None, liger=liger_kernel_installed())
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """The run's speed choices (see the `speed` recipe section for what each does)."""
+
+    fused_lora: bool  # LoRA over 4-bit weights through LoraOver4bit
+    fused_mlp: bool  # gated-SiLU MLPs through SwigluDownOver4bit
+    triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
+    cast_adapters_once: bool  # the adapter weights' compute-dtype copies kept between optimizer steps
+    liger_kernels: bool  # trl/transformers' use_liger_kernel
+    compile_layers: bool
+    compile_blocker: str | None  # why the decoder layers are not compiled
+    checkpointing: Checkpointing  # none: gradient checkpointing off; non-reentrant: torch's, as the trainer sets it
+    kept_layers: int  # decoder layers that keep their activations (speed.keep_activations_layers, auto resolved)
+    optimizer: str  # training.optimizer, auto resolved
+    mlp_chunk_tokens: int
+    gc_every_steps: int
+    machine: Machine
+    notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
+
+    def as_dict(self) -> dict:
+        """The plan as summary.json holds it (JSON types: lists, not tuples)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def describe(self) -> str:
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("machine", "notes")}
+        lines = ["speed plan:"] + [f"  {key}: {value}" for key, value in fields.items()]
+        lines.append("  machine: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                               for k, v in dataclasses.asdict(self.machine).items()))
+        return "\n".join(lines + [f"  - {note}" for note in self.notes])
+
+
+def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int) -> SpeedPlan:
+    """Decide every speed choice of this run, log them as one block and return them."""
+    speed, notes = recipe.speed, []
+    fused_lora = speed.fused_lora and not machine.under_fsdp
+    if speed.fused_lora and not fused_lora:
+        notes.append("fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
+    wants_triton = fused_lora and speed.triton_dequantize and machine.gpus > 0
+    if wants_triton and not machine.triton:
+        notes.append("triton_dequantize: Triton is not installed; bitsandbytes' kernels")
+    checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes)
+    every_layer_kept = checkpointing == "none" or kept >= model_config.get_text_config().num_hidden_layers
+    blocker = layer_compile_blocker(speed, machine, every_layer_kept)
+    optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
+    plan = SpeedPlan(
+        fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp,
+        triton_dequantize=wants_triton and machine.triton,
+        cast_adapters_once=not long_context_settings(speed),
+        liger_kernels=liger_kernels_usable(speed, machine, compiled_layers=blocker is None),
+        compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
+        optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
+        machine=machine, notes=tuple(notes))
+    log.info("%s", plan.describe())
+    return plan
+
+
+def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str]
+                                  ) -> tuple[Checkpointing, int]:
+    """How checkpointed layers checkpoint, and how many layers keep their activations instead. One process only:
+    none of reentrant / offloaded / kept layers has been measured under DDP or FSDP, which keep torch's non-reentrant
+    checkpointing of every layer."""
+    speed = recipe.speed
+    if not recipe.training.gradient_checkpointing:
+        return "none", 0
+    if machine.processes > 1:
+        if adjusts_checkpointing(speed):
+            notes.append("reentrant_checkpointing / offload_checkpoints / keep_activations_layers: not applied with "
+                         "several processes")
+        return "non-reentrant", 0
+    mode = "offloaded" if speed.offload_checkpoints else "reentrant" if speed.reentrant_checkpointing else \
+        "non-reentrant"
+    return mode, layers_to_keep(recipe, config, machine, notes)
+
+
+def adjusts_checkpointing(speed: SpeedSection) -> bool:
+    return bool(speed.reentrant_checkpointing or speed.offload_checkpoints or speed.keep_activations_layers)
+
+
+GPU_MEMORY_SPARE = 0.10  # of the usable GPU memory: left free when speed.keep_activations_layers is auto
+
+
+def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str]) -> int:
+    """speed.keep_activations_layers as a number: `auto` becomes how many layers fit on this GPU now.
+
+    The weights are loaded, so the process sees what it can still use (its memory-fraction cap and other
+    processes included). From that, minus 10%, minus the estimated peak with every layer checkpointed, each layer
+    that keeps its activations takes the estimated one-layer activations. Both estimates are above what was
+    measured at seq 2048 (8B, batch 2: 8.3 vs 7.6 GiB, 0.64 vs 0.46 GiB a layer), so auto errs towards fewer.
+    None is kept on CPU, and where the estimate runs low (offloaded checkpoints, chunked MLPs: the long-context
+    settings).
+    """
+    speed = recipe.speed
+    if speed.keep_activations_layers != "auto":
+        return speed.keep_activations_layers
+    if not machine.gpus or long_context_settings(speed):
+        return 0
+    estimate = estimate_memory_for_config(recipe, config, liger=machine.liger)
+    layers = config.get_text_config().num_hidden_layers
+    keep = kept_layers_that_fit(machine.usable_gpu_gib, estimate["total"], estimate["each_kept_layer"], layers)
+    notes.append(f"keep_activations_layers: auto -> {keep} of {layers} layers keep their activations "
+                 f"({machine.usable_gpu_gib:.1f} GiB usable on the GPU, estimated peak {estimate['total']:.1f} GiB "
+                 f"with every layer checkpointed, {estimate['each_kept_layer']:.2f} GiB per kept layer, "
+                 f"{100 * GPU_MEMORY_SPARE:.0f}% spare)")
+    return keep
+
+
+def kept_layers_that_fit(usable_gib: float, checkpointed_peak_gib: float, per_layer_gib: float, layers: int) -> int:
+    headroom = usable_gib * (1 - GPU_MEMORY_SPARE) - checkpointed_peak_gib
+    return max(0, min(layers, int(headroom // per_layer_gib))) if per_layer_gib > 0 else 0
+
+
+def layer_compile_blocker(speed: SpeedSection, machine: Machine, every_layer_kept: bool = False) -> str | None:
+    """Why speed.compile_layers does not apply in this process, or None when it does. `every_layer_kept`: no layer
+    recomputes (no gradient checkpointing, or all layers keep their activations)."""
+    if not speed.compile_layers:
+        return "switched off"
+    if speed.compile_layers == "auto" and every_layer_kept:
+        return "auto: off, no layer is recomputed (compiled layers measured no faster there)"
+    if not machine.gpus:
+        return "off on CPU (no GPU here)"
+    if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:
+        return "off with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens"
+    if machine.processes > 1:
+        return "off with several processes"
+    return None
+
+
+def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers: bool = False) -> bool:
+    """speed.liger_kernels on a GPU with liger-kernel installed (its Triton kernels have no CPU path), unless the
+    decoder layers are compiled: the compiled graph fuses norms, RoPE and SwiGLU itself."""
+    if not speed.liger_kernels or not machine.gpus or compiled_layers:
+        return False
+    if not machine.liger:
+        log.warning("speed.liger_kernels: liger-kernel is not installed; training without its kernels (pip install "
+                    "liger-kernel, or set speed.liger_kernels: false to silence this)")
+        return False
+    return True
+
+
+FUSED_ADAMW_STATE_LIMIT_GIB = 1.0
+
+
+def choose_optimizer(recipe: Recipe, trainable_parameters: int, machine: Machine, notes: list[str]) -> str:
+    """auto: on GPU, torch's fused AdamW while its fp32 states stay under 1 GiB (an 8B model's r=16 adapter: 0.3 GiB;
+    one kernel for all tensors, where bitsandbytes' paged 8-bit AdamW launches several per tensor and cost 23% of
+    an 8B step on an H200), else paged 8-bit AdamW (70B adapters: 1.7 GiB of fp32 states); adamw_torch on CPU."""
+    if recipe.training.optimizer != "auto":
+        return recipe.training.optimizer
+    state_gib = trainable_parameters * 8 / 2**30
+    if not machine.gpus:
+        chosen, why = "adamw_torch", "CPU"
+    elif state_gib <= FUSED_ADAMW_STATE_LIMIT_GIB:
+        chosen, why = "adamw_torch_fused", f"fp32 optimizer states {state_gib:.2f} GiB"
+    else:
+        chosen, why = "paged_adamw_8bit", f"fp32 optimizer states would take {state_gib:.1f} GiB"
+    notes.append(f"training.optimizer: auto -> {chosen} ({why})")
+    return chosen
+
+
+def apply_speed_plan(model, plan: SpeedPlan) -> None:
+    """Apply the plan to a model the trainer has set up (checkpointing switched on); says what it did."""
+    if plan.fused_lora:
+        log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
+            model, cast_adapters_once=plan.cast_adapters_once, triton_dequantize=plan.triton_dequantize))
+        if plan.triton_dequantize:
+            log.info("speed.triton_dequantize: NF4 weights dequantize through qlora-kit's Triton kernel")
+        if plan.fused_mlp:
+            log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
+    if plan.compile_layers:
+        log.info("speed.compile_layers: %d decoder layers compile on their first training step",
+                 compile_decoder_layers(model))
+    if plan.mlp_chunk_tokens:
+        log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens",
+                 chunk_mlps(model, plan.mlp_chunk_tokens), plan.mlp_chunk_tokens)
+    if plan.checkpointing == "offloaded":
+        log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
+                 use_checkpoint_function(model, offloaded_checkpoint))
+    elif plan.checkpointing == "reentrant":
+        log.info("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
+                 use_checkpoint_function(model, reentrant_checkpoint))
+    if plan.kept_layers:
+        still = keep_activations(model, plan.kept_layers)
+        log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
+                 plan.kept_layers, still)
+
+
+class ApplySpeedPlan(TrainerCallback):
+    """Applies the plan when training starts: after whatever the trainer does to the model first. transformers
+    applies Liger's kernels in `train()` (5.17 and 5.24), and Liger's SwiGLU would replace a fused or chunked MLP
+    forward installed any earlier; the trainer also switches checkpointing on there, which the plan then adjusts."""
+
+    def __init__(self, plan: SpeedPlan) -> None:
+        self.plan = plan
+        self.gc_scheduled = False
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        apply_speed_plan(model, self.plan)
+        if self.plan.gc_every_steps:
+            schedule_python_gc()
+            self.gc_scheduled = True
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        forget_compute_copies()  # the adapter weights changed
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.plan.gc_every_steps and state.global_step % self.plan.gc_every_steps == 0:
+            gc.collect(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore_python_gc()
+
+    def restore_python_gc(self) -> None:
+        """Python's own collection schedule again, if training changed it (also run when training ends with an
+        error, which skips on_train_end)."""
+        if self.gc_scheduled:
+            gc.unfreeze()
+            gc.enable()
+            self.gc_scheduled = False
+
+
+def schedule_python_gc() -> None:
+    """speed.gc_every_steps: everything alive now (model, libraries) leaves the collector's view, and automatic
+    collections stop; `ApplySpeedPlan` collects the young generations every N steps instead."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()

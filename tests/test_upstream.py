@@ -1,0 +1,127 @@
+"""The upstream names qlora-kit bends or reads (qlora_kit/speed/patches.py's table) still exist, and the guards around
+them fail loudly, naming the versions qlora-kit was checked against, instead of training through the wrong path."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from qlora_kit.recipe import QloraKitError, load_recipe
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir, recipe_writer, tmp_path_factory):
+    """The tiny Llama in NF4 with LoRA on every linear, as the pipeline builds it."""
+    from qlora_kit.model import build_quantized_model
+
+    recipe = load_recipe(recipe_writer(tmp_path_factory.mktemp("upstream"), "tiny"))
+    return build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+
+
+def test_transformers_trainer_and_training_arguments_keep_what_qlora_kit_replaces(tmp_path):
+    from transformers import PreTrainedModel, Trainer, TrainingArguments
+
+    for name in ("_clip_grad_norm", "floating_point_ops", "train"):
+        assert callable(getattr(Trainer, name)), f"transformers.Trainer.{name}"
+    assert callable(PreTrainedModel.train)
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
+    assert trainer.is_fsdp_enabled is False
+    assert callable(trainer.accelerator.clip_grad_norm_)
+    assert trainer.callback_handler.callbacks
+    assert trainer.args.n_gpu == trainer.args._n_gpu
+
+
+def test_transformers_decoder_layers_checkpoint_through_the_attributes_qlora_kit_sets(peft_model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert GradientCheckpointingLayer.gradient_checkpointing is False  # the class default the bends read
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert len(layers) == 2 and all(m.gradient_checkpointing and callable(m._gradient_checkpointing_func)
+                                    for m in layers)
+
+
+def test_peft_lora_layers_over_4bit_weights_have_what_the_fused_path_reads(peft_model):
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from qlora_kit.speed.patches import PEFT_LAYER_ATTRIBUTES
+
+    assert callable(Linear4bit.forward)
+    layers = [m for m in peft_model.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 14
+    for name in (*PEFT_LAYER_ATTRIBUTES, "get_base_layer"):
+        assert hasattr(layers[0], name), f"peft Linear4bit.{name}"
+    assert isinstance(layers[0].lora_variant, dict)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[peft_model.peft_config["default"].peft_type]
+    assert callable(tuner._remove_adapter_name_from_key)
+
+
+def test_bitsandbytes_4bit_layers_have_what_the_fused_path_and_the_cpu_layout_read(peft_model):
+    import bitsandbytes as bnb
+
+    base = next(m for m in peft_model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert base.support_avx512bf16_for_cpu is False  # set by model.keep_4bit_weights_in_training_layout
+    assert base.compute_dtype is not None
+    state = base.weight.quant_state
+    for name in ("absmax", "code", "blocksize", "nested", "quant_type", "dtype", "shape"):
+        assert hasattr(state, name), f"bitsandbytes QuantState.{name}"
+    assert callable(bnb.functional.dequantize_4bit) and callable(bnb.matmul_4bit)
+
+
+def test_trl_accelerate_and_torch_keep_the_names_qlora_kit_uses():
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+    from trl import SFTConfig, SFTTrainer
+
+    assert SFTTrainer and "use_liger_kernel" in SFTConfig.__dataclass_fields__
+    assert callable(Accelerator.clip_grad_norm_) and DistributedType.NO and DistributedType.MULTI_GPU
+    assert torch._C._current_graph_task_id() == -1  # outside backward
+    assert callable(torch.cuda.get_per_process_memory_fraction)
+    assert callable(torch.compiler.is_compiling)
+
+
+def test_a_peft_layer_without_lora_variant_stops_the_fused_path_instead_of_hiding_dora(make_recipe, tiny_model_dir):
+    """peft keeps DoRA (and other variants) in `lora_variant`; without that attribute a DoRA layer would silently run
+    as plain LoRA. Fused LoRA refuses to start instead."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed.patches import use_fused_lora
+
+    recipe = load_recipe(make_recipe(lora={"use_dora": True}))
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    layer = next(m for m in model.modules() if isinstance(m, Linear4bit))
+    assert "default" in layer.lora_variant  # where peft 0.21 keeps DoRA
+    del layer.lora_variant
+    with pytest.raises(QloraKitError, match=r"peft's Linear4bit has no lora_variant: .*peft 0.21.2"):
+        use_fused_lora(model)
+
+
+def test_a_checkpointing_module_without_transformers_checkpoint_function_is_refused(peft_model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from qlora_kit.speed.checkpointing import reentrant_checkpoint
+    from qlora_kit.speed.patches import use_checkpoint_function
+
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = next(m for m in peft_model.modules() if isinstance(m, GradientCheckpointingLayer))
+    del layer._gradient_checkpointing_func
+    with pytest.raises(QloraKitError, match="without transformers' _gradient_checkpointing_func"):
+        use_checkpoint_function(peft_model, reentrant_checkpoint)
+    peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # restored
+
+
+def test_several_gpus_without_a_launcher_train_on_the_first(tmp_path, caplog):
+    from transformers import TrainingArguments
+
+    from qlora_kit.speed.patches import train_on_one_gpu_without_a_launcher
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    args._n_gpu = 2  # what transformers counts on a machine with two visible GPUs and no launcher
+    with caplog.at_level(logging.WARNING, logger="qlora_kit"):
+        train_on_one_gpu_without_a_launcher(args)
+    assert args.n_gpu == 1
+    assert "2 GPUs visible but no launcher" in caplog.text

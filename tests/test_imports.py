@@ -29,11 +29,11 @@ ORDER = [
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",
+    "qlora_kit.evaluate",  # the card: train -> save -> evaluate -> export; the merge check reads its held-out rows
     "qlora_kit.export",
     "qlora_kit.gguf",
     "qlora_kit.report",
     "qlora_kit.publish",
-    "qlora_kit.evaluate",
     "qlora_kit.chat",
     "qlora_kit.pipeline",
     "qlora_kit.cli",

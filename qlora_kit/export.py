@@ -63,6 +63,7 @@ class MergeCheck:
     quantization: Agreement | None  # full-precision base vs 4-bit base, both + adapter, unmerged fp32
     rounding_budget: Agreement  # the base alone in the merge dtype vs in fp32: what honest rounding costs
     margin: float
+    allowed: dict[str, float]  # merge_rounding limits: margin x budget (fp32: x the summation-order floor)
     passed: bool
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -419,7 +420,8 @@ def judge(references: References, base_in_dtype: torch.Tensor, merged: torch.Ten
         merged_vs_full_precision=agreement(references.full_precision, merged), merge_rounding=rounding,
         quantization=(agreement(references.full_precision, references.trained)
                       if references.trained is not None else None),
-        rounding_budget=budget, margin=margin, passed=not failures, failures=failures)
+        rounding_budget=budget, margin=margin,
+        allowed={"max_abs_logit_diff": allowed_max, "mean_kl": allowed_kl}, passed=not failures, failures=failures)
 
 
 def describe(a: Agreement | None) -> str:

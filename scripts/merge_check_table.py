@@ -71,10 +71,11 @@ def main() -> int:
                     check, result = json.loads((out / "merge_check.json").read_text()), "passed"
                 except export.MergeCheckFailed as exc:
                     check, result = asdict(exc.check), "failed"
-                r, b = check["merge_rounding"], check["rounding_budget"]
-                ratios = "n/a" if r["mean_kl"] is None else (
-                    f"{r['max_abs_logit_diff'] / max(b['max_abs_logit_diff'], 1e-12):.2f} / "
-                    f"{r['mean_kl'] / max(b['mean_kl'], 1e-30):.2f}")
+                r, b, allowed, m = (check["merge_rounding"], check["rounding_budget"], check["allowed"],
+                                    check["margin"])
+                ratios = "n/a" if r["mean_kl"] is None else (  # over the budget (fp32: the floor), before the margin
+                    f"{r['max_abs_logit_diff'] / (allowed['max_abs_logit_diff'] / m):.2f} / "
+                    f"{r['mean_kl'] / (allowed['mean_kl'] / m**2):.2f}")
                 print(f"| {dtype} | {base} | {cell(check['merged_vs_trained'])} | {cell(r)} | {cell(b)} | "
                       f"{cell(check['quantization'])} | {ratios} | {result} |", flush=True)
     return 0

@@ -29,7 +29,7 @@ ORDER = [
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",
-    "qlora_kit.evaluate",  # below export: the merge check scores the held-out rows
+    "qlora_kit.evaluate",  # the card: train -> save -> evaluate -> export; the merge check reads its held-out rows
     "qlora_kit.export",
     "qlora_kit.gguf",
     "qlora_kit.report",

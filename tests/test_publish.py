@@ -159,7 +159,7 @@ def test_push_gguf_uploads_the_gguf_a_modelfile_and_how_to_run_them(finished_run
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)  # the push exports a GGUF into the run; the shared run stays as it was
     with LocalHub(token=TOKEN) as hub:
-        result = push(str(run), "--repo-id", "alice/shout-gguf", "--gguf", hub=hub, home=tmp_path / "home")
+        result = push(str(run), "--repo-id", "alice/shout-gguf", "--gguf", *BASE, hub=hub, home=tmp_path / "home")
 
     assert result.returncode == 0, result.stderr
     files = hub.repos["alice/shout-gguf"].files

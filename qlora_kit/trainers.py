@@ -17,7 +17,13 @@ from transformers import TrainerCallback
 from qlora_kit.data import PreparedData
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
-from qlora_kit.speed import ApplySpeedPlan, SpeedPlan, bend_trainer, train_on_one_gpu_without_a_launcher
+from qlora_kit.speed import (
+    ApplySpeedPlan,
+    SpeedPlan,
+    bend_trainer,
+    modeling_module_restored,
+    train_on_one_gpu_without_a_launcher,
+)
 
 log = logging.getLogger("qlora_kit")
 
@@ -186,7 +192,8 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path, plan: SpeedPlan) -> di
     guard = callback_of(trainer, RunGuard)
     previous = {sig: signal.signal(sig, guard.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
+        with modeling_module_restored(trainer.model):
+            result = trainer.train(resume_from_checkpoint=find_resume_checkpoint(recipe, run_dir))
     except torch.OutOfMemoryError as exc:
         kept = plan.kept_layers
         raise QloraKitError(

@@ -125,3 +125,28 @@ def test_several_gpus_without_a_launcher_train_on_the_first(tmp_path, caplog):
         train_on_one_gpu_without_a_launcher(args)
     assert args.n_gpu == 1
     assert "2 GPUs visible but no launcher" in caplog.text
+
+
+def test_names_swapped_in_the_modeling_module_are_put_back_when_training_ends(tmp_path):
+    """Liger replaces module-level functions such as `modeling_llama.apply_rotary_pos_emb` for the whole process;
+    after training a model built later must run transformers' own code again (a CPU merge check after a GPU run)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from qlora_kit.speed import modeling_module_restored
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=32))
+    original_rope, original_norm = modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm
+
+    def liger_like_rope(*args, **kwargs):
+        raise AssertionError("a Triton kernel on CPU tensors")
+
+    try:
+        with modeling_module_restored(model):
+            modeling_llama.apply_rotary_pos_emb = liger_like_rope  # what Liger does while the trainer sets up
+            modeling_llama.LlamaRMSNorm = type("Swapped", (), {})
+        assert modeling_llama.apply_rotary_pos_emb is original_rope
+        assert modeling_llama.LlamaRMSNorm is original_norm
+    finally:
+        modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm = original_rope, original_norm

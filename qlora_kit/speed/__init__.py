@@ -9,8 +9,8 @@ patches.py        every bend of transformers / trl / peft / bitsandbytes / accel
 
 from __future__ import annotations
 
-from qlora_kit.speed.patches import bend_trainer, train_on_one_gpu_without_a_launcher
+from qlora_kit.speed.patches import bend_trainer, modeling_module_restored, train_on_one_gpu_without_a_launcher
 from qlora_kit.speed.plan import ApplySpeedPlan, Machine, SpeedPlan, decide_speed_plan
 
-__all__ = ["ApplySpeedPlan", "Machine", "SpeedPlan", "bend_trainer", "decide_speed_plan",
+__all__ = ["ApplySpeedPlan", "Machine", "SpeedPlan", "bend_trainer", "decide_speed_plan", "modeling_module_restored",
            "train_on_one_gpu_without_a_launcher"]

@@ -23,6 +23,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | GPUs without launcher | TrainingArguments._n_gpu                                | tf        | none               |
 | CPU 4-bit layout      | bnb.nn.Linear4bit.support_avx512bf16_for_cpu            | bnb       | none               |
 | FSDP adapter keys     | peft tuner._remove_adapter_name_from_key                | peft      | no FSDP            |
+| modeling module names | Liger's process-wide swaps (apply_rotary_pos_emb, ...)  | tf, liger | restored after     |
 
 | bend (rows as above)                       | test comparing it with upstream                                     |
 | ------------------------------------------ | ------------------------------------------------------------------- |
@@ -40,15 +41,18 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | train_on_one_gpu_without_a_launcher        | test_upstream: test_several_gpus_without_a_launcher_...             |
 | model.keep_4bit_weights_in_training_layout | test_pipeline: test_an_eval_forward_on_cpu_leaves_...               |
 | trainers.write_peft_adapter                | test_reliability: test_fsdp_adapter_writer_matches_peft_...         |
+| modeling_module_restored                   | test_upstream: test_names_swapped_in_the_modeling_module_are_...    |
 
 The last two rows live where the model is loaded (model.py) and the adapter saved (trainers.py); the rest are here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -372,3 +376,20 @@ def train_on_one_gpu_without_a_launcher(args) -> None:
                     "--config_file recipes/accelerate/ddp.yaml --num_processes %d train.py RECIPE", args.n_gpu,
                     args.n_gpu)
         args._n_gpu = 1
+
+
+@contextlib.contextmanager
+def modeling_module_restored(model: torch.nn.Module) -> Iterator[None]:
+    """Liger (trl/transformers' `use_liger_kernel`) swaps functions and classes of the model's modeling module, e.g.
+    `modeling_llama.apply_rotary_pos_emb`, for the whole process; we want them only while this model trains: a model
+    built later in the process (the merge check's CPU forward) would run Triton kernels on CPU tensors. Every global
+    name of that module is put back as it was when training ends (liger-kernel 0.8.5, transformers 5.17 / 5.24)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    module = sys.modules[type(base).__module__]
+    before = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)

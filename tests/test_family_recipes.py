@@ -89,13 +89,31 @@ def test_family_recipe_validates_against_its_model_family(recipe, family_models,
 
 
 @pytest.mark.parametrize("recipe", sorted(FAMILIES))
-def test_family_recipe_validates_as_shipped_without_the_model(recipe, capsys, monkeypatch, tmp_path):
+def test_family_recipe_offline_without_the_model_says_how_to_get_it(recipe, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # an empty Hub cache, offline
+
+    code, _, err = validate(capsys, f"recipes/{recipe}")
+
+    assert code == 2
+    assert "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache" in err and "`hf download " in err
+
+
+@pytest.mark.parametrize("recipe", sorted(FAMILIES))
+def test_family_recipe_validates_online_without_the_model_in_the_cache(recipe, capsys, monkeypatch, tmp_path):
+    import huggingface_hub
+
     monkeypatch.chdir(REPO)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))  # an empty Hub cache
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    looked_up = []
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", lambda url, **kwargs: looked_up.append(url))
 
     code, out, err = validate(capsys, f"recipes/{recipe}")
 
     assert code == 0, err
+    assert len(looked_up) == 1 and looked_up[0].endswith("/config.json")  # the Hub has it: training can fetch it
     assert "lora.target_modules: not checked, the model's config is not on this machine" in out
 
 

@@ -314,8 +314,12 @@ def test_smollm2_quickstart_adapter_merged_in_16_bits_passes(smollm2_run: Path, 
 
     check = merge_check(out)
     assert check["passed"] and check["inputs"] == {"check_prompts": 3, "heldout_rows": 4}
-    assert check["merge_rounding"]["top1_agreement"] > 0.97
-    assert check["merged_vs_trained"]["top1_agreement"] > 0.9  # NF4 of the base moves more than the merge does
+    # the merge costs about what rounding the base alone to this dtype costs...
+    assert check["merge_rounding"]["top1_agreement"] >= check["rounding_budget"]["top1_agreement"] - 0.05
+    # ...and what separates it from the trained (NF4) model is the base's quantization, not the merge
+    trained, quantization = check["merged_vs_trained"], check["quantization"]
+    assert abs(trained["top1_agreement"] - quantization["top1_agreement"]) < 0.05
+    assert trained["mean_kl"] < 1.5 * quantization["mean_kl"] + check["rounding_budget"]["mean_kl"]
 
 
 @pytest.mark.slow

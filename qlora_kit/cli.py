@@ -19,7 +19,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from qlora_kit.publish import check_push_settings
 
     recipe = load_recipe(args.recipe, args.overrides)
-    rows = sum(len(load_rows(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
+    rows = sum(len(load_rows(s, recipe.data.system_prompt, method=recipe.method)) for s in recipe.data.datasets)
     check_push_settings(recipe)
     folder = local_config_folder(recipe.model)
     layers = check_target_modules(recipe, folder) if folder else None

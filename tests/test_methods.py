@@ -108,3 +108,95 @@ def test_sft_only_settings_are_refused_for_a_preference_method(training, data, m
     with pytest.raises(RecipeError) as caught:
         load_recipe(make_recipe(**sections))
     assert message in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------ same loss as trl
+
+
+def conversational_rows(method: str) -> list[dict]:
+    """The first pairs as trl's own trainers take them (conversations it renders and tokenizes itself)."""
+    rows = []
+    for pair in shout_pairs()[:8]:
+        prompt = [{"role": "user", "content": pair["prompt"]}]
+        answers = {side: [{"role": "assistant", "content": pair[side]}] for side in ("chosen", "rejected")}
+        if method == "kto":
+            rows += [{"prompt": prompt, "completion": answers["chosen"], "label": True},
+                     {"prompt": prompt, "completion": answers["rejected"], "label": False}]
+        else:
+            rows.append({"prompt": prompt, **answers})
+    return rows
+
+
+def trl_trainer_class(method: str) -> type:
+    import trl
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    return {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer, "orpo": ORPOTrainer, "simpo": CPOTrainer}[method]
+
+
+def loss_and_adapter_gradients(trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in trainer.model.named_parameters()
+                           if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_computes_trl_s_own_loss_and_gradients_with_every_speed_lever_on(method, make_recipe, pairs_file,
+                                                                                    tiny_model_dir, tiny_tokenizer,
+                                                                                    tmp_path):
+    """qlora-kit's trainer (its tokenization, fused LoRA and MLP, kept activations under checkpointing) against trl's
+    unmodified trainer on peft's plain path (trl tokenizing the same conversations), on the same batch."""
+    from datasets import Dataset
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.trainers import build_config, build_trainer, keep_adapter_weights_in_fp32
+
+    sections = method_sections(method, pairs_file, gradient_checkpointing=True, batch_size=4)
+    recipe = load_recipe(make_recipe(**sections, speed={"keep_activations_layers": 1}))
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    ours = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "ours",
+                         torch.float32)
+    torch.manual_seed(0)
+    plain_model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    trl_class = trl_trainer_class(method)
+    plain = trl_class(model=plain_model, args=build_config(recipe, tmp_path / "plain", torch.float32, False),
+                      train_dataset=Dataset.from_list(conversational_rows(method)), processing_class=tiny_tokenizer)
+    keep_adapter_weights_in_fp32(plain.model)  # trl casts a quantized model's adapter to bf16; qlora-kit keeps fp32
+    for trainer in (ours, plain):  # the reference is the base; the policy moves away from it
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in sorted(trainer.model.named_parameters()):
+                if "lora_B.default" in name:
+                    param.normal_(0, 0.05)
+    ours.model.gradient_checkpointing_enable(ours.args.gradient_checkpointing_kwargs)
+    ours.callback_handler.on_train_begin(ours.args, ours.state, ours.control)  # speed levers, kept layer
+    plain.model.gradient_checkpointing_enable(plain.args.gradient_checkpointing_kwargs)
+    layers = ours.model.base_model.model.model.layers
+    assert hasattr(layers[0].mlp.down_proj, "_peft_forward") and hasattr(layers[0].mlp, "_unfused_mlp_forward")
+
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    if method in ("dpo", "kto"):  # the tokens trl's own tokenization makes of the same conversations
+        # (trl.experimental's ORPO and CPO append an EOS after the template's end-of-turn marker; qlora-kit does not)
+        plain_batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
+        assert torch.equal(batch["input_ids"], plain_batch["input_ids"])
+
+    policy_passes: list[bool] = []  # whether the last layer checkpointed, in each forward that builds a graph
+    hook = layers[-1].register_forward_pre_hook(
+        lambda module, args: policy_passes.append(module.gradient_checkpointing) if torch.is_grad_enabled() else None)
+    ours_loss, ours_grads = loss_and_adapter_gradients(ours, batch)
+    ours_loss_again, _ = loss_and_adapter_gradients(ours, batch)  # after trl's reference pass reset checkpointing
+    hook.remove()
+    plain_loss, plain_grads = loss_and_adapter_gradients(plain, batch)
+
+    assert policy_passes == [False, False]  # the last layer kept its activations in both policy forwards
+    assert ours_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5, abs=1e-6)
+    assert ours_loss_again.item() == pytest.approx(ours_loss.item(), rel=1e-6)
+    assert ours_grads.keys() == plain_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -165,9 +165,10 @@ def test_each_method_computes_trl_s_own_loss_and_gradients_with_every_speed_leve
     torch.manual_seed(0)
     plain_model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
     trl_class = trl_trainer_class(method)
+    before_trl = {name: p.detach().clone() for name, p in plain_model.named_parameters() if p.requires_grad}
     plain = trl_class(model=plain_model, args=build_config(recipe, tmp_path / "plain", torch.float32, False),
                       train_dataset=Dataset.from_list(conversational_rows(method)), processing_class=tiny_tokenizer)
-    keep_adapter_weights_in_fp32(plain.model)  # trl casts a quantized model's adapter to bf16; qlora-kit keeps fp32
+    keep_adapter_weights_in_fp32(plain.model, before_trl)  # trl casts a quantized model's adapter to bf16
     for trainer in (ours, plain):  # the reference is the base; the policy moves away from it
         torch.manual_seed(1)
         with torch.no_grad():
@@ -305,3 +306,37 @@ def test_the_dry_run_counts_pairs_shows_their_lengths_and_marks_the_scored_token
     assert "chosen p50" in text and "rejected p50" in text
     assert "example 0, prompt + chosen (scored tokens inside ⟦ ⟧):" in text
     assert "⟦APPLE RIVER<|im_end|>\n⟧" in text  # the answer and its end of turn, never the prompt
+
+
+# ------------------------------------------------------------------------------------------- model.adapter
+
+
+def test_dpo_continues_an_sft_run_s_adapter_with_that_adapter_as_its_reference(make_recipe, pairs_file,
+                                                                              finished_run):
+    from safetensors.torch import load_file
+
+    sections = method_sections("dpo", pairs_file, max_steps=1, logging_steps=1)
+    recipe = load_recipe(make_recipe(**sections, model={"adapter": str(finished_run)}))
+    run_training(recipe)
+    [first] = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    # the first step scores the policy before any update: identical to its reference, so DPO's loss is log 2
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    start = load_file(finished_run / "adapter" / "adapter_model.safetensors")
+    trained = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
+    assert start.keys() == trained.keys()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+@pytest.mark.parametrize(("lora", "adapter", "message"), [
+    ({"r": 16}, None, "lora.r: the starting adapter {adapter}/adapter has r=8, the recipe says 16; set lora.r: 8"),
+    ({"target_modules": ["q_proj"]}, None, "lora.target_modules: the starting adapter"),
+    ({}, "no-such-run", "model.adapter: no-such-run is not a folder here"),
+])
+def test_a_starting_adapter_that_is_missing_or_differs_from_the_lora_section_fails_before_weights_load(
+        lora, adapter, message, make_recipe, pairs_file, finished_run):
+    sections = method_sections("dpo", pairs_file)
+    where = adapter or str(finished_run)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(make_recipe(**sections, model={"adapter": where}, lora=lora))
+    assert message.format(adapter=finished_run) in str(caught.value)

@@ -600,6 +600,8 @@ def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path
     adapter = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part, rank 0 gets them
     if not trainer.is_world_process_zero():
         return target
+    if "ref" in trainer.model.peft_config:  # trl's frozen reference copy (dpo, kto) is not trained
+        trainer.model.delete_adapter("ref")
     with atomic_folder(target) as partial:
         if fsdp:
             write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)

@@ -322,6 +322,7 @@ def test_dpo_continues_an_sft_run_s_adapter_with_that_adapter_as_its_reference(m
                if '"loss"' in line]
     # the first step scores the policy before any update: identical to its reference, so DPO's loss is log 2
     assert first["loss"] == pytest.approx(0.693147, abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert not (recipe.run_dir / "adapter" / "ref").exists()  # trl's reference copy is not part of the adapter
     start = load_file(finished_run / "adapter" / "adapter_model.safetensors")
     trained = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
     assert start.keys() == trained.keys()

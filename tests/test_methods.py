@@ -341,3 +341,65 @@ def test_a_starting_adapter_that_is_missing_or_differs_from_the_lora_section_fai
     with pytest.raises(RecipeError) as caught:
         load_recipe(make_recipe(**sections, model={"adapter": where}, lora=lora))
     assert message.format(adapter=finished_run) in str(caught.value)
+
+
+def test_the_memory_estimate_counts_chosen_and_rejected_rows_for_pair_methods(make_recipe, pairs_file,
+                                                                              tiny_model_dir):
+    from transformers import AutoConfig
+
+    from qlora_kit.model import estimate_memory_for_config
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    sft = estimate_memory_for_config(load_recipe(make_recipe(training={"batch_size": 4})), config, liger=False)
+    dpo = load_recipe(make_recipe(**method_sections("dpo", pairs_file, batch_size=2)))
+    assert estimate_memory_for_config(dpo, config, liger=False)["total"] == pytest.approx(sft["total"])
+
+
+def test_the_report_draws_the_reward_curves_of_a_preference_run(tmp_path):
+    from qlora_kit.report import plot_metrics
+
+    records = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
+                "rewards/margins": 0.2 * s, "rewards/accuracies": 0.5 + 0.1 * s} for s in range(1, 5)]
+    written = {path.name for path in plot_metrics(records, tmp_path)}
+    assert {"loss.png", "rewards.png", "reward_accuracy.png"} <= written
+
+
+def test_qlora_kit_eval_scores_a_preference_run_on_prompt_plus_chosen():
+    from qlora_kit.data import reference_rows
+
+    prompt = [{"role": "user", "content": "Shout cat."}]
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "CAT"}],
+            "rejected": [{"role": "assistant", "content": "cat"}]}
+    bad = {"prompt": prompt, "completion": [{"role": "assistant", "content": "cat"}], "label": False}
+    assert reference_rows([pair, bad]) == [{"messages": prompt + [{"role": "assistant", "content": "CAT"}]}]
+
+
+def test_a_dpo_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recipe, pairs_file):
+    import signal
+
+    from test_reliability import start_training, wait_for
+
+    from qlora_kit.cli import main
+    from qlora_kit.rundir import COMPLETE_MARKER
+
+    sections = method_sections("dpo", pairs_file, max_steps=12, save_steps=2, logging_steps=1,
+                               save_total_limit=None)
+    sections["quantization"] = {"load_in_4bit": False}
+    reference = load_recipe(make_recipe("dpo-reference", **sections))
+    run_training(reference)
+    expected = losses_by_step(reference.run_dir)
+
+    path = make_recipe("dpo-killed", **sections)
+    checkpoints = load_recipe(path).run_dir / "checkpoints"
+    process = start_training(path)
+    wait_for(lambda: (checkpoints / "checkpoint-2" / COMPLETE_MARKER).exists(), process, timeout=900)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
+    assert killed_at < 12, "the kill must land before the run finished"
+
+    assert main(["train", str(path), "training.resume=auto"]) == 0
+    resumed = losses_by_step(load_recipe(path).run_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)

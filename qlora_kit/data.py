@@ -730,7 +730,8 @@ def log_stats(stats: dict) -> None:
         s = stats.get(split)
         if not s:
             continue
-        log.info("%s: %d rows, %d tokens (%d trained), longest %d", split, s["rows"], s["tokens"],
+        kind = "pairs" if "chosen_lengths" in s else "rows"
+        log.info("%s: %d %s, %d tokens (%d trained), longest %d", split, s["rows"], kind, s["tokens"],
                  s["trained_tokens"], s["lengths"][-1])
         if s["truncated"] or s["dropped_too_long"] or s["dropped_no_trained_tokens"]:
             log.warning("%s: training.max_length: %d rows truncated, %d dropped as too long, %d dropped with no "

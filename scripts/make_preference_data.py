@@ -12,7 +12,27 @@ import json
 import random
 from pathlib import Path
 
-from make_quickstart_data import CITIES, FIRST, INSTRUCTION, JOBS, LAST, TEMPLATES
+# The quickstart's sentence parts (scripts/make_quickstart_data.py), repeated here: scripts import no other script.
+FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Lucas", "Mei", "Noah",
+         "Sofia", "Ivan", "Amara", "Ben", "Chloe", "Diego", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas",
+         "Kira", "Liam", "Nadia", "Oscar", "Paula", "Ravi", "Sara", "Theo", "Uma", "Victor", "Wen", "Yara", "Zoe"]
+LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Becker", "Silva", "Patel", "Brown", "Khan", "Martin", "Chen",
+        "Wilson", "Rossi", "Petrov", "Okafor", "Clark", "Dubois", "Garcia", "Novak", "Rahimi", "Kim", "Moreau",
+        "Costa", "Berg", "Sato", "Murphy", "Ali", "Nilsson", "Fischer", "Rao", "Cohen", "Weber", "Singh"]
+CITIES = ["Madrid", "Boston", "Osaka", "Cairo", "Berlin", "Lisbon", "Mumbai", "Leeds", "Lahore", "Lyon",
+          "Taipei", "Denver", "Rome", "Kazan", "Lagos", "Dublin", "Quebec", "Seville", "Prague", "Tehran",
+          "Seoul", "Nantes", "Porto", "Oslo", "Kyoto", "Cork", "Dubai", "Malmo", "Munich", "Pune", "Haifa"]
+JOBS = ["nurse", "teacher", "pilot", "chef", "engineer", "lawyer", "farmer", "painter", "dentist", "baker",
+        "plumber", "writer", "architect", "pharmacist", "carpenter", "librarian", "designer", "mechanic"]
+TEMPLATES = [
+    "{name}, {age}, works as a {job} in {city}.",
+    "{name} is a {age}-year-old {job} living in {city}.",
+    "Meet {name}: a {job} from {city}, aged {age}.",
+    "In {city}, {name} ({age}) earns a living as a {job}.",
+    "{name} lives in {city}, is {age} years old and works as a {job}.",
+    "At {age}, {name} is a {job} based in {city}.",
+]
+INSTRUCTION = "Extract name, age, city and job from the text as one line of JSON.\nText: "
 
 WRONG_KEYS = {"name": "full_name", "age": "years", "city": "location", "job": "occupation"}
 

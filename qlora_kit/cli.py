@@ -27,7 +27,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from qlora_kit.recipe import check_hub_model_reachable
 
     recipe = load_recipe(args.recipe, args.overrides)
-    rows = sum(len(load_rows(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
+    rows = sum(len(load_rows(s, recipe.data.system_prompt, method=recipe.method)) for s in recipe.data.datasets)
     check_push_settings(recipe)
     check_hub_model_reachable(recipe)
     folder = local_config_folder(recipe.model)

@@ -26,7 +26,12 @@ log = logging.getLogger("qlora_kit")
 
 # (file name, title, metrics.jsonl keys drawn as lines, y label)
 PLOTS = [
-    ("loss.png", "Loss", ("loss", "eval_loss"), "cross-entropy per trained token"),
+    ("loss.png", "Loss", ("loss", "eval_loss"), "loss (sft: cross-entropy per trained token)"),
+    ("rewards.png", "Rewards (preference methods)", ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                                     "eval_rewards/margins"), "implicit reward"),
+    ("reward_accuracy.png", "Reward accuracy (preference methods)", ("rewards/accuracies",
+                                                                     "eval_rewards/accuracies"),
+     "share of pairs: chosen reward > rejected"),
     ("learning_rate.png", "Learning rate", ("learning_rate",), "learning rate"),
     ("grad_norm.png", "Gradient norm", ("grad_norm",), "global L2 norm before clipping"),
 ]
@@ -140,7 +145,10 @@ def data_summary(stats: dict[str, Any]) -> dict[str, Any]:
             compact[split] = values
             continue
         lengths = values.get("lengths") or []
-        compact[split] = {k: v for k, v in values.items() if k != "lengths"}
+        compact[split] = {k: v for k, v in values.items() if not k.endswith("lengths")}
+        for key, part in values.items():  # preference rows: prompt / chosen / rejected / completion lengths
+            if key.endswith("_lengths") and part:
+                compact[split][key.removesuffix("s")] = {"median": statistics.median(part), "max": max(part)}
         if lengths:
             ordered = sorted(lengths)
             compact[split]["length"] = {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
@@ -218,6 +226,18 @@ def generation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]
             [[before["metric"], str(before["rows"]), f"{before['score']:.1%}", f"{after['score']:.1%}"]])
 
 
+def preference_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    scores = summary.get("preference")
+    if not scores:
+        return None
+    before, after = scores["before"], scores["after"]
+    return (["held-out pairs", "before training", "after training"],
+            [["preference accuracy (log p chosen > log p rejected)", f"{before['accuracy']:.1%}",
+              f"{after['accuracy']:.1%}"],
+             ["mean log-probability margin, chosen - rejected (nats)", f"{before['margin']:.3g}",
+              f"{after['margin']:.3g}"]])
+
+
 def eval_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
     """`qlora-kit eval`'s eval.json as a table: one row per metric, base | adapter | change."""
     if not report:
@@ -279,6 +299,8 @@ def report_blocks(run_dir: Path, plots: list[Path]) -> list[Block]:
     if summary.get("data"):
         blocks += [("h2", "Data"), ("table", *data_table(summary["data"]))]
     tables = [("Generation on the held-out split (during training)", generation_table(summary)),
+              (f"Preferences on the {summary.get('preference', {}).get('pairs')} held-out pairs",
+               preference_table(summary)),
               ("Evaluation (`qlora-kit eval`: base vs adapter)", eval_table(evaluation))]
     if any(table for _, table in tables):
         blocks.append(("h2", "Evaluation"))

@@ -3,6 +3,7 @@ save -> evaluate -> export. Every phase is one call into the module that owns it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -13,7 +14,7 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from qlora_kit.data import build_datasets
-from qlora_kit.evaluate import evaluate_generation, format_comparison
+from qlora_kit.evaluate import GenerationScore, evaluate_generation, evaluate_rewards, format_comparison
 from qlora_kit.export import merge_adapter
 from qlora_kit.model import (
     base_model_folder,
@@ -26,6 +27,7 @@ from qlora_kit.model import (
 from qlora_kit.publish import check_push_settings, push_run
 from qlora_kit.recipe import Recipe
 from qlora_kit.report import data_summary, write_report
+from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import prepare_run_dir, write_atomically
 from qlora_kit.trainers import build_trainer, save_adapter, train_adapter
 
@@ -59,20 +61,31 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict
     model = build_quantized_model(recipe, folder, compute_dtype)
     stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
 
+    rewards = build_rewards(recipe) if recipe.method == "grpo" else None
+    if rewards:
+        model.generation_config.eos_token_id = stop_ids  # GRPO's completions end at the template's end of turn
+
+    def score(model) -> GenerationScore:
+        if rewards:
+            return evaluate_rewards(model, tokenizer, data.eval_prompts, rewards, recipe.evaluation,
+                                    recipe.grpo.max_completion_length, stop_ids)
+        return evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+
     score_generation = recipe.evaluation.metric != "none" and state.is_main_process
     if score_generation:
-        with model.disable_adapter():
-            before = evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
-        log.info("before training: %s = %.1f%%", before.metric, 100 * before.score)
+        # GRPO starts from the model as it is (a fresh adapter is the base; a loaded one is the policy to improve)
+        with contextlib.nullcontext() if rewards else model.disable_adapter():
+            before = score(model)
+        log.info("before training: %s = %.4g", before.metric, before.score)
 
-    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
+    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype, rewards)
     summary = train_adapter(trainer, recipe, run_dir)
     summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
     summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
 
     if score_generation:
-        after = evaluate_generation(trainer.model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+        after = score(trainer.model)
         summary["generation"] = {"before": asdict(before), "after": asdict(after)}
         print(format_comparison(before, after), flush=True)
     state.wait_for_everyone()

@@ -171,8 +171,9 @@ class TrainingSection:
 class EvaluationSection:
     """Generation metric on the held-out split, run before and after training."""
 
-    metric: Literal["exact_match", "contains", "json_equal", "none"] = option(
-        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON)")
+    metric: Literal["exact_match", "contains", "json_equal", "reward", "none"] = option(
+        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON); "
+        "reward (GRPO): the mean summed reward of greedy completions")
     max_samples: int = option(64, help="held-out rows to generate for", min=1)
     max_new_tokens: int = option(64, help="generation budget per row", min=1)
     batch_size: int = option(16, help="rows generated at once", min=1)
@@ -254,10 +255,56 @@ class SpeedSection:
 
 
 @dataclass
+class RewardSpec:
+    """One GRPO reward: a built-in (`name`) or your own function (`function`), with its weight."""
+
+    name: str | None = option(
+        None, help="built-in reward: json_valid, json_equal, exact_match, regex or length (docs/methods.md)")
+    function: str | None = option(
+        None, help="your reward as module:function or path/to/file.py:function (relative to the recipe file), "
+        "called as f(prompts, completions, **columns) -> one number per completion")
+    weight: float = option(1.0, help="weight of this reward in the summed reward GRPO maximises")
+    column: str | None = option(None, help="json_equal, exact_match: the dataset column holding the reference")
+    pattern: str | None = option(None, help="regex: 1 where this pattern is found in the completion (re.search)")
+    keys: list[str] | None = option(None, help="json_valid: the keys the JSON object must have (partial credit)")
+    target: int | None = option(None, help="length: no penalty up to this many chars/tokens (default 0)", min=0)
+    max: int | None = option(None, help="length: penalty -1 at and beyond this many chars/tokens", min=1)
+    unit: Literal["chars", "tokens"] | None = option(None, help="length: count characters (default) or tokens")
+
+
+@dataclass
+class GrpoSection:
+    """GRPO (method: grpo): sample `num_generations` completions per prompt, score them with the rewards, and move
+    the policy towards the better ones (trl's GRPOTrainer; generation through transformers' generate)."""
+
+    rewards: list[RewardSpec] = option(default_factory=list, help="the rewards, summed with their weights")
+    num_generations: int = option(8, help="completions sampled per prompt (the group their rewards are compared "
+                                          "within); training.batch_size x gradient_accumulation_steps must be a "
+                                          "multiple", min=2)
+    max_prompt_length: int | None = option(
+        512, help="prompts longer than this many tokens (chat template applied) are dropped and counted; null: "
+        "keep all", min=1)
+    max_completion_length: int = option(256, help="tokens generated per completion at most", min=1)
+    temperature: float = option(1.0, help="sampling temperature of the completions", min=0, min_exclusive=True)
+    top_p: float = option(1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass",
+                          min=0, max=1, min_exclusive=True)
+    beta: float = option(0.0, help="KL penalty towards the starting model (0: none, and no reference pass)", min=0)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = option(
+        "dapo", help="trl's loss formulation: how token losses are normalised (dapo: by the tokens in the step)")
+    epsilon: float = option(0.2, help="clipping range of the policy ratio (lower side; upper too unless "
+                                      "epsilon_high is set)", min=0, min_exclusive=True)
+    epsilon_high: float | None = option(None, help="upper clipping range (DAPO suggests 0.28)", min=0,
+                                        min_exclusive=True)
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", help="divide advantages by the reward spread of the prompt's group, of the batch, or not at all")
+
+
+@dataclass
 class Recipe:
     """A whole recipe; `source` is the file it came from (for messages)."""
 
     model: ModelSection
+    method: Literal["sft", "grpo"] = option("sft", help="training method: sft (supervised), grpo (rewards)")
     quantization: QuantizationSection = option(default_factory=QuantizationSection, help="")
     lora: LoraSection = option(default_factory=LoraSection, help="")
     data: DataSection = option(default_factory=DataSection, help="")
@@ -265,6 +312,7 @@ class Recipe:
     evaluation: EvaluationSection = option(default_factory=EvaluationSection, help="")
     export: ExportSection = option(default_factory=ExportSection, help="")
     speed: SpeedSection = option(default_factory=SpeedSection, help="")
+    grpo: GrpoSection = option(default_factory=GrpoSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
 
     @property
@@ -503,6 +551,45 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
     check_sft_args(recipe)
     check_report_to(recipe)
+    check_method_settings(recipe)
+
+
+# Settings that only SFT reads, with their defaults: set under another method they would silently do nothing.
+SFT_ONLY = {"training.packing": False, "training.padding_free": False, "training.sft_args": {},
+            "data.loss_on": "completion", "data.overlong": "truncate"}
+SFT_METRICS = ("exact_match", "contains", "json_equal")
+
+
+def check_method_settings(recipe: Recipe) -> None:
+    """A method's own section, and the keys only one method reads, are errors under another method."""
+    src, method = recipe.source, recipe.method
+    if method != "grpo" and recipe.grpo != GrpoSection():
+        raise RecipeError(f"{src}: grpo: settings of method grpo, but the recipe trains with method: {method}; set "
+                          "`method: grpo` or remove the grpo section")
+    if method == "grpo":
+        for key, default in SFT_ONLY.items():
+            section, name = key.split(".")
+            if getattr(getattr(recipe, section), name) != default:
+                raise RecipeError(f"{src}: {key}: a setting of method sft; GRPO does not read it (remove it)")
+        if recipe.evaluation.metric in SFT_METRICS:
+            raise RecipeError(f"{src}: evaluation.metric: {recipe.evaluation.metric} compares with a reference "
+                              "assistant turn (method sft); GRPO rows have none: use `metric: reward`")
+        if recipe.training.eval_steps is not None:
+            raise RecipeError(f"{src}: training.eval_steps: GRPO scores held-out prompts before and after training "
+                              "(evaluation.metric: reward), not during it; remove training.eval_steps")
+        t, g = recipe.training, recipe.grpo
+        per_step = t.batch_size * t.gradient_accumulation_steps
+        if per_step % g.num_generations:
+            raise RecipeError(
+                f"{src}: grpo.num_generations: training.batch_size x gradient_accumulation_steps = {per_step} "
+                f"completions per optimizer step must be a multiple of num_generations ({g.num_generations}): every "
+                f"prompt's completions are scored as one group. E.g. set training.batch_size: {g.num_generations}")
+        from qlora_kit.rewards import build_rewards  # deferred: rewards.py imports this module
+
+        build_rewards(recipe)  # unknown built-ins, missing modules and functions fail here, before weights load
+    elif recipe.evaluation.metric == "reward":
+        raise RecipeError(f"{src}: evaluation.metric: reward scores GRPO's rewards (method: grpo); for SFT use "
+                          "exact_match, contains or json_equal")
 
 
 PIP_NAMES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}

@@ -461,16 +461,21 @@ class CheckpointSettings(TrainerCallback):
         self.speed = speed
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.apply(model, report=True)
+
+    def apply(self, model, report: bool = False) -> None:
+        """Adjust the checkpointing the model has now (also again after a trainer re-enabled it: GRPO's generation)."""
+        say = log.info if report else log.debug
         if self.speed.offload_checkpoints:
-            log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
-                     use_checkpoint_function(model, offloaded_checkpoint))
+            say("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
+                use_checkpoint_function(model, offloaded_checkpoint))
         elif self.speed.reentrant_checkpointing:
-            log.info("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
-                     use_checkpoint_function(model, reentrant_checkpoint))
+            say("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
+                use_checkpoint_function(model, reentrant_checkpoint))
         if self.speed.keep_activations_layers:
             still = keep_activations(model, self.speed.keep_activations_layers)
-            log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
-                     self.speed.keep_activations_layers, still)
+            say("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
+                self.speed.keep_activations_layers, still)
 
 
 def checkpoint_callback(recipe: Recipe, config) -> CheckpointSettings | None:

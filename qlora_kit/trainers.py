@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
+from qlora_kit.rewards import RewardFunction
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete
 from qlora_kit.speed import (
     CheckpointSettings,
@@ -192,6 +193,84 @@ def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, 
         raise RecipeError(f"{recipe.source}: training: {exc}") from None
 
 
+def build_grpo_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, rewards: list[RewardFunction],
+                      trainable_parameters: int = 0):
+    """trl's GRPOConfig: the training keys as for SFT, the `grpo` section, one reward weight per reward.
+
+    trl generates all completions of an optimizer step (batch_size x gradient_accumulation_steps, every prompt's
+    num_generations together) in one `generate` call with the KV cache (its defaults: steps_per_generation =
+    gradient_accumulation_steps, generation_batch_size = the step's completions), so no generation setting is exposed.
+    """
+    from trl import GRPOConfig
+
+    t, g = recipe.training, recipe.grpo
+    try:
+        return GRPOConfig(
+            output_dir=str(run_dir / "checkpoints"),
+            run_name=run_dir.name,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            num_train_epochs=t.epochs,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler_type=t.lr_scheduler,
+            warmup_steps=t.warmup,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=choose_optimizer(recipe, trainable_parameters),
+            gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            seed=t.seed,
+            logging_steps=t.logging_steps,
+            eval_strategy="no",
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            report_to=t.report_to or "none",
+            bf16=compute_dtype is torch.bfloat16,
+            fp16=compute_dtype is torch.float16,
+            logging_nan_inf_filter=False,
+            num_generations=g.num_generations,
+            max_completion_length=g.max_completion_length,
+            temperature=g.temperature,
+            top_p=g.top_p,
+            beta=g.beta,
+            loss_type=g.loss_type,
+            epsilon=g.epsilon,
+            epsilon_high=g.epsilon_high,
+            scale_rewards=g.scale_rewards,
+            reward_weights=[reward.weight for reward in rewards],
+        )
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(f"{recipe.source}: grpo: {exc}") from None
+
+
+def grpo_trainer_class():
+    """trl's GRPOTrainer with qlora-kit's checkpointing settings kept through generation (deferred: trl is heavy)."""
+    from trl import GRPOTrainer
+
+    class QloraKitGRPOTrainer(GRPOTrainer):
+        # trl 1.16 switches gradient checkpointing off for generate and the scoring pass, then on again with
+        # transformers' defaults (every layer, non-reentrant), dropping speed.keep_activations_layers / reentrant /
+        # offload. trl offers no hook there; this re-applies them after its `_generate_and_score_completions`.
+        def _generate_and_score_completions(self, inputs):
+            settings = callback_of(self, CheckpointSettings)
+            before = checkpointing_state(self.model) if settings else None
+            try:
+                return super()._generate_and_score_completions(inputs)
+            finally:
+                if settings and checkpointing_state(self.model) != before:
+                    settings.apply(self.model)
+
+    return QloraKitGRPOTrainer
+
+
+def checkpointing_state(model) -> list[tuple]:
+    """Each checkpointable module's switch and checkpoint function: what a trainer's re-enable resets."""
+    return [(m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in model.modules()
+            if hasattr(m, "gradient_checkpointing")]
+
+
 def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
     """speed.liger_kernels on a GPU with liger-kernel installed (its Triton kernels have no CPU path), unless the
     decoder layers are compiled: the compiled graph fuses norms, RoPE and SwiGLU itself."""
@@ -204,20 +283,33 @@ def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
     return True
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
+def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype,
+                  rewards: list[RewardFunction] | None = None):
+    """trl's trainer for the recipe's method (SFTTrainer, or GRPOTrainer with `rewards`), with qlora-kit's callbacks
+    and speed-ups."""
     from trl import SFTTrainer
 
     swap = checkpoint_callback(recipe, model.config)
     every_layer_kept = every_layer_keeps_activations(recipe, swap, model.config)
-    args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
-                            trainable_parameters=model.get_nb_trainable_parameters()[0],
-                            compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
-    train_on_one_gpu_without_a_launcher(args)
+    trainable_parameters = model.get_nb_trainable_parameters()[0]
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), Speedups(recipe.speed, every_layer_kept)]
     if swap:
         callbacks.append(swap)  # checkpointing is switched on when training starts
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, callbacks=callbacks)
+    if recipe.method == "grpo":
+        if recipe.speed.liger_kernels and torch.cuda.is_available():
+            log.info("speed.liger_kernels: not applied to GRPO (trl's Liger GRPO loss is not yet checked against its "
+                     "plain loss here)")
+        args = build_grpo_config(recipe, run_dir, compute_dtype, rewards or [], trainable_parameters)
+        train_on_one_gpu_without_a_launcher(args)
+        trainer = grpo_trainer_class()(model=model, reward_funcs=list(rewards or []), args=args,
+                                       train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
+    else:
+        args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
+                                trainable_parameters=trainable_parameters,
+                                compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
+        train_on_one_gpu_without_a_launcher(args)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                             processing_class=tokenizer, callbacks=callbacks)
     count_parameters_for_flops_once(trainer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     clip_only_trainable_gradients(trainer, trainable)

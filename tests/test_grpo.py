@@ -1,0 +1,246 @@
+"""method: grpo: rewards named in the recipe, checked before weights load and while training; trl's GRPOTrainer on
+the tiny NF4 model, resumable, with the speed levers computing trl's own loss and gradients."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from conftest import shout_conversations, write_jsonl
+
+from qlora_kit.data import DataError, build_datasets
+from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
+from qlora_kit.rewards import ROW_COLUMN, build_rewards
+
+
+@pytest.fixture(scope="session")
+def shout_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shout task as GRPO rows: a string prompt or a turn list, and the reference answer in `answer`."""
+    rows = []
+    for i, (user, assistant) in enumerate(shout_conversations()):
+        prompt = user["content"] if i % 2 else [user]
+        rows.append({"prompt": prompt, "answer": assistant["content"]})
+    return write_jsonl(tmp_path_factory.mktemp("grpo") / "shout_prompts.jsonl", rows)
+
+
+# length varies between completions (a learning signal from step one); exact_match reads the `answer` column
+REWARDS = [{"name": "length", "target": 4, "max": 40, "weight": 1.0},
+           {"name": "exact_match", "column": "answer", "weight": 2.0}]
+
+
+@pytest.fixture
+def grpo_recipe(make_recipe, shout_prompts):
+    """`grpo_recipe(name, **sections)`: the tiny model on the shout prompts, method grpo, 2 prompts x 4 completions
+    of up to 12 tokens per step."""
+
+    def write(name: str = "grpo", **sections):
+        grpo = {"rewards": REWARDS, "num_generations": 4, "max_completion_length": 12, **sections.pop("grpo", {})}
+        data = {"datasets": [{"path": str(shout_prompts)}], "cache": False, **sections.pop("data", {})}
+        training = {"batch_size": 8, "max_steps": 2, "learning_rate": 1e-2, **sections.pop("training", {})}
+        return make_recipe(name, method="grpo", grpo=grpo, data=data, training=training,
+                           export={"merge": False, "report": False, **sections.pop("export", {})}, **sections)
+
+    return write
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------- recipe checks
+
+
+def test_an_unknown_builtin_reward_suggests_the_closest_name(grpo_recipe):
+    with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].name: unknown built-in reward 'json_vaild' \(did you "
+                                          r"mean 'json_valid'\?\)"):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_vaild"}]}))
+
+
+@pytest.mark.parametrize(("function", "message"), [
+    ("no_such_module_here:score", r"no module named 'no_such_module_here'"),
+    ("json:no_such_function", r"json has no function 'no_such_function'"),
+    ("missing.py:score", r"file not found: .*missing.py \(a relative path is read from the recipe file's folder\)"),
+    ("score", r"'score' is not module:function or path/to/file.py:function"),
+])
+def test_a_reward_function_that_cannot_be_found_fails_before_weights_load(grpo_recipe, function, message):
+    with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].function: " + message):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"function": function}]}))
+
+
+def test_a_reward_file_is_read_relative_to_the_recipe_and_must_take_kwargs(grpo_recipe, tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def strict(prompts, completions):\n    return [0.0] * len(completions)\n\n"
+        "def shouty(prompts, completions, answer, **kwargs):\n    return [float(c[0]['content'].isupper()) for c in "
+        "completions]\n")
+    with pytest.raises(RecipeError, match=r"my_rewards.py:strict must accept \*\*kwargs"):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"function": "my_rewards.py:strict"}]}))
+    recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "my_rewards.py:shouty"}]}))
+    (reward,) = build_rewards(recipe)
+    assert reward.__name__ == "shouty" and reward.columns == ("answer",)
+
+
+def test_a_setting_a_builtin_does_not_take_is_refused(grpo_recipe):
+    with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].pattern: not a setting of the json_valid reward \(it "
+                                          r"takes keys\)"):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_valid", "pattern": "x"}]}))
+    with pytest.raises(RecipeError, match=r"the json_equal reward needs `column`"):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_equal"}]}))
+    with pytest.raises(RecipeError, match=r"pattern: not a valid regular expression"):
+        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "regex", "pattern": "("}]}))
+
+
+def test_grpo_settings_under_another_method_name_their_method(make_recipe):
+    with pytest.raises(RecipeError, match=r"grpo: settings of method grpo, but the recipe trains with method: sft"):
+        load_recipe(make_recipe(grpo={"num_generations": 4}))
+
+
+def test_sft_only_settings_under_grpo_are_refused(grpo_recipe):
+    with pytest.raises(RecipeError, match=r"training.packing: a setting of method sft; GRPO does not read it"):
+        load_recipe(grpo_recipe(training={"packing": True}))
+
+
+def test_a_step_must_hold_whole_groups_of_completions(grpo_recipe):
+    with pytest.raises(RecipeError, match=r"batch_size x gradient_accumulation_steps = 6 completions per optimizer "
+                                          r"step must be a multiple of num_generations \(4\)"):
+        load_recipe(grpo_recipe(training={"batch_size": 6}))
+
+
+def test_a_row_missing_the_column_a_reward_reads_is_a_file_line_error(grpo_recipe, tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Shout the words apple river.", "answer": "APPLE"},
+                                                 {"prompt": "Shout the words stone cloud."}])
+    recipe = load_recipe(grpo_recipe(data={"datasets": [{"path": str(path)}]}))
+    with pytest.raises(DataError, match=r"rows.jsonl: line 2: missing column 'answer', which reward exact_match "
+                                        r"reads"):
+        build_datasets(recipe, tiny_tokenizer)
+
+
+def test_prompts_become_conversations_with_their_columns_and_row(grpo_recipe, shout_prompts, tiny_tokenizer):
+    data = {"system_prompt": "Answer in capitals.", "validation": 4}
+    everything = build_datasets(load_recipe(grpo_recipe(data=data, grpo={"max_prompt_length": None})), tiny_tokenizer)
+    median = everything.stats["train"]["lengths"][18]
+    recipe = load_recipe(grpo_recipe(data=data, grpo={"max_prompt_length": median}))
+    data = build_datasets(recipe, tiny_tokenizer)
+    rows = list(data.train) + data.eval_prompts
+    first = next(r for r in rows if r[ROW_COLUMN].endswith("line 1"))
+    assert first["prompt"] == [{"role": "system", "content": "Answer in capitals."},
+                               {"role": "user", "content": "Shout the words apple river."}]
+    assert first["answer"] == "APPLE RIVER" and first[ROW_COLUMN] == f"{shout_prompts}: line 1"
+    assert len(data.eval_prompts) == 4
+    lengths = data.stats["train"]["lengths"]
+    assert data.stats["train"]["dropped_too_long"] == sum(n > median for n in lengths) > 0
+
+
+# ----------------------------------------------------------------------------------------- rewards at work
+
+
+def call(reward, completions: list[str], **columns):
+    rows = [f"data.jsonl: line {i + 1}" for i in range(len(completions))]
+    chat = [[{"role": "assistant", "content": c}] for c in completions]
+    ids = [list(range(len(c))) for c in completions]
+    return reward(prompts=[[{"role": "user", "content": "q"}]] * len(completions), completions=chat,
+                  completion_ids=ids, **{ROW_COLUMN: rows}, **columns)
+
+
+def rewards_of(grpo_recipe, *specs):
+    return build_rewards(load_recipe(grpo_recipe(grpo={"rewards": list(specs)})))
+
+
+def test_builtin_rewards_score_completions(grpo_recipe):
+    valid, equal, exact, regex, length = rewards_of(
+        grpo_recipe, {"name": "json_valid", "keys": ["name", "age"]}, {"name": "json_equal", "column": "ref"},
+        {"name": "exact_match", "column": "ref"}, {"name": "regex", "pattern": r"^\{.*\}$"},
+        {"name": "length", "target": 10, "max": 20})
+    completions = ['{"age": 3, "name": "A"}', '{"name": "A"}', "[1]", "not json " * 3]
+    refs = ['{"name": "A", "age": 3}', '{"name": "B"}', "[1]", "x"]
+    assert call(valid, completions) == [1.0, 0.5, 0.0, 0.0]
+    assert call(equal, completions, ref=refs) == [1.0, 0.0, 1.0, 0.0]
+    assert call(exact, completions, ref=refs) == [0.0, 0.0, 1.0, 0.0]
+    assert call(regex, completions) == [1.0, 1.0, 0.0, 0.0]
+    assert call(length, completions) == [-0.3, -0.3, 0.0, -1.0]
+
+
+def test_a_reward_that_raises_names_the_function_and_the_row(grpo_recipe, tmp_path):
+    (tmp_path / "bad.py").write_text(
+        "def picky(prompts, completions, **kwargs):\n"
+        "    return [1.0 / len(c[0]['content']) for c in completions]\n")
+    (reward,) = rewards_of(grpo_recipe, {"function": "bad.py:picky"})
+    with pytest.raises(QloraKitError, match=r"^reward bad.py:picky raised ZeroDivisionError: division by zero on "
+                                            r"data.jsonl: line 2 \(completion ''\)$"):
+        call(reward, ["ok", "", "fine"])
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("return [1.0]", r"returned 1 values for 3 completions \(data.jsonl: line 1, data.jsonl: line 2, data.jsonl: "
+                     r"line 3\); a reward returns a list with one number per completion"),
+    ("return 1.0", r"returned float for 3 completions"),
+    ("return [1.0, float('nan'), 0.0]", r"returned nan for data.jsonl: line 2 \(completion 'b'\); every reward "
+                                        r"must be a finite number"),
+    ("return [1.0, None, 0.0]", r"returned None for data.jsonl: line 2"),
+    ("return ['1', 2, 3]", r"returned '1' for data.jsonl: line 1"),
+])
+def test_a_reward_returning_the_wrong_shape_or_values_stops_with_one_message(grpo_recipe, tmp_path, body, message):
+    (tmp_path / "odd.py").write_text(f"def odd(prompts, completions, **kwargs):\n    {body}\n")
+    (reward,) = rewards_of(grpo_recipe, {"function": "odd.py:odd"})
+    with pytest.raises(QloraKitError, match=r"^reward odd.py:odd " + message):
+        call(reward, ["a", "b", "c"])
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe):
+    from qlora_kit.pipeline import run_training
+    from qlora_kit.report import write_report
+
+    recipe = load_recipe(grpo_recipe(data={"validation": 4}, evaluation={"metric": "reward", "max_samples": 4,
+                                                                       "max_new_tokens": 12}))
+    summary = run_training(recipe)
+    logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2] and summary["global_step"] == 2
+    for record in logged:
+        for key in ("reward", "reward_std", "rewards/length/mean", "rewards/exact_match/mean",
+                    "completions/mean_length"):
+            assert math.isfinite(record[key]), key
+    assert any(r["reward_std"] > 0 for r in logged)  # length differs between completions: a learning signal
+    assert (recipe.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    generation = summary["generation"]
+    assert generation["before"]["metric"] == "reward" and generation["before"]["rows"] == 4
+    assert set(generation["after"]["per_reward"]) == {"length", "exact_match"}
+    report = write_report(recipe.run_dir)
+    assert {"reward.png", "reward_functions.png", "completion_length.png"} <= {p.name for p in report.glob("*.png")}
+
+
+def test_grpo_resumes_from_a_checkpoint_on_the_same_curve(grpo_recipe):
+    """2 steps and a checkpoint, then resume=auto to step 4: steps 3-4 generate, score and train exactly as in one
+    uninterrupted 4-step run (the sampler, the sampling RNG and the optimizer all come back)."""
+    from qlora_kit.pipeline import run_training
+
+    training = {"save_steps": 2, "lr_scheduler": "constant", "logging_steps": 1}
+    run_training(load_recipe(grpo_recipe("straight", training={**training, "max_steps": 4})))
+    run_training(load_recipe(grpo_recipe("resumed", training={**training, "max_steps": 2})))
+    resumed = load_recipe(grpo_recipe("resumed", training={**training, "max_steps": 4, "resume": "auto"}))
+    run_training(resumed)
+
+    def curve(name):
+        return {r["step"]: (r["loss"], r["reward"], r["completions/mean_length"])
+                for r in read_metrics(resumed.run_dir.parent / name) if "loss" in r}
+
+    straight, again = curve("straight"), curve("resumed")
+    assert sorted(again) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert again[step] == pytest.approx(straight[step], abs=1e-5), step
+
+
+def test_a_reward_error_in_training_stops_the_run_with_the_row(grpo_recipe, tmp_path, shout_prompts):
+    from qlora_kit.pipeline import run_training
+
+    (tmp_path / "boom.py").write_text(
+        "def boom(prompts, completions, answer, **kwargs):\n"
+        "    return [1 / 0 if a == 'TIGER PIANO' else 0.0 for a in answer]\n")
+    recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "boom.py:boom"}]},
+                                     training={"max_steps": 40}))
+    with pytest.raises(QloraKitError, match=r"reward boom.py:boom raised ZeroDivisionError: division by zero on "
+                                            + str(shout_prompts) + r": line \d+ "):
+        run_training(recipe)

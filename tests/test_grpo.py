@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import shout_conversations, write_jsonl
 
 from qlora_kit.data import DataError, build_datasets
@@ -158,7 +159,7 @@ def test_builtin_rewards_score_completions(grpo_recipe):
     assert call(equal, completions, ref=refs) == [1.0, 0.0, 1.0, 0.0]
     assert call(exact, completions, ref=refs) == [0.0, 0.0, 1.0, 0.0]
     assert call(regex, completions) == [1.0, 1.0, 0.0, 0.0]
-    assert call(length, completions) == [-0.3, -0.3, 0.0, -1.0]
+    assert call(length, completions) == [-1.0, -0.3, 0.0, -1.0]
 
 
 def test_a_reward_that_raises_names_the_function_and_the_row(grpo_recipe, tmp_path):
@@ -244,3 +245,69 @@ def test_a_reward_error_in_training_stops_the_run_with_the_row(grpo_recipe, tmp_
     with pytest.raises(QloraKitError, match=r"reward boom.py:boom raised ZeroDivisionError: division by zero on "
                                             + str(shout_prompts) + r": line \d+ "):
         run_training(recipe)
+
+
+def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_same_batch(grpo_recipe, tiny_model_dir,
+                                                                                        tiny_tokenizer, tmp_path):
+    """One generation batch, sampled (seeded) and scored by qlora-kit's trainer with fused LoRA and MLP, reentrant
+    checkpointing and one layer keeping its activations; trl's own loss, every LoRA gradient and the no-grad scoring
+    pass (reference log-probs, KL beta > 0) on that batch equal plain trl's GRPOTrainer on peft's path."""
+    from trl import GRPOTrainer
+
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed import reentrant_checkpoint
+    from qlora_kit.trainers import build_grpo_config, build_trainer, checkpointing_state, keep_adapter_weights_in_fp32
+
+    recipe = load_recipe(grpo_recipe(grpo={"beta": 0.04}, training={"gradient_checkpointing": True},
+                                     speed={"reentrant_checkpointing": True, "keep_activations_layers": 1}))
+    data, rewards = build_datasets(recipe, tiny_tokenizer), build_rewards(recipe)
+
+    def model():
+        torch.manual_seed(0)
+        built = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+        with torch.no_grad():
+            for name, param in built.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)  # a fresh adapter has B = 0: no gradient would reach A
+        return built
+
+    ours = build_trainer(recipe, model(), tiny_tokenizer, data, tmp_path / "ours", torch.float32, rewards)
+    ours.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train()
+    ours.callback_handler.on_train_begin(ours.args, ours.state, ours.control)  # speed levers, checkpoint settings
+    plain = GRPOTrainer(model=model(), reward_funcs=rewards,
+                        args=build_grpo_config(recipe, tmp_path / "plain", torch.float32, rewards),
+                        train_dataset=data.train, processing_class=tiny_tokenizer)
+    keep_adapter_weights_in_fp32(plain.model)  # trl keeps quantized models' adapters in bf16; compare in fp32
+    plain.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert any(hasattr(m, "_peft_forward") for m in ours.model.modules())
+    assert not any(hasattr(m, "_peft_forward") for m in plain.model.modules())
+
+    settings = checkpointing_state(ours.model)
+    torch.manual_seed(0)
+    batch = ours._generate_and_score_completions(next(iter(ours.get_train_dataloader())))
+    assert checkpointing_state(ours.model) == settings  # trl's re-enable after generating did not undo them
+    layers = ours.model.base_model.model.model.layers
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]  # the last one keeps its activations
+    assert layers[0]._gradient_checkpointing_func is reentrant_checkpoint
+    assert batch["completion_mask"].sum() > 0 and batch["advantages"].abs().sum() > 0
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    width = batch["completion_ids"].size(1)
+    with torch.no_grad():
+        scored = [t._get_per_token_logps_and_entropies(t.model, ids, mask, width)[0] for t in (plain, ours)]
+    torch.testing.assert_close(scored[1], scored[0], rtol=1e-5, atol=1e-5)
+
+    def loss_and_gradients(trainer):
+        trainer.current_gradient_accumulation_steps = trainer.args.gradient_accumulation_steps  # set by train()
+        trainer.model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+    (loss_plain, grads_plain), (loss_ours, grads_ours) = loss_and_gradients(plain), loss_and_gradients(ours)
+    torch.testing.assert_close(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)
+    assert grads_plain.keys() == grads_ours.keys() and len(grads_plain) == 28  # A and B of 14 LoRA layers
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert all(g.abs().sum() > 0 for g in grads_ours.values())

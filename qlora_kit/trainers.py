@@ -17,8 +17,8 @@ from transformers import TrainerCallback
 
 from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
-from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
-from qlora_kit.rewards import RewardFunction
+from qlora_kit.recipe import DEFAULT_BETA, QloraKitError, Recipe, RecipeError, method_config_class
+from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete
 from qlora_kit.speed import (
     CheckpointSettings,
@@ -26,6 +26,8 @@ from qlora_kit.speed import (
     checkpoint_callback,
     every_layer_keeps_activations,
     layer_compile_blocker,
+    offloaded_checkpoint,
+    reentrant_checkpoint,
 )
 
 log = logging.getLogger("qlora_kit")
@@ -149,126 +151,84 @@ def choose_optimizer(recipe: Recipe, trainable_parameters: int = 0) -> str:
     return chosen
 
 
-def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
-                     trainable_parameters: int = 0, compiled_layers: bool = False):
-    from trl import SFTConfig
-
+def build_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool,
+                 trainable_parameters: int = 0, compiled_layers: bool = False):
+    """The method's trl config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig, CPOConfig or GRPOConfig): what every
+    method shares (folders, schedule, precision, logging, saving) from `training`, then the method's own settings."""
     t = recipe.training
+    common = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=run_dir.name,
+        max_length=t.max_length,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=choose_optimizer(recipe, trainable_parameters),
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to or "none",
+        bf16=compute_dtype is torch.bfloat16,
+        fp16=compute_dtype is torch.float16,
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
+        use_liger_kernel=liger_kernels_usable(recipe, compiled_layers),
+    )
+    if recipe.method == "grpo":
+        # no max_length (prompt and completion have their own limits); GRPO counts its prompt and completion tokens
+        # itself (trl's input count looks for input_ids, which its batches lack); trl's Liger GRPO loss is not yet
+        # checked against its plain loss here
+        common.pop("max_length")
+        common.update(include_num_input_tokens_seen="no", use_liger_kernel=False)
+        if recipe.speed.liger_kernels and torch.cuda.is_available():
+            log.info("speed.liger_kernels: not applied to GRPO (its Liger loss is not compared with trl's plain one)")
+    config_class = method_config_class(recipe.method)
+    section = {"sft": "training", "grpo": "grpo"}.get(recipe.method, "preference")
     try:
-        return SFTConfig(
-            output_dir=str(run_dir / "checkpoints"),
-            run_name=run_dir.name,
-            max_length=t.max_length,
-            per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            optim=choose_optimizer(recipe, trainable_parameters),
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            packing=t.packing,
-            padding_free=t.padding_free or t.packing,
-            seed=t.seed,
-            logging_steps=t.logging_steps,
-            eval_strategy="steps" if has_eval and t.eval_steps else "no",
-            eval_steps=t.eval_steps,
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
-            report_to=t.report_to or "none",
-            bf16=compute_dtype is torch.bfloat16,
-            fp16=compute_dtype is torch.float16,
-            include_num_input_tokens_seen="non_padding",
-            logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
-            use_liger_kernel=liger_kernels_usable(recipe, compiled_layers),
-            **t.sft_args,
-        )
+        return config_class(**common, **method_settings(recipe))
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{recipe.source}: training: {exc}") from None
+        raise RecipeError(f"{recipe.source}: {section}: {exc}") from None
 
 
-def build_grpo_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, rewards: list[RewardFunction],
-                      trainable_parameters: int = 0):
-    """trl's GRPOConfig: the training keys as for SFT, the `grpo` section, one reward weight per reward.
-
-    trl generates all completions of an optimizer step (batch_size x gradient_accumulation_steps, every prompt's
-    num_generations together) in one `generate` call with the KV cache (its defaults: steps_per_generation =
-    gradient_accumulation_steps, generation_batch_size = the step's completions), so no generation setting is exposed.
-    """
-    from trl import GRPOConfig
-
-    t, g = recipe.training, recipe.grpo
-    try:
-        return GRPOConfig(
-            output_dir=str(run_dir / "checkpoints"),
-            run_name=run_dir.name,
-            per_device_train_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            optim=choose_optimizer(recipe, trainable_parameters),
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            seed=t.seed,
-            logging_steps=t.logging_steps,
-            eval_strategy="no",
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
-            report_to=t.report_to or "none",
-            bf16=compute_dtype is torch.bfloat16,
-            fp16=compute_dtype is torch.float16,
-            logging_nan_inf_filter=False,
-            num_generations=g.num_generations,
-            max_completion_length=g.max_completion_length,
-            temperature=g.temperature,
-            top_p=g.top_p,
-            beta=g.beta,
-            loss_type=g.loss_type,
-            epsilon=g.epsilon,
-            epsilon_high=g.epsilon_high,
-            scale_rewards=g.scale_rewards,
-            reward_weights=[reward.weight for reward in rewards],
-        )
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{recipe.source}: grpo: {exc}") from None
-
-
-def grpo_trainer_class():
-    """trl's GRPOTrainer with qlora-kit's checkpointing settings kept through generation (deferred: trl is heavy)."""
-    from trl import GRPOTrainer
-
-    class QloraKitGRPOTrainer(GRPOTrainer):
-        # trl 1.16 switches gradient checkpointing off for generate and the scoring pass, then on again with
-        # transformers' defaults (every layer, non-reentrant), dropping speed.keep_activations_layers / reentrant /
-        # offload. trl offers no hook there; this re-applies them after its `_generate_and_score_completions`.
-        def _generate_and_score_completions(self, inputs):
-            settings = callback_of(self, CheckpointSettings)
-            before = checkpointing_state(self.model) if settings else None
-            try:
-                return super()._generate_and_score_completions(inputs)
-            finally:
-                if settings and checkpointing_state(self.model) != before:
-                    settings.apply(self.model)
-
-    return QloraKitGRPOTrainer
-
-
-def checkpointing_state(model) -> list[tuple]:
-    """Each checkpointable module's switch and checkpoint function: what a trainer's re-enable resets."""
-    return [(m.gradient_checkpointing, getattr(m, "_gradient_checkpointing_func", None)) for m in model.modules()
-            if hasattr(m, "gradient_checkpointing")]
+def method_settings(recipe: Recipe) -> dict:
+    """The config arguments only the recipe's method has, from `training` (sft) or `preference` (the others)."""
+    method, p = recipe.method, recipe.preference
+    if method == "sft":
+        t = recipe.training
+        return {"packing": t.packing, "padding_free": t.padding_free or t.packing, **t.sft_args}
+    if method == "grpo":
+        # trl samples all completions of an optimizer step (every prompt's num_generations together) in one
+        # `generate` call: its defaults steps_per_generation = gradient_accumulation_steps and
+        # generation_batch_size = the step's completions, kept as they are
+        g = recipe.grpo
+        return {"num_generations": g.num_generations, "max_completion_length": g.max_completion_length,
+                "temperature": g.temperature, "top_p": g.top_p, "beta": g.beta, "loss_type": g.loss_type,
+                "epsilon": g.epsilon, "epsilon_high": g.epsilon_high, "scale_rewards": g.scale_rewards,
+                "reward_weights": [r.weight for r in g.rewards], **g.config_args}
+    settings: dict = {"beta": DEFAULT_BETA[method] if p.beta is None else p.beta}
+    if method == "dpo":
+        settings.update(loss_type=p.loss_type or ["sigmoid"], loss_weights=p.loss_weights,
+                        label_smoothing=p.label_smoothing, ld_alpha=p.ld_alpha)
+    elif method == "kto":
+        settings.update(loss_type=p.loss_type or "kto", desirable_weight=p.desirable_weight,
+                        undesirable_weight=p.undesirable_weight)
+    elif method == "simpo":  # SimPO is trl's CPO trainer with the simpo loss and no NLL term (cpo_alpha 0)
+        settings.update(loss_type="simpo", simpo_gamma=p.gamma, cpo_alpha=p.cpo_alpha,
+                        label_smoothing=p.label_smoothing)
+    return {**settings, **p.config_args}
 
 
 def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
@@ -283,33 +243,23 @@ def liger_kernels_usable(recipe: Recipe, compiled_layers: bool = False) -> bool:
     return True
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype,
-                  rewards: list[RewardFunction] | None = None):
-    """trl's trainer for the recipe's method (SFTTrainer, or GRPOTrainer with `rewards`), with qlora-kit's callbacks
-    and speed-ups."""
-    from trl import SFTTrainer
-
+def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype):
+    """trl's trainer for the recipe's method, with qlora-kit's callbacks and host-time savings."""
     swap = checkpoint_callback(recipe, model.config)
     every_layer_kept = every_layer_keeps_activations(recipe, swap, model.config)
-    trainable_parameters = model.get_nb_trainable_parameters()[0]
+    args = build_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
+                        trainable_parameters=model.get_nb_trainable_parameters()[0],
+                        compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
+    train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), Speedups(recipe.speed, every_layer_kept)]
     if swap:
         callbacks.append(swap)  # checkpointing is switched on when training starts
-    if recipe.method == "grpo":
-        if recipe.speed.liger_kernels and torch.cuda.is_available():
-            log.info("speed.liger_kernels: not applied to GRPO (trl's Liger GRPO loss is not yet checked against its "
-                     "plain loss here)")
-        args = build_grpo_config(recipe, run_dir, compute_dtype, rewards or [], trainable_parameters)
-        train_on_one_gpu_without_a_launcher(args)
-        trainer = grpo_trainer_class()(model=model, reward_funcs=list(rewards or []), args=args,
-                                       train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
-    else:
-        args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None,
-                                trainable_parameters=trainable_parameters,
-                                compiled_layers=layer_compile_blocker(recipe.speed, every_layer_kept) is None)
-        train_on_one_gpu_without_a_launcher(args)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                             processing_class=tokenizer, callbacks=callbacks)
+    trainer_class = method_trainer_class(recipe.method)
+    rewards = {"reward_funcs": build_rewards(recipe)} if recipe.method == "grpo" else {}
+    trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                            processing_class=tokenizer, callbacks=callbacks, **rewards)
+    if recipe.method in ("dpo", "kto", "grpo"):
+        use_reference_adapter_only_for_a_start_adapter(trainer.model, recipe.model.adapter is not None)
     count_parameters_for_flops_once(trainer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     clip_only_trainable_gradients(trainer, trainable)
@@ -318,6 +268,133 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
         zero_only_trainable_gradients(trainer.model, trainable)  # FSDP's flat parameters replace the model's own
         switch_modes_only_when_a_module_differs(trainer.model)  # FSDP wraps modules when training starts
     return trainer
+
+
+def method_trainer_class(method: str) -> type:
+    """The trainer class of a method: trl's own, subclassed only to take the rows qlora_kit.data tokenized (the same
+    chat template rendering and prompt tokens as SFT) and to keep the speed levers' checkpointing choices."""
+    if method == "sft":
+        from trl import SFTTrainer
+        return SFTTrainer
+    return {"dpo": dpo_trainer_class, "kto": kto_trainer_class, "orpo": orpo_trainer_class,
+            "simpo": simpo_trainer_class, "grpo": grpo_trainer_class}[method]()
+
+
+def grpo_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class QloraKitGRPOTrainer(KeepsCheckpointSettings, GRPOTrainer):
+        """trl's GRPOTrainer as it is: prompts rendered with the tokenizer's (the recipe's) chat template, all
+        completions of a step sampled in one `generate` call with the KV cache. Its generation and no-grad scoring
+        pass switch checkpointing off and on again; KeepsCheckpointSettings restores the speed settings before the
+        loss."""
+
+    return QloraKitGRPOTrainer
+
+
+def dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class QloraKitDPOTrainer(KeepsCheckpointSettings, DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # DPOTrainer tokenizes prompt/chosen/rejected itself; qlora_kit.data already wrote prompt_ids,
+            # chosen_ids and rejected_ids, the columns trl's own tokenization ends with (trl 1.16).
+            return dataset
+
+    return QloraKitDPOTrainer
+
+
+def kto_trainer_class() -> type:
+    from trl import KTOTrainer
+
+    class QloraKitKTOTrainer(KeepsCheckpointSettings, KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # KTOTrainer tokenizes prompt/completion itself, then adds the mismatched completions its KL estimate
+            # reads. qlora_kit.data wrote prompt_ids, completion_ids and label; the KL column is built as trl 1.16's
+            # _prepare_dataset builds it: completions rotated by one within each batch of the (sequential) sampler.
+            if not self.calculate_KL:
+                return dataset
+
+            def add_kl_completion_ids(batch):
+                batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
+                return batch
+
+            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return QloraKitKTOTrainer
+
+
+def pair_columns_for_trl_experimental(feature: dict) -> dict:
+    """ORPO's and CPO's batch layout (trl 1.16 trl.experimental: prompt / chosen / rejected input ids, attention
+    masks and labels with the prompt masked) from the token ids qlora_kit.data wrote."""
+    prompt = list(feature["prompt_ids"])
+    row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        answer = list(feature[f"{side}_ids"])
+        row[f"{side}_input_ids"] = prompt + answer
+        row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+        row[f"{side}_labels"] = [-100] * len(prompt) + answer
+    return row
+
+
+def orpo_trainer_class() -> type:
+    from trl.experimental.orpo import ORPOTrainer
+
+    class QloraKitORPOTrainer(ORPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return pair_columns_for_trl_experimental(feature)
+
+    return QloraKitORPOTrainer
+
+
+def simpo_trainer_class() -> type:
+    from trl.experimental.cpo import CPOTrainer
+
+    class QloraKitCPOTrainer(CPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return pair_columns_for_trl_experimental(feature)
+
+    return QloraKitCPOTrainer
+
+
+class KeepsCheckpointSettings:
+    """trl's DPO and KTO trainers run the reference pass inside `disable_gradient_checkpointing`, which switches
+    checkpointing back on for every layer with the default function afterwards: that would undo
+    speed.keep_activations_layers and the reentrant / offloaded checkpoint functions after the first step. Each loss
+    computation puts them back first (a look at two layers when nothing changed)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        settings = callback_of(self, CheckpointSettings)
+        if settings is not None:
+            restore_checkpoint_settings(self.accelerator.unwrap_model(model), settings)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def restore_checkpoint_settings(model, settings: CheckpointSettings) -> None:
+    """Apply the checkpoint settings again where `gradient_checkpointing_enable` reset them (idempotent)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers or not any(layer.gradient_checkpointing for layer in layers):
+        return  # checkpointing is off, or every layer keeps its activations
+    kept = settings.speed.keep_activations_layers
+    swapped = settings.speed.offload_checkpoints or settings.speed.reentrant_checkpointing
+    reset = (kept and layers[-1].gradient_checkpointing) or (
+        swapped and layers[0]._gradient_checkpointing_func not in (offloaded_checkpoint, reentrant_checkpoint))
+    if reset:
+        settings.apply(model)  # quietly: GRPO resets them in every step (its generation)
+
+
+def use_reference_adapter_only_for_a_start_adapter(model, start_adapter: bool) -> None:
+    """trl's DPO and KTO trainers (and GRPO's with grpo.beta > 0) copy a PEFT model's adapter into a frozen "ref"
+    adapter for the reference pass.
+    Continuing `model.adapter`, that copy is the reference (the same 4-bit base, no second model). A fresh adapter
+    (B = 0) adds nothing to the base, so the copy is dropped and trl disables the adapter for the reference pass."""
+    if start_adapter or "ref" not in model.peft_config:
+        return
+    model.delete_adapter("ref")
+    model.set_adapter("default")
 
 
 def count_parameters_for_flops_once(trainer) -> None:

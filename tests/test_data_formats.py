@@ -281,10 +281,10 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_model_dir, tiny_tokeni
 def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, tmp_path):
     import torch
 
-    from qlora_kit.trainers import build_sft_config
+    from qlora_kit.trainers import build_config
 
     recipe = load_recipe(make_recipe(training={"packing": True}))
-    config = build_sft_config(recipe, tmp_path, torch.float32, has_eval=False)
+    config = build_config(recipe, tmp_path, torch.float32, has_eval=False)
     assert config.packing and config.padding_free and config.packing_strategy == "bfd"
 
 

@@ -93,13 +93,18 @@ def test_a_setting_a_builtin_does_not_take_is_refused(grpo_recipe):
 
 
 def test_grpo_settings_under_another_method_name_their_method(make_recipe):
-    with pytest.raises(RecipeError, match=r"grpo: settings of method grpo, but the recipe trains with method: sft"):
+    with pytest.raises(RecipeError, match=r"grpo: applies to method grpo only; this recipe trains with method: sft"):
         load_recipe(make_recipe(grpo={"num_generations": 4}))
 
 
 def test_sft_only_settings_under_grpo_are_refused(grpo_recipe):
-    with pytest.raises(RecipeError, match=r"training.packing: a setting of method sft; GRPO does not read it"):
+    with pytest.raises(RecipeError, match=r"training.packing: applies to method sft only"):
         load_recipe(grpo_recipe(training={"packing": True}))
+    with pytest.raises(RecipeError, match=r"preference.beta: applies to method dpo / orpo / simpo / kto only; this "
+                                          r"recipe trains with method: grpo"):
+        load_recipe(grpo_recipe(preference={"beta": 0.1}))
+    with pytest.raises(RecipeError, match=r"evaluation.metric: exact_match compares with a reference assistant turn"):
+        load_recipe(grpo_recipe(data={"validation": 4}, evaluation={"metric": "exact_match"}))
 
 
 def test_a_step_must_hold_whole_groups_of_completions(grpo_recipe):
@@ -256,7 +261,7 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
 
     from qlora_kit.model import build_quantized_model
     from qlora_kit.speed import reentrant_checkpoint
-    from qlora_kit.trainers import build_grpo_config, build_trainer, checkpointing_state, keep_adapter_weights_in_fp32
+    from qlora_kit.trainers import build_config, build_trainer, keep_adapter_weights_in_fp32
 
     recipe = load_recipe(grpo_recipe(grpo={"beta": 0.04}, training={"gradient_checkpointing": True},
                                      speed={"reentrant_checkpointing": True, "keep_activations_layers": 1}))
@@ -275,20 +280,17 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
     ours.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train()
     ours.callback_handler.on_train_begin(ours.args, ours.state, ours.control)  # speed levers, checkpoint settings
     plain = GRPOTrainer(model=model(), reward_funcs=rewards,
-                        args=build_grpo_config(recipe, tmp_path / "plain", torch.float32, rewards),
+                        args=build_config(recipe, tmp_path / "plain", torch.float32, has_eval=False),
                         train_dataset=data.train, processing_class=tiny_tokenizer)
     keep_adapter_weights_in_fp32(plain.model)  # trl keeps quantized models' adapters in bf16; compare in fp32
     plain.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert any(hasattr(m, "_peft_forward") for m in ours.model.modules())
     assert not any(hasattr(m, "_peft_forward") for m in plain.model.modules())
 
-    settings = checkpointing_state(ours.model)
-    torch.manual_seed(0)
-    batch = ours._generate_and_score_completions(next(iter(ours.get_train_dataloader())))
-    assert checkpointing_state(ours.model) == settings  # trl's re-enable after generating did not undo them
     layers = ours.model.base_model.model.model.layers
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]  # the last one keeps its activations
-    assert layers[0]._gradient_checkpointing_func is reentrant_checkpoint
+    torch.manual_seed(0)
+    batch = ours._generate_and_score_completions(next(iter(ours.get_train_dataloader())))
     assert batch["completion_mask"].sum() > 0 and batch["advantages"].abs().sum() > 0
 
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
@@ -306,6 +308,9 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
         return loss.detach(), {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     (loss_plain, grads_plain), (loss_ours, grads_ours) = loss_and_gradients(plain), loss_and_gradients(ours)
+    # trl switched checkpointing off and on around generation; the loss ran with the recipe's settings again
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert layers[0]._gradient_checkpointing_func is reentrant_checkpoint
     torch.testing.assert_close(loss_ours, loss_plain, rtol=1e-5, atol=1e-6)
     assert grads_plain.keys() == grads_ours.keys() and len(grads_plain) == 28  # A and B of 14 LoRA layers
     for name in grads_plain:

@@ -1,0 +1,202 @@
+"""Preference methods (dpo, orpo, kto, simpo): each trains, resumes, and computes trl's own loss on the same batch
+with every speed lever on; rows and recipes that cannot train fail with messages that say why."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, write_jsonl
+
+from qlora_kit.pipeline import run_training
+from qlora_kit.recipe import RecipeError, load_recipe
+
+METHODS = ("dpo", "orpo", "kto", "simpo")
+
+
+def shout_pairs() -> list[dict]:
+    """The shout task as preferences: capitals chosen, the same words in lower case rejected."""
+    rows = []
+    for i in range(40):
+        first, second = WORDS[i % 10], WORDS[(i % 10 + i // 10 + 1) % 10]
+        rows.append({"prompt": f"Shout the words {first} {second}.", "chosen": f"{first} {second}".upper(),
+                     "rejected": f"{first} {second}"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "shout_pairs.jsonl", shout_pairs())
+
+
+def method_sections(method: str, pairs_file: Path, **training) -> dict:
+    return {"method": method, "data": {"datasets": [{"path": str(pairs_file)}], "cache": False},
+            "training": {"max_steps": 2, "save_steps": 100, "lr_scheduler": "constant", "warmup": 0, **training},
+            "export": {"merge": False, "report": False}}
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+# Per method, what the method logs besides the loss: the curves the report draws.
+METHOD_METRICS = {"dpo": "rewards/margins", "orpo": "rewards/margins", "simpo": "rewards/margins",
+                  "kto": "rewards/chosen"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_trains_two_steps_and_a_resumed_run_continues_the_same_curve(method, make_recipe, pairs_file):
+    reference = load_recipe(make_recipe(f"{method}-straight", **method_sections(method, pairs_file, max_steps=3)))
+    summary = run_training(reference)
+    assert summary["global_step"] == 3
+    assert (reference.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (reference.run_dir / "adapter" / "ref").exists()  # trl's reference copy is never saved as adapter
+    records = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any(METHOD_METRICS[method] in record for record in records)
+    expected = losses_by_step(reference.run_dir)
+
+    path = make_recipe(f"{method}-split", **method_sections(method, pairs_file, save_steps=2))
+    run_training(load_recipe(path))
+    assert (load_recipe(path).run_dir / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = load_recipe(path, ["training.max_steps=3", "training.resume=auto"])
+    assert run_training(resumed)["global_step"] == 3
+    losses = losses_by_step(resumed.run_dir)
+    assert sorted(losses) == [1, 2, 3]
+    assert [losses[s] for s in (1, 2, 3)] == pytest.approx([expected[s] for s in (1, 2, 3)], rel=1e-5)
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize(("method", "section", "message"), [
+    ("sft", {"beta": 0.2}, "preference.beta: applies to method dpo / orpo / simpo / kto only; this recipe trains "
+                           "with method: sft (set `method: dpo` to train with it)"),
+    ("dpo", {"gamma": 1.0}, "preference.gamma: applies to method simpo only; this recipe trains with method: dpo"),
+    ("orpo", {"desirable_weight": 2.0}, "preference.desirable_weight: applies to method kto only"),
+    ("kto", {"loss_type": "sigmoid"}, "preference.loss_type: 'sigmoid' is not a kto loss"),
+    ("dpo", {"loss_type": "sigmod"}, "'sigmod' is not a dpo loss; did you mean 'sigmoid'?"),
+    ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "preference.loss_weights: 1 weights for 2"),
+    ("dpo", {"config_args": {"beta": 0.3}}, "preference.config_args.beta: set by qlora-kit; use preference.beta"),
+    ("kto", {"config_args": {"precompute_ref_logps": True}},
+     "preference.config_args.precompute_ref_logps: not a KTOConfig argument (did you mean 'precompute_ref_log_probs'"),
+])
+def test_a_preference_key_for_another_method_or_a_wrong_value_names_the_method(method, section, message, make_recipe,
+                                                                              pairs_file):
+    sections = method_sections(method, pairs_file)
+    with pytest.raises(RecipeError, match="preference") as caught:
+        load_recipe(make_recipe(**sections, preference=section))
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("training", "data", "message"), [
+    ({"packing": True}, {}, "training.packing: applies to method sft only"),
+    ({"sft_args": {"neftune_noise_alpha": 5}}, {}, "training.sft_args: applies to method sft only; pass extra trl "
+                                                   "arguments for method dpo as preference.config_args"),
+    ({}, {"loss_on": "all"}, "data.loss_on: applies to method sft only"),
+])
+def test_sft_only_settings_are_refused_for_a_preference_method(training, data, message, make_recipe, pairs_file):
+    sections = method_sections("dpo", pairs_file, **training)
+    sections["data"].update(data)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(make_recipe(**sections))
+    assert message in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------ same loss as trl
+
+
+def conversational_rows(method: str) -> list[dict]:
+    """The first pairs as trl's own trainers take them (conversations it renders and tokenizes itself)."""
+    rows = []
+    for pair in shout_pairs()[:8]:
+        prompt = [{"role": "user", "content": pair["prompt"]}]
+        answers = {side: [{"role": "assistant", "content": pair[side]}] for side in ("chosen", "rejected")}
+        if method == "kto":
+            rows += [{"prompt": prompt, "completion": answers["chosen"], "label": True},
+                     {"prompt": prompt, "completion": answers["rejected"], "label": False}]
+        else:
+            rows.append({"prompt": prompt, **answers})
+    return rows
+
+
+def trl_trainer_class(method: str) -> type:
+    import trl
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    return {"dpo": trl.DPOTrainer, "kto": trl.KTOTrainer, "orpo": ORPOTrainer, "simpo": CPOTrainer}[method]
+
+
+def loss_and_adapter_gradients(trainer, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in trainer.model.named_parameters()
+                           if p.requires_grad and p.grad is not None}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_computes_trl_s_own_loss_and_gradients_with_every_speed_lever_on(method, make_recipe, pairs_file,
+                                                                                    tiny_model_dir, tiny_tokenizer,
+                                                                                    tmp_path):
+    """qlora-kit's trainer (its tokenization, fused LoRA and MLP, kept activations under checkpointing) against trl's
+    unmodified trainer on peft's plain path (trl tokenizing the same conversations), on the same batch."""
+    from datasets import Dataset
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.trainers import build_config, build_trainer, keep_adapter_weights_in_fp32
+
+    sections = method_sections(method, pairs_file, gradient_checkpointing=True, batch_size=4)
+    recipe = load_recipe(make_recipe(**sections, speed={"keep_activations_layers": 1}))
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    ours = build_trainer(recipe, model, tiny_tokenizer, build_datasets(recipe, tiny_tokenizer), tmp_path / "ours",
+                         torch.float32)
+    torch.manual_seed(0)
+    plain_model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    trl_class = trl_trainer_class(method)
+    plain = trl_class(model=plain_model, args=build_config(recipe, tmp_path / "plain", torch.float32, False),
+                      train_dataset=Dataset.from_list(conversational_rows(method)), processing_class=tiny_tokenizer)
+    keep_adapter_weights_in_fp32(plain.model)  # trl casts a quantized model's adapter to bf16; qlora-kit keeps fp32
+    for trainer in (ours, plain):  # the reference is the base; the policy moves away from it
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, param in sorted(trainer.model.named_parameters()):
+                if "lora_B.default" in name:
+                    param.normal_(0, 0.05)
+    ours.model.gradient_checkpointing_enable(ours.args.gradient_checkpointing_kwargs)
+    ours.callback_handler.on_train_begin(ours.args, ours.state, ours.control)  # speed levers, kept layer
+    plain.model.gradient_checkpointing_enable(plain.args.gradient_checkpointing_kwargs)
+    layers = ours.model.base_model.model.model.layers
+    assert hasattr(layers[0].mlp.down_proj, "_peft_forward") and hasattr(layers[0].mlp, "_unfused_mlp_forward")
+
+    batch = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    if method in ("dpo", "kto"):  # the tokens trl's own tokenization makes of the same conversations
+        # (trl.experimental's ORPO and CPO append an EOS after the template's end-of-turn marker; qlora-kit does not)
+        plain_batch = plain.data_collator([plain.train_dataset[i] for i in range(4)])
+        assert torch.equal(batch["input_ids"], plain_batch["input_ids"])
+
+    policy_passes: list[bool] = []  # whether the last layer checkpointed, in each forward that builds a graph
+    hook = layers[-1].register_forward_pre_hook(
+        lambda module, args: policy_passes.append(module.gradient_checkpointing) if torch.is_grad_enabled() else None)
+    ours_loss, ours_grads = loss_and_adapter_gradients(ours, batch)
+    ours_loss_again, _ = loss_and_adapter_gradients(ours, batch)  # after trl's reference pass reset checkpointing
+    hook.remove()
+    plain_loss, plain_grads = loss_and_adapter_gradients(plain, batch)
+
+    assert policy_passes == [False, False]  # the last layer kept its activations in both policy forwards
+    assert ours_loss.item() == pytest.approx(plain_loss.item(), rel=1e-5, abs=1e-6)
+    assert ours_loss_again.item() == pytest.approx(ours_loss.item(), rel=1e-6)
+    assert ours_grads.keys() == plain_grads.keys() and ours_grads
+    for name, grad in ours_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)

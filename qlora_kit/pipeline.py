@@ -78,7 +78,7 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict
             before = score(model)
         log.info("before training: %s = %.4g", before.metric, before.score)
 
-    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype, rewards)
+    trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
     summary = train_adapter(trainer, recipe, run_dir)
     summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
     summary["data"] = data_summary(data.stats)

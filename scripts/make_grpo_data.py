@@ -34,7 +34,7 @@ def make_rows(count: int, seed: int) -> list[dict]:
 def main() -> None:
     out = Path(__file__).resolve().parents[1] / "recipes" / "data" / "quickstart-grpo"
     out.mkdir(parents=True, exist_ok=True)
-    for name, count, seed in (("train.jsonl", 400, 1), ("held_out.jsonl", 32, 2)):
+    for name, count, seed in (("train.jsonl", 400, 1), ("held_out.jsonl", 16, 2)):
         (out / name).write_text("".join(json.dumps(row) + "\n" for row in make_rows(count, seed)))
         print(f"wrote {out / name}")
 

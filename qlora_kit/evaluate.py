@@ -57,6 +57,56 @@ def generate_answers(model, tokenizer: PreTrainedTokenizerBase, prompts: list[Co
     return answers
 
 
+@dataclass
+class PreferenceScore:
+    """How a model ranks held-out pairs: the share whose chosen answer has the higher log-probability, and the mean
+    log-probability margin chosen - rejected (nats, summed over each answer's tokens)."""
+
+    accuracy: float
+    margin: float
+    pairs: int
+
+
+@torch.no_grad()
+def answer_log_probs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
+                     batch_size: int) -> list[float]:
+    """Summed log-probability of each answer after its prompt (right-padded batches, eval mode)."""
+    was_training = model.training
+    model.eval()
+    totals: list[float] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            rows = [p + a for p, a in zip(prompt_ids[start:start + batch_size], answer_ids[start:start + batch_size],
+                                          strict=True)]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            token_logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for i, prompt in enumerate(prompt_ids[start:start + batch_size]):
+                first, last = len(prompt) - 1, len(rows[i]) - 1  # positions predicting the answer's tokens
+                totals.append(token_logps[i, first:last].sum().item())
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def evaluate_preferences(model, pairs, pad_id: int, batch_size: int) -> PreferenceScore:
+    """Score held-out pairs (rows with prompt_ids / chosen_ids / rejected_ids) with the model as it is now."""
+    prompts = [list(r) for r in pairs["prompt_ids"]]
+    chosen = answer_log_probs(model, prompts, [list(r) for r in pairs["chosen_ids"]], pad_id, batch_size)
+    rejected = answer_log_probs(model, prompts, [list(r) for r in pairs["rejected_ids"]], pad_id, batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return PreferenceScore(sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins), len(margins))
+
+
+def format_preference_comparison(before: PreferenceScore, after: PreferenceScore, beta: float | None) -> str:
+    """One line; with DPO's beta, the mean implicit reward margin too (beta x the change of the log-prob margin)."""
+    reward = f" (DPO reward margin {beta * (after.margin - before.margin):+.3f})" if beta is not None else ""
+    return (f"held-out pairs ({after.pairs}): preference accuracy {before.accuracy:.1%} -> {after.accuracy:.1%}; "
+            f"log-prob margin chosen - rejected {before.margin:+.2f} -> {after.margin:+.2f} nats{reward}")
+
+
 _NOT_JSON = object()
 
 

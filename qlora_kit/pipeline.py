@@ -14,7 +14,14 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from qlora_kit.data import build_datasets
-from qlora_kit.evaluate import GenerationScore, evaluate_generation, evaluate_rewards, format_comparison
+from qlora_kit.evaluate import (
+    GenerationScore,
+    evaluate_generation,
+    evaluate_preferences,
+    evaluate_rewards,
+    format_comparison,
+    format_preference_comparison,
+)
 from qlora_kit.export import merge_adapter
 from qlora_kit.model import (
     base_model_folder,
@@ -25,7 +32,7 @@ from qlora_kit.model import (
     resolve_dtype,
 )
 from qlora_kit.publish import check_push_settings, push_run
-from qlora_kit.recipe import Recipe
+from qlora_kit.recipe import PAIRED_METHODS, Recipe
 from qlora_kit.report import data_summary, write_report
 from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import prepare_run_dir, write_atomically
@@ -73,10 +80,15 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict
 
     score_generation = recipe.evaluation.metric != "none" and state.is_main_process
     if score_generation:
-        # GRPO starts from the model as it is (a fresh adapter is the base; a loaded one is the policy to improve)
-        with contextlib.nullcontext() if rewards else model.disable_adapter():
+        # the model as training starts: the base (a fresh adapter adds nothing), or the base with model.adapter
+        with model.disable_adapter() if recipe.model.adapter is None else contextlib.nullcontext():
             before = score(model)
-        log.info("before training: %s = %.4g", before.metric, before.score)
+        log.info("before training: %s = %s", before.metric,
+                 f"{before.score:.3f}" if before.metric == "reward" else f"{100 * before.score:.1f}%")
+
+    score_pairs = recipe.method in PAIRED_METHODS and data.eval is not None and state.is_main_process
+    if score_pairs:
+        pairs_before = evaluate_preferences(model, data.eval, tokenizer.pad_token_id, recipe.evaluation.batch_size)
 
     trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
     summary = train_adapter(trainer, recipe, run_dir)
@@ -84,6 +96,13 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict
     summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
 
+    if score_pairs:
+        pairs_after = evaluate_preferences(trainer.model, data.eval, tokenizer.pad_token_id,
+                                           recipe.evaluation.batch_size)
+        summary["preference"] = {"pairs": pairs_after.pairs, "before": asdict(pairs_before),
+                                 "after": asdict(pairs_after)}
+        beta = trainer.args.beta if recipe.method == "dpo" else None  # DPO's reward is beta x log-ratio to the start
+        print(format_preference_comparison(pairs_before, pairs_after, beta), flush=True)
     if score_generation:
         after = score(trainer.model)
         summary["generation"] = {"before": asdict(before), "after": asdict(after)}

@@ -200,3 +200,108 @@ def test_each_method_computes_trl_s_own_loss_and_gradients_with_every_speed_leve
     assert ours_grads.keys() == plain_grads.keys() and ours_grads
     for name, grad in ours_grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def test_a_dpo_prompt_is_token_for_token_the_prompt_sft_trains_after(tiny_tokenizer):
+    from qlora_kit.data import tokenize_conversation, tokenize_pair
+
+    prompt = [{"role": "system", "content": "Answer in capitals."},
+              {"role": "user", "content": "Shout the words apple river."},
+              {"role": "assistant", "content": "APPLE RIVER"},
+              {"role": "user", "content": "Shout the words stone cloud."}]
+    chosen, rejected = [{"role": "assistant", "content": "STONE CLOUD"}], [{"role": "assistant", "content": "no"}]
+    pair = tokenize_pair(tiny_tokenizer, {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None)
+
+    sft = tokenize_conversation(tiny_tokenizer, prompt + chosen, "completion")
+    last_answer_start = len(sft["assistant_masks"]) - sft["assistant_masks"][::-1].index(0)
+    assert pair["prompt_ids"] == sft["input_ids"][:last_answer_start]
+    assert pair["prompt_ids"] + pair["chosen_ids"] == sft["input_ids"]  # the chosen answer is what SFT trains on
+    assert tiny_tokenizer.decode(pair["rejected_ids"]).startswith("no")
+
+
+def test_chosen_and_rejected_conversations_share_their_opening_turns_as_the_prompt(tmp_path):
+    from qlora_kit.data import load_rows
+    from qlora_kit.recipe import DatasetSource
+
+    user = {"role": "user", "content": "Shout the words apple river."}
+    path = write_jsonl(tmp_path / "ultrafeedback.jsonl", [
+        {"chosen": [user, {"role": "assistant", "content": "APPLE RIVER"}],
+         "rejected": [user, {"role": "assistant", "content": "apple river"}], "score_chosen": 9.0}])
+    [row] = load_rows(DatasetSource(path=str(path)), "Be loud.", method="dpo")
+    assert row == {"prompt": [{"role": "system", "content": "Be loud."}, user],
+                   "chosen": [{"role": "assistant", "content": "APPLE RIVER"}],
+                   "rejected": [{"role": "assistant", "content": "apple river"}]}
+
+
+def test_fields_map_preference_columns(tmp_path):
+    from qlora_kit.data import load_rows
+    from qlora_kit.recipe import DatasetSource
+
+    path = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "Shout cat.", "good": "CAT", "bad": "cat"}])
+    source = DatasetSource(path=str(path), fields={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    [row] = load_rows(source, None, method="orpo")
+    assert row["chosen"] == [{"role": "assistant", "content": "CAT"}]
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"prompt": "Shout cat.", "chosen": "CAT", "rejected": "CAT"}, "line 2: 'chosen' and 'rejected' are identical"),
+    ({"prompt": "Shout cat.", "chosen": "  ", "rejected": "cat"}, "line 2: 'chosen' is empty"),
+    ({"prompt": "Shout cat.", "chosen": "CAT"}, "line 2: missing field 'rejected'"),
+    ({"prompt": [{"role": "assistant", "content": "hi"}], "chosen": "CAT", "rejected": "cat"},
+     "line 2: the prompt ends on a assistant turn"),
+])
+def test_a_bad_preference_row_stops_with_its_file_and_line_or_is_skipped_and_counted(row, message, tmp_path,
+                                                                                    make_recipe, tiny_tokenizer):
+    from qlora_kit.data import DataError, build_datasets
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [shout_pairs()[0], row, *shout_pairs()[1:12]])
+    sections = method_sections("dpo", path)
+    with pytest.raises(DataError) as caught:
+        build_datasets(load_recipe(make_recipe(**sections)), tiny_tokenizer)
+    assert f"{path}: {message}" in str(caught.value)
+
+    sections["data"]["on_bad_rows"] = "skip"
+    data = build_datasets(load_recipe(make_recipe(**sections)), tiny_tokenizer)
+    assert data.stats["skipped_bad_rows"]["count"] == 1 and data.stats["train"]["rows"] == 12
+
+
+def test_kto_trains_on_unpaired_rows_and_on_pairs_split_into_desirable_and_undesirable(tmp_path, make_recipe,
+                                                                                      tiny_tokenizer, pairs_file):
+    from qlora_kit.data import build_datasets
+
+    data = build_datasets(load_recipe(make_recipe(**method_sections("kto", pairs_file))), tiny_tokenizer)
+    assert data.stats["train"]["rows"] == 80 and data.stats["train"]["desirable"] == 40
+    assert set(data.train.column_names) == {"prompt_ids", "completion_ids", "label"}
+
+    path = write_jsonl(tmp_path / "unpaired.jsonl", [{"prompt": "Shout cat.", "completion": "CAT", "label": True},
+                                                     {"prompt": "Shout dog.", "completion": "dog", "label": "no"}])
+    with pytest.raises(Exception, match=r"line 2: 'label' must be true \(desirable\) or false"):
+        build_datasets(load_recipe(make_recipe(**method_sections("kto", path))), tiny_tokenizer)
+
+
+def test_a_preference_method_refuses_sft_rows_and_sft_refuses_pairs(make_recipe, tiny_tokenizer, shout_files,
+                                                                     pairs_file):
+    from qlora_kit.data import DataError, build_datasets
+
+    sections = method_sections("dpo", shout_files[0])
+    with pytest.raises(DataError, match="method dpo trains on preference rows"):
+        build_datasets(load_recipe(make_recipe(**sections)), tiny_tokenizer)
+    sections = method_sections("sft", pairs_file)
+    sections["data"]["datasets"][0]["format"] = "preference"
+    with pytest.raises(DataError, match="format preference trains a preference method"):
+        build_datasets(load_recipe(make_recipe(**sections)), tiny_tokenizer)
+
+
+def test_the_dry_run_counts_pairs_shows_their_lengths_and_marks_the_scored_tokens(make_recipe, tiny_tokenizer,
+                                                                                   pairs_file):
+    from qlora_kit.data import build_datasets, describe_data
+
+    recipe = load_recipe(make_recipe(**method_sections("dpo", pairs_file)), ["data.validation=8"])
+    text = describe_data(build_datasets(recipe, tiny_tokenizer), tiny_tokenizer, recipe, color=False)
+    assert "train pairs: 32; tokens prompt p50" in text and "validation pairs: 8" in text
+    assert "chosen p50" in text and "rejected p50" in text
+    assert "example 0, prompt + chosen (scored tokens inside ⟦ ⟧):" in text
+    assert "⟦APPLE RIVER<|im_end|>\n⟧" in text  # the answer and its end of turn, never the prompt

@@ -215,7 +215,8 @@ def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe):
     assert generation["before"]["metric"] == "reward" and generation["before"]["rows"] == 4
     assert set(generation["after"]["per_reward"]) == {"length", "exact_match"}
     report = write_report(recipe.run_dir)
-    assert {"grpo_reward.png", "grpo_reward_functions.png", "grpo_completion_length.png"} <= {p.name for p in report.glob("*.png")}
+    plots = {p.name for p in report.glob("*.png")}
+    assert {"grpo_reward.png", "grpo_reward_functions.png", "grpo_completion_length.png"} <= plots
 
 
 def test_grpo_resumes_from_a_checkpoint_on_the_same_curve(grpo_recipe):

@@ -314,6 +314,9 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples:
                  max_new_tokens: int | None = None, batch_size: int | None = None, include_base: bool = True) -> dict:
     """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
     recipe = read_run_recipe(run_dir)
+    if recipe.method == "grpo":
+        raise QloraKitError(f"{run_dir}: a GRPO run has no reference answers to score; its held-out rewards before "
+                            "and after training are in summary.json (`generation`) and the run report")
     rows, described = heldout_rows(recipe, data_file)  # before loading weights: a missing split fails fast
     trained = load_trained_model(run_dir)
     section = recipe.evaluation

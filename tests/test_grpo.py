@@ -245,7 +245,7 @@ def test_a_reward_error_in_training_stops_the_run_with_the_row(grpo_recipe, tmp_
 
     (tmp_path / "boom.py").write_text(
         "def boom(prompts, completions, answer, **kwargs):\n"
-        "    return [1 / 0 if a == 'TIGER PIANO' else 0.0 for a in answer]\n")
+        "    return [1 / 0 if 'TIGER' in a else 0.0 for a in answer]\n")
     recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "boom.py:boom"}]},
                                      training={"max_steps": 40}))
     with pytest.raises(QloraKitError, match=r"reward boom.py:boom raised ZeroDivisionError: division by zero on "

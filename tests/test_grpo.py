@@ -220,14 +220,15 @@ def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe):
 
 
 def test_grpo_resumes_from_a_checkpoint_on_the_same_curve(grpo_recipe):
-    """2 steps and a checkpoint, then resume=auto to step 4: steps 3-4 generate, score and train exactly as in one
-    uninterrupted 4-step run (the sampler, the sampling RNG and the optimizer all come back)."""
+    """2 steps and a checkpoint, then resume=auto to step 3: step 3 generates, scores and trains exactly as in one
+    uninterrupted 3-step run (the sampler, the sampling RNG and the optimizer all come back)."""
     from qlora_kit.pipeline import run_training
 
     training = {"save_steps": 2, "lr_scheduler": "constant", "logging_steps": 1}
-    run_training(load_recipe(grpo_recipe("straight", training={**training, "max_steps": 4})))
-    run_training(load_recipe(grpo_recipe("resumed", training={**training, "max_steps": 2})))
-    resumed = load_recipe(grpo_recipe("resumed", training={**training, "max_steps": 4, "resume": "auto"}))
+    short = {"max_completion_length": 6}
+    run_training(load_recipe(grpo_recipe("straight", grpo=short, training={**training, "max_steps": 3})))
+    run_training(load_recipe(grpo_recipe("resumed", grpo=short, training={**training, "max_steps": 2})))
+    resumed = load_recipe(grpo_recipe("resumed", grpo=short, training={**training, "max_steps": 3, "resume": "auto"}))
     run_training(resumed)
 
     def curve(name):
@@ -235,8 +236,8 @@ def test_grpo_resumes_from_a_checkpoint_on_the_same_curve(grpo_recipe):
                 for r in read_metrics(resumed.run_dir.parent / name) if "loss" in r}
 
     straight, again = curve("straight"), curve("resumed")
-    assert sorted(again) == [1, 2, 3, 4]
-    for step in (3, 4):
+    assert sorted(again) == [1, 2, 3]
+    for step in (1, 2, 3):
         assert again[step] == pytest.approx(straight[step], abs=1e-5), step
 
 
@@ -245,9 +246,8 @@ def test_a_reward_error_in_training_stops_the_run_with_the_row(grpo_recipe, tmp_
 
     (tmp_path / "boom.py").write_text(
         "def boom(prompts, completions, answer, **kwargs):\n"
-        "    return [1 / 0 if 'TIGER' in a else 0.0 for a in answer]\n")
-    recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "boom.py:boom"}]},
-                                     training={"max_steps": 40}))
+        "    return [1 / 0 if ' ' in a else 0.0 for a in answer]\n")
+    recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "boom.py:boom"}], "max_completion_length": 4}))
     with pytest.raises(QloraKitError, match=r"reward boom.py:boom raised ZeroDivisionError: division by zero on "
                                             + str(shout_prompts) + r": line \d+ "):
         run_training(recipe)
@@ -317,3 +317,22 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
     for name in grads_plain:
         torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
     assert all(g.abs().sum() > 0 for g in grads_ours.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grpo_on_a_gpu_generates_and_trains_in_bf16_with_the_speed_levers(grpo_recipe):
+    """The GPU path: bf16 compute, fused LoRA with the Triton dequantize kernel, checkpointing with one kept layer;
+    two steps generate on the GPU, log finite rewards and save an fp32 adapter."""
+    from safetensors.torch import load_file
+
+    from qlora_kit.pipeline import run_training
+
+    recipe = load_recipe(grpo_recipe(training={"gradient_checkpointing": True},
+                                     speed={"keep_activations_layers": 1}))
+    summary = run_training(recipe)
+    logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert summary["global_step"] == 2 and all(math.isfinite(r["reward"]) for r in logged)
+    assert all(r["completions/mean_length"] > 0 for r in logged)
+    adapter = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
+    assert {str(t.dtype) for t in adapter.values()} == {"torch.float32"}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,26 +34,23 @@ from qlora_kit.publish import check_push_settings, push_run
 from qlora_kit.recipe import PAIRED_METHODS, Recipe
 from qlora_kit.report import data_summary, write_report
 from qlora_kit.rewards import build_rewards
-from qlora_kit.rundir import prepare_run_dir, write_atomically
+from qlora_kit.rundir import RunFolder, open_run_folder, write_atomically
 from qlora_kit.trainers import build_trainer, save_adapter, train_adapter
 
 log = logging.getLogger("qlora_kit")
 
 
 def run_training(recipe: Recipe) -> dict:
-    """Train the recipe in its run folder; a run that fails before saving anything leaves no folder behind."""
+    """Train the recipe in its run folder (locked for the run); a run that fails before saving anything leaves things
+    as they were."""
     check_push_settings(recipe)  # an upload at the end needs a token now, not after hours of training
     state = PartialState()
-    run_dir = prepare_run_dir(recipe, state)
-    try:
-        return train_in_run_dir(recipe, run_dir, state)
-    except BaseException:
-        if state.is_main_process:
-            discard_if_nothing_saved(run_dir)
-        raise
+    with open_run_folder(recipe, state) as run:
+        return train_in_run_folder(recipe, run, state)
 
 
-def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict:
+def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> dict:
+    run_dir = run.path
     with state.main_process_first():
         folder = base_model_folder(recipe.model)
     check_model_config(recipe, folder)
@@ -91,6 +87,8 @@ def train_in_run_dir(recipe: Recipe, run_dir: Path, state: PartialState) -> dict
         pairs_before = evaluate_preferences(model, data.eval, tokenizer.pad_token_id, recipe.evaluation.batch_size)
 
     trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype)
+    if state.is_main_process:
+        run.begin(recipe, state.num_processes)  # every check passed: the run's recipe.yaml is (re)written now
     summary = train_adapter(trainer, recipe, run_dir)
     summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
     summary["data"] = data_summary(data.stats)
@@ -126,9 +124,3 @@ def export(recipe: Recipe, run_dir: Path) -> None:
         push = recipe.export.push
         push_run(run_dir, push.repo_id, merged=push.merged, private=push.private)
 
-
-def discard_if_nothing_saved(run_dir: Path) -> None:
-    """A run that failed before its first checkpoint leaves no folder for the next run to trip over."""
-    if not any((run_dir / "checkpoints").glob("checkpoint-*")) and not (run_dir / "adapter").exists():
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log.info("removed %s: the run failed before saving anything", run_dir)

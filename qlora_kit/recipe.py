@@ -1,7 +1,7 @@
 """YAML recipe -> typed dataclasses. The only module that knows recipe keys.
 
 Every key, its default, type, allowed range and one-line help live in the dataclasses below; validation, the
-`key=value` overrides and the recipe reference in the README are all derived from them.
+`key=value` overrides and the recipe reference (docs/recipe-reference.md) are all derived from them.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class QuantizationSection:
     quant_storage: Literal["uint8", "bf16", "fp16", "fp32"] = option(
         "uint8", help="storage dtype of packed 4-bit weights; set to the compute dtype for FSDP")
     upcast_to_fp32: bool | None = option(
-        None, help="cast norms, embeddings and lm_head to fp32 as peft's prepare_model_for_kbit_training does (an "
-        "fp32 residual stream: 1.3x slower and 1.5x the memory on an 8B model, same loss within 0.2%); unset: only "
-        "with fp16 compute, whose narrow range an fp16 residual stream can overflow")
+        None, help="cast norms, embeddings and lm_head to fp32 as peft's prepare_model_for_kbit_training does: an "
+        "fp32 residual stream, slower and larger for the same loss; unset: only with fp16 compute, whose narrow "
+        "range an fp16 residual stream can overflow")
 
 
 @dataclass
@@ -214,51 +214,40 @@ class SpeedSection:
         True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
         "(DoRA and several active adapters keep peft's path)")
     fused_mlp: bool = option(
-        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) runs its activation and down projection "
-        "as one function that recomputes silu(gate) * up in backward instead of saving it: one intermediate-sized "
-        "tensor less per layer that keeps its activations (8B batch 2: 10.00 instead of 10.76 GiB with 7 layers "
-        "kept, and +8% tokens/s on an H200), for one elementwise kernel more in backward; in a checkpointed Llama, "
-        "Mistral or Qwen layer's recompute it skips the down projection's matmul, whose output nothing reads")
+        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) recomputes silu(gate) * up in backward "
+        "instead of saving it: one intermediate-sized tensor less per kept layer, for one elementwise kernel more; a "
+        "checkpointed layer's recompute also skips the down projection, whose output nothing reads")
     triton_dequantize: bool = option(
-        True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: the same "
-        "bits as bitsandbytes' in one kernel instead of three, about 1.6x faster (an 8B gate weight: 44 vs 71 us on "
-        "an H200); off: bitsandbytes' kernels")
+        True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: "
+        "bitsandbytes' bits in one kernel instead of three; off: bitsandbytes' kernels")
     liger_kernels: bool = option(
         True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
     reentrant_checkpointing: bool = option(
         False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
-        "checkpointing): less CPU work per step; one process only. Off by default: +0.8% to +10% on H200s and +7% on "
-        "an H100 with most layers checkpointed (8B batch 2), but torch documents cases that only its default kind "
-        "supports")
+        "checkpointing): less CPU work per step, but torch documents cases only its default kind supports; one "
+        "process only")
     keep_activations_layers: int | Literal["auto"] = option(
-        "auto", help="with gradient checkpointing, this many decoder layers (the last ones) keep their activations "
-        "instead of recomputing them: spends GPU memory headroom on speed (`qlora-kit data` shows the cost per "
-        "layer). auto: as many as the memory estimate says fit in 90% of the GPU when training starts (none on "
-        "CPU, with offload_checkpoints or mlp_chunk_tokens, or with several processes); 0: every layer recomputes, "
-        "the least memory", min=0)
+        "auto", help="with gradient checkpointing, the last N decoder layers keep their activations instead of "
+        "recomputing them: speed for GPU memory (`qlora-kit data` shows the cost per layer). auto: as many as fit in "
+        "90% of the GPU at start (none on CPU, with offload_checkpoints or mlp_chunk_tokens, or with several "
+        "processes); 0: every layer recomputes, the least memory", min=0)
     offload_checkpoints: bool = option(
-        False, help="keep each checkpointed layer's input in CPU memory until backward (long context, very large "
-        "models; `qlora-kit data` shows the host memory it takes; a copy each way per layer costs speed; implies "
-        "reentrant checkpointing; one process only)")
+        False, help="keep each checkpointed layer's input in CPU memory until backward: long context or very large "
+        "models, for a copy each way per layer (`qlora-kit data` shows the host memory); implies reentrant "
+        "checkpointing; one process only")
     compile_layers: bool | Literal["auto"] = option(
-        False, help="torch.compile each decoder layer for training on GPU (its fused LoRA layers and checkpointing "
-        "included): elementwise work fused into a few kernels and less Python per step; the first step pays the "
-        "compile (10-15 s for an 8B model on 16 cores); Liger's layer kernels are then not applied (the compiled "
-        "graph fuses the same work); evaluation and generation stay eager. Off by default: on H200 machines it gave "
-        "+28% with every layer recomputed on a slow host, but -1% to -4% with layers kept on faster ones "
-        "(scripts/bench_results/h200_2026-11-26_compile). auto: on where gradient checkpointing recomputes at least "
-        "one layer. Never on CPU, with offload_checkpoints, reentrant_checkpointing or mlp_chunk_tokens, or with "
-        "several processes")
+        False, help="torch.compile each decoder layer's training forward on GPU: fewer kernels and less Python per "
+        "step, for a compile on the first step and Liger's layer kernels left out; a gain only where the host is "
+        "slow. auto: on where at least one layer recomputes; never on CPU, with offload_checkpoints, "
+        "reentrant_checkpointing, mlp_chunk_tokens or several processes")
     gc_every_steps: int = option(
-        0, help="during training Python's garbage collector runs every this many optimizer steps (young objects "
-        "only; what exists when training starts is frozen out of it) instead of whenever allocations trigger it, as "
-        "torchtitan does against random pauses of a host-bound step. 0 (default): Python's own schedule; on an H200 "
-        "(8B batch 2) the difference was within run-to-run noise (scripts/bench_results/h200_2026-11-26_fused_mlp)",
-        min=0)
+        0, help="run Python's garbage collector every N optimizer steps (young objects only) instead of when "
+        "allocations trigger it: no random pauses in a host-bound step, for a longer pause every N; 0: Python's own "
+        "schedule", min=0)
     mlp_chunk_tokens: int = option(
-        0, help="during training, run the MLP over chunks of this many tokens so its wide intermediates exist for "
-        "one chunk at a time (long context; 0 = whole batch at once)", min=0)
+        0, help="run the MLP over chunks of N tokens during training so its wide intermediates exist one chunk at a "
+        "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
 
 
 METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
@@ -371,6 +360,7 @@ class Recipe:
     preference: PreferenceSection = option(default_factory=PreferenceSection, help="")
     grpo: GrpoSection = option(default_factory=GrpoSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
+    overrides: list[str] = field(default_factory=list, metadata={"internal": True})
 
     @property
     def run_dir(self) -> Path:
@@ -390,6 +380,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         apply_override(raw, item, source)
     recipe = build_dataclass(Recipe, raw, source, prefix="")
     recipe.source = source
+    recipe.overrides = list(overrides)  # for the resume command printed after an interruption
     check_method_keys(recipe, raw)
     validate_recipe(recipe)
     return recipe
@@ -900,12 +891,14 @@ def check_start_adapter(recipe: Recipe) -> None:
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """The fully resolved recipe, as written to <run>/recipe.yaml."""
     data = dataclasses.asdict(recipe)
-    data.pop("source")
+    for f in dataclasses.fields(recipe):
+        if f.metadata.get("internal"):
+            data.pop(f.name)
     return data
 
 
 def recipe_reference() -> str:
-    """Markdown reference of every recipe key, generated from the dataclasses (used for the README)."""
+    """Markdown reference of every recipe key, generated from the dataclasses (docs/recipe-reference.md)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
 
     def walk(cls: type, prefix: str) -> None:

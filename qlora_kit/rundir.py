@@ -7,15 +7,20 @@ killed mid-write) sees the old version or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
@@ -76,33 +81,204 @@ def publish_dir(partial: Path, target: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ run folder
 
+RUN_MARKER = "qlora_kit_run.json"
+# Changing any of these makes a checkpoint meaningless: other weights, another adapter shape, other data order or
+# positions, another batch geometry. `training.resume=auto` refuses them (dotted prefixes of recipe keys).
+RESUME_INVARIANT_KEYS = ("method", "model", "quantization", "lora", "data", "training.batch_size",
+                         "training.gradient_accumulation_steps", "training.max_length", "training.packing",
+                         "training.padding_free")
 
-def prepare_run_dir(recipe: Recipe, state=None) -> Path:
-    """Create (or, with resume/overwrite, reuse) the run folder; an existing run is never replaced silently.
 
-    Under `accelerate launch` every rank decides on the folder as it is *before* rank 0 touches it (a barrier), so
-    rank 1 never mistakes the folder rank 0 just created for an old run."""
-    run_dir, t = recipe.run_dir, recipe.training
-    is_main_process = state is None or state.is_main_process
-    existing = run_dir.exists() and any(run_dir.iterdir())
-    if existing and not t.overwrite and t.resume != "auto":
-        raise RecipeError(
-            f"{recipe.source}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
-            f"replace it with training.overwrite=true, or pick another training.run_name")
-    if state is not None:
-        state.wait_for_everyone()
-    if is_main_process:
-        if existing and t.overwrite:
-            log.warning("training.overwrite=true: deleting the existing run folder %s", run_dir)
-            shutil.rmtree(run_dir)
+@dataclass
+class RunFolder:
+    """The run folder this process trains in, and what it must undo if the run fails before saving anything."""
+
+    path: Path
+    found: Literal["missing", "empty", "run"]  # what was there before this process: only what it added is undone
+    replaced: Path | None = None  # overwrite=true: the earlier run, moved aside until this one has saved something
+    lock: RunLock | None = None
+
+    def begin(self, recipe: Recipe, processes: int = 1) -> None:
+        """Training starts: every check passed, so the run's recipe.yaml is written (replacing a resumed run's)."""
+        write_atomically(self.path / "recipe.yaml", resolved_recipe_text(recipe))
+        marker = json.loads((self.path / RUN_MARKER).read_text())
+        write_atomically(self.path / RUN_MARKER, json.dumps({**marker, "processes": processes}, indent=2) + "\n")
+
+    def saved_something(self) -> bool:
+        return any((self.path / "checkpoints").glob("checkpoint-*")) or (self.path / "adapter").exists()
+
+    def finish(self, failed: bool) -> None:
+        """Keep or undo: a failed run that saved nothing leaves things as they were before it started."""
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_atomically(run_dir / "recipe.yaml", resolved_recipe_text(recipe))
-        except OSError as exc:
-            raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir}: {exc.strerror}") from None
+            if failed and not self.saved_something():
+                self.roll_back()
+            elif self.replaced is not None:
+                shutil.rmtree(self.replaced)
+                log.info("training.overwrite=true: the earlier run that was in %s is deleted", self.path)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def roll_back(self) -> None:
+        if self.found == "missing" and self.path.is_dir():
+            shutil.rmtree(self.path)
+        elif self.found == "empty":  # everything in it is this run's
+            for child in self.path.iterdir():
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        elif self.found == "run" and self.replaced is None:
+            return  # a resumed run keeps all it had
+        if self.replaced is not None:
+            os.replace(self.replaced, self.path)
+            log.info("training.overwrite=true: the new run saved nothing, so the earlier run is back in %s", self.path)
+        else:
+            log.info("removed what this run wrote in %s: it failed before saving anything", self.path)
+
+
+class RunLock:
+    """An exclusive lock on a run name for the life of a run (`fcntl.flock`, released by the kernel when the process
+    dies, so a stale lock file from a killed run is simply taken over). The file names the owner's pid and host."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.handle = None
+
+    def acquire(self, run_dir: Path) -> None:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise RecipeError(f"run folder {run_dir} is in use by a run that is still going ({owner}); wait for it "
+                              "to finish or stop it, or give this run another training.run_name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock; the file stays, naming no live owner
+            self.handle = None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder qlora-kit made for a run: it holds the run marker (or, from versions before the marker, the resolved
+    recipe.yaml only qlora-kit writes)."""
+    if (folder / RUN_MARKER).is_file():
+        return True
+    recipe = folder / "recipe.yaml"
+    try:
+        return recipe.is_file() and recipe.read_text(errors="replace").startswith("# Resolved from ")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def open_run_folder(recipe: Recipe, state=None) -> Iterator[RunFolder]:
+    """Lock the run name, then create or reuse its folder; on an error, undo what this process did and nothing else.
+
+    Nothing is deleted here: overwrite=true moves an earlier run aside, and it is deleted only once the new run has
+    saved a checkpoint or finished. Under `accelerate launch` only the main process touches the folder; the others
+    wait for it (a barrier on each side)."""
+    main = state is None or state.is_main_process
+    run = prepare_run_dir(recipe, main)
     if state is not None:
         state.wait_for_everyone()
-    return run_dir
+    failed = True
+    try:
+        yield run
+        failed = False
+    finally:
+        if main:
+            run.finish(failed)
+
+
+def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
+    """Decide what to do with the run folder before any data or weights load; refuse what would lose work."""
+    run_dir, t = recipe.run_dir, recipe.training
+    if not main:
+        return RunFolder(run_dir, "run")  # only the main process creates or removes anything
+    lock = RunLock(run_dir.with_name(f".{run_dir.name}.lock"))
+    try:
+        lock.acquire(run_dir)
+    except OSError as exc:
+        raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir.parent}: "
+                          f"{exc.strerror}") from None
+    try:
+        return claim_run_dir(recipe, run_dir, t.overwrite, t.resume == "auto", lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def claim_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool, lock: RunLock) -> RunFolder:
+    where = f"{recipe.source}: training.run_name"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RecipeError(f"{where}: {run_dir} is a file, not a folder; pick another training.run_name")
+    existing = run_dir.is_dir() and any(run_dir.iterdir())
+    if existing and not is_run_folder(run_dir):
+        raise RecipeError(f"{where}: {run_dir} exists and is not a qlora-kit run folder (no {RUN_MARKER}); "
+                          "qlora-kit never replaces or writes into a folder it did not create. Pick another "
+                          "training.run_name or training.output_dir, or move that folder away yourself")
+    if existing and not overwrite and not resume:
+        raise RecipeError(f"{where}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
+                          "replace it with training.overwrite=true, or pick another training.run_name")
+    if existing and resume:
+        check_resume_compatible(recipe, run_dir)
+    try:
+        if existing and overwrite:
+            aside = run_dir.with_name(f".{run_dir.name}.replaced-{int(time.time())}")
+            os.replace(run_dir, aside)
+            log.warning("training.overwrite=true: the earlier run in %s is moved aside to %s and deleted once this "
+                        "run has saved something (it comes back if this run fails first)", run_dir, aside.name)
+            run = RunFolder(run_dir, "missing", replaced=aside, lock=lock)
+        else:
+            run = RunFolder(run_dir, "run" if existing else "empty" if run_dir.is_dir() else "missing", lock=lock)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / RUN_MARKER).is_file():
+            write_atomically(run_dir / RUN_MARKER, json.dumps({
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "qlora_kit": library_versions()["qlora-kit"],
+                "host": socket.gethostname()}, indent=2) + "\n")
+    except OSError as exc:
+        raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir}: {exc.strerror}") from None
+    return run
+
+
+def check_resume_compatible(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse to resume with a recipe whose changes make the run's checkpoints meaningless; list each change."""
+    from qlora_kit.recipe import read_run_recipe
+
+    if not any((run_dir / "checkpoints").glob("checkpoint-*")):
+        return  # nothing to resume: any recipe may start here
+    before, after = flatten(recipe_to_dict(read_run_recipe(run_dir))), flatten(recipe_to_dict(recipe))
+    changed = [f"{key}: {before.get(key)!r} -> {after.get(key)!r}" for key in sorted(set(before) | set(after))
+               if before.get(key) != after.get(key) and key.startswith(tuple(f"{k}" for k in RESUME_INVARIANT_KEYS))]
+    if changed:
+        raise RecipeError(f"{recipe.source}: training.resume=auto: the run in {run_dir} was trained with another "
+                          "recipe, and its checkpoints do not fit these changes:\n  " + "\n  ".join(changed) +
+                          "\nUndo them to resume, or start a new run (another training.run_name, or "
+                          "training.overwrite=true to replace this one)")
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def resume_command(recipe: Recipe) -> str:
+    """The command that continues this run, ready to paste: the same recipe and overrides, plus resume=auto."""
+    keep = [o for o in recipe.overrides if o.split("=", 1)[0].strip() not in ("training.resume", "training.overwrite")]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = (["accelerate", "launch", "--num_processes", str(processes), "train.py"] if processes > 1
+                else ["qlora-kit", "train"])
+    return shlex.join([*launcher, recipe.source, *keep, "training.resume=auto"])
 
 
 def library_versions() -> dict[str, str]:
@@ -125,19 +301,40 @@ def resolved_recipe_text(recipe: Recipe) -> str:
 
 
 def checkpoint_is_complete(folder: Path) -> bool:
-    """A checkpoint is usable if qlora-kit marked it complete, or if the trainer got as far as its last file.
-
-    transformers writes `trainer_state.json` last, so a run killed mid-save leaves a folder without it (or with
-    weights that do not parse); such a folder is never resumed from.
-    """
-    if (folder / COMPLETE_MARKER).is_file():
-        return True
+    """Whether a checkpoint can be resumed from: every file qlora-kit recorded when it marked the checkpoint complete
+    is there with the same size and SHA-256; an unmarked one (killed before the marker) needs the trainer's last file
+    and weights whose headers parse."""
+    marker = folder / COMPLETE_MARKER
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        if isinstance(files, list):  # written before sizes and hashes were recorded
+            return all((folder / name).is_file() for name in files) and all(
+                safetensors_header_ok(p) for p in folder.glob("*.safetensors"))
+        return all(file_matches(folder / name, facts) for name, facts in files.items())
     try:
         json.loads((folder / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
     weights = [p for p in folder.glob("*.safetensors")]
     return bool(weights) and all(safetensors_header_ok(p) for p in weights)
+
+
+def file_matches(path: Path, facts: dict[str, Any]) -> bool:
+    try:
+        return path.stat().st_size == facts["size"] and sha256_of(path) == facts["sha256"]
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def safetensors_header_ok(path: Path) -> bool:
@@ -151,17 +348,20 @@ def safetensors_header_ok(path: Path) -> bool:
 
 
 def mark_checkpoint_complete(folder: Path) -> None:
-    """fsync every file of a finished checkpoint, then write the marker: after this it survives a power cut."""
-    for path in folder.rglob("*"):
-        if path.is_file():
+    """fsync every file of a finished checkpoint, then record each one's size and hash in the marker: after this it
+    survives a power cut, and a file damaged later is noticed before a resume loads it."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.name != COMPLETE_MARKER:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-    write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": sorted(
-        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())}) + "\n")
+            files[str(path.relative_to(folder))] = {"size": path.stat().st_size, "sha256": sha256_of(path)}
+    write_atomically(folder / COMPLETE_MARKER, json.dumps({"files": files}, indent=1) + "\n")
 
 
 def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
-    """The newest complete checkpoint; incomplete ones are renamed aside with a warning, never loaded."""
+    """The newest checkpoint whose files check out; a damaged or incomplete one is moved aside with a warning and
+    the one before it is used."""
     from transformers.trainer_utils import get_last_checkpoint
 
     checkpoints = run_dir / "checkpoints"
@@ -171,8 +371,11 @@ def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
         if checkpoint_is_complete(Path(last)):
             log.info("resuming from %s", last)
             return last
-        aside = Path(f"{last}.incomplete-{int(time.time())}")
-        log.warning("%s is incomplete (the run stopped while saving it); skipping it, moved to %s", last, aside.name)
+        damaged = (Path(last) / COMPLETE_MARKER).is_file()
+        aside = Path(f"{last}.{'damaged' if damaged else 'incomplete'}-{int(time.time())}")
+        log.warning("%s is %s; skipping it (moved to %s) and resuming from the checkpoint before it, if any", last,
+                    "damaged (its files no longer match what was saved)" if damaged
+                    else "incomplete (the run stopped while saving it)", aside.name)
         os.replace(last, aside)
     log.info("training.resume=auto: no checkpoint in %s yet; starting from scratch", checkpoints)
     return None

@@ -19,7 +19,7 @@ from qlora_kit.data import PreparedData
 from qlora_kit.model import liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import DEFAULT_BETA, QloraKitError, Recipe, RecipeError, method_config_class
 from qlora_kit.rewards import build_rewards
-from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete
+from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
 from qlora_kit.speed import (
     CheckpointSettings,
     Speedups,
@@ -522,8 +522,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path) -> dict[str, float]:
                             "training.max_grad_norm > 0, or check the data for empty/garbage rows")
     if guard.stop_signal is not None:
         raise TrainingInterrupted(f"stopped by {guard.stop_signal} at step {trainer.state.global_step}; checkpoint "
-                                  f"saved in {guard.last_saved}. Resume with: qlora-kit train {recipe.source} "
-                                  "training.resume=auto")
+                                  f"saved in {guard.last_saved}. Resume with: {resume_command(recipe)}")
     summary = {"train_loss": mean_logged_loss(run_dir / "metrics.jsonl", result.training_loss),
                "global_step": result.global_step, **callback_of(trainer, MetricsLog).throughput(),
                "kept_activation_layers": kept_activation_layers(trainer)}

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dequant_kernel_bench import SHAPES_8B  # noqa: E402  (out, in) of each Llama-3-8B projection
+from bench_common import projection_shapes  # noqa: E402  (scripts/ is not a package)
+
+SHAPES_8B = projection_shapes("8b")  # (out, in) of each Llama-3-8B projection
 
 
 def timed(fn, iters: int) -> float:

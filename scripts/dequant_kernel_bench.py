@@ -14,15 +14,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-SHAPES_8B = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
-             "down_proj": (4096, 14336)}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import gpu_ms, projection_shapes  # noqa: E402  (scripts/ is not a package)
 
 
 def gpu_us(fn, repeats: int = 50) -> float:
     """Call-to-call GPU time (events around back-to-back calls: host-bound calls show their host time)."""
-    from layer_host_time import gpu_ms
-
     return 1000 * gpu_ms(fn, repeats)
 
 
@@ -51,7 +48,7 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time other program sizes and warp counts")
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    for name, shape in SHAPES_8B.items():
+    for name, shape in projection_shapes("8b").items():
         weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         same = torch.equal(nf4_dequantize(packed, state), bnb.functional.dequantize_4bit(packed, state))

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import SHAPES, gpu_ms  # noqa: E402  (scripts/ is not a package)
 
 
 def build_layer(folder: Path, liger: bool):
@@ -28,8 +30,9 @@ def build_layer(folder: Path, liger: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
     if not (folder / "config.json").exists():
-        config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                             num_hidden_layers=1, vocab_size=256, rope_theta=500000.0)
+        shape = {key: SHAPES["8b"][key] for key in ("hidden_size", "intermediate_size", "num_attention_heads",
+                                                      "num_key_value_heads", "rope_theta")}
+        config = LlamaConfig(**shape, num_hidden_layers=1, vocab_size=256)
         LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
@@ -76,19 +79,6 @@ def host_ms(step, repeats: int = 30) -> float:
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return 1000 * best
-
-
-def gpu_ms(step, repeats: int = 10) -> float:
-    for _ in range(2):
-        step()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        step()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def kernel_table(step, rows: int = 25) -> str:

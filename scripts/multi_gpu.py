@@ -1,7 +1,7 @@
 """Multi-GPU proof through `accelerate launch`: DDP and FSDP-QLoRA against one GPU, same recipe, same global batch.
 
-One command on a 2-GPU machine (device kind nvidia-h100-x2 / nvidia-h200-x2). It reuses bench.py's random-weight
-model of a real shape and its exactly-`seq`-token chat rows, then runs qlora-kit's real CLI three ways:
+One command on a 2-GPU machine (device kind nvidia-h100-x2 / nvidia-h200-x2). It reuses bench_common.py's
+random-weight model of a real shape and its exactly-`seq`-token chat rows, then runs qlora-kit's real CLI three ways:
 
   single  `python -m qlora_kit train R training.batch_size=B training.gradient_accumulation_steps=2`  (1 GPU)
   ddp     `accelerate launch --config_file recipes/accelerate/ddp.yaml train.py R training.batch_size=B`
@@ -27,91 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import struct
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402  (the shapes, tokenizer, data and subprocess runner are bench.py's)
+import bench_common as common  # noqa: E402  (scripts/ is not a package)
+from bench_common import ROOT, SHAPES, fmt  # noqa: E402
 
-ROOT = bench.ROOT
 MODES = ("single", "ddp", "fsdp")
 LOSS_TOLERANCE = {"ddp": 0.01, "fsdp": 0.02}  # relative, per step; FSDP keeps LoRA weights in bf16 (no fp32 masters)
-
-
-def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], Any]]) -> int:
-    """A bf16 safetensors file; tensors given as None are left as holes (zeros that take no disk)."""
-    import torch
-
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, (shape, _) in tensors.items():
-        size = 2 * int(math.prod(shape))
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with path.open("wb") as handle:
-        handle.write(struct.pack("<Q", len(text)) + text)
-        start = handle.tell()
-        for name, (_, value) in tensors.items():
-            if value is not None:
-                handle.seek(start + header[name]["data_offsets"][0])
-                handle.write(value.contiguous().view(torch.int16).numpy().tobytes())
-        handle.truncate(start + offset)
-    return offset
-
-
-def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict[str, Any]:
-    """The shape's checkpoint with hole-filled decoder linears (see the module docstring)."""
-    import torch
-    from transformers import AutoTokenizer, GenerationConfig
-
-    if (folder / "config.json").is_file():
-        return {"reused": True}
-    start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    config, ids = bench.shape_config(shape, tokenizer)
-    config.dtype = "bfloat16"
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
-    folder.mkdir(parents=True, exist_ok=True)
-    generator = torch.Generator().manual_seed(0)
-
-    def random(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
-
-    shards: list[dict[str, tuple[list[int], Any]]] = [{
-        "model.embed_tokens.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
-        "lm_head.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
-        "model.norm.weight": ([h], torch.ones(h, dtype=torch.bfloat16))}]
-    for layer in range(config.num_hidden_layers):
-        if layer % 8 == 0:
-            shards.append({})
-        prefix = f"model.layers.{layer}."
-        shards[-1].update({
-            prefix + "input_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
-            prefix + "post_attention_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
-            prefix + "self_attn.q_proj.weight": ([h, h], None), prefix + "self_attn.k_proj.weight": ([kv, h], None),
-            prefix + "self_attn.v_proj.weight": ([kv, h], None), prefix + "self_attn.o_proj.weight": ([h, h], None),
-            prefix + "mlp.gate_proj.weight": ([i, h], None), prefix + "mlp.up_proj.weight": ([i, h], None),
-            prefix + "mlp.down_proj.weight": ([h, i], None)})
-    weight_map, total = {}, 0
-    for number, tensors in enumerate(shards, 1):
-        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        total += write_sparse_safetensors(folder / name, tensors)
-        weight_map.update(dict.fromkeys(tensors, name))
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    GenerationConfig(**ids).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    config.save_pretrained(folder)
-    parameters = total // 2
-    return {"parameters": parameters, "checkpoint_gib_logical": round(total / 2**30, 1), "sparse": True,
-            "build_s": round(time.perf_counter() - start, 1)}
 
 
 def launch_command(mode: str, recipe: Path, batch: int, gpus: int) -> list[str]:
@@ -133,14 +59,14 @@ def run_mode(mode: str, recipe: dict[str, Any], work: Path, batch: int, gpus: in
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_dir = Path(recipe["training"]["output_dir"]) / f"multi_{mode}"
     env_command = launch_command(mode, recipe_path, batch, gpus)
-    status, _, tail, seconds = bench.run_logged(env_command, timeout, mode)
+    status, _, tail, seconds = common.run_logged(env_command, timeout, mode)
     record: dict[str, Any] = {"mode": mode, "command": " ".join(env_command), "wall_s": round(seconds, 1),
                               "gpus": 1 if mode == "single" else gpus}
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
-        return {**record, "error": bench.error_summary(status, tail), "log_tail": tail[-25:]}
+        return {**record, "error": common.error_summary(status, tail), "log_tail": tail[-25:]}
     adapter = run_dir / "adapter" / "adapter_model.safetensors"
-    return {**record, **bench.run_measurements(run_dir), "error": None,
+    return {**record, **common.run_measurements(run_dir), "error": None,
             "adapter_bytes": adapter.stat().st_size if adapter.is_file() else None}
 
 
@@ -155,10 +81,6 @@ def compare_to_single(runs: list[dict[str, Any]]) -> None:
                                         and run["max_relative_loss_diff"] <= LOSS_TOLERANCE[run["mode"]])
         run["scaling_vs_single"] = run["tokens_per_second"] / single["tokens_per_second"]
         run["memory_vs_single"] = run["peak_gpu_memory_gib"] / single["peak_gpu_memory_gib"]
-
-
-def fmt(value: Any, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -193,7 +115,7 @@ def write_outputs(results: dict[str, Any], out: Path) -> None:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="1b", choices=list(bench.SHAPES))
+    parser.add_argument("--shape", default="1b", choices=list(SHAPES))
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=4, help="micro-batch per GPU")
     parser.add_argument("--steps", type=int, default=12)
@@ -202,7 +124,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", default="multi_gpu_out")
     parser.add_argument("--work", default="/tmp/qlora_multi")
     parser.add_argument("--run-timeout", type=float, default=400)
-    parser.add_argument("--fit", default=None, choices=list(bench.SHAPES),
+    parser.add_argument("--fit", default=None, choices=list(SHAPES),
                         help="instead: FSDP-QLoRA of this shape from a sparse checkpoint, batch 1, --steps steps")
     parser.add_argument("--deadline", type=float, default=None, help="stop starting runs after this many seconds")
     args = parser.parse_args(argv)
@@ -214,24 +136,20 @@ def main(argv: list[str]) -> None:
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    status, env, tail, _ = bench.run_logged([sys.executable, bench.__file__, "env"], 120, "environment")
-    if status != 0:
-        raise SystemExit(f"could not read the environment: {bench.error_summary(status, tail)}")
-    gpu = env.get("gpu") != "none (CPU)"
-    tokenizer = bench.build_tokenizer(work / "tokenizer")
-    rows = args.steps * args.batch * args.gpus + 8
-    data = bench.write_dataset(tokenizer, work / f"chat_s{args.seq}_r{rows}.jsonl", args.seq, rows)
+    env = common.read_environment()
+    data = common.chat_data(work, args.seq, args.steps * args.batch * args.gpus + 8)
     if args.fit:
         args.shape, args.batch, modes = args.fit, 1, ["fsdp"]
         model = work / "models" / f"{args.fit}_sparse"
-        build = build_sparse_model(args.fit, model, work / "tokenizer")
+        build = common.build_sparse_model(args.fit, model, work / "tokenizer")
         print(f"sparse {args.fit} checkpoint: {build}", flush=True)
     else:
-        model, build = bench.ensure_model(args.shape, work, args.run_timeout, args.seq)
-    recipe = bench.qlora_kit_recipe(model, Path(data["path"]), work, args.shape, args.seq, args.batch, args.steps, gpu)
-    settings = {"shape": args.shape, "label": bench.SHAPES[args.shape]["label"], "seq": args.seq,
+        model, build = common.ensure_model(args.shape, work, args.run_timeout, args.seq)
+    recipe = common.qlora_kit_recipe(model, Path(data["path"]), work, args.shape, args.seq, args.batch, args.steps,
+                              env["has_gpu"])
+    settings = {"shape": args.shape, "label": SHAPES[args.shape]["label"], "seq": args.seq,
                 "batch": args.batch, "gpus": args.gpus, "steps": args.steps, "fit": bool(args.fit)}
-    results: dict[str, Any] = {"date": env["date"], "env": env, "code": bench.code_version(), "settings": settings,
+    results: dict[str, Any] = {"date": env["date"], "env": env, "code": common.code_version(), "settings": settings,
                                "model": build, "runs": []}
     for mode in modes:
         left = args.deadline - (time.perf_counter() - start) if args.deadline else args.run_timeout

@@ -77,7 +77,14 @@ def unwritable_output(make_recipe, tmp: Path):
 def existing_run(make_recipe, tmp: Path):
     recipe = load_recipe(make_recipe())
     recipe.run_dir.mkdir(parents=True)
-    (recipe.run_dir / "recipe.yaml").write_text("model: {name: x}\n")
+    (recipe.run_dir / "qlora_kit_run.json").write_text("{}\n")
+    return run_training(recipe)
+
+
+def overwrite_of_a_folder_qlora_kit_did_not_create(make_recipe, tmp: Path):
+    recipe = load_recipe(make_recipe(), ["training.overwrite=true"])
+    recipe.run_dir.mkdir(parents=True)
+    (recipe.run_dir / "recipe.yaml").write_text("model: {name: x}\n")  # looks like a recipe, is not our run
     return run_training(recipe)
 
 
@@ -185,6 +192,8 @@ CASES = [
     Case("output folder not writable", unwritable_output, RecipeError, r"training.output_dir: cannot write"),
     Case("existing run folder", existing_run, RecipeError,
          r"already exists. Continue it with training.resume=auto, replace it with training.overwrite=true"),
+    Case("overwrite of a folder qlora-kit did not create", overwrite_of_a_folder_qlora_kit_did_not_create,
+         RecipeError, r"is not a qlora-kit run folder \(no qlora_kit_run.json\); qlora-kit never replaces"),
     Case("bf16 on a GPU without bf16", bf16_on_a_gpu_without_it, RecipeError,
          r"bf16 is not supported by Tesla T4; use fp16 or auto"),
     Case("CUDA out of memory", out_of_memory, QloraKitError,
@@ -202,8 +211,11 @@ CASES = [
 def test_bad_input_fails_with_an_actionable_message(case: Case, make_recipe, tmp_path):
     with pytest.raises(case.error, match=case.message):
         case.run(make_recipe, tmp_path)
-    if case.name != "existing run folder":  # that one is the user's own folder, and must stay
+    if case.name not in ("existing run folder", "overwrite of a folder qlora-kit did not create"):
         assert not (tmp_path / "outputs" / "tiny").exists(), "a failed run left a folder behind"
+    else:  # the user's own folder, and it must stay as it was
+        assert sorted(p.name for p in (tmp_path / "outputs" / "tiny").iterdir()) in (["qlora_kit_run.json"],
+                                                                                     ["recipe.yaml"])
 
 
 def test_the_catalogue_covers_at_least_thirty_distinct_bad_inputs():

@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from qlora_kit.recipe import RecipeError, load_recipe, recipe_reference, recipe_to_dict
-from qlora_kit.rundir import prepare_run_dir
 
 
 def recipe_error(path: Path, *overrides: str) -> str:
@@ -301,49 +300,6 @@ def test_resume_and_overwrite_together_are_refused(make_recipe):
 
 
 # ------------------------------------------------------------------------------------------------ run folder
-
-
-def test_new_run_folder_gets_the_resolved_recipe(make_recipe, tmp_path):
-    recipe = load_recipe(make_recipe("first"))
-
-    run_dir = prepare_run_dir(recipe)
-
-    assert run_dir == tmp_path / "outputs" / "first"
-    written = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    assert written["lora"]["r"] == 8
-    assert written["training"]["resume"] == "never"
-    assert {"torch", "transformers", "peft", "trl", "bitsandbytes"} <= set(written["versions"])
-
-
-def test_existing_run_folder_refuses_to_start_without_resume_or_overwrite(make_recipe):
-    path = make_recipe("again")
-    prepare_run_dir(load_recipe(path))
-
-    with pytest.raises(RecipeError) as caught:
-        prepare_run_dir(load_recipe(path))
-
-    message = str(caught.value)
-    assert "already exists" in message
-    assert "training.resume=auto" in message and "training.overwrite=true" in message
-
-
-def test_existing_run_folder_is_reused_with_resume_auto(make_recipe):
-    path = make_recipe("again")
-    run_dir = prepare_run_dir(load_recipe(path))
-    (run_dir / "checkpoints").mkdir()
-
-    assert prepare_run_dir(load_recipe(path, ["training.resume=auto"])) == run_dir
-    assert (run_dir / "checkpoints").is_dir()
-
-
-def test_existing_run_folder_is_replaced_with_overwrite(make_recipe):
-    path = make_recipe("again")
-    run_dir = prepare_run_dir(load_recipe(path))
-    (run_dir / "stale.txt").write_text("old run")
-
-    assert prepare_run_dir(load_recipe(path, ["training.overwrite=true"])) == run_dir
-    assert not (run_dir / "stale.txt").exists()
-    assert (run_dir / "recipe.yaml").is_file()
 
 
 def test_run_name_overrides_recipe_file_name(make_recipe, tmp_path):

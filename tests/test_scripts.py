@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -16,12 +17,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 def test_sparse_checkpoint_loads_with_holes_for_decoder_linears(tmp_path):
     """`multi_gpu.py --fit` builds big shapes without the disk: decoder linears are holes that read as zeros."""
-    import bench
-    import multi_gpu
+    from bench_common import build_sparse_model, build_tokenizer
     from transformers import AutoModelForCausalLM
 
-    bench.build_tokenizer(tmp_path / "tokenizer")
-    info = multi_gpu.build_sparse_model("tiny", tmp_path / "model", tmp_path / "tokenizer")
+    build_tokenizer(tmp_path / "tokenizer")
+    info = build_sparse_model("tiny", tmp_path / "model", tmp_path / "tokenizer")
     shards = list((tmp_path / "model").glob("*.safetensors"))
     logical = sum(p.stat().st_size for p in shards)
     on_disk = sum(p.stat().st_blocks * 512 for p in shards)
@@ -76,14 +76,14 @@ def test_bench_variant_defaults_is_qlora_kits_own_defaults_and_nothing_else():
 def test_long_context_probe_model_has_rope_scaling_that_qlora_kit_accepts(tmp_path, make_recipe):
     """Rows longer than the shape's positions get a Llama-3.1-style RoPE-scaled checkpoint, which passes
     qlora-kit's max_length check instead of being refused."""
-    import bench
+    from bench_common import build_tokenizer, cmd_build_model
     from transformers import AutoConfig
 
     from qlora_kit.model import check_model_config
     from qlora_kit.recipe import load_recipe
 
-    bench.build_tokenizer(tmp_path / "tokenizer")
-    bench.cmd_build_model("tiny", str(tmp_path / "model"), str(tmp_path / "tokenizer"), "5000")
+    build_tokenizer(tmp_path / "tokenizer")
+    cmd_build_model("tiny", str(tmp_path / "model"), str(tmp_path / "tokenizer"), "5000")
     config = AutoConfig.from_pretrained(tmp_path / "model")
     assert config.max_position_embeddings == 3 * 2048 >= 5000
     assert config.rope_parameters["rope_type"] == "llama3" and config.rope_parameters["factor"] == 3.0
@@ -127,3 +127,28 @@ def test_gpu_idle_report_blames_the_host_op_open_when_the_gpu_ran_dry():
     lines = report.splitlines()[2:]
     assert "1.0 ms" in lines[0] and lines[0].endswith("aten::empty")  # innermost op open at the gap's start
     assert "0.1 ms" in lines[1] and lines[1].endswith("aten::item")
+
+
+def test_scripts_import_only_the_shared_helper_module_which_imports_no_script():
+    """No import circles among the scripts: each imports at most bench_common (their shared helpers), and
+    bench_common imports none of them."""
+    scripts = {path.stem: path for path in (ROOT / "scripts").glob("*.py")}
+    imported = {}
+    for name, path in scripts.items():
+        modules = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                modules.add(node.module)
+        imported[name] = modules & set(scripts)
+    assert imported.pop("bench_common") == set()
+    assert {name: found for name, found in imported.items() if found - {"bench_common"}} == {}
+    assert "bench_common" in imported["bench"] and "bench_common" in imported["multi_gpu"]
+
+
+def test_projection_shapes_are_the_llama_3_8b_weights():
+    from bench_common import projection_shapes
+
+    assert projection_shapes("8b") == {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096),
+                                       "gate_proj/up_proj": (14336, 4096), "down_proj": (4096, 14336)}

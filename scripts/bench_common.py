@@ -1,0 +1,464 @@
+"""What the GPU scripts share: model shapes, the random-weight checkpoints and chat data they train on, the child
+process runner, and qlora-kit's recipe and run-folder readings. The scripts import this module and never each other.
+
+  python scripts/bench_common.py env                                   # versions and device as one JSON line
+  python scripts/bench_common.py build-model SHAPE FOLDER TOKENIZER [SEQ]   # a random-weight checkpoint
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Real Llama shapes; rope scaling and max positions do not change the cost of a 2048-token step.
+SHAPES: dict[str, dict[str, Any]] = {
+    "70b": dict(label="Llama-3-70B", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                rope_theta=500000.0, tie_word_embeddings=False),
+    "8b": dict(label="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+               rope_theta=500000.0, tie_word_embeddings=False),
+    "3b": dict(label="Llama-3.2-3B", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+               rope_theta=500000.0, tie_word_embeddings=True),
+    "1b": dict(label="Llama-3.2-1B", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+               rope_theta=500000.0, tie_word_embeddings=True),
+    "tiny": dict(label="tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=8192, max_position_embeddings=2048, rope_theta=500000.0,
+                 tie_word_embeddings=False),
+}
+
+# The seed recipe's settings, shared by both paths.
+LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+LEARNING_RATE, SCHEDULER, WARMUP, SEED = 2e-4, "cosine", 0.03, 42
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["[UNK]", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+COMMON_WORDS = (  # noqa: SIM905 (a sentence reads better than 150 quoted words)
+    "the of and to in a is that for it as was with be by on not he i this are or his from at which but have an they "
+    "you were her she there one all we their been has when who will more no if out so said what up its about into "
+    "than them can only other new some could time these two may then do first any my now such like our over man me "
+    "even most made after also did many before must through back years where much your way well down should because "
+    "each just those people how too little state good very make world still own see men work long get here between "
+    "both life being under never day same another know while last might us great old year off come since against go "
+    "came right used take three user assistant system"
+).split()
+
+
+# --------------------------------------------------------------------------------------------------- tokenizer and data
+
+
+def vocabulary(size: int = 2000) -> list[str]:
+    """Common English words plus pronounceable made-up ones: text-like, and one word is always one token."""
+    rng = random.Random(0)
+    onsets = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "br", "cl", "dr", "fr",
+              "gr", "pl", "st", "tr"]
+    vowels = ["a", "e", "i", "o", "u", "ai", "ea", "ou"]
+    codas = ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng"]
+    words = list(dict.fromkeys(COMMON_WORDS))
+    seen = set(words)
+    while len(words) < size:
+        word = "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) + rng.choice(codas)
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def build_tokenizer(folder: Path):
+    """A word-level fast tokenizer with a ChatML template; ids stay far below the models' vocab size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = vocabulary()
+    tokens = SPECIALS + words + [w.capitalize() for w in words] + [".", ",", "?", "!", ":", ";"]
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.add_special_tokens(SPECIALS)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|pad|>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def sentence_tokens(rng: random.Random, words: list[str], weights: list[float], budget: int) -> list[str]:
+    """Exactly `budget` tokens of Zipf-distributed words in sentences (punctuation is a token of its own)."""
+    out: list[str] = []
+    while len(out) < budget:
+        length = min(rng.randint(6, 24), budget - len(out))
+        if length == 1:
+            out.append(rng.choices(words, weights)[0])
+            break
+        sentence = rng.choices(words, weights, k=length - 1)
+        sentence[0] = sentence[0].capitalize()
+        out += sentence + [rng.choice(".....?!")]
+    return out
+
+
+def join_tokens(tokens: list[str]) -> str:
+    text = ""
+    for token in tokens:
+        text += token if token in ".,?!:;" or not text else " " + token
+    return text
+
+
+def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
+    """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens."""
+    rng = random.Random(1234)
+    words = vocabulary()
+    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]
+    overhead = len(tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"]) - 2
+    lengths, unknown = [], 0
+    unk = tokenizer.convert_tokens_to_ids("[UNK]")
+    with path.open("w") as handle:
+        for _ in range(rows):
+            user = rng.randint(seq // 8, seq // 4)
+            messages = [{"role": "user", "content": join_tokens(sentence_tokens(rng, words, weights, user))},
+                        {"role": "assistant",
+                         "content": join_tokens(sentence_tokens(rng, words, weights, seq - overhead - user))}]
+            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            lengths.append(len(ids))
+            unknown += ids.count(unk)
+            handle.write(json.dumps({"messages": messages}) + "\n")
+    if min(lengths) != seq or max(lengths) != seq or unknown:
+        raise SystemExit(f"dataset rows are {min(lengths)}..{max(lengths)} tokens with {unknown} unknown (want "
+                         f"exactly {seq}, none unknown); fix the generator before timing anything")
+    return {"path": str(path), "rows": rows, "tokens_per_row": seq}
+
+
+
+def chat_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
+    """The tokenizer under work/tokenizer and `rows` chat rows of exactly `seq` tokens (see write_dataset)."""
+    tokenizer = build_tokenizer(work / "tokenizer")
+    return write_dataset(tokenizer, work / f"chat_s{seq}_r{rows}.jsonl", seq, rows)
+
+# ------------------------------------------------------------------------------------------------- random-weight models
+
+
+def shape_config(shape: str, tokenizer, seq: int = 0):
+    """(LlamaConfig of `shape` with the tokenizer's special ids, those ids); rows longer than the shape's positions
+    get positions for `seq`, RoPE-scaled the way Llama 3.1 scales them (a long-context probe)."""
+    from transformers import LlamaConfig
+
+    spec = {k: v for k, v in SHAPES[shape].items() if k != "label"}
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, initializer_range=0.02)
+    original = config.max_position_embeddings
+    if seq > original:
+        factor = -(-seq // original)
+        config.max_position_embeddings = factor * original
+        config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec["rope_theta"], "factor": float(factor),
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": original}
+    return config, ids
+
+
+def cmd_build_model(shape: str, folder: str, tokenizer_folder: str, seq: str = "0") -> None:
+    """Random bf16 model of `shape`, built on the GPU (CPU in fp32 without one), saved with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config, ids = shape_config(shape, tokenizer, int(seq))
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if cuda:
+        torch.cuda.synchronize()
+    built = time.perf_counter()
+    model.generation_config = GenerationConfig(**ids)
+    partial = Path(folder + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    os.replace(partial, folder)
+    os.sync()  # the checkpoint's dirty pages are written now, not by kernel threads during the first timed run
+    saved = time.perf_counter()
+    params = sum(p.numel() for p in model.parameters())
+    print("BENCH_JSON " + json.dumps({"parameters": params, "build_s": round(built - start, 1),
+                                      "save_s": round(saved - built, 1)}))
+
+
+def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], Any]]) -> int:
+    """A bf16 safetensors file; tensors given as None are left as holes (zeros that take no disk)."""
+    import torch
+
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (shape, _) in tensors.items():
+        size = 2 * int(math.prod(shape))
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(text)) + text)
+        start = handle.tell()
+        for name, (_, value) in tensors.items():
+            if value is not None:
+                handle.seek(start + header[name]["data_offsets"][0])
+                handle.write(value.contiguous().view(torch.int16).numpy().tobytes())
+        handle.truncate(start + offset)
+    return offset
+
+
+def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict[str, Any]:
+    """The shape's checkpoint with hole-filled decoder linears (see the module docstring)."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig
+
+    if (folder / "config.json").is_file():
+        return {"reused": True}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    config, ids = shape_config(shape, tokenizer)
+    config.dtype = "bfloat16"
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    shards: list[dict[str, tuple[list[int], Any]]] = [{
+        "model.embed_tokens.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
+        "lm_head.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
+        "model.norm.weight": ([h], torch.ones(h, dtype=torch.bfloat16))}]
+    for layer in range(config.num_hidden_layers):
+        if layer % 8 == 0:
+            shards.append({})
+        prefix = f"model.layers.{layer}."
+        shards[-1].update({
+            prefix + "input_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
+            prefix + "post_attention_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
+            prefix + "self_attn.q_proj.weight": ([h, h], None), prefix + "self_attn.k_proj.weight": ([kv, h], None),
+            prefix + "self_attn.v_proj.weight": ([kv, h], None), prefix + "self_attn.o_proj.weight": ([h, h], None),
+            prefix + "mlp.gate_proj.weight": ([i, h], None), prefix + "mlp.up_proj.weight": ([i, h], None),
+            prefix + "mlp.down_proj.weight": ([h, i], None)})
+    weight_map, total = {}, 0
+    for number, tensors in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        total += write_sparse_safetensors(folder / name, tensors)
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    GenerationConfig(**ids).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config.save_pretrained(folder)
+    parameters = total // 2
+    return {"parameters": parameters, "checkpoint_gib_logical": round(total / 2**30, 1), "sparse": True,
+            "build_s": round(time.perf_counter() - start, 1)}
+
+
+# --------------------------------------------------------------------------------------------------------- subprocesses
+
+
+def cmd_env() -> None:
+    """Versions and device, printed as one JSON line."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    info: dict[str, Any] = {"date": datetime.date.today().isoformat(), "python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "bitsandbytes", "peft", "trl", "accelerate", "datasets", "tokenizers",
+                 "liger-kernel"):
+        try:
+            info[name] = version(name)
+        except PackageNotFoundError:
+            info[name] = "not installed"
+    info["cuda"] = torch.version.cuda
+    # qlora-kit's step is short enough that the host CPU's kernel-launch rate shows in tokens/s: record the host
+    cpu = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+           if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    info["cpu"] = f"{cpu[0]} x{len(cpu)}" if cpu else "unknown"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        try:
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            info["driver"] = "unknown"
+    else:
+        info["gpu"] = "none (CPU)"
+    print("BENCH_JSON " + json.dumps(info))
+
+
+def run_logged(command: list[str], timeout: float, log_name: str) -> tuple[int | str, dict[str, Any], list[str], float]:
+    """Run a child in its own process group, echo its output, and return (status, its BENCH_JSON, tail, seconds)."""
+    print(f"\n=== {log_name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    result: dict[str, Any] = {}
+    quiet = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    # Own process group (not session): a timeout kills the child's whole tree, and the caller's kill still reaches it.
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               bufsize=1, process_group=0, env={**os.environ, **quiet})
+    deadline = start + timeout
+    status: int | str
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("BENCH_JSON "):
+                result = json.loads(line.removeprefix("BENCH_JSON "))
+                continue
+            sys.stdout.write(line)
+            tail.append(line.rstrip("\n"))
+            if time.perf_counter() > deadline:
+                raise subprocess.TimeoutExpired(command, timeout)
+        status = process.wait(timeout=max(1.0, deadline - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        status = f"timeout after {timeout:.0f} s"
+    sys.stdout.flush()
+    return status, result, list(tail), time.perf_counter() - start
+
+
+def error_summary(status: int | str, tail: list[str]) -> str:
+    """The line that says what went wrong (OOM, exception), else the exit status."""
+    for line in reversed(tail):
+        if any(key in line for key in ("OutOfMemoryError", "out of memory", "Error", "error:")):
+            return f"exit {status}: {line.strip()[:300]}"
+    return f"exit {status}"
+
+
+def code_version() -> dict[str, Any]:
+    """The qlora-kit commit measured, and whether its package had uncommitted changes (None where git is absent)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "qlora_kit"], cwd=ROOT, capture_output=True,
+                               text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "qlora_kit_changes": None}
+    if commit.returncode != 0:
+        return {"commit": None, "qlora_kit_changes": None}
+    return {"commit": commit.stdout.strip(), "qlora_kit_changes": dirty.stdout.split("\n")[:-1]}
+
+
+
+def read_environment() -> dict[str, Any]:
+    """`cmd_env` in a child process (this process never initialises CUDA), with `gpu` False on a CPU machine."""
+    status, env, tail, _ = run_logged([sys.executable, __file__, "env"], 120, "environment")
+    if status != 0:
+        raise SystemExit(f"could not read the environment: {error_summary(status, tail)}")
+    return {**env, "has_gpu": env.get("gpu") != "none (CPU)"}
+
+# ------------------------------------------------------------------------------------------------------- qlora-kit runs
+
+
+def ensure_model(shape: str, work: Path, timeout: float, seq: int = 0) -> tuple[Path, dict[str, Any]]:
+    """The shape's random checkpoint under work/models (built once); rows longer than the shape's positions get a
+    Llama-3.1-style RoPE-scaled copy (same cost per token: scaling only changes the rotary frequencies)."""
+    long = seq > SHAPES[shape]["max_position_embeddings"]
+    if shape == "70b" and not long:  # 140 GB of bf16 does not fit the disk: decoder linears become sparse holes
+        folder = work / "models" / "70b_sparse"
+        return folder, build_sparse_model(shape, folder, work / "tokenizer")
+    folder = work / "models" / (f"{shape}_pos{seq}" if long else shape)
+    if (folder / "config.json").is_file():
+        return folder, {"reused": True}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    status, result, tail, seconds = run_logged(
+        [sys.executable, __file__, "build-model", shape, str(folder), str(work / "tokenizer"), str(seq)], timeout,
+        f"build {shape}")
+    if status != 0:
+        raise RuntimeError(f"building the {shape} model failed: {error_summary(status, tail)}")
+    return folder, {**result, "wall_s": round(seconds, 1)}
+
+
+def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, batch: int, steps: int,
+                     gpu: bool) -> dict[str, Any]:
+    """The seed settings as a qlora-kit recipe."""
+    return {
+        "model": {"name": str(model), "attn_implementation": "sdpa"},
+        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                         "compute_dtype": "bf16" if gpu else "fp32"},
+        "lora": dict(LORA),
+        "data": {"datasets": [{"path": str(data)}], "loss_on": "all"},
+        "training": {"output_dir": str(work / "runs"), "run_name": f"{shape}_s{seq}_b{batch}", "max_length": seq,
+                     "batch_size": batch, "max_steps": steps, "learning_rate": LEARNING_RATE,
+                     "lr_scheduler": SCHEDULER, "warmup": WARMUP, "seed": SEED,
+                     "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch", "gradient_checkpointing": True,
+                     "logging_steps": 1, "save_steps": max(200, steps + 1), "overwrite": True},
+        "evaluation": {"metric": "none"},
+        "export": {"merge": False},
+        # every layer checkpointed, as on the plain path; `speed.keep_activations_layers=auto` (qlora-kit's default)
+        # spends the GPU's free memory on skipping recomputes instead
+        "speed": {"keep_activations_layers": 0},
+    }
+
+
+def run_measurements(run_dir: Path) -> dict[str, Any]:
+    """What a finished qlora-kit run folder says about speed, memory and loss (summary.json, metrics.jsonl)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"tokens_per_second": summary.get("train_tokens_per_second"),
+            "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
+            "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+            "kept_activation_layers": summary.get("kept_activation_layers"),
+            "step_seconds": summary.get("step_seconds"), "losses": [m["loss"] for m in metrics if "loss" in m]}
+
+
+def fmt(value: Any, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+# ----------------------------------------------------------------------------------------------- single kernels
+
+
+def projection_shapes(shape: str = "8b") -> dict[str, tuple[int, int]]:
+    """(out, in) of each decoder projection of a shape, the weights the fused LoRA layers dequantize."""
+    spec = SHAPES[shape]
+    hidden, inner = spec["hidden_size"], spec["intermediate_size"]
+    kv = spec["num_key_value_heads"] * hidden // spec["num_attention_heads"]
+    return {"q_proj/o_proj": (hidden, hidden), "k_proj/v_proj": (kv, hidden), "gate_proj/up_proj": (inner, hidden),
+            "down_proj": (hidden, inner)}
+
+
+def gpu_ms(step, repeats: int = 10) -> float:
+    """Milliseconds per call of `step` between CUDA events around back-to-back calls, after two warm-up calls."""
+    import torch
+
+    for _ in range(2):
+        step()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(repeats):
+        step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["env"]:
+        cmd_env()
+    elif sys.argv[1:2] == ["build-model"]:
+        cmd_build_model(*sys.argv[2:6])
+    else:
+        raise SystemExit(__doc__)

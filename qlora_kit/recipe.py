@@ -325,7 +325,7 @@ class GrpoSection:
                                           "multiple", min=2)
     max_prompt_length: int | None = option(
         512, help="prompts longer than this many tokens (chat template applied) are dropped and counted; null: "
-        "keep all", min=1)
+        "keep all. training.max_length becomes this + max_completion_length (the memory estimates read it)", min=1)
     max_completion_length: int = option(256, help="tokens generated per completion at most", min=1)
     temperature: float = option(1.0, help="sampling temperature of the completions", min=0, min_exclusive=True)
     top_p: float = option(1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass",
@@ -677,6 +677,9 @@ def check_grpo_settings(recipe: Recipe) -> None:
             f"{src}: grpo.num_generations: training.batch_size x gradient_accumulation_steps = {per_step} completions "
             f"per optimizer step must be a multiple of num_generations ({g.num_generations}): every prompt's "
             f"completions are scored as one group. E.g. set training.batch_size: {g.num_generations}")
+    if g.max_prompt_length is not None:
+        # trl reads no max_length for GRPO; the memory estimates (dry run, kept layers) size its sequences by it
+        t.max_length = g.max_prompt_length + g.max_completion_length
     from qlora_kit.rewards import build_rewards  # deferred: rewards.py imports this module
 
     build_rewards(recipe)

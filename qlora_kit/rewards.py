@@ -15,6 +15,7 @@ import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import re
 import sys
@@ -179,7 +180,7 @@ class RewardFunction:
                                 f"({self.row_range(rows)}); a reward returns a list with one number per completion")
         out = []
         for i, value in enumerate(values):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise QloraKitError(f"reward {self.label} returned {value!r} for "
                                     f"{self.describe_row(rows, i, completions)}; every reward must be a finite number")
             out.append(float(value))

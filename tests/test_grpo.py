@@ -196,13 +196,28 @@ def test_a_reward_returning_the_wrong_shape_or_values_stops_with_one_message(grp
 # ------------------------------------------------------------------------------------------------ training
 
 
-def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe):
+def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe, monkeypatch):
+    """Two steps of 2 prompts x 4 completions: each step samples its 8 completions in one `generate` call with the
+    KV cache; rewards, their spread, each reward and completion lengths are logged and plotted."""
+    from transformers import GenerationMixin
+
     from qlora_kit.pipeline import run_training
     from qlora_kit.report import write_report
 
+    calls = []
+    generate = GenerationMixin.generate
+
+    def recording_generate(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.generation_config
+        calls.append((kwargs["input_ids"].shape[0], config.use_cache is not False, config.do_sample))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording_generate)
     recipe = load_recipe(grpo_recipe(data={"validation": 4}, evaluation={"metric": "reward", "max_samples": 4,
                                                                        "max_new_tokens": 12}))
     summary = run_training(recipe)
+    # held-out prompts before (greedy), one sampled call of 8 completions per step, held-out prompts after
+    assert calls == [(4, True, False), (8, True, True), (8, True, True), (4, True, False)]
     logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
     assert [r["step"] for r in logged] == [1, 2] and summary["global_step"] == 2
     for record in logged:

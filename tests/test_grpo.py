@@ -37,7 +37,8 @@ def grpo_recipe(make_recipe, shout_prompts):
     of up to 12 tokens per step."""
 
     def write(name: str = "grpo", **sections):
-        grpo = {"rewards": REWARDS, "num_generations": 4, "max_completion_length": 12, **sections.pop("grpo", {})}
+        grpo = {"rewards": REWARDS, "num_generations": 4, "max_completion_length": 12, "max_prompt_length": 128,
+                **sections.pop("grpo", {})}
         data = {"datasets": [{"path": str(shout_prompts)}], "cache": False, **sections.pop("data", {})}
         training = {"batch_size": 8, "max_steps": 2, "learning_rate": 1e-2, **sections.pop("training", {})}
         return make_recipe(name, method="grpo", grpo=grpo, data=data, training=training,
@@ -209,7 +210,8 @@ def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe, monkey
 
     def recording_generate(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.generation_config
-        calls.append((kwargs["input_ids"].shape[0], config.use_cache is not False, config.do_sample))
+        sampled = bool(kwargs.get("do_sample", config.do_sample))
+        calls.append((kwargs["input_ids"].shape[0], config.use_cache is not False, sampled))
         return generate(self, *args, **kwargs)
 
     monkeypatch.setattr(GenerationMixin, "generate", recording_generate)
@@ -234,26 +236,39 @@ def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe, monkey
     assert {"grpo_reward.png", "grpo_reward_functions.png", "grpo_completion_length.png"} <= plots
 
 
-def test_grpo_resumes_from_a_checkpoint_on_the_same_curve(grpo_recipe):
-    """2 steps and a checkpoint, then resume=auto to step 3: step 3 generates, scores and trains exactly as in one
-    uninterrupted 3-step run (the sampler, the sampling RNG and the optimizer all come back)."""
+def test_grpo_killed_with_sigkill_resumes_on_the_same_curve(grpo_recipe):
+    """A GRPO run SIGKILLed after its first checkpoint, resumed with resume=auto: every step samples, scores and
+    trains exactly as an uninterrupted run does (the sampler, the sampling RNG and the optimizer all come back)."""
+    import signal
+
+    from test_reliability import start_training, wait_for
+
+    from qlora_kit.cli import main
     from qlora_kit.pipeline import run_training
+    from qlora_kit.rundir import COMPLETE_MARKER
 
-    training = {"save_steps": 2, "lr_scheduler": "constant", "logging_steps": 1}
-    short = {"max_completion_length": 6}
-    run_training(load_recipe(grpo_recipe("straight", grpo=short, training={**training, "max_steps": 3})))
-    run_training(load_recipe(grpo_recipe("resumed", grpo=short, training={**training, "max_steps": 2})))
-    resumed = load_recipe(grpo_recipe("resumed", grpo=short, training={**training, "max_steps": 3, "resume": "auto"}))
-    run_training(resumed)
+    sections = {"grpo": {"max_completion_length": 6},
+                "training": {"save_steps": 1, "lr_scheduler": "constant", "logging_steps": 1, "max_steps": 3,
+                             "save_total_limit": None}}
+    straight = load_recipe(grpo_recipe("straight", **sections))
+    run_training(straight)
+    path = grpo_recipe("killed", **sections)
+    checkpoints = load_recipe(path).run_dir / "checkpoints"
+    process = start_training(path)
+    wait_for(lambda: (checkpoints / "checkpoint-1" / COMPLETE_MARKER).exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (checkpoints / "checkpoint-3").exists(), "the kill must land before the run finished"
+    assert main(["train", str(path), "training.resume=auto"]) == 0
 
-    def curve(name):
+    def curve(run_dir):
         return {r["step"]: (r["loss"], r["reward"], r["completions/mean_length"])
-                for r in read_metrics(resumed.run_dir.parent / name) if "loss" in r}
+                for r in read_metrics(run_dir) if "loss" in r}
 
-    straight, again = curve("straight"), curve("resumed")
+    again, expected = curve(load_recipe(path).run_dir), curve(straight.run_dir)
     assert sorted(again) == [1, 2, 3]
     for step in (1, 2, 3):
-        assert again[step] == pytest.approx(straight[step], abs=1e-5), step
+        assert again[step] == pytest.approx(expected[step], abs=1e-5), step
 
 
 def test_a_reward_error_in_training_stops_the_run_with_the_row(grpo_recipe, tmp_path, shout_prompts):

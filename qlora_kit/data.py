@@ -660,8 +660,7 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
         stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
     train = tokenize_split(train_rows, tokenizer, recipe, "train", stats)
     evaluation = tokenize_split(eval_rows, tokenizer, recipe, "validation", stats) if eval_rows else None
-    conversations = [reference_conversation(r) for r in eval_rows
-                     if "messages" in r or "chosen" in r or r.get("label") is True]
+    conversations = [r["messages"] for r in reference_rows(eval_rows) if "messages" in r]
     data = PreparedData(train, evaluation, conversations, stats)
     log_stats(stats)
     if key:
@@ -675,6 +674,13 @@ def reference_conversation(row: Row) -> Conversation:
     if "messages" in row:
         return row["messages"]
     return row["prompt"] + row.get("chosen", row.get("completion"))
+
+
+def reference_rows(rows: list[Row]) -> list[Row]:
+    """Rows as SFT rows with reference answers (held-out loss and generation metrics): preference rows become the
+    prompt with its chosen (or desirable) answer; undesirable unpaired rows have no reference and are left out."""
+    return [row if "messages" in row or "text" in row else {"messages": reference_conversation(row)}
+            for row in rows if "messages" in row or "text" in row or "chosen" in row or row.get("label") is True]
 
 
 def tokenize_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
@@ -727,7 +733,8 @@ def log_stats(stats: dict) -> None:
         s = stats.get(split)
         if not s:
             continue
-        log.info("%s: %d rows, %d tokens (%d trained), longest %d", split, s["rows"], s["tokens"],
+        kind = "pairs" if "chosen_lengths" in s else "rows"
+        log.info("%s: %d %s, %d tokens (%d trained), longest %d", split, s["rows"], kind, s["tokens"],
                  s["trained_tokens"], s["lengths"][-1])
         if s["truncated"] or s["dropped_too_long"] or s["dropped_no_trained_tokens"]:
             log.warning("%s: training.max_length: %d rows truncated, %d dropped as too long, %d dropped with no "

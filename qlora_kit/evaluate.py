@@ -248,15 +248,15 @@ class EvalResult:
 
 def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str]:
     """Rows to evaluate on, and a description: `data_file`, or the run's own held-out split (same seed, same rows)."""
-    from qlora_kit.data import BadRows, load_rows, mix_sources, split_validation
+    from qlora_kit.data import BadRows, load_rows, mix_sources, reference_rows, split_validation
     from qlora_kit.recipe import DatasetSource
 
     try:
         if data_file is not None:
             if not Path(data_file).exists():
                 raise QloraKitError(f"--data: file not found: {data_file}")
-            rows = load_rows(DatasetSource(path=data_file), recipe.data.system_prompt)
-            return rows, data_file
+            rows = load_rows(DatasetSource(path=data_file), recipe.data.system_prompt, method=recipe.method)
+            return reference_rows(rows), data_file
         if recipe.data.validation is None:
             raise QloraKitError(f"{recipe.source}: the run has no held-out split (data.validation is null); pass "
                                 "--data FILE with reference answers")
@@ -264,7 +264,7 @@ def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str
         _, held_out = split_validation(mix_sources(recipe, bad), recipe)
     except OSError as exc:
         raise QloraKitError(f"{recipe.source}: cannot read the run's data ({exc}); pass --data FILE") from None
-    return held_out, f"the run's held-out split (data.validation: {recipe.data.validation})"
+    return reference_rows(held_out), f"the run's held-out split (data.validation: {recipe.data.validation})"
 
 
 @torch.no_grad()

@@ -256,6 +256,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
         callbacks.append(swap)  # checkpointing is switched on when training starts
     trainer_class = method_trainer_class(recipe.method)
     rewards = {"reward_funcs": build_rewards(recipe)} if recipe.method == "grpo" else {}
+    before_trl = {} if under_fsdp() else {name: p.detach().clone() for name, p in model.named_parameters()
+                                          if p.requires_grad and p.dtype == torch.float32}
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                             processing_class=tokenizer, callbacks=callbacks, **rewards)
     if recipe.method in ("dpo", "kto", "grpo"):
@@ -264,7 +266,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     clip_only_trainable_gradients(trainer, trainable)
     if not under_fsdp():
-        keep_adapter_weights_in_fp32(trainer.model)  # FSDP needs one dtype per shard: the compute dtype there
+        keep_adapter_weights_in_fp32(trainer.model, before_trl)  # FSDP needs one dtype per shard: the compute dtype
         zero_only_trainable_gradients(trainer.model, trainable)  # FSDP's flat parameters replace the model's own
         switch_modes_only_when_a_module_differs(trainer.model)  # FSDP wraps modules when training starts
     return trainer
@@ -480,15 +482,18 @@ def train_on_one_gpu_without_a_launcher(args) -> None:
         args._n_gpu = 1
 
 
-def keep_adapter_weights_in_fp32(model) -> None:
+def keep_adapter_weights_in_fp32(model, before_trl: dict[str, torch.Tensor] | None = None) -> None:
     """fp32 master weights for the adapter; bf16/fp16 compute comes from autocast.
 
     trl casts a quantized model's LoRA weights to bf16: small optimizer updates then vanish, fp16-only GPUs get bf16,
-    CPU runs compute the adapters in slow bf16, and a resumed run (peft reloads fp32) trains in another dtype.
+    CPU runs compute the adapters in slow bf16, and a resumed run (peft reloads fp32) trains in another dtype. The
+    weights as they were before trl's cast (`before_trl`) come back exactly: a continued `model.adapter` must start
+    where it ended, equal to its frozen reference copy.
     """
-    for param in model.parameters():
+    before_trl = before_trl or {}
+    for name, param in model.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+            param.data = before_trl[name] if name in before_trl else param.data.float()
 
 
 def callback_of(trainer, kind: type):
@@ -627,6 +632,8 @@ def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path
     adapter = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part, rank 0 gets them
     if not trainer.is_world_process_zero():
         return target
+    if "ref" in trainer.model.peft_config:  # trl's frozen reference copy (dpo, kto) is not trained
+        trainer.model.delete_adapter("ref")
     with atomic_folder(target) as partial:
         if fsdp:
             write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)

@@ -165,9 +165,10 @@ def test_each_method_computes_trl_s_own_loss_and_gradients_with_every_speed_leve
     torch.manual_seed(0)
     plain_model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
     trl_class = trl_trainer_class(method)
+    before_trl = {name: p.detach().clone() for name, p in plain_model.named_parameters() if p.requires_grad}
     plain = trl_class(model=plain_model, args=build_config(recipe, tmp_path / "plain", torch.float32, False),
                       train_dataset=Dataset.from_list(conversational_rows(method)), processing_class=tiny_tokenizer)
-    keep_adapter_weights_in_fp32(plain.model)  # trl casts a quantized model's adapter to bf16; qlora-kit keeps fp32
+    keep_adapter_weights_in_fp32(plain.model, before_trl)  # trl casts a quantized model's adapter to bf16
     for trainer in (ours, plain):  # the reference is the base; the policy moves away from it
         torch.manual_seed(1)
         with torch.no_grad():
@@ -305,3 +306,100 @@ def test_the_dry_run_counts_pairs_shows_their_lengths_and_marks_the_scored_token
     assert "chosen p50" in text and "rejected p50" in text
     assert "example 0, prompt + chosen (scored tokens inside ⟦ ⟧):" in text
     assert "⟦APPLE RIVER<|im_end|>\n⟧" in text  # the answer and its end of turn, never the prompt
+
+
+# ------------------------------------------------------------------------------------------- model.adapter
+
+
+def test_dpo_continues_an_sft_run_s_adapter_with_that_adapter_as_its_reference(make_recipe, pairs_file,
+                                                                              finished_run):
+    from safetensors.torch import load_file
+
+    sections = method_sections("dpo", pairs_file, max_steps=1, logging_steps=1)
+    recipe = load_recipe(make_recipe(**sections, model={"adapter": str(finished_run)}))
+    run_training(recipe)
+    [first] = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()
+               if '"loss"' in line]
+    # the first step scores the policy before any update: identical to its reference, so DPO's loss is log 2
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-4) and first["rewards/margins"] == pytest.approx(0, abs=1e-5)
+    assert not (recipe.run_dir / "adapter" / "ref").exists()  # trl's reference copy is not part of the adapter
+    start = load_file(finished_run / "adapter" / "adapter_model.safetensors")
+    trained = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
+    assert start.keys() == trained.keys()
+    assert any(not torch.equal(start[k], trained[k]) for k in start)
+
+
+@pytest.mark.parametrize(("lora", "adapter", "message"), [
+    ({"r": 16}, None, "lora.r: the starting adapter {adapter}/adapter has r=8, the recipe says 16; set lora.r: 8"),
+    ({"target_modules": ["q_proj"]}, None, "lora.target_modules: the starting adapter"),
+    ({}, "no-such-run", "model.adapter: no-such-run is not a folder here"),
+])
+def test_a_starting_adapter_that_is_missing_or_differs_from_the_lora_section_fails_before_weights_load(
+        lora, adapter, message, make_recipe, pairs_file, finished_run):
+    sections = method_sections("dpo", pairs_file)
+    where = adapter or str(finished_run)
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(make_recipe(**sections, model={"adapter": where}, lora=lora))
+    assert message.format(adapter=finished_run) in str(caught.value)
+
+
+def test_the_memory_estimate_counts_chosen_and_rejected_rows_for_pair_methods(make_recipe, pairs_file,
+                                                                              tiny_model_dir):
+    from transformers import AutoConfig
+
+    from qlora_kit.model import estimate_memory_for_config
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    sft = estimate_memory_for_config(load_recipe(make_recipe(training={"batch_size": 4})), config, liger=False)
+    dpo = load_recipe(make_recipe(**method_sections("dpo", pairs_file, batch_size=2)))
+    assert estimate_memory_for_config(dpo, config, liger=False)["total"] == pytest.approx(sft["total"])
+
+
+def test_the_report_draws_the_reward_curves_of_a_preference_run(tmp_path):
+    from qlora_kit.report import plot_metrics
+
+    records = [{"step": s, "loss": 0.7 - 0.1 * s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
+                "rewards/margins": 0.2 * s, "rewards/accuracies": 0.5 + 0.1 * s} for s in range(1, 5)]
+    written = {path.name for path in plot_metrics(records, tmp_path)}
+    assert {"loss.png", "rewards.png", "reward_accuracy.png"} <= written
+
+
+def test_qlora_kit_eval_scores_a_preference_run_on_prompt_plus_chosen():
+    from qlora_kit.data import reference_rows
+
+    prompt = [{"role": "user", "content": "Shout cat."}]
+    pair = {"prompt": prompt, "chosen": [{"role": "assistant", "content": "CAT"}],
+            "rejected": [{"role": "assistant", "content": "cat"}]}
+    bad = {"prompt": prompt, "completion": [{"role": "assistant", "content": "cat"}], "label": False}
+    assert reference_rows([pair, bad]) == [{"messages": prompt + [{"role": "assistant", "content": "CAT"}]}]
+
+
+def test_a_dpo_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recipe, pairs_file):
+    import signal
+
+    from test_reliability import start_training, wait_for
+
+    from qlora_kit.cli import main
+    from qlora_kit.rundir import COMPLETE_MARKER
+
+    sections = method_sections("dpo", pairs_file, max_steps=12, save_steps=2, logging_steps=1,
+                               save_total_limit=None)
+    sections["quantization"] = {"load_in_4bit": False}
+    reference = load_recipe(make_recipe("dpo-reference", **sections))
+    run_training(reference)
+    expected = losses_by_step(reference.run_dir)
+
+    path = make_recipe("dpo-killed", **sections)
+    checkpoints = load_recipe(path).run_dir / "checkpoints"
+    process = start_training(path)
+    wait_for(lambda: (checkpoints / "checkpoint-2" / COMPLETE_MARKER).exists(), process, timeout=900)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
+    assert killed_at < 12, "the kill must land before the run finished"
+
+    assert main(["train", str(path), "training.resume=auto"]) == 0
+    resumed = losses_by_step(load_recipe(path).run_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    assert [resumed[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)

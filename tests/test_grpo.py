@@ -310,10 +310,12 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
     ours = build_trainer(recipe, model(), tiny_tokenizer, data, tmp_path / "ours", torch.float32)
     ours.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as train()
     ours.callback_handler.on_train_begin(ours.args, ours.state, ours.control)  # speed levers, checkpoint settings
-    plain = GRPOTrainer(model=model(), reward_funcs=rewards,
+    plain_model = model()
+    before_trl = {n: p.detach().clone() for n, p in plain_model.named_parameters() if p.requires_grad}
+    plain = GRPOTrainer(model=plain_model, reward_funcs=rewards,
                         args=build_config(recipe, tmp_path / "plain", torch.float32, has_eval=False),
                         train_dataset=data.train, processing_class=tiny_tokenizer)
-    keep_adapter_weights_in_fp32(plain.model)  # trl keeps quantized models' adapters in bf16; compare in fp32
+    keep_adapter_weights_in_fp32(plain.model, before_trl)  # trl casts quantized models' adapters to bf16
     plain.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert any(hasattr(m, "_peft_forward") for m in ours.model.modules())
     assert not any(hasattr(m, "_peft_forward") for m in plain.model.modules())

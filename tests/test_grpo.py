@@ -368,3 +368,20 @@ def test_grpo_on_a_gpu_generates_and_trains_in_bf16_with_the_speed_levers(grpo_r
     assert all(r["completions/mean_length"] > 0 for r in logged)
     adapter = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
     assert {str(t.dtype) for t in adapter.values()} == {"torch.float32"}
+
+
+@pytest.mark.slow
+def test_the_grpo_quickstart_validates_and_its_rows_are_what_its_rewards_read(monkeypatch):
+    """recipes/quickstart-grpo.yaml (paths relative to the repository root): its user reward loads from the file
+    next to the recipe, reads the `answer` column every row has, and scores the reference answer itself 3 of 3."""
+    from qlora_kit.data import training_rows
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    recipe = load_recipe("recipes/quickstart-grpo.yaml")
+    assert training_rows(recipe) == 400
+    valid, fields = build_rewards(recipe)
+    assert fields.columns == ("answer",)
+    row = json.loads((repo / "recipes/data/quickstart-grpo/held_out.jsonl").read_text().splitlines()[0])
+    total = sum(r.weight * call(r, [row["answer"]], answer=[row["answer"]])[0] for r in (valid, fields))
+    assert total == 3.0

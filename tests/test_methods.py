@@ -52,25 +52,22 @@ METHOD_METRICS = {"dpo": "rewards/margins", "orpo": "rewards/margins", "simpo": 
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_method_trains_two_steps_and_a_resumed_run_continues_the_same_curve(method, make_recipe, pairs_file):
-    reference = load_recipe(make_recipe(f"{method}-straight", **method_sections(method, pairs_file, max_steps=3)))
-    summary = run_training(reference)
-    assert summary["global_step"] == 3
-    assert (reference.run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert not (reference.run_dir / "adapter" / "ref").exists()  # trl's reference copy is never saved as adapter
-    records = [json.loads(line) for line in (reference.run_dir / "metrics.jsonl").read_text().splitlines()]
+def test_each_method_trains_two_steps_then_resumes_from_its_checkpoint(method, make_recipe, pairs_file):
+    """Two steps and a checkpoint, then a third step resumed from it (not a fresh start: steps 1-2 are not run
+    again). That a resumed run continues the very same loss curve is the SIGKILL test's job (dpo) below."""
+    path = make_recipe(method, **method_sections(method, pairs_file, save_steps=2))
+    recipe = load_recipe(path)
+    assert run_training(recipe)["global_step"] == 2
+    assert (recipe.run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (recipe.run_dir / "adapter" / "ref").exists()  # trl's reference copy is never saved as the adapter
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any(METHOD_METRICS[method] in record for record in records)
-    expected = losses_by_step(reference.run_dir)
 
-    path = make_recipe(f"{method}-split", **method_sections(method, pairs_file, save_steps=2))
-    run_training(load_recipe(path))
-    assert (load_recipe(path).run_dir / "checkpoints" / "checkpoint-2").is_dir()
     resumed = load_recipe(path, ["training.max_steps=3", "training.resume=auto"])
     assert run_training(resumed)["global_step"] == 3
-    losses = losses_by_step(resumed.run_dir)
-    assert sorted(losses) == [1, 2, 3]
-    assert [losses[s] for s in (1, 2, 3)] == pytest.approx([expected[s] for s in (1, 2, 3)], rel=1e-5)
-    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    records = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
 
 
 # ------------------------------------------------------------------------------------------------ recipes

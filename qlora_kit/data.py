@@ -84,6 +84,7 @@ class PreparedData:
     eval: Dataset | None
     eval_conversations: list[Conversation]
     stats: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: list[dict[str, Any]] = field(default_factory=list)  # GRPO: held-out prompt rows with their columns
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -728,6 +729,8 @@ def store_cached(key: str, data: PreparedData) -> None:
 
 def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, mix, split, tokenize, apply the length policy; cached on disk keyed by everything that matters."""
+    if recipe.method == "grpo":
+        return build_prompt_datasets(recipe, tokenizer)
     key = cache_key(recipe, tokenizer) if recipe.data.cache else None
     if key and (cached := load_cached(key)) is not None:
         log.info("data: using the tokenized cache %s", data_cache_dir() / key)
@@ -827,6 +830,126 @@ def log_stats(stats: dict) -> None:
                     "; ".join(skipped["first_reasons"]))
 
 
+# ------------------------------------------------------------------------------------------- GRPO prompts
+
+
+def prompt_turns(value: Any) -> Conversation:
+    """A GRPO prompt: a string (one user turn) or a list of turns ending on a user turn (the model answers next)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("the prompt is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"the prompt must be a string or a non-empty list of {{role, content}} turns, got "
+                        f"{value!r:.80}")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise DataError(f"prompt turn {i}: expected {{role, content}}, got {turn!r:.80}")
+        if turn["role"] not in ROLES:
+            raise DataError(f"prompt turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            raise DataError(f"prompt turn {i} ({turn['role']}): content is empty or not a string")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    if turns[-1]["role"] != "user":
+        raise DataError(f"the prompt ends on a {turns[-1]['role']} turn; it must end on a user turn, which the model "
+                        "answers")
+    return turns
+
+
+def to_prompt_row(record: Any, source: DatasetSource, system_prompt: str | None, needed: dict[str, str]) -> Row:
+    """One GRPO record -> {"prompt": turns, **its other columns}; the columns a reward reads must be there."""
+    if not isinstance(record, dict):
+        raise DataError(f"a row must be a JSON object, got {type(record).__name__}")
+    prompt_column = source.fields.get("prompt", "prompt")
+    turns = prompt_turns(field_of(record, "prompt", source))
+    if system_prompt and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system_prompt}, *turns]
+    for column, reward in needed.items():
+        if column not in record:
+            raise DataError(f"missing column '{column}', which reward {reward} reads; the row has columns "
+                            f"{sorted(record)}")
+    return {"prompt": turns, **{k: v for k, v in record.items() if k != prompt_column}}
+
+
+def load_prompt_rows(source: DatasetSource, recipe: Recipe, bad: BadRows | None = None) -> list[Row]:
+    """Every GRPO row of one source, each with its "file: line N" in the rewards' row column."""
+    from qlora_kit.rewards import ROW_COLUMN, build_rewards, needed_columns
+
+    needed = needed_columns(build_rewards(recipe))
+    rows = []
+    for where, record in read_source(source):
+        try:
+            if isinstance(record, BadRecord):
+                raise DataError(record.reason)
+            rows.append({**to_prompt_row(record, source, recipe.data.system_prompt, needed), ROW_COLUMN: where})
+        except DataError as exc:
+            if bad is None:
+                raise DataError(f"{where}: {exc}") from None
+            bad.add(f"{where}: {exc}")
+    if not rows:
+        raise DataError(f"{source.path or source.hub}: no usable rows")
+    return rows
+
+
+def keep_prompts_that_fit(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
+                          stats: dict) -> list[Row]:
+    """Drop (and count) prompts over grpo.max_prompt_length tokens, rendered as generation will render them."""
+    limit = recipe.grpo.max_prompt_length
+    lengths = [len(tokenizer(render(tokenizer, row["prompt"], add_generation_prompt=True),
+                             add_special_tokens=False).input_ids) for row in rows]
+    kept = [row for row, n in zip(rows, lengths, strict=True) if limit is None or n <= limit]
+    if not kept:
+        raise DataError(f"{recipe.source}: {split}: every prompt is longer than grpo.max_prompt_length={limit} "
+                        f"tokens (the shortest has {min(lengths)}); raise it")
+    stats[split] = {"rows": len(kept), "rows_read": len(rows), "tokens": sum(n for n in lengths if limit is None
+                                                                             or n <= limit),
+                    "trained_tokens": 0, "lengths": sorted(lengths), "truncated": 0,
+                    "dropped_too_long": len(rows) - len(kept), "dropped_no_trained_tokens": 0}
+    return kept
+
+
+def prompt_dataset(rows: list[Row]) -> Dataset:
+    try:
+        return Dataset.from_list(rows)
+    except (TypeError, ValueError) as exc:  # pyarrow: a column whose type differs between rows
+        raise DataError(f"the GRPO rows cannot form one table: {str(exc)[:200]}. Give each column the same type "
+                        "in every row (e.g. a reference always as a string)") from None
+
+
+def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """GRPO data: prompts as conversations (the chat template is applied at generation, as SFT renders its prompts)
+    plus the columns the rewards read; mixed, split and length-checked like SFT rows, never tokenized or cached."""
+    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+    rng = random.Random(recipe.data.seed)
+    rows: list[Row] = []
+    for source in recipe.data.datasets:
+        some = load_prompt_rows(source, recipe, bad)
+        if source.weight is not None and source.weight != 1.0:
+            whole, part = divmod(round(len(some) * source.weight), len(some))
+            some = some * whole + rng.sample(some, part)
+        rows += some
+    if isinstance(recipe.data.validation, str):
+        train_rows, eval_rows = rows, load_prompt_rows(DatasetSource(path=recipe.data.validation), recipe)
+    else:
+        train_rows, eval_rows = split_validation(rows, recipe)
+    stats: dict[str, Any] = {}
+    if bad is not None:
+        stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
+    train_rows = keep_prompts_that_fit(train_rows, tokenizer, recipe, "train", stats)
+    if eval_rows:
+        eval_rows = keep_prompts_that_fit(eval_rows, tokenizer, recipe, "validation", stats)
+    log_stats(stats)
+    return PreparedData(prompt_dataset(train_rows), None, [], stats, eval_rows)
+
+
+def training_rows(recipe: Recipe) -> int:
+    """How many training rows the recipe's sources hold (every row checked, no tokenizer needed)."""
+    if recipe.method == "grpo":
+        return sum(len(load_prompt_rows(s, recipe)) for s in recipe.data.datasets)
+    return sum(len(load_rows(s, recipe.data.system_prompt, method=recipe.method)) for s in recipe.data.datasets)
+
+
 # ------------------------------------------------------------------------------------------------ dry run
 
 
@@ -869,10 +992,15 @@ def describe_data(data: PreparedData, tokenizer: PreTrainedTokenizerBase, recipe
         if not s:
             continue
         lengths = s["lengths"]
-        lines.append(f"{split}: {s['rows']} rows (of {s['rows_read']} read), {s['tokens']:,} tokens, "
-                     f"{s['trained_tokens']:,} trained")
+        if recipe.method == "grpo":
+            lines.append(f"{split}: {s['rows']} prompts (of {s['rows_read']} read), {s['tokens']:,} prompt tokens")
+        else:
+            lines.append(f"{split}: {s['rows']} rows (of {s['rows_read']} read), {s['tokens']:,} tokens, "
+                         f"{s['trained_tokens']:,} trained")
+        limit = f"grpo.max_prompt_length {recipe.grpo.max_prompt_length}" if recipe.method == "grpo" else \
+            f"max_length {recipe.training.max_length}"
         lines.append(f"  length p50 {percentile(lengths, .5)}, p90 {percentile(lengths, .9)}, "
-                     f"p99 {percentile(lengths, .99)}, max {lengths[-1]} (max_length {recipe.training.max_length})")
+                     f"p99 {percentile(lengths, .99)}, max {lengths[-1]} ({limit})")
         lines.append(f"  truncated {s['truncated']}, dropped as too long {s['dropped_too_long']}, dropped with no "
                      f"trained token {s['dropped_no_trained_tokens']}")
         lines += length_histogram(lengths)
@@ -881,6 +1009,15 @@ def describe_data(data: PreparedData, tokenizer: PreTrainedTokenizerBase, recipe
         lines.append(f"bad rows skipped: {skipped['count']}" + "".join(f"\n  {r}" for r in skipped["first_reasons"]))
     train = data.stats["train"]
     per_step = recipe.training.batch_size * recipe.training.gradient_accumulation_steps
+    if recipe.method == "grpo":
+        g = recipe.grpo
+        prompts = per_step // g.num_generations
+        lines.append(f"GRPO: {prompts} prompts x {g.num_generations} completions (up to {g.max_completion_length} "
+                     f"tokens each) per optimizer step, generated in one batch; {-(-train['rows'] // prompts)} "
+                     "optimizer steps per epoch (one process)")
+        lines.append("example 0 (the prompt as generation sees it):")
+        lines.append(render(tokenizer, data.train[0]["prompt"], add_generation_prompt=True))
+        return "\n".join(lines)
     lines.append(f"tokens per epoch: {train['tokens']:,}; optimizer steps per epoch (one process): "
                  f"{-(-train['rows'] // per_step) if not recipe.training.packing else 'fewer (packed)'}")
     if recipe.method in PREFERENCE_METHODS:

@@ -33,6 +33,7 @@ class GenerationScore:
     score: float
     rows: int
     examples: list[dict[str, str]] = field(default_factory=list)
+    per_reward: dict[str, float] = field(default_factory=dict)  # GRPO: each reward's mean (unweighted)
 
 
 class Progress:
@@ -174,7 +175,37 @@ def evaluate_generation(model, tokenizer: PreTrainedTokenizerBase, conversations
     return GenerationScore(section.metric, sum(hits) / len(hits), len(hits), examples)
 
 
+def evaluate_rewards(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], rewards: list,
+                     section: EvaluationSection, max_new_tokens: int, stop_ids: list[int]) -> GenerationScore:
+    """GRPO's held-out score: greedy completions of the held-out prompts, scored by the recipe's rewards as trl
+    scores them in training (same arguments); `score` is the mean weighted sum, `per_reward` each reward's mean."""
+    from qlora_kit.rewards import weighted_total
+
+    rows = rows[: section.max_samples]
+    prompts = [row["prompt"] for row in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, section.batch_size, stop_ids)
+    completions = [[{"role": "assistant", "content": answer}] for answer in answers]  # trl's form for chat prompts
+    names = sorted({key for row in rows for key in row if key != "prompt"})
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    completion_ids = [tokenizer(answer, add_special_tokens=False).input_ids for answer in answers]
+    per_reward = [reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+                  for reward in rewards]
+    totals = weighted_total(rewards, per_reward)
+    examples = [{"prompt": p[-1]["content"], "answer": a, "reward": f"{t:.3g}"}
+                for p, a, t in zip(prompts[:3], answers[:3], totals[:3], strict=False)]
+    means = {reward.__name__: sum(values) / len(values) for reward, values in zip(rewards, per_reward, strict=True)}
+    return GenerationScore("reward", sum(totals) / len(totals), len(totals), examples, means)
+
+
 def format_comparison(before: GenerationScore, after: GenerationScore) -> str:
+    if before.metric == "reward":
+        lines = [f"mean reward on {before.rows} held-out prompts (greedy): before {before.score:.3f} -> after "
+                 f"{after.score:.3f}"]
+        lines += [f"  {name}: {before.per_reward[name]:.3f} -> {after.per_reward[name]:.3f}" for name in
+                  before.per_reward]
+        for example in after.examples[:2]:
+            lines.append("  example: " + json.dumps(example, ensure_ascii=False))
+        return "\n".join(lines)
     lines = [f"{before.metric} on {before.rows} held-out rows: before {before.score:.1%} -> after {after.score:.1%}"]
     for example in after.examples[:2]:
         lines.append("  example: " + json.dumps(example, ensure_ascii=False))
@@ -331,6 +362,9 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples:
                  max_new_tokens: int | None = None, batch_size: int | None = None, include_base: bool = True) -> dict:
     """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
     recipe = read_run_recipe(run_dir)
+    if recipe.method == "grpo":
+        raise QloraKitError(f"{run_dir}: a GRPO run has no reference answers to score; its held-out rewards before "
+                            "and after training are in summary.json (`generation`) and the run report")
     rows, described = heldout_rows(recipe, data_file)  # before loading weights: a missing split fails fast
     trained = load_trained_model(run_dir)
     section = recipe.evaluation

@@ -381,6 +381,11 @@ def check_model_config(recipe: Recipe, folder: str) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     scaled = rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
+    if limit and recipe.training.max_length > limit and not scaled and recipe.method == "grpo":
+        raise RecipeError(
+            f"{recipe.source}: grpo.max_prompt_length: with max_completion_length, {recipe.training.max_length} "
+            f"tokens, longer than the model's max_position_embeddings ({limit}) and its config sets no RoPE "
+            f"scaling; lower grpo.max_prompt_length to {limit - recipe.grpo.max_completion_length} or less")
     if limit and recipe.training.max_length > limit and not scaled:
         raise RecipeError(
             f"{recipe.source}: training.max_length: {recipe.training.max_length} is longer than the model's "

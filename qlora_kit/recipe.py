@@ -295,8 +295,9 @@ class TrainingSection:
 class EvaluationSection:
     """Generation metric on the held-out split, run before and after training."""
 
-    metric: Literal["exact_match", "contains", "json_equal", "none"] = option(
-        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON)")
+    metric: Literal["exact_match", "contains", "json_equal", "reward", "none"] = option(
+        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON); "
+        "reward (GRPO): the mean summed reward of greedy completions")
     max_samples: int = option(64, help="held-out rows to generate for", min=1)
     max_new_tokens: int = option(64, help="generation budget per row", min=1)
     batch_size: int = option(16, help="rows generated at once", min=1)
@@ -382,10 +383,10 @@ class SpeedSection:
         "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
 
 
-METHODS = ("sft", "dpo", "orpo", "kto", "simpo")
+METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
 PAIRED_METHODS = ("dpo", "orpo", "simpo")  # trained on (prompt, chosen, rejected) pairs
 PREFERENCE_METHODS = (*PAIRED_METHODS, "kto")
-Method = Literal["sft", "dpo", "orpo", "kto", "simpo"]
+Method = Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"]
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -429,11 +430,59 @@ class PreferenceSection:
 
 
 @dataclass
+class RewardSpec:
+    """One GRPO reward: a built-in (`name`) or your own function (`function`), with its weight."""
+
+    name: str | None = option(
+        None, help="built-in reward: json_valid, json_equal, exact_match, regex or length (docs/methods.md)")
+    function: str | None = option(
+        None, help="your reward as module:function or path/to/file.py:function (relative to the recipe file), "
+        "called as f(prompts, completions, **columns) -> one number per completion")
+    weight: float = option(1.0, help="weight of this reward in the summed reward GRPO maximises")
+    column: str | None = option(None, help="json_equal, exact_match: the dataset column holding the reference")
+    pattern: str | None = option(None, help="regex: 1 where this pattern is found in the completion (re.search)")
+    keys: list[str] | None = option(None, help="json_valid: the keys the JSON object must have (partial credit)")
+    target: int | None = option(None, help="length: no penalty up to this many chars/tokens (default 0)", min=0)
+    max: int | None = option(None, help="length: penalty -1 at and beyond this many chars/tokens", min=1)
+    unit: Literal["chars", "tokens"] | None = option(None, help="length: count characters (default) or tokens")
+
+
+@dataclass
+class GrpoSection:
+    """GRPO (method: grpo): sample `num_generations` completions per prompt, score them with the rewards, and move
+    the policy towards the better ones (trl's GRPOTrainer; generation through transformers' generate)."""
+
+    rewards: list[RewardSpec] = option(default_factory=list, help="the rewards, summed with their weights")
+    num_generations: int = option(8, help="completions sampled per prompt (the group their rewards are compared "
+                                          "within); training.batch_size x gradient_accumulation_steps must be a "
+                                          "multiple", min=2)
+    max_prompt_length: int | None = option(
+        512, help="prompts longer than this many tokens (chat template applied) are dropped and counted; null: "
+        "keep all. training.max_length becomes this + max_completion_length (the memory estimates read it)", min=1)
+    max_completion_length: int = option(256, help="tokens generated per completion at most", min=1)
+    temperature: float = option(1.0, help="sampling temperature of the completions", min=0, min_exclusive=True)
+    top_p: float = option(1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass",
+                          min=0, max=1, min_exclusive=True)
+    beta: float = option(0.0, help="KL penalty towards the starting model (0: none, and no reference pass)", min=0)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = option(
+        "dapo", help="trl's loss formulation: how token losses are normalised (dapo: by the tokens in the step)")
+    epsilon: float = option(0.2, help="clipping range of the policy ratio (lower side; upper too unless "
+                                      "epsilon_high is set)", min=0, min_exclusive=True)
+    epsilon_high: float | None = option(None, help="upper clipping range (DAPO suggests 0.28)", min=0,
+                                        min_exclusive=True)
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", help="divide advantages by the reward spread of the prompt's group, of the batch, or not at all")
+    config_args: dict[str, Any] = option(
+        default_factory=dict, help="extra arguments to trl's GRPOConfig, e.g. {mask_truncated_completions: true}")
+
+
+@dataclass
 class Recipe:
     """A whole recipe; `source` is the file it came from (for messages)."""
 
     model: ModelSection
-    method: Method = option("sft", help="training method: sft (supervised), dpo, orpo, kto or simpo (preferences)")
+    method: Method = option("sft", help="training method: sft (supervised), dpo, orpo, kto or simpo (preferences), "
+                                        "grpo (rewards on sampled completions)")
     quantization: QuantizationSection = option(default_factory=QuantizationSection, help="")
     lora: LoraSection = option(default_factory=LoraSection, help="")
     data: DataSection = option(default_factory=DataSection, help="")
@@ -442,6 +491,7 @@ class Recipe:
     export: ExportSection = option(default_factory=ExportSection, help="")
     speed: SpeedSection = option(default_factory=SpeedSection, help="")
     preference: PreferenceSection = option(default_factory=PreferenceSection, help="")
+    grpo: GrpoSection = option(default_factory=GrpoSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
     overrides: list[str] = field(default_factory=list, metadata={"internal": True})
 
@@ -800,6 +850,9 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
     """A `preference` key the recipe's method does not read is an error naming the methods it belongs to (checked on
     the keys the recipe wrote, so defaults never trip it)."""
     method, written = recipe.method, raw.get("preference") or {}
+    if raw.get("grpo") and method != "grpo":
+        raise RecipeError(f"{recipe.source}: grpo: applies to method grpo only; this recipe trains with method: "
+                          f"{method} (set `method: grpo` to train with it)")
     known = {f.name: f for f in dataclasses.fields(PreferenceSection)}
     for key in written:
         methods = known[key].metadata["methods"]
@@ -812,11 +865,11 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
     t = recipe.training
     if t.sft_args:
         raise RecipeError(f"{recipe.source}: training.sft_args: applies to method sft only; pass extra trl arguments "
-                          f"for method {method} as preference.config_args")
+                          f"for method {method} as {'grpo' if method == 'grpo' else 'preference'}.config_args")
     if t.packing or t.padding_free:
         key = "packing" if t.packing else "padding_free"
         raise RecipeError(f"{recipe.source}: training.{key}: applies to method sft only; trl's {method} trainer pads "
-                          "each batch of pairs itself")
+                          "each batch itself")
     if recipe.data.loss_on != "completion":
         raise RecipeError(f"{recipe.source}: data.loss_on: applies to method sft only; method {method} scores the "
                           "answers (chosen / rejected / completion), never the prompt")
@@ -869,6 +922,41 @@ def validate_recipe(recipe: Recipe) -> None:
     check_report_to(recipe)
     if recipe.model.adapter is not None:
         check_start_adapter(recipe)
+    if recipe.method == "grpo":
+        check_grpo_settings(recipe)
+    elif recipe.evaluation.metric == "reward":
+        raise RecipeError(f"{src}: evaluation.metric: reward scores GRPO's rewards (method: grpo); for method "
+                          f"{recipe.method} use exact_match, contains or json_equal")
+
+
+SFT_METRICS = ("exact_match", "contains", "json_equal")
+
+
+def check_grpo_settings(recipe: Recipe) -> None:
+    """What GRPO needs beyond the keys: whole groups of completions per step, a held-out score it can compute, and
+    rewards that resolve (unknown built-ins, missing modules, files and functions fail here, before weights load)."""
+    src, t, g = recipe.source, recipe.training, recipe.grpo
+    if recipe.data.overlong != "truncate":
+        raise RecipeError(f"{src}: data.overlong: applies to rows with answers (sft, preference methods); GRPO drops "
+                          "prompts longer than grpo.max_prompt_length")
+    if recipe.evaluation.metric in SFT_METRICS:
+        raise RecipeError(f"{src}: evaluation.metric: {recipe.evaluation.metric} compares with a reference assistant "
+                          "turn; GRPO rows have none: use `metric: reward` (the rewards on greedy completions)")
+    if t.eval_steps is not None:
+        raise RecipeError(f"{src}: training.eval_steps: GRPO scores held-out prompts before and after training "
+                          "(evaluation.metric: reward), not during it; remove training.eval_steps")
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    if per_step % g.num_generations:
+        raise RecipeError(
+            f"{src}: grpo.num_generations: training.batch_size x gradient_accumulation_steps = {per_step} completions "
+            f"per optimizer step must be a multiple of num_generations ({g.num_generations}): every prompt's "
+            f"completions are scored as one group. E.g. set training.batch_size: {g.num_generations}")
+    if g.max_prompt_length is not None:
+        # trl reads no max_length for GRPO; the memory estimates (dry run, kept layers) size its sequences by it
+        t.max_length = g.max_prompt_length + g.max_completion_length
+    from qlora_kit.rewards import build_rewards  # deferred: rewards.py imports this module
+
+    build_rewards(recipe)
 
 
 PIP_NAMES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
@@ -1050,6 +1138,15 @@ OWNED_PREFERENCE_ARGS = {
 }
 
 
+# GRPOConfig arguments that qlora-kit passes from the grpo section (or decides itself).
+OWNED_GRPO_ARGS = {
+    "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_completion_length",
+    "temperature": "grpo.temperature", "top_p": "grpo.top_p", "beta": "grpo.beta", "loss_type": "grpo.loss_type",
+    "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high", "scale_rewards": "grpo.scale_rewards",
+    "reward_weights": "grpo.rewards[].weight", "use_vllm": "(always off: generation through transformers)",
+}
+
+
 def method_config_class(method: str) -> type:
     """trl's config class for a method (trl 1.16: DPO and KTO in trl, ORPO and CPO in trl.experimental)."""
     if method == "sft":
@@ -1064,6 +1161,9 @@ def method_config_class(method: str) -> type:
     if method == "orpo":
         from trl.experimental.orpo import ORPOConfig
         return ORPOConfig
+    if method == "grpo":
+        from trl import GRPOConfig
+        return GRPOConfig
     from trl.experimental.cpo import CPOConfig
     return CPOConfig
 
@@ -1073,12 +1173,14 @@ def check_trainer_args(recipe: Recipe) -> None:
     checked against that config class itself."""
     method = recipe.method
     extra, key_name = ((recipe.training.sft_args, "training.sft_args") if method == "sft"
+                       else (recipe.grpo.config_args, "grpo.config_args") if method == "grpo"
                        else (recipe.preference.config_args, "preference.config_args"))
     if not extra:
         return
     config = method_config_class(method)  # deferred: trl is heavy and only this check needs it
     names = {f.name for f in dataclasses.fields(config)}
-    owned = {**OWNED_SFT_ARGS, **(OWNED_PREFERENCE_ARGS if method != "sft" else {})}
+    owned = {**OWNED_SFT_ARGS, **(OWNED_GRPO_ARGS if method == "grpo" else OWNED_PREFERENCE_ARGS if method != "sft"
+                                  else {})}
     for key in extra:
         if key in owned:
             ours = owned[key]

@@ -8,6 +8,7 @@ embedded), to attach or open anywhere.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import json
 import logging
@@ -34,8 +35,16 @@ PLOTS = [
      "share of pairs: chosen reward > rejected"),
     ("learning_rate.png", "Learning rate", ("learning_rate",), "learning rate"),
     ("grad_norm.png", "Gradient norm", ("grad_norm",), "global L2 norm before clipping"),
+    # GRPO (trl's GRPOTrainer logs these); a key with * stands for every logged key it matches
+    ("grpo_reward.png", "Reward (GRPO)", ("reward", "reward_std"),
+     "weighted reward sum: mean and spread over completions"),
+    ("grpo_reward_functions.png", "Reward per function (GRPO)", ("rewards/*/mean",), "mean reward (unweighted)"),
+    ("grpo_completion_length.png", "Completion length (GRPO)",
+     ("completions/mean_length", "completions/mean_terminated_length"), "tokens"),
+    ("kl.png", "KL to the starting model", ("kl",), "mean per-token KL"),
 ]
-LABELS = {"loss": "train loss", "eval_loss": "eval loss"}
+LABELS = {"loss": "train loss", "eval_loss": "eval loss", "reward": "mean", "reward_std": "standard deviation",
+          "completions/mean_length": "all completions", "completions/mean_terminated_length": "ended by EOS"}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -105,7 +114,10 @@ def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for name, title, keys, ylabel in PLOTS:
+    logged = list(dict.fromkeys(key for record in records for key in record))
+    for name, title, patterns, ylabel in PLOTS:
+        keys = [key for pattern in patterns for key in (fnmatch.filter(logged, pattern) if "*" in pattern
+                                                         else [pattern])]
         lines = {key: series(records, key) for key in keys}
         lines = {key: points for key, points in lines.items() if points}
         if not lines:
@@ -115,7 +127,8 @@ def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:
             steps, values = zip(*points, strict=True)
             evaluation = key.startswith("eval")
             ax.plot(steps, values, marker="s" if evaluation else "o" if len(points) < 30 else None,
-                    markersize=5 if evaluation else 3, label=LABELS.get(key, key))
+                    markersize=5 if evaluation else 3,
+                    label=LABELS.get(key, key.removeprefix("rewards/").removesuffix("/mean")))
         values = [v for points in lines.values() for _, v in points]
         if name == "loss.png" and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")  # a loss falling by orders of magnitude is flat on a linear axis
@@ -222,8 +235,14 @@ def generation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]
     if not generation:
         return None
     before, after = generation["before"], generation["after"]
-    return (["metric", "rows", "before training", "after training"],
-            [[before["metric"], str(before["rows"]), f"{before['score']:.1%}", f"{after['score']:.1%}"]])
+    header = ["metric", "rows", "before training", "after training"]
+    if before["metric"] != "reward":
+        return header, [[before["metric"], str(before["rows"]), f"{before['score']:.1%}", f"{after['score']:.1%}"]]
+    # GRPO: the weighted sum of the rewards on greedy completions, then each reward's own mean
+    rows = [["reward (weighted sum)", str(before["rows"]), f"{before['score']:.3f}", f"{after['score']:.3f}"]]
+    rows += [[f"reward {name}", str(before["rows"]), f"{value:.3f}", f"{after['per_reward'][name]:.3f}"]
+             for name, value in before.get("per_reward", {}).items()]
+    return header, rows
 
 
 def preference_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:

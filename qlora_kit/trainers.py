@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 
 from qlora_kit.data import PreparedData
 from qlora_kit.recipe import DEFAULT_BETA, QloraKitError, Recipe, RecipeError, method_config_class
+from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
 from qlora_kit.speed import ApplySpeedPlan, SpeedPlan, bend_trainer, train_on_one_gpu_without_a_launcher
 from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
@@ -122,9 +123,9 @@ def check_disk_space(output_dir: Path, model, step: int) -> None:
 
 
 def build_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool, plan: SpeedPlan):
-    """The method's trl config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig or CPOConfig): what every method shares
-    (folders, schedule, precision, logging, saving) from `training` and the speed plan, then the method's own
-    settings."""
+    """The method's trl config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig, CPOConfig or GRPOConfig): what every
+    method shares (folders, schedule, precision, logging, saving) from `training` and the speed plan, then the
+    method's own settings."""
     t = recipe.training
     common = dict(
         output_dir=str(run_dir / "checkpoints"),
@@ -157,11 +158,20 @@ def build_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_
         logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
         use_liger_kernel=plan.liger_kernels,
     )
+    if recipe.method == "grpo":
+        # no max_length (prompt and completion have their own limits); GRPO counts its prompt and completion tokens
+        # itself (trl's input count looks for input_ids, which its batches lack); trl's Liger GRPO loss is not yet
+        # checked against its plain loss here
+        common.pop("max_length")
+        common.update(include_num_input_tokens_seen="no", use_liger_kernel=False)
+        if recipe.speed.liger_kernels and torch.cuda.is_available():
+            log.info("speed.liger_kernels: not applied to GRPO (its Liger loss is not compared with trl's plain one)")
     config_class = method_config_class(recipe.method)
+    section = {"sft": "training", "grpo": "grpo"}.get(recipe.method, "preference")
     try:
         return config_class(**common, **method_settings(recipe))
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{recipe.source}: {'training' if recipe.method == 'sft' else 'preference'}: {exc}") from None
+        raise RecipeError(f"{recipe.source}: {section}: {exc}") from None
 
 
 def method_settings(recipe: Recipe) -> dict:
@@ -170,6 +180,15 @@ def method_settings(recipe: Recipe) -> dict:
     if method == "sft":
         t = recipe.training
         return {"packing": t.packing, "padding_free": t.padding_free or t.packing, **t.sft_args}
+    if method == "grpo":
+        # trl samples all completions of an optimizer step (every prompt's num_generations together) in one
+        # `generate` call: its defaults steps_per_generation = gradient_accumulation_steps and
+        # generation_batch_size = the step's completions, kept as they are
+        g = recipe.grpo
+        return {"num_generations": g.num_generations, "max_completion_length": g.max_completion_length,
+                "temperature": g.temperature, "top_p": g.top_p, "beta": g.beta, "loss_type": g.loss_type,
+                "epsilon": g.epsilon, "epsilon_high": g.epsilon_high, "scale_rewards": g.scale_rewards,
+                "reward_weights": [r.weight for r in g.rewards], **g.config_args}
     settings: dict = {"beta": DEFAULT_BETA[method] if p.beta is None else p.beta}
     if method == "dpo":
         settings.update(loss_type=p.loss_type or ["sigmoid"], loss_weights=p.loss_weights,
@@ -191,11 +210,12 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), ApplySpeedPlan(plan)]
     trainer_class = method_trainer_class(recipe.method)
+    rewards = {"reward_funcs": build_rewards(recipe)} if recipe.method == "grpo" else {}
     before_trl = {} if plan.machine.under_fsdp else {name: p.detach().clone() for name, p in model.named_parameters()
                                                      if p.requires_grad and p.dtype == torch.float32}
     trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                            processing_class=tokenizer, callbacks=callbacks)
-    if recipe.method in ("dpo", "kto"):
+                            processing_class=tokenizer, callbacks=callbacks, **rewards)
+    if recipe.method in ("dpo", "kto", "grpo"):
         use_reference_adapter_only_for_a_start_adapter(trainer.model, recipe.model.adapter is not None)
     bend_trainer(trainer, plan.machine.under_fsdp, before_trl)
     return trainer
@@ -208,7 +228,19 @@ def method_trainer_class(method: str) -> type:
         from trl import SFTTrainer
         return SFTTrainer
     return {"dpo": dpo_trainer_class, "kto": kto_trainer_class, "orpo": orpo_trainer_class,
-            "simpo": simpo_trainer_class}[method]()
+            "simpo": simpo_trainer_class, "grpo": grpo_trainer_class}[method]()
+
+
+def grpo_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class QloraKitGRPOTrainer(KeepsCheckpointSettings, GRPOTrainer):
+        """trl's GRPOTrainer as it is: prompts rendered with the tokenizer's (the recipe's) chat template, all
+        completions of a step sampled in one `generate` call with the KV cache. Its generation and no-grad scoring
+        pass switch checkpointing off and on again; KeepsCheckpointSettings restores the speed settings before the
+        loss."""
+
+    return QloraKitGRPOTrainer
 
 
 def dpo_trainer_class() -> type:
@@ -297,7 +329,8 @@ def restore_checkpoint_settings(model, plan: SpeedPlan) -> None:
 
 
 def use_reference_adapter_only_for_a_start_adapter(model, start_adapter: bool) -> None:
-    """trl's DPO and KTO trainers copy a PEFT model's adapter into a frozen "ref" adapter for the reference pass.
+    """trl's DPO and KTO trainers (and GRPO's with grpo.beta > 0) copy a PEFT model's adapter into a frozen "ref"
+    adapter for the reference pass.
     Continuing `model.adapter`, that copy is the reference (the same 4-bit base, no second model). A fresh adapter
     (B = 0) adds nothing to the base, so the copy is dropped and trl disables the adapter for the reference pass."""
     if start_adapter or "ref" not in model.peft_config:

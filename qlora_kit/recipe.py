@@ -933,8 +933,9 @@ SFT_METRICS = ("exact_match", "contains", "json_equal")
 
 
 def check_grpo_settings(recipe: Recipe) -> None:
-    """What GRPO needs beyond the keys: whole groups of completions per step, a held-out score it can compute, and
-    rewards that resolve (unknown built-ins, missing modules, files and functions fail here, before weights load)."""
+    """What GRPO needs beyond the keys: whole groups of completions per step and a held-out score it can compute. The
+    rewards resolve in qlora_kit.rewards (it imports this module), called when the data is read: `validate` and
+    `train` both read it before any weight loads."""
     src, t, g = recipe.source, recipe.training, recipe.grpo
     if recipe.data.overlong != "truncate":
         raise RecipeError(f"{src}: data.overlong: applies to rows with answers (sft, preference methods); GRPO drops "
@@ -954,9 +955,6 @@ def check_grpo_settings(recipe: Recipe) -> None:
     if g.max_prompt_length is not None:
         # trl reads no max_length for GRPO; the memory estimates (dry run, kept layers) size its sequences by it
         t.max_length = g.max_prompt_length + g.max_completion_length
-    from qlora_kit.rewards import build_rewards  # deferred: rewards.py imports this module
-
-    build_rewards(recipe)
 
 
 PIP_NAMES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}

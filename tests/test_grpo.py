@@ -54,10 +54,18 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------- recipe checks
 
 
+def check_before_weights(recipe) -> int:
+    """What `qlora-kit validate` and `train` run on the recipe before any weight loads: reading the rows, which
+    resolves the rewards first."""
+    from qlora_kit.data import training_rows
+
+    return training_rows(recipe)
+
+
 def test_an_unknown_builtin_reward_suggests_the_closest_name(grpo_recipe):
     with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].name: unknown built-in reward 'json_vaild' \(did you "
                                           r"mean 'json_valid'\?\)"):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_vaild"}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_vaild"}]})))
 
 
 @pytest.mark.parametrize(("function", "message"), [
@@ -68,7 +76,7 @@ def test_an_unknown_builtin_reward_suggests_the_closest_name(grpo_recipe):
 ])
 def test_a_reward_function_that_cannot_be_found_fails_before_weights_load(grpo_recipe, function, message):
     with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].function: " + message):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"function": function}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"function": function}]})))
 
 
 def test_a_reward_file_is_read_relative_to_the_recipe_and_must_take_kwargs(grpo_recipe, tmp_path):
@@ -77,7 +85,7 @@ def test_a_reward_file_is_read_relative_to_the_recipe_and_must_take_kwargs(grpo_
         "def shouty(prompts, completions, answer, **kwargs):\n    return [float(c[0]['content'].isupper()) for c in "
         "completions]\n")
     with pytest.raises(RecipeError, match=r"my_rewards.py:strict must accept \*\*kwargs"):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"function": "my_rewards.py:strict"}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"function": "my_rewards.py:strict"}]})))
     recipe = load_recipe(grpo_recipe(grpo={"rewards": [{"function": "my_rewards.py:shouty"}]}))
     (reward,) = build_rewards(recipe)
     assert reward.__name__ == "shouty" and reward.columns == ("answer",)
@@ -86,11 +94,11 @@ def test_a_reward_file_is_read_relative_to_the_recipe_and_must_take_kwargs(grpo_
 def test_a_setting_a_builtin_does_not_take_is_refused(grpo_recipe):
     with pytest.raises(RecipeError, match=r"grpo.rewards\[0\].pattern: not a setting of the json_valid reward \(it "
                                           r"takes keys\)"):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_valid", "pattern": "x"}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_valid", "pattern": "x"}]})))
     with pytest.raises(RecipeError, match=r"the json_equal reward needs `column`"):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_equal"}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"name": "json_equal"}]})))
     with pytest.raises(RecipeError, match=r"pattern: not a valid regular expression"):
-        load_recipe(grpo_recipe(grpo={"rewards": [{"name": "regex", "pattern": "("}]}))
+        check_before_weights(load_recipe(grpo_recipe(grpo={"rewards": [{"name": "regex", "pattern": "("}]})))
 
 
 def test_grpo_settings_under_another_method_name_their_method(make_recipe):

@@ -21,13 +21,13 @@ log = logging.getLogger("qlora_kit")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from qlora_kit.data import load_rows
+    from qlora_kit.data import training_rows
     from qlora_kit.model import check_model_config, check_target_modules, local_config_folder
     from qlora_kit.publish import check_push_settings
     from qlora_kit.recipe import check_hub_model_reachable
 
     recipe = load_recipe(args.recipe, args.overrides)
-    rows = sum(len(load_rows(s, recipe.data.system_prompt)) for s in recipe.data.datasets)
+    rows = training_rows(recipe)
     check_push_settings(recipe)
     check_hub_model_reachable(recipe)
     folder = local_config_folder(recipe.model)

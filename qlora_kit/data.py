@@ -23,6 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.recipe import (
     FORMAT_FIELDS,
+    PAIRED_METHODS,
+    PREFERENCE_METHODS,
     ROLE_NAMES,
     DatasetSource,
     QloraKitError,
@@ -45,7 +47,9 @@ ROLE_WORDS = {"assistant": ("assistant", "gpt", "bot", "chatbot", "model", "ai",
                        "prompt", "you", "me"),
               "system": ("system", "sys", "instruction", "instructions", "context")}
 Conversation = list[dict[str, str]]
-Row = dict[str, Any]  # {"messages": Conversation} or {"text": str}
+# {"messages": Conversation} or {"text": str} (sft); {"prompt", "chosen", "rejected": Conversation} (pairs);
+# {"prompt", "completion": Conversation, "label": bool} (kto)
+Row = dict[str, Any]
 
 # Named chat templates for `data.chat_template`; "model" keeps the tokenizer's own.
 CHAT_TEMPLATES = {
@@ -80,6 +84,7 @@ class PreparedData:
     eval: Dataset | None
     eval_conversations: list[Conversation]
     stats: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: list[dict[str, Any]] = field(default_factory=list)  # GRPO: held-out prompt rows with their columns
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -209,12 +214,26 @@ def read_source(source: DatasetSource) -> Iterator[tuple[str, Any]]:
 
 
 OPTIONAL_FIELDS = {"input"}  # alpaca's input may be absent
+PREFERENCE_FORMATS = ("preference", "unpaired")
 
 
-def detect_format(record: Any, fields: dict[str, str]) -> str:
+def detect_format(record: Any, fields: dict[str, str], method: str = "sft") -> str:
     keys = set(record) if isinstance(record, dict) else set()
+
+    def has(*names: str) -> bool:
+        return all(fields.get(n, n) in keys for n in names if n not in OPTIONAL_FIELDS)
+
+    if method in PREFERENCE_METHODS:
+        if has("chosen", "rejected"):
+            return "preference"
+        if method == "kto" and has("prompt", "completion", "label"):
+            return "unpaired"
+        wanted = "`prompt`/`completion`/`label` (unpaired) or " if method == "kto" else ""
+        raise DataError(f"method {method} trains on preference rows: {wanted}`chosen`/`rejected` (with a `prompt`, "
+                        f"or as conversations that share their opening turns); this row has fields {sorted(keys)} "
+                        "(map yours with the dataset's `fields`, e.g. {chosen: better, rejected: worse})")
     for fmt, names in FORMAT_FIELDS.items():
-        if all(fields.get(n, n) in keys for n in names if n not in OPTIONAL_FIELDS):
+        if fmt not in PREFERENCE_FORMATS and has(*names):
             return fmt
     raise DataError(f"cannot tell the row format from its fields {sorted(keys)}; expected `messages`, "
                     "`conversations` (sharegpt), `instruction`/`output` (alpaca), `prompt`/`completion` or `text` "
@@ -243,6 +262,10 @@ def to_row(record: Any, fmt: str, source: DatasetSource) -> Row:
         if not isinstance(text, str) or not text.strip():
             raise DataError("field 'text' is empty or not a string")
         return {"text": text}
+    if fmt == "preference":
+        return preference_row(record, source)
+    if fmt == "unpaired":
+        return unpaired_row(record, source)
     if fmt == "messages":
         return {"messages": check_turns(field_of(record, "messages", source), source.roles)}
     if fmt == "sharegpt":
@@ -293,8 +316,22 @@ def as_turns(value: Any, role: str) -> Conversation:
     raise DataError(f"the {role} side must be a string or a list of turns, got {type(value).__name__}")
 
 
-def check_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversation:
-    """Validated {role, content} turns; `roles` renames role names first (a dataset's `roles:` mapping)."""
+def check_format_fits_method(fmt: str, method: str) -> None:
+    if fmt == "auto":
+        return
+    if method in PREFERENCE_METHODS and fmt not in PREFERENCE_FORMATS:
+        raise DataError(f"method {method} trains on preference rows; the dataset's format is {fmt!r} (use format: "
+                        "preference, or unpaired for kto)")
+    if method in PAIRED_METHODS and fmt == "unpaired":
+        raise DataError(f"unpaired rows (prompt/completion/label) train method kto only; method {method} needs "
+                        "chosen/rejected pairs")
+    if method == "sft" and fmt in PREFERENCE_FORMATS:
+        raise DataError(f"format {fmt} trains a preference method; set the recipe's `method` (dpo, orpo, kto, simpo)")
+
+
+def clean_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversation:
+    """A list of {role, content} turns with known roles and non-empty text; `roles` renames role names first (a
+    dataset's `roles:` mapping)."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"expected a non-empty list of {{role, content}} turns, got {messages!r:.80}")
     turns = []
@@ -308,18 +345,78 @@ def check_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversat
         if not isinstance(turn["content"], str) or not turn["content"].strip():
             raise DataError(f"turn {i} ({role}): content is empty or not a string")
         turns.append({"role": role, "content": turn["content"]})
-    if turns[-1]["role"] != "assistant":
-        raise DataError(f"the conversation ends on a {turns[-1]['role']} turn; it must end on an assistant turn, "
-                        "which is what the model learns to write")
-    if not any(t["role"] == "assistant" for t in turns):
-        raise DataError("the conversation has no assistant turn")
     return turns
 
 
+def check_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversation:
+    """Validated {role, content} turns of a conversation the model learns to finish."""
+    turns = clean_turns(messages, roles)
+    if turns[-1]["role"] != "assistant":
+        raise DataError(f"the conversation ends on a {turns[-1]['role']} turn; it must end on an assistant turn, "
+                        "which is what the model learns to write")
+    return turns
+
+
+def check_prompt(prompt: Any) -> Conversation:
+    """The prompt of a preference or unpaired row: turns ending on the user turn the answers reply to."""
+    turns = clean_turns(as_turns(prompt, "user"))
+    if turns[-1]["role"] != "user":
+        raise DataError(f"the prompt ends on a {turns[-1]['role']} turn; it must end on the user turn that the "
+                        "answers reply to")
+    return turns
+
+
+def check_answer(answer: Any, name: str) -> Conversation:
+    """One answer of a preference or unpaired row: a string or one assistant turn."""
+    if isinstance(answer, str) and not answer.strip():
+        raise DataError(f"'{name}' is empty")
+    try:
+        turns = clean_turns(as_turns(answer, "assistant"))
+    except DataError as exc:
+        raise DataError(f"'{name}': {exc}") from None
+    if len(turns) != 1 or turns[0]["role"] != "assistant":
+        raise DataError(f"'{name}' must be one assistant turn (or a string), got roles "
+                        f"{[t['role'] for t in turns]}")
+    return turns
+
+
+def preference_row(record: dict, source: DatasetSource) -> Row:
+    """prompt/chosen/rejected as strings or turns; without a prompt, chosen and rejected are whole conversations
+    whose shared opening turns are the prompt (UltraFeedback's layout)."""
+    chosen, rejected = field_of(record, "chosen", source), field_of(record, "rejected", source)
+    prompt = field_of(record, "prompt", source, required=False)
+    if prompt is None:
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise DataError("no 'prompt' field, and 'chosen'/'rejected' are not conversations to take it from; add "
+                            "a prompt (or map it with `fields: {prompt: <column>}`)")
+        chosen, rejected = clean_turns(chosen), clean_turns(rejected)
+        shared = 0
+        while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+            shared += 1
+        if shared == 0:
+            raise DataError("'chosen' and 'rejected' share no opening turn, so there is no prompt to take from them")
+        prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+    row = {"prompt": check_prompt(prompt), "chosen": check_answer(chosen, "chosen"),
+           "rejected": check_answer(rejected, "rejected")}
+    if row["chosen"] == row["rejected"]:
+        raise DataError("'chosen' and 'rejected' are identical; the pair teaches nothing")
+    return row
+
+
+def unpaired_row(record: dict, source: DatasetSource) -> Row:
+    """KTO's rows: a prompt, one completion, and whether that completion is desirable."""
+    label = field_of(record, "label", source)
+    if not isinstance(label, bool):
+        raise DataError(f"'label' must be true (desirable) or false (undesirable), got {label!r:.40}")
+    return {"prompt": check_prompt(field_of(record, "prompt", source)),
+            "completion": check_answer(field_of(record, "completion", source), "completion"), "label": label}
+
+
 def with_system_prompt(row: Row, system_prompt: str | None) -> Row:
-    if not system_prompt or "messages" not in row or row["messages"][0]["role"] == "system":
+    key = "messages" if "messages" in row else "prompt"
+    if not system_prompt or key not in row or row[key][0]["role"] == "system":
         return row
-    return {"messages": [{"role": "system", "content": system_prompt}, *row["messages"]]}
+    return {**row, key: [{"role": "system", "content": system_prompt}, *row[key]]}
 
 
 @dataclass
@@ -335,16 +432,19 @@ class BadRows:
             self.reasons.append(reason)
 
 
-def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | None = None) -> list[Row]:
-    """Every row of one source, normalised; a bad row raises (naming file and line) or is counted in `bad`."""
+def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | None = None,
+              method: str = "sft") -> list[Row]:
+    """Every row of one source, normalised for the training method; a bad row raises (naming file and line) or is
+    counted in `bad`."""
     rows, fmt = [], source.format
     for where, record in read_source(source):
         try:
             if isinstance(record, BadRecord):
                 raise DataError(record.reason)
             if fmt == "auto":
-                fmt = detect_format(record, source.fields)
+                fmt = detect_format(record, source.fields, method)
                 check_mappings_used(source, fmt)
+            check_format_fits_method(fmt, method)
             rows.append(with_system_prompt(to_row(record, fmt, source), system_prompt))
         except DataError as exc:
             if bad is None:
@@ -374,7 +474,7 @@ def mix_sources(recipe: Recipe, bad: BadRows | None) -> list[Row]:
     rng = random.Random(recipe.data.seed)
     mixed = []
     for source in recipe.data.datasets:
-        rows = load_rows(source, recipe.data.system_prompt, bad)
+        rows = load_rows(source, recipe.data.system_prompt, bad, recipe.method)
         if source.weight is not None and source.weight != 1.0:
             target = round(len(rows) * source.weight)
             whole, part = divmod(target, len(rows))
@@ -461,6 +561,83 @@ def tokenize_row(tokenizer: PreTrainedTokenizerBase, row: Row, loss_on: str) -> 
     return tokenize_conversation(tokenizer, row["messages"], loss_on)
 
 
+def tokenize_answer(tokenizer: PreTrainedTokenizerBase, prompt: Conversation,
+                    answer: Conversation) -> tuple[list, list]:
+    """(prompt ids, answer ids) of one prompt and its answer, rendered and split exactly where SFT's loss mask of the
+    same conversation starts, so an SFT-then-DPO run sees the same prompt tokens; EOS is appended to the answer when
+    the template closes the turn without one, as SFT does."""
+    text, spans = assistant_spans(tokenizer, prompt + answer)
+    start = spans[sum(turn["role"] == "assistant" for turn in prompt)][0]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded.input_ids)
+    cut = next((i for i, (s, e) in enumerate(encoded.offset_mapping) if e > s and e > start), len(ids))
+    answer_ids = ids[cut:]
+    if not ends_turn(tokenizer, answer_ids, [1] * len(answer_ids)):
+        answer_ids.append(tokenizer.eos_token_id)
+    return ids[:cut], answer_ids
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer: PreTrainedTokenizerBase, row: Row, max_prompt_length: int | None) -> dict:
+    """prompt_ids / chosen_ids / rejected_ids, the columns trl's preference trainers train on. The prompt is the
+    tokens both sides share (a BPE merge across the prompt's end can differ between the answers)."""
+    prompt_c, chosen = tokenize_answer(tokenizer, row["prompt"], row["chosen"])
+    prompt_r, rejected = tokenize_answer(tokenizer, row["prompt"], row["rejected"])
+    full_c, full_r = prompt_c + chosen, prompt_r + rejected
+    shared = min(common_prefix_length(full_c, full_r), len(prompt_c), len(prompt_r))
+    prompt = full_c[:shared]
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt = prompt[len(prompt) - max_prompt_length:]
+    return {"prompt_ids": prompt, "chosen_ids": full_c[shared:], "rejected_ids": full_r[shared:]}
+
+
+def tokenize_unpaired(tokenizer: PreTrainedTokenizerBase, prompt: Conversation, completion: Conversation, label: bool,
+                      max_prompt_length: int | None) -> dict:
+    prompt_ids, completion_ids = tokenize_answer(tokenizer, prompt, completion)
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+    return {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label}
+
+
+def unpair(rows: list[Row]) -> list[Row]:
+    """Preference pairs as KTO rows: the chosen answer desirable, the rejected one undesirable (as trl's
+    unpair_preference_dataset does); unpaired rows pass through."""
+    out = []
+    for row in rows:
+        if "chosen" in row:
+            out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+            out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+        else:
+            out.append(row)
+    return out
+
+
+def apply_answer_length_policy(tokenized: list[dict], max_length: int, policy: str) -> tuple[list, dict]:
+    """Preference rows over max_length (prompt + longest answer): answers truncated (keep the start) or the row
+    dropped; a row whose prompt alone fills max_length keeps no answer token and is dropped."""
+    kept, truncated, dropped, emptied = [], 0, 0, 0
+    for row in tokenized:
+        answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in row]
+        room = max_length - len(row["prompt_ids"])
+        if room <= 0:
+            emptied += 1
+            continue
+        if any(len(row[c]) > room for c in answers):
+            if policy == "drop":
+                dropped += 1
+                continue
+            truncated += 1
+            row = {**row, **{c: row[c][:room] for c in answers}}
+        kept.append(row)
+    return kept, {"truncated": truncated, "dropped_too_long": dropped, "dropped_no_trained_tokens": emptied}
+
+
 # ---------------------------------------------------------------------------------------------- length policy
 
 
@@ -491,7 +668,7 @@ def split_validation(rows: list, recipe: Recipe) -> tuple[list, list]:
         return rows, []
     if isinstance(d.validation, str):
         source = DatasetSource(path=d.validation)
-        return rows, load_rows(source, recipe.data.system_prompt)
+        return rows, load_rows(source, recipe.data.system_prompt, method=recipe.method)
     order = list(range(len(rows)))
     random.Random(d.seed).shuffle(order)
     count = d.validation if isinstance(d.validation, int) else max(1, round(d.validation * len(rows)))
@@ -509,7 +686,7 @@ def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
     """Hash of everything the tokenized data depends on: data section, file contents, tokenizer, template, length."""
     digest = hashlib.sha256()
     digest.update(json.dumps(asdict(recipe.data), sort_keys=True, default=str).encode())
-    digest.update(f"{recipe.training.max_length}".encode())
+    digest.update(f"{recipe.training.max_length}:{recipe.method}:{recipe.preference.max_prompt_length}".encode())
     digest.update(json.dumps(tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else "", sort_keys=True)
                   .encode())
     digest.update((tokenizer.chat_template or "").encode())
@@ -552,6 +729,8 @@ def store_cached(key: str, data: PreparedData) -> None:
 
 def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, mix, split, tokenize, apply the length policy; cached on disk keyed by everything that matters."""
+    if recipe.method == "grpo":
+        return build_prompt_datasets(recipe, tokenizer)
     key = cache_key(recipe, tokenizer) if recipe.data.cache else None
     if key and (cached := load_cached(key)) is not None:
         log.info("data: using the tokenized cache %s", data_cache_dir() / key)
@@ -565,7 +744,7 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
         stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
     train = tokenize_split(train_rows, tokenizer, recipe, "train", stats)
     evaluation = tokenize_split(eval_rows, tokenizer, recipe, "validation", stats) if eval_rows else None
-    conversations = [r["messages"] for r in eval_rows if "messages" in r]
+    conversations = [r["messages"] for r in reference_rows(eval_rows) if "messages" in r]
     data = PreparedData(train, evaluation, conversations, stats)
     log_stats(stats)
     if key:
@@ -573,18 +752,63 @@ def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> Prepar
     return data
 
 
+def reference_conversation(row: Row) -> Conversation:
+    """The conversation whose last turn generation metrics compare against: the row itself, or the prompt with its
+    chosen (or desirable) answer."""
+    if "messages" in row:
+        return row["messages"]
+    return row["prompt"] + row.get("chosen", row.get("completion"))
+
+
+def reference_rows(rows: list[Row]) -> list[Row]:
+    """Rows as SFT rows with reference answers (held-out loss and generation metrics): preference rows become the
+    prompt with its chosen (or desirable) answer; undesirable unpaired rows have no reference and are left out."""
+    return [row if "messages" in row or "text" in row else {"messages": reference_conversation(row)}
+            for row in rows if "messages" in row or "text" in row or "chosen" in row or row.get("label") is True]
+
+
 def tokenize_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
                    stats: dict) -> Dataset:
+    if recipe.method in PREFERENCE_METHODS:
+        return tokenize_preference_split(rows, tokenizer, recipe, split, stats)
     tokenized = [tokenize_row(tokenizer, row, recipe.data.loss_on) for row in rows]
     lengths = [len(t["input_ids"]) for t in tokenized]
     kept, policy = apply_length_policy(tokenized, recipe.training.max_length, recipe.data.overlong)
+    check_rows_left(kept, lengths, recipe, split)
+    stats[split] = {"rows": len(kept), "rows_read": len(rows), "tokens": sum(len(r["input_ids"]) for r in kept),
+                    "trained_tokens": sum(sum(r["assistant_masks"]) for r in kept),
+                    "lengths": sorted(lengths), **policy}
+    return Dataset.from_list(kept)
+
+
+def check_rows_left(kept: list, lengths: list[int], recipe: Recipe, split: str) -> None:
     if not kept:
         raise DataError(f"{recipe.source}: {split}: no rows left after applying training.max_length="
                         f"{recipe.training.max_length} (data.overlong={recipe.data.overlong}); "
                         f"the longest row has {max(lengths)} tokens. Raise max_length or shorten the rows")
-    stats[split] = {"rows": len(kept), "rows_read": len(rows), "tokens": sum(len(r["input_ids"]) for r in kept),
-                    "trained_tokens": sum(sum(r["assistant_masks"]) for r in kept),
-                    "lengths": sorted(lengths), **policy}
+
+
+def tokenize_preference_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
+                              stats: dict) -> Dataset:
+    """Pairs (dpo, orpo, simpo) or unpaired rows (kto; pairs are split into a desirable and an undesirable row)."""
+    longest = recipe.preference.max_prompt_length
+    if recipe.method == "kto":
+        rows = unpair(rows)
+        tokenized = [tokenize_unpaired(tokenizer, r["prompt"], r["completion"], r["label"], longest) for r in rows]
+    else:
+        tokenized = [tokenize_pair(tokenizer, row, longest) for row in rows]
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if tokenized and c in tokenized[0]]
+    lengths = [len(t["prompt_ids"]) + max(len(t[c]) for c in answers) for t in tokenized]
+    kept, policy = apply_answer_length_policy(tokenized, recipe.training.max_length, recipe.data.overlong)
+    check_rows_left(kept, lengths, recipe, split)
+    trained = sum(len(r[c]) for r in kept for c in answers)
+    stats[split] = {"rows": len(kept), "rows_read": len(rows), "trained_tokens": trained,
+                    "tokens": trained + len(answers) * sum(len(r["prompt_ids"]) for r in kept),
+                    "lengths": sorted(lengths), **policy,
+                    **{f"{c.removesuffix('_ids')}_lengths": sorted(len(r[c]) for r in kept)
+                       for c in ("prompt_ids", *answers)}}
+    if recipe.method == "kto":
+        stats[split]["desirable"] = sum(r["label"] for r in kept)
     return Dataset.from_list(kept)
 
 
@@ -593,7 +817,8 @@ def log_stats(stats: dict) -> None:
         s = stats.get(split)
         if not s:
             continue
-        log.info("%s: %d rows, %d tokens (%d trained), longest %d", split, s["rows"], s["tokens"],
+        kind = "pairs" if "chosen_lengths" in s else "rows"
+        log.info("%s: %d %s, %d tokens (%d trained), longest %d", split, s["rows"], kind, s["tokens"],
                  s["trained_tokens"], s["lengths"][-1])
         if s["truncated"] or s["dropped_too_long"] or s["dropped_no_trained_tokens"]:
             log.warning("%s: training.max_length: %d rows truncated, %d dropped as too long, %d dropped with no "
@@ -603,6 +828,126 @@ def log_stats(stats: dict) -> None:
     if skipped and skipped["count"]:
         log.warning("data.on_bad_rows=skip: skipped %d bad rows; first: %s", skipped["count"],
                     "; ".join(skipped["first_reasons"]))
+
+
+# ------------------------------------------------------------------------------------------- GRPO prompts
+
+
+def prompt_turns(value: Any) -> Conversation:
+    """A GRPO prompt: a string (one user turn) or a list of turns ending on a user turn (the model answers next)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("the prompt is empty")
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"the prompt must be a string or a non-empty list of {{role, content}} turns, got "
+                        f"{value!r:.80}")
+    turns = []
+    for i, turn in enumerate(value):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise DataError(f"prompt turn {i}: expected {{role, content}}, got {turn!r:.80}")
+        if turn["role"] not in ROLES:
+            raise DataError(f"prompt turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str) or not turn["content"].strip():
+            raise DataError(f"prompt turn {i} ({turn['role']}): content is empty or not a string")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    if turns[-1]["role"] != "user":
+        raise DataError(f"the prompt ends on a {turns[-1]['role']} turn; it must end on a user turn, which the model "
+                        "answers")
+    return turns
+
+
+def to_prompt_row(record: Any, source: DatasetSource, system_prompt: str | None, needed: dict[str, str]) -> Row:
+    """One GRPO record -> {"prompt": turns, **its other columns}; the columns a reward reads must be there."""
+    if not isinstance(record, dict):
+        raise DataError(f"a row must be a JSON object, got {type(record).__name__}")
+    prompt_column = source.fields.get("prompt", "prompt")
+    turns = prompt_turns(field_of(record, "prompt", source))
+    if system_prompt and turns[0]["role"] != "system":
+        turns = [{"role": "system", "content": system_prompt}, *turns]
+    for column, reward in needed.items():
+        if column not in record:
+            raise DataError(f"missing column '{column}', which reward {reward} reads; the row has columns "
+                            f"{sorted(record)}")
+    return {"prompt": turns, **{k: v for k, v in record.items() if k != prompt_column}}
+
+
+def load_prompt_rows(source: DatasetSource, recipe: Recipe, bad: BadRows | None = None) -> list[Row]:
+    """Every GRPO row of one source, each with its "file: line N" in the rewards' row column."""
+    from qlora_kit.rewards import ROW_COLUMN, build_rewards, needed_columns
+
+    needed = needed_columns(build_rewards(recipe))
+    rows = []
+    for where, record in read_source(source):
+        try:
+            if isinstance(record, BadRecord):
+                raise DataError(record.reason)
+            rows.append({**to_prompt_row(record, source, recipe.data.system_prompt, needed), ROW_COLUMN: where})
+        except DataError as exc:
+            if bad is None:
+                raise DataError(f"{where}: {exc}") from None
+            bad.add(f"{where}: {exc}")
+    if not rows:
+        raise DataError(f"{source.path or source.hub}: no usable rows")
+    return rows
+
+
+def keep_prompts_that_fit(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
+                          stats: dict) -> list[Row]:
+    """Drop (and count) prompts over grpo.max_prompt_length tokens, rendered as generation will render them."""
+    limit = recipe.grpo.max_prompt_length
+    lengths = [len(tokenizer(render(tokenizer, row["prompt"], add_generation_prompt=True),
+                             add_special_tokens=False).input_ids) for row in rows]
+    kept = [row for row, n in zip(rows, lengths, strict=True) if limit is None or n <= limit]
+    if not kept:
+        raise DataError(f"{recipe.source}: {split}: every prompt is longer than grpo.max_prompt_length={limit} "
+                        f"tokens (the shortest has {min(lengths)}); raise it")
+    stats[split] = {"rows": len(kept), "rows_read": len(rows), "tokens": sum(n for n in lengths if limit is None
+                                                                             or n <= limit),
+                    "trained_tokens": 0, "lengths": sorted(lengths), "truncated": 0,
+                    "dropped_too_long": len(rows) - len(kept), "dropped_no_trained_tokens": 0}
+    return kept
+
+
+def prompt_dataset(rows: list[Row]) -> Dataset:
+    try:
+        return Dataset.from_list(rows)
+    except (TypeError, ValueError) as exc:  # pyarrow: a column whose type differs between rows
+        raise DataError(f"the GRPO rows cannot form one table: {str(exc)[:200]}. Give each column the same type "
+                        "in every row (e.g. a reference always as a string)") from None
+
+
+def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """GRPO data: prompts as conversations (the chat template is applied at generation, as SFT renders its prompts)
+    plus the columns the rewards read; mixed, split and length-checked like SFT rows, never tokenized or cached."""
+    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+    rng = random.Random(recipe.data.seed)
+    rows: list[Row] = []
+    for source in recipe.data.datasets:
+        some = load_prompt_rows(source, recipe, bad)
+        if source.weight is not None and source.weight != 1.0:
+            whole, part = divmod(round(len(some) * source.weight), len(some))
+            some = some * whole + rng.sample(some, part)
+        rows += some
+    if isinstance(recipe.data.validation, str):
+        train_rows, eval_rows = rows, load_prompt_rows(DatasetSource(path=recipe.data.validation), recipe)
+    else:
+        train_rows, eval_rows = split_validation(rows, recipe)
+    stats: dict[str, Any] = {}
+    if bad is not None:
+        stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
+    train_rows = keep_prompts_that_fit(train_rows, tokenizer, recipe, "train", stats)
+    if eval_rows:
+        eval_rows = keep_prompts_that_fit(eval_rows, tokenizer, recipe, "validation", stats)
+    log_stats(stats)
+    return PreparedData(prompt_dataset(train_rows), None, [], stats, eval_rows)
+
+
+def training_rows(recipe: Recipe) -> int:
+    """How many training rows the recipe's sources hold (every row checked, no tokenizer needed)."""
+    if recipe.method == "grpo":
+        return sum(len(load_prompt_rows(s, recipe)) for s in recipe.data.datasets)
+    return sum(len(load_rows(s, recipe.data.system_prompt, method=recipe.method)) for s in recipe.data.datasets)
 
 
 # ------------------------------------------------------------------------------------------------ dry run
@@ -647,10 +992,15 @@ def describe_data(data: PreparedData, tokenizer: PreTrainedTokenizerBase, recipe
         if not s:
             continue
         lengths = s["lengths"]
-        lines.append(f"{split}: {s['rows']} rows (of {s['rows_read']} read), {s['tokens']:,} tokens, "
-                     f"{s['trained_tokens']:,} trained")
+        if recipe.method == "grpo":
+            lines.append(f"{split}: {s['rows']} prompts (of {s['rows_read']} read), {s['tokens']:,} prompt tokens")
+        else:
+            lines.append(f"{split}: {s['rows']} rows (of {s['rows_read']} read), {s['tokens']:,} tokens, "
+                         f"{s['trained_tokens']:,} trained")
+        limit = f"grpo.max_prompt_length {recipe.grpo.max_prompt_length}" if recipe.method == "grpo" else \
+            f"max_length {recipe.training.max_length}"
         lines.append(f"  length p50 {percentile(lengths, .5)}, p90 {percentile(lengths, .9)}, "
-                     f"p99 {percentile(lengths, .99)}, max {lengths[-1]} (max_length {recipe.training.max_length})")
+                     f"p99 {percentile(lengths, .99)}, max {lengths[-1]} ({limit})")
         lines.append(f"  truncated {s['truncated']}, dropped as too long {s['dropped_too_long']}, dropped with no "
                      f"trained token {s['dropped_no_trained_tokens']}")
         lines += length_histogram(lengths)
@@ -659,9 +1009,48 @@ def describe_data(data: PreparedData, tokenizer: PreTrainedTokenizerBase, recipe
         lines.append(f"bad rows skipped: {skipped['count']}" + "".join(f"\n  {r}" for r in skipped["first_reasons"]))
     train = data.stats["train"]
     per_step = recipe.training.batch_size * recipe.training.gradient_accumulation_steps
+    if recipe.method == "grpo":
+        g = recipe.grpo
+        prompts = per_step // g.num_generations
+        lines.append(f"GRPO: {prompts} prompts x {g.num_generations} completions (up to {g.max_completion_length} "
+                     f"tokens each) per optimizer step, generated in one batch; {-(-train['rows'] // prompts)} "
+                     "optimizer steps per epoch (one process)")
+        lines.append("example 0 (the prompt as generation sees it):")
+        lines.append(render(tokenizer, data.train[0]["prompt"], add_generation_prompt=True))
+        return "\n".join(lines)
     lines.append(f"tokens per epoch: {train['tokens']:,}; optimizer steps per epoch (one process): "
                  f"{-(-train['rows'] // per_step) if not recipe.training.packing else 'fewer (packed)'}")
+    if recipe.method in PREFERENCE_METHODS:
+        lines += describe_preference_rows(data, tokenizer, color)
+        return "\n".join(lines)
     first = data.train[0]
     lines.append("example 0 (trained tokens " + ("highlighted" if color else "inside ⟦ ⟧") + "):")
     lines.append(highlight_trained(tokenizer, first["input_ids"], first["assistant_masks"], color))
     return "\n".join(lines)
+
+
+def describe_preference_rows(data: PreparedData, tokenizer: PreTrainedTokenizerBase, color: bool) -> list[str]:
+    """Prompt and answer lengths per split, and the first row with the tokens the loss scores marked."""
+    lines = []
+    for split in ("train", "validation"):
+        s = data.stats.get(split)
+        if not s:
+            continue
+        parts = [f"{name} p50 {percentile(s[key], .5)}, max {s[key][-1]}" for name, key in (
+            ("prompt", "prompt_lengths"), ("chosen", "chosen_lengths"), ("rejected", "rejected_lengths"),
+            ("completion", "completion_lengths")) if s.get(key)]
+        lines.append(f"{split} {'rows' if 'desirable' in s else 'pairs'}: {s['rows']}; tokens " + "; ".join(parts))
+        if "desirable" in s:
+            lines.append(f"  desirable {s['desirable']}, undesirable {s['rows'] - s['desirable']}")
+    first = data.train[0]
+    marked = "highlighted" if color else "inside ⟦ ⟧"
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in first]
+    for column in answers:
+        name = column.removesuffix("_ids")
+        if name == "completion":
+            name += " (desirable)" if first["label"] else " (undesirable)"
+        lines.append(f"example 0, prompt + {name} (scored tokens {marked}):")
+        ids = first["prompt_ids"] + first[column]
+        lines.append(highlight_trained(tokenizer, ids, [0] * len(first["prompt_ids"]) + [1] * len(first[column]),
+                                       color))
+    return lines

@@ -33,6 +33,7 @@ class GenerationScore:
     score: float
     rows: int
     examples: list[dict[str, str]] = field(default_factory=list)
+    per_reward: dict[str, float] = field(default_factory=dict)  # GRPO: each reward's mean (unweighted)
 
 
 class Progress:
@@ -89,6 +90,56 @@ def generate_answers(model, tokenizer: PreTrainedTokenizerBase, prompts: list[Co
     return answers
 
 
+@dataclass
+class PreferenceScore:
+    """How a model ranks held-out pairs: the share whose chosen answer has the higher log-probability, and the mean
+    log-probability margin chosen - rejected (nats, summed over each answer's tokens)."""
+
+    accuracy: float
+    margin: float
+    pairs: int
+
+
+@torch.no_grad()
+def answer_log_probs(model, prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int,
+                     batch_size: int) -> list[float]:
+    """Summed log-probability of each answer after its prompt (right-padded batches, eval mode)."""
+    was_training = model.training
+    model.eval()
+    totals: list[float] = []
+    try:
+        for start in range(0, len(prompt_ids), batch_size):
+            rows = [p + a for p, a in zip(prompt_ids[start:start + batch_size], answer_ids[start:start + batch_size],
+                                          strict=True)]
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=model.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=model.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            token_logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+            for i, prompt in enumerate(prompt_ids[start:start + batch_size]):
+                first, last = len(prompt) - 1, len(rows[i]) - 1  # positions predicting the answer's tokens
+                totals.append(token_logps[i, first:last].sum().item())
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def evaluate_preferences(model, pairs, pad_id: int, batch_size: int) -> PreferenceScore:
+    """Score held-out pairs (rows with prompt_ids / chosen_ids / rejected_ids) with the model as it is now."""
+    prompts = [list(r) for r in pairs["prompt_ids"]]
+    chosen = answer_log_probs(model, prompts, [list(r) for r in pairs["chosen_ids"]], pad_id, batch_size)
+    rejected = answer_log_probs(model, prompts, [list(r) for r in pairs["rejected_ids"]], pad_id, batch_size)
+    margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
+    return PreferenceScore(sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins), len(margins))
+
+
+def format_preference_comparison(before: PreferenceScore, after: PreferenceScore, beta: float | None) -> str:
+    """One line; with DPO's beta, the mean implicit reward margin too (beta x the change of the log-prob margin)."""
+    reward = f" (DPO reward margin {beta * (after.margin - before.margin):+.3f})" if beta is not None else ""
+    return (f"held-out pairs ({after.pairs}): preference accuracy {before.accuracy:.1%} -> {after.accuracy:.1%}; "
+            f"log-prob margin chosen - rejected {before.margin:+.2f} -> {after.margin:+.2f} nats{reward}")
+
+
 _NOT_JSON = object()
 
 
@@ -124,7 +175,37 @@ def evaluate_generation(model, tokenizer: PreTrainedTokenizerBase, conversations
     return GenerationScore(section.metric, sum(hits) / len(hits), len(hits), examples)
 
 
+def evaluate_rewards(model, tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], rewards: list,
+                     section: EvaluationSection, max_new_tokens: int, stop_ids: list[int]) -> GenerationScore:
+    """GRPO's held-out score: greedy completions of the held-out prompts, scored by the recipe's rewards as trl
+    scores them in training (same arguments); `score` is the mean weighted sum, `per_reward` each reward's mean."""
+    from qlora_kit.rewards import weighted_total
+
+    rows = rows[: section.max_samples]
+    prompts = [row["prompt"] for row in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, section.batch_size, stop_ids)
+    completions = [[{"role": "assistant", "content": answer}] for answer in answers]  # trl's form for chat prompts
+    names = sorted({key for row in rows for key in row if key != "prompt"})
+    columns = {name: [row.get(name) for row in rows] for name in names}
+    completion_ids = [tokenizer(answer, add_special_tokens=False).input_ids for answer in answers]
+    per_reward = [reward(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+                  for reward in rewards]
+    totals = weighted_total(rewards, per_reward)
+    examples = [{"prompt": p[-1]["content"], "answer": a, "reward": f"{t:.3g}"}
+                for p, a, t in zip(prompts[:3], answers[:3], totals[:3], strict=False)]
+    means = {reward.__name__: sum(values) / len(values) for reward, values in zip(rewards, per_reward, strict=True)}
+    return GenerationScore("reward", sum(totals) / len(totals), len(totals), examples, means)
+
+
 def format_comparison(before: GenerationScore, after: GenerationScore) -> str:
+    if before.metric == "reward":
+        lines = [f"mean reward on {before.rows} held-out prompts (greedy): before {before.score:.3f} -> after "
+                 f"{after.score:.3f}"]
+        lines += [f"  {name}: {before.per_reward[name]:.3f} -> {after.per_reward[name]:.3f}" for name in
+                  before.per_reward]
+        for example in after.examples[:2]:
+            lines.append("  example: " + json.dumps(example, ensure_ascii=False))
+        return "\n".join(lines)
     lines = [f"{before.metric} on {before.rows} held-out rows: before {before.score:.1%} -> after {after.score:.1%}"]
     for example in after.examples[:2]:
         lines.append("  example: " + json.dumps(example, ensure_ascii=False))
@@ -206,7 +287,7 @@ class EvalResult:
 
 def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str]:
     """Rows to evaluate on, and a description: `data_file`, or the run's own held-out split (same seed, same rows)."""
-    from qlora_kit.data import BadRows, load_rows, mix_sources, split_validation
+    from qlora_kit.data import BadRows, load_rows, mix_sources, reference_rows, split_validation
     from qlora_kit.recipe import DatasetSource
 
     try:
@@ -214,8 +295,8 @@ def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str
             path = Path(data_file).expanduser().absolute()  # read from the folder the command runs in
             if not path.exists():
                 raise QloraKitError(f"--data: file not found: {data_file} (looked for {path})")
-            rows = load_rows(DatasetSource(path=str(path)), recipe.data.system_prompt)
-            return rows, data_file
+            rows = load_rows(DatasetSource(path=str(path)), recipe.data.system_prompt, method=recipe.method)
+            return reference_rows(rows), data_file
         if recipe.data.validation is None:
             raise QloraKitError(f"{recipe.source}: the run has no held-out split (data.validation is null); pass "
                                 "--data FILE with reference answers")
@@ -223,7 +304,7 @@ def heldout_rows(recipe: Recipe, data_file: str | None) -> tuple[list[dict], str
         _, held_out = split_validation(mix_sources(recipe, bad), recipe)
     except OSError as exc:
         raise QloraKitError(f"{recipe.source}: cannot read the run's data ({exc}); pass --data FILE") from None
-    return held_out, f"the run's held-out split (data.validation: {recipe.data.validation})"
+    return reference_rows(held_out), f"the run's held-out split (data.validation: {recipe.data.validation})"
 
 
 @torch.no_grad()
@@ -281,6 +362,9 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, max_samples:
                  max_new_tokens: int | None = None, batch_size: int | None = None, include_base: bool = True) -> dict:
     """Score the run's adapter and (with the adapter disabled) its base on the same rows; writes <run>/eval.json."""
     recipe = read_run_recipe(run_dir)
+    if recipe.method == "grpo":
+        raise QloraKitError(f"{run_dir}: a GRPO run has no reference answers to score; its held-out rewards before "
+                            "and after training are in summary.json (`generation`) and the run report")
     rows, described = heldout_rows(recipe, data_file)  # before loading weights: a missing split fails fast
     trained = load_trained_model(run_dir)
     section = recipe.evaluation

@@ -14,7 +14,7 @@ from qlora_kit.model import (
     targets_module,
     upcasts_to_fp32,
 )
-from qlora_kit.recipe import Recipe, SpeedSection
+from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
@@ -66,7 +66,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
     the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
     `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
-    held.
+    held. Pair methods (dpo, orpo, simpo) count chosen and rejected rows: twice the batch.
     """
     from accelerate import init_empty_weights
 
@@ -83,7 +83,8 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
                if m is not head and (targets == "all-linear" or targets_module(n, targets))]
     lora = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
     t = recipe.training
-    tokens = t.batch_size * t.max_length
+    # dpo / orpo / simpo run chosen and rejected as one batch of twice the rows (the reference pass keeps no graph)
+    tokens = t.batch_size * t.max_length * (2 if recipe.method in PAIRED_METHODS else 1)
     if liger is None:  # what a GPU run of this recipe on this installation would do
         liger = liger_kernel_installed()
     fused_cross_entropy = recipe.speed.liger_kernels and liger

@@ -13,7 +13,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from qlora_kit.data import resolve_chat_template
-from qlora_kit.recipe import LoraSection, ModelSection, QloraKitError, Recipe, RecipeError, at, hub_model_unavailable
+from qlora_kit.recipe import (
+    LoraSection,
+    ModelSection,
+    QloraKitError,
+    Recipe,
+    RecipeError,
+    at,
+    hub_model_unavailable,
+    start_adapter_folder,
+)
 from qlora_kit.rundir import atomic_folder
 
 log = logging.getLogger("qlora_kit")
@@ -210,10 +219,17 @@ def build_quantized_model(recipe: Recipe, folder: str, compute_dtype: torch.dtyp
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-    try:
-        model = get_peft_model(model, build_lora_config(recipe.lora))
-    except ValueError as exc:  # peft's message for unknown target modules is already specific
-        raise RecipeError(f"{recipe.source}: lora.target_modules: {exc}") from None
+    if recipe.model.adapter is not None:
+        from peft import PeftModel
+
+        folder = start_adapter_folder(recipe)  # checked against the lora section before any weight loaded
+        model = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        log.info("model.adapter: continuing the adapter in %s", folder)
+    else:
+        try:
+            model = get_peft_model(model, build_lora_config(recipe.lora))
+        except ValueError as exc:  # peft's message for unknown target modules is already specific
+            raise RecipeError(f"{recipe.source}: lora.target_modules: {exc}") from None
     trainable, total = model.get_nb_trainable_parameters()
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return model
@@ -365,6 +381,11 @@ def check_model_config(recipe: Recipe, folder: str) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
     scaled = rope.get("rope_type", rope.get("type", "default")) not in (None, "default")
+    if limit and recipe.training.max_length > limit and not scaled and recipe.method == "grpo":
+        raise RecipeError(
+            f"{recipe.source}: grpo.max_prompt_length: with max_completion_length, {recipe.training.max_length} "
+            f"tokens, longer than the model's max_position_embeddings ({limit}) and its config sets no RoPE "
+            f"scaling; lower grpo.max_prompt_length to {limit - recipe.grpo.max_completion_length} or less")
     if limit and recipe.training.max_length > limit and not scaled:
         raise RecipeError(
             f"{recipe.source}: training.max_length: {recipe.training.max_length} is longer than the model's "

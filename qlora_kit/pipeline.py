@@ -3,6 +3,7 @@ train -> save -> evaluate -> export. Every phase is one call into the module tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import asdict
@@ -12,7 +13,14 @@ from accelerate import PartialState
 from transformers import set_seed
 
 from qlora_kit.data import build_datasets
-from qlora_kit.evaluate import evaluate_generation, format_comparison
+from qlora_kit.evaluate import (
+    GenerationScore,
+    evaluate_generation,
+    evaluate_preferences,
+    evaluate_rewards,
+    format_comparison,
+    format_preference_comparison,
+)
 from qlora_kit.export import merge_adapter
 from qlora_kit.gguf import export_after_training
 from qlora_kit.model import (
@@ -24,8 +32,9 @@ from qlora_kit.model import (
     resolve_dtype,
 )
 from qlora_kit.publish import check_push_settings, push_run
-from qlora_kit.recipe import Recipe
+from qlora_kit.recipe import PAIRED_METHODS, Recipe
 from qlora_kit.report import data_summary, write_report
+from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import RunFolder, open_run_folder, write_atomically
 from qlora_kit.speed import Machine, decide_speed_plan
 from qlora_kit.trainers import build_trainer, save_adapter, train_adapter
@@ -57,11 +66,27 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
     model = build_quantized_model(recipe, folder, compute_dtype)
     stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
 
+    rewards = build_rewards(recipe) if recipe.method == "grpo" else None
+    if rewards:
+        model.generation_config.eos_token_id = stop_ids  # GRPO's completions end at the template's end of turn
+
+    def score(model) -> GenerationScore:
+        if rewards:
+            return evaluate_rewards(model, tokenizer, data.eval_prompts, rewards, recipe.evaluation,
+                                    recipe.grpo.max_completion_length, stop_ids)
+        return evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+
     score_generation = recipe.evaluation.metric != "none" and state.is_main_process
     if score_generation:
-        with model.disable_adapter():
-            before = evaluate_generation(model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
-        log.info("before training: %s = %.1f%%", before.metric, 100 * before.score)
+        # the model as training starts: the base (a fresh adapter adds nothing), or the base with model.adapter
+        with model.disable_adapter() if recipe.model.adapter is None else contextlib.nullcontext():
+            before = score(model)
+        log.info("before training: %s = %s", before.metric,
+                 f"{before.score:.3f}" if before.metric == "reward" else f"{100 * before.score:.1f}%")
+
+    score_pairs = recipe.method in PAIRED_METHODS and data.eval is not None and state.is_main_process
+    if score_pairs:
+        pairs_before = evaluate_preferences(model, data.eval, tokenizer.pad_token_id, recipe.evaluation.batch_size)
 
     # decided with the weights loaded, right before the trainer: `auto` kept layers spend the GPU memory left now
     plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
@@ -73,8 +98,15 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
     summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
 
+    if score_pairs:
+        pairs_after = evaluate_preferences(trainer.model, data.eval, tokenizer.pad_token_id,
+                                           recipe.evaluation.batch_size)
+        summary["preference"] = {"pairs": pairs_after.pairs, "before": asdict(pairs_before),
+                                 "after": asdict(pairs_after)}
+        beta = trainer.args.beta if recipe.method == "dpo" else None  # DPO's reward is beta x log-ratio to the start
+        print(format_preference_comparison(pairs_before, pairs_after, beta), flush=True)
     if score_generation:
-        after = evaluate_generation(trainer.model, tokenizer, data.eval_conversations, recipe.evaluation, stop_ids)
+        after = score(trainer.model)
         summary["generation"] = {"before": asdict(before), "after": asdict(after)}
         print(format_comparison(before, after), flush=True)
     state.wait_for_everyone()

@@ -34,13 +34,15 @@ class RecipeError(QloraKitError):
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            min: float | None = None, max: float | None = None, min_exclusive: bool = False,
-           check: Callable[[Any], Any] | None = None) -> Any:
-    """A dataclass field carrying its help text and numeric range, which validation and docs read back.
+           check: Callable[[Any], Any] | None = None, methods: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its help text, numeric range and (for method settings) the training methods it
+    applies to, which validation and docs read back.
 
     `check(value)` runs on a value the recipe gives, after its type is checked: it returns the value to keep (it may
     normalise it) or raises ValueError with what is wrong and the fix, which becomes a RecipeError naming the key.
     """
-    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "check": check}
+    metadata = {"help": help, "min": min, "max": max, "min_exclusive": min_exclusive, "check": check,
+                "methods": methods}
     if default_factory is not dataclasses.MISSING:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -124,6 +126,9 @@ class ModelSection:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = option(
         "sdpa", help="attention kernel")
     trust_remote_code: bool = option(False, help="allow custom modelling code from the model repo")
+    adapter: str | None = option(
+        None, help="continue training this LoRA adapter: a run folder (its adapter/), a PEFT adapter folder, or a "
+        "Hub id already in the Hugging Face cache; the lora section must describe the same adapter")
 
 
 @dataclass
@@ -166,7 +171,8 @@ ROLE_NAMES = ("system", "user", "assistant")
 # The row fields of each data format; `fields` renames them and `roles` applies to the chat formats.
 FORMAT_FIELDS = {"messages": ("messages",), "sharegpt": ("conversations",),
                  "alpaca": ("instruction", "input", "output"), "prompt_completion": ("prompt", "completion"),
-                 "text": ("text",)}
+                 "text": ("text",), "preference": ("prompt", "chosen", "rejected"),
+                 "unpaired": ("prompt", "completion", "label")}
 FORMATS_WITH_ROLES = ("messages", "sharegpt")
 
 
@@ -211,10 +217,12 @@ class DatasetSource:
     config: str | None = option(None, help="Hub dataset configuration name")
     split: str = option("train", help="Hub dataset split")
     revision: str | None = option(None, help="Hub dataset revision")
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = option(
-        "auto", help="row layout; auto detects it from the first row's fields")
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference",
+                    "unpaired"] = option(
+        "auto", help="row layout; auto detects it from the first row's fields (preference: prompt/chosen/rejected or "
+        "chosen/rejected conversations sharing a prefix; unpaired: prompt/completion/label for kto)")
     fields: dict[str, str] = option(
-        default_factory=dict, help="rename columns, e.g. {prompt: question, completion: answer}")
+        default_factory=dict, help="rename columns, e.g. {prompt: question, completion: answer, chosen: better}")
     roles: dict[str, str] = option(default_factory=dict, check=role_map,
                                    help="role names of sharegpt or messages rows, e.g. {human: user, bot: assistant}")
     weight: float | None = option(None, help="mixing weight: rows taken = weight x rows in the source (seeded)",
@@ -287,8 +295,9 @@ class TrainingSection:
 class EvaluationSection:
     """Generation metric on the held-out split, run before and after training."""
 
-    metric: Literal["exact_match", "contains", "json_equal", "none"] = option(
-        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON)")
+    metric: Literal["exact_match", "contains", "json_equal", "reward", "none"] = option(
+        "none", help="compare generated answers with the reference assistant turn (json_equal: same parsed JSON); "
+        "reward (GRPO): the mean summed reward of greedy completions")
     max_samples: int = option(64, help="held-out rows to generate for", min=1)
     max_new_tokens: int = option(64, help="generation budget per row", min=1)
     batch_size: int = option(16, help="rows generated at once", min=1)
@@ -374,11 +383,106 @@ class SpeedSection:
         "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
 
 
+METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
+PAIRED_METHODS = ("dpo", "orpo", "simpo")  # trained on (prompt, chosen, rejected) pairs
+PREFERENCE_METHODS = (*PAIRED_METHODS, "kto")
+Method = Literal["sft", "dpo", "orpo", "kto", "simpo", "grpo"]
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "kto": 0.1, "simpo": 2.0}
+
+
+@dataclass
+class PreferenceSection:
+    """Settings of the preference methods (`method: dpo | orpo | kto | simpo`), passed to trl's DPOConfig,
+    ORPOConfig, KTOConfig or CPOConfig; a key set for a method it does not apply to is an error."""
+
+    beta: float | None = option(
+        None, help="dpo/kto: how far the policy may move from the reference (higher = closer); orpo: weight of the "
+        "odds-ratio term (lambda); simpo: reward scale. Unset: 0.1, or 2.0 for simpo", min=0, min_exclusive=True,
+        methods=PREFERENCE_METHODS)
+    loss_type: str | list[str] | None = option(
+        None, help="dpo: sigmoid (default), ipo, hinge, robust, exo_pair, apo_zero, ... or a list combined with "
+        "loss_weights ([sigmoid, sft] is RPO: DPO plus NLL on chosen); kto: kto (default) or apo_zero_unpaired",
+        methods=("dpo", "kto"))
+    loss_weights: list[float] | None = option(None, help="weights of a list of dpo loss types (default 1 each)",
+                                              methods=("dpo",))
+    label_smoothing: float = option(
+        0.0, help="probability that a preference label is flipped (dpo's robust / exo_pair losses; simpo)", min=0,
+        max=0.5, methods=("dpo", "simpo"))
+    ld_alpha: float | None = option(
+        None, help="LD-DPO: weight of the completion tokens beyond the shorter answer's length (1 = plain DPO)",
+        min=0, max=1, methods=("dpo",))
+    gamma: float = option(0.5, help="SimPO's target reward margin (trl's simpo_gamma)", min=0, methods=("simpo",))
+    cpo_alpha: float = option(0.0, help="weight of an NLL term on the chosen answer (0 = pure SimPO; 1 = CPO-SimPO)",
+                              min=0, methods=("simpo",))
+    desirable_weight: float = option(1.0, help="kto: weight of the desirable (label true) rows' loss", min=0,
+                                     min_exclusive=True, methods=("kto",))
+    undesirable_weight: float = option(1.0, help="kto: weight of the undesirable (label false) rows' loss", min=0,
+                                       min_exclusive=True, methods=("kto",))
+    max_prompt_length: int | None = option(
+        None, help="prompts longer than this many tokens lose their start (the turns nearest the answer stay); "
+        "training.max_length still bounds prompt + answer", min=1, methods=PREFERENCE_METHODS)
+    config_args: dict[str, Any] = option(
+        default_factory=dict, help="extra arguments to the method's trl config, e.g. {precompute_ref_log_probs: true}",
+        methods=PREFERENCE_METHODS)
+
+
+@dataclass
+class RewardSpec:
+    """One GRPO reward: a built-in (`name`) or your own function (`function`), with its weight."""
+
+    name: str | None = option(
+        None, help="built-in reward: json_valid, json_equal, exact_match, regex or length (docs/methods.md)")
+    function: str | None = option(
+        None, help="your reward as module:function or path/to/file.py:function (relative to the recipe file), "
+        "called as f(prompts, completions, **columns) -> one number per completion")
+    weight: float = option(1.0, help="weight of this reward in the summed reward GRPO maximises")
+    column: str | None = option(None, help="json_equal, exact_match: the dataset column holding the reference")
+    pattern: str | None = option(None, help="regex: 1 where this pattern is found in the completion (re.search)")
+    keys: list[str] | None = option(None, help="json_valid: the keys the JSON object must have (partial credit)")
+    target: int | None = option(None, help="length: no penalty up to this many chars/tokens (default 0)", min=0)
+    max: int | None = option(None, help="length: penalty -1 at and beyond this many chars/tokens", min=1)
+    unit: Literal["chars", "tokens"] | None = option(None, help="length: count characters (default) or tokens")
+
+
+@dataclass
+class GrpoSection:
+    """GRPO (method: grpo): sample `num_generations` completions per prompt, score them with the rewards, and move
+    the policy towards the better ones (trl's GRPOTrainer; generation through transformers' generate)."""
+
+    rewards: list[RewardSpec] = option(default_factory=list, help="the rewards, summed with their weights")
+    num_generations: int = option(8, help="completions sampled per prompt (the group their rewards are compared "
+                                          "within); training.batch_size x gradient_accumulation_steps must be a "
+                                          "multiple", min=2)
+    max_prompt_length: int | None = option(
+        512, help="prompts longer than this many tokens (chat template applied) are dropped and counted; null: "
+        "keep all. training.max_length becomes this + max_completion_length (the memory estimates read it)", min=1)
+    max_completion_length: int = option(256, help="tokens generated per completion at most", min=1)
+    temperature: float = option(1.0, help="sampling temperature of the completions", min=0, min_exclusive=True)
+    top_p: float = option(1.0, help="nucleus sampling: keep the most likely tokens up to this probability mass",
+                          min=0, max=1, min_exclusive=True)
+    beta: float = option(0.0, help="KL penalty towards the starting model (0: none, and no reference pass)", min=0)
+    loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = option(
+        "dapo", help="trl's loss formulation: how token losses are normalised (dapo: by the tokens in the step)")
+    epsilon: float = option(0.2, help="clipping range of the policy ratio (lower side; upper too unless "
+                                      "epsilon_high is set)", min=0, min_exclusive=True)
+    epsilon_high: float | None = option(None, help="upper clipping range (DAPO suggests 0.28)", min=0,
+                                        min_exclusive=True)
+    scale_rewards: Literal["group", "batch", "none"] = option(
+        "group", help="divide advantages by the reward spread of the prompt's group, of the batch, or not at all")
+    config_args: dict[str, Any] = option(
+        default_factory=dict, help="extra arguments to trl's GRPOConfig, e.g. {mask_truncated_completions: true}")
+
+
 @dataclass
 class Recipe:
     """A whole recipe; `source` is the file it came from (for messages)."""
 
     model: ModelSection
+    method: Method = option("sft", help="training method: sft (supervised), dpo, orpo, kto or simpo (preferences), "
+                                        "grpo (rewards on sampled completions)")
     quantization: QuantizationSection = option(default_factory=QuantizationSection, help="")
     lora: LoraSection = option(default_factory=LoraSection, help="")
     data: DataSection = option(default_factory=DataSection, help="")
@@ -386,6 +490,8 @@ class Recipe:
     evaluation: EvaluationSection = option(default_factory=EvaluationSection, help="")
     export: ExportSection = option(default_factory=ExportSection, help="")
     speed: SpeedSection = option(default_factory=SpeedSection, help="")
+    preference: PreferenceSection = option(default_factory=PreferenceSection, help="")
+    grpo: GrpoSection = option(default_factory=GrpoSection, help="")
     source: str = field(default="<recipe>", metadata={"internal": True})
     overrides: list[str] = field(default_factory=list, metadata={"internal": True})
 
@@ -444,6 +550,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     recipe = build_dataclass(Recipe, raw, RecipeSource(source, overridden), prefix="")
     recipe.source = RecipeSource(source, overridden)
     recipe.overrides = list(overrides)  # for the resume command printed after an interruption
+    check_method_keys(recipe, raw)
     validate_recipe(recipe)
     return recipe
 
@@ -739,6 +846,52 @@ def type_name(hint: Any) -> str:
 # ------------------------------------------------------------------------------------------------ validation
 
 
+def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
+    """A `preference` key the recipe's method does not read is an error naming the methods it belongs to (checked on
+    the keys the recipe wrote, so defaults never trip it)."""
+    method, written = recipe.method, raw.get("preference") or {}
+    if raw.get("grpo") and method != "grpo":
+        raise RecipeError(f"{recipe.source}: grpo: applies to method grpo only; this recipe trains with method: "
+                          f"{method} (set `method: grpo` to train with it)")
+    known = {f.name: f for f in dataclasses.fields(PreferenceSection)}
+    for key in written:
+        methods = known[key].metadata["methods"]
+        if method not in methods:
+            hint = f" (set `method: {methods[0]}` to train with it)" if method == "sft" else ""
+            raise RecipeError(f"{recipe.source}: preference.{key}: applies to method {' / '.join(methods)} only; this "
+                              f"recipe trains with method: {method}{hint}")
+    if method == "sft":
+        return
+    t = recipe.training
+    if t.sft_args:
+        raise RecipeError(f"{recipe.source}: training.sft_args: applies to method sft only; pass extra trl arguments "
+                          f"for method {method} as {'grpo' if method == 'grpo' else 'preference'}.config_args")
+    if t.packing or t.padding_free:
+        key = "packing" if t.packing else "padding_free"
+        raise RecipeError(f"{recipe.source}: training.{key}: applies to method sft only; trl's {method} trainer pads "
+                          "each batch itself")
+    if recipe.data.loss_on != "completion":
+        raise RecipeError(f"{recipe.source}: data.loss_on: applies to method sft only; method {method} scores the "
+                          "answers (chosen / rejected / completion), never the prompt")
+    p = recipe.preference
+    losses = [p.loss_type] if isinstance(p.loss_type, str) else p.loss_type or []
+    allowed = DPO_LOSS_TYPES if method == "dpo" else KTO_LOSS_TYPES
+    for loss in losses:
+        if loss not in allowed:
+            close = difflib.get_close_matches(loss, allowed, n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise RecipeError(f"{recipe.source}: preference.loss_type: {loss!r} is not a {method} loss; {hint}choose "
+                              f"from {', '.join(allowed)}")
+    if method == "kto" and isinstance(p.loss_type, list):
+        raise RecipeError(f"{recipe.source}: preference.loss_type: kto takes one loss type, not a list")
+    if p.loss_weights is not None and len(p.loss_weights) != len(losses):
+        raise RecipeError(f"{recipe.source}: preference.loss_weights: {len(p.loss_weights)} weights for "
+                          f"{len(losses)} loss types; give one weight per entry of preference.loss_type")
+    if "exo_pair" in losses and p.label_smoothing == 0:
+        raise RecipeError(f"{recipe.source}: preference.label_smoothing: the exo_pair loss needs it > 0 (the EXO "
+                          "paper uses 1e-3)")
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Checks that span several keys or touch the file system; runs before any weight is loaded."""
     src = recipe.source
@@ -765,8 +918,43 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: training: resume=auto and overwrite=true contradict each other; choose one")
     if (recipe.export.gguf is not None or recipe.export.ollama) and not recipe.export.merge:
         raise RecipeError(f"{src}: export.gguf / export.ollama: need the merged model; set export.merge: true")
-    check_sft_args(recipe)
+    check_trainer_args(recipe)
     check_report_to(recipe)
+    if recipe.model.adapter is not None:
+        check_start_adapter(recipe)
+    if recipe.method == "grpo":
+        check_grpo_settings(recipe)
+    elif recipe.evaluation.metric == "reward":
+        raise RecipeError(f"{src}: evaluation.metric: reward scores GRPO's rewards (method: grpo); for method "
+                          f"{recipe.method} use exact_match, contains or json_equal")
+
+
+SFT_METRICS = ("exact_match", "contains", "json_equal")
+
+
+def check_grpo_settings(recipe: Recipe) -> None:
+    """What GRPO needs beyond the keys: whole groups of completions per step and a held-out score it can compute. The
+    rewards resolve in qlora_kit.rewards (it imports this module), called when the data is read: `validate` and
+    `train` both read it before any weight loads."""
+    src, t, g = recipe.source, recipe.training, recipe.grpo
+    if recipe.data.overlong != "truncate":
+        raise RecipeError(f"{src}: data.overlong: applies to rows with answers (sft, preference methods); GRPO drops "
+                          "prompts longer than grpo.max_prompt_length")
+    if recipe.evaluation.metric in SFT_METRICS:
+        raise RecipeError(f"{src}: evaluation.metric: {recipe.evaluation.metric} compares with a reference assistant "
+                          "turn; GRPO rows have none: use `metric: reward` (the rewards on greedy completions)")
+    if t.eval_steps is not None:
+        raise RecipeError(f"{src}: training.eval_steps: GRPO scores held-out prompts before and after training "
+                          "(evaluation.metric: reward), not during it; remove training.eval_steps")
+    per_step = t.batch_size * t.gradient_accumulation_steps
+    if per_step % g.num_generations:
+        raise RecipeError(
+            f"{src}: grpo.num_generations: training.batch_size x gradient_accumulation_steps = {per_step} completions "
+            f"per optimizer step must be a multiple of num_generations ({g.num_generations}): every prompt's "
+            f"completions are scored as one group. E.g. set training.batch_size: {g.num_generations}")
+    if g.max_prompt_length is not None:
+        # trl reads no max_length for GRPO; the memory estimates (dry run, kept layers) size its sequences by it
+        t.max_length = g.max_prompt_length + g.max_completion_length
 
 
 PIP_NAMES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "flyte": "flytekit"}
@@ -938,22 +1126,122 @@ OWNED_SFT_ARGS = {
 }
 
 
-def check_sft_args(recipe: Recipe) -> None:
-    """`training.sft_args` passes straight to trl's SFTConfig, so its keys are checked against SFTConfig itself."""
-    if not recipe.training.sft_args:
-        return
-    from trl import SFTConfig  # deferred: trl is heavy and only this check needs it
+# Method settings that qlora-kit passes from the preference section: giving them in config_args would fight it.
+OWNED_PREFERENCE_ARGS = {
+    "beta": "preference.beta", "loss_type": "preference.loss_type", "loss_weights": "preference.loss_weights",
+    "label_smoothing": "preference.label_smoothing", "ld_alpha": "preference.ld_alpha",
+    "simpo_gamma": "preference.gamma", "cpo_alpha": "preference.cpo_alpha",
+    "desirable_weight": "preference.desirable_weight", "undesirable_weight": "preference.undesirable_weight",
+    "max_prompt_length": "preference.max_prompt_length",
+}
 
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    for key in recipe.training.sft_args:
-        if key in OWNED_SFT_ARGS:
-            ours = OWNED_SFT_ARGS[key]
+
+# GRPOConfig arguments that qlora-kit passes from the grpo section (or decides itself).
+OWNED_GRPO_ARGS = {
+    "num_generations": "grpo.num_generations", "max_completion_length": "grpo.max_completion_length",
+    "temperature": "grpo.temperature", "top_p": "grpo.top_p", "beta": "grpo.beta", "loss_type": "grpo.loss_type",
+    "epsilon": "grpo.epsilon", "epsilon_high": "grpo.epsilon_high", "scale_rewards": "grpo.scale_rewards",
+    "reward_weights": "grpo.rewards[].weight", "use_vllm": "(always off: generation through transformers)",
+}
+
+
+def method_config_class(method: str) -> type:
+    """trl's config class for a method (trl 1.16: DPO and KTO in trl, ORPO and CPO in trl.experimental)."""
+    if method == "sft":
+        from trl import SFTConfig
+        return SFTConfig
+    if method == "dpo":
+        from trl import DPOConfig
+        return DPOConfig
+    if method == "kto":
+        from trl import KTOConfig
+        return KTOConfig
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+        return ORPOConfig
+    if method == "grpo":
+        from trl import GRPOConfig
+        return GRPOConfig
+    from trl.experimental.cpo import CPOConfig
+    return CPOConfig
+
+
+def check_trainer_args(recipe: Recipe) -> None:
+    """`training.sft_args` / `preference.config_args` pass straight to the method's trl config, so their keys are
+    checked against that config class itself."""
+    method = recipe.method
+    extra, key_name = ((recipe.training.sft_args, "training.sft_args") if method == "sft"
+                       else (recipe.grpo.config_args, "grpo.config_args") if method == "grpo"
+                       else (recipe.preference.config_args, "preference.config_args"))
+    if not extra:
+        return
+    config = method_config_class(method)  # deferred: trl is heavy and only this check needs it
+    names = {f.name for f in dataclasses.fields(config)}
+    owned = {**OWNED_SFT_ARGS, **(OWNED_GRPO_ARGS if method == "grpo" else OWNED_PREFERENCE_ARGS if method != "sft"
+                                  else {})}
+    for key in extra:
+        if key in owned:
+            ours = owned[key]
             better = f"use {ours} instead" if not ours.startswith("(") else f"not configurable {ours}"
-            raise RecipeError(f"{at(recipe.source, 'training.sft_args')}.{key}: set by qlora-kit; {better}")
+            raise RecipeError(f"{at(recipe.source, key_name)}.{key}: set by qlora-kit; {better}")
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{at(recipe.source, 'training.sft_args')}.{key}: not an SFTConfig argument{hint}")
+            article = "an" if config.__name__[0] in "AEFHILMNORSX" else "a"  # as the letter is spoken: "an SFTConfig"
+            raise RecipeError(f"{at(recipe.source, key_name)}.{key}: not {article} {config.__name__} argument{hint}")
+
+
+def start_adapter_folder(recipe: Recipe) -> Path:
+    """The folder of `model.adapter`: a run folder's adapter/, a PEFT adapter folder, or a Hub adapter already in
+    the Hugging Face cache (read offline; training never downloads it midway)."""
+    name, src = recipe.model.adapter or "", recipe.source
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "adapter" / "adapter_config.json").is_file():
+            return path / "adapter"
+        if (path / "adapter_config.json").is_file():
+            return path
+        raise RecipeError(f"{src}: model.adapter: {name} is neither a run folder with an adapter/ nor a PEFT adapter "
+                          "folder (no adapter_config.json); a run that has not finished has only checkpoints: use "
+                          f"{name}/checkpoints/checkpoint-N")
+    where = f"{name} is not a folder here (relative paths are read from the current folder, {os.getcwd()})"
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise RecipeError(f"{src}: model.adapter: {where}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise RecipeError(f"{src}: model.adapter: {where}, and no Hub adapter {name} is in the Hugging Face cache "
+                          f"(`hf download {name}` first)") from None
+
+
+def check_start_adapter(recipe: Recipe) -> None:
+    """The starting adapter must be the adapter the lora section describes: peft loads it with its own config, so a
+    recipe saying otherwise would be silently wrong about what trains."""
+    import json
+
+    folder = start_adapter_folder(recipe)
+    src, lora = recipe.source, recipe.lora
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"{src}: model.adapter: cannot read {folder / 'adapter_config.json'}: {exc}") from None
+    if config.get("peft_type") != "LORA":
+        raise RecipeError(f"{src}: model.adapter: {folder} holds a {config.get('peft_type')} adapter; only LoRA "
+                          "adapters can continue training")
+    checks = [("r", config.get("r"), lora.r), ("alpha", config.get("lora_alpha"), lora.alpha),
+              ("use_dora", bool(config.get("use_dora")), lora.use_dora),
+              ("use_rslora", bool(config.get("use_rslora")), lora.use_rslora)]
+    if isinstance(lora.target_modules, list) and config.get("target_modules") is not None:
+        saved = config["target_modules"]
+        checks.append(("target_modules", sorted([saved] if isinstance(saved, str) else saved),
+                       sorted(lora.target_modules)))
+    for key, theirs, ours in checks:
+        if theirs != ours:
+            raise RecipeError(f"{src}: lora.{key}: the starting adapter {folder} has {key}={theirs!r}, the recipe "
+                              f"says {ours!r}; set lora.{key}: {theirs!r} to continue that adapter")
 
 
 # ------------------------------------------------------------------------------------------------- output

@@ -8,6 +8,7 @@ embedded), to attach or open anywhere.
 from __future__ import annotations
 
 import base64
+import fnmatch
 import html
 import json
 import logging
@@ -26,11 +27,24 @@ log = logging.getLogger("qlora_kit")
 
 # (file name, title, metrics.jsonl keys drawn as lines, y label)
 PLOTS = [
-    ("loss.png", "Loss", ("loss", "eval_loss"), "cross-entropy per trained token"),
+    ("loss.png", "Loss", ("loss", "eval_loss"), "loss (sft: cross-entropy per trained token)"),
+    ("rewards.png", "Rewards (preference methods)", ("rewards/chosen", "rewards/rejected", "rewards/margins",
+                                                     "eval_rewards/margins"), "implicit reward"),
+    ("reward_accuracy.png", "Reward accuracy (preference methods)", ("rewards/accuracies",
+                                                                     "eval_rewards/accuracies"),
+     "share of pairs: chosen reward > rejected"),
     ("learning_rate.png", "Learning rate", ("learning_rate",), "learning rate"),
     ("grad_norm.png", "Gradient norm", ("grad_norm",), "global L2 norm before clipping"),
+    # GRPO (trl's GRPOTrainer logs these); a key with * stands for every logged key it matches
+    ("grpo_reward.png", "Reward (GRPO)", ("reward", "reward_std"),
+     "weighted reward sum: mean and spread over completions"),
+    ("grpo_reward_functions.png", "Reward per function (GRPO)", ("rewards/*/mean",), "mean reward (unweighted)"),
+    ("grpo_completion_length.png", "Completion length (GRPO)",
+     ("completions/mean_length", "completions/mean_terminated_length"), "tokens"),
+    ("kl.png", "KL to the starting model", ("kl",), "mean per-token KL"),
 ]
-LABELS = {"loss": "train loss", "eval_loss": "eval loss"}
+LABELS = {"loss": "train loss", "eval_loss": "eval loss", "reward": "mean", "reward_std": "standard deviation",
+          "completions/mean_length": "all completions", "completions/mean_terminated_length": "ended by EOS"}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -100,7 +114,10 @@ def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for name, title, keys, ylabel in PLOTS:
+    logged = list(dict.fromkeys(key for record in records for key in record))
+    for name, title, patterns, ylabel in PLOTS:
+        keys = [key for pattern in patterns for key in (fnmatch.filter(logged, pattern) if "*" in pattern
+                                                         else [pattern])]
         lines = {key: series(records, key) for key in keys}
         lines = {key: points for key, points in lines.items() if points}
         if not lines:
@@ -110,7 +127,8 @@ def plot_metrics(records: list[dict[str, Any]], folder: Path) -> list[Path]:
             steps, values = zip(*points, strict=True)
             evaluation = key.startswith("eval")
             ax.plot(steps, values, marker="s" if evaluation else "o" if len(points) < 30 else None,
-                    markersize=5 if evaluation else 3, label=LABELS.get(key, key))
+                    markersize=5 if evaluation else 3,
+                    label=LABELS.get(key, key.removeprefix("rewards/").removesuffix("/mean")))
         values = [v for points in lines.values() for _, v in points]
         if name == "loss.png" and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")  # a loss falling by orders of magnitude is flat on a linear axis
@@ -140,7 +158,10 @@ def data_summary(stats: dict[str, Any]) -> dict[str, Any]:
             compact[split] = values
             continue
         lengths = values.get("lengths") or []
-        compact[split] = {k: v for k, v in values.items() if k != "lengths"}
+        compact[split] = {k: v for k, v in values.items() if not k.endswith("lengths")}
+        for key, part in values.items():  # preference rows: prompt / chosen / rejected / completion lengths
+            if key.endswith("_lengths") and part:
+                compact[split][key.removesuffix("s")] = {"median": statistics.median(part), "max": max(part)}
         if lengths:
             ordered = sorted(lengths)
             compact[split]["length"] = {"mean": statistics.fmean(ordered), "median": statistics.median(ordered),
@@ -214,8 +235,26 @@ def generation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]
     if not generation:
         return None
     before, after = generation["before"], generation["after"]
-    return (["metric", "rows", "before training", "after training"],
-            [[before["metric"], str(before["rows"]), f"{before['score']:.1%}", f"{after['score']:.1%}"]])
+    header = ["metric", "rows", "before training", "after training"]
+    if before["metric"] != "reward":
+        return header, [[before["metric"], str(before["rows"]), f"{before['score']:.1%}", f"{after['score']:.1%}"]]
+    # GRPO: the weighted sum of the rewards on greedy completions, then each reward's own mean
+    rows = [["reward (weighted sum)", str(before["rows"]), f"{before['score']:.3f}", f"{after['score']:.3f}"]]
+    rows += [[f"reward {name}", str(before["rows"]), f"{value:.3f}", f"{after['per_reward'][name]:.3f}"]
+             for name, value in before.get("per_reward", {}).items()]
+    return header, rows
+
+
+def preference_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
+    scores = summary.get("preference")
+    if not scores:
+        return None
+    before, after = scores["before"], scores["after"]
+    return (["held-out pairs", "before training", "after training"],
+            [["preference accuracy (log p chosen > log p rejected)", f"{before['accuracy']:.1%}",
+              f"{after['accuracy']:.1%}"],
+             ["mean log-probability margin, chosen - rejected (nats)", f"{before['margin']:.3g}",
+              f"{after['margin']:.3g}"]])
 
 
 def eval_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]] | None:
@@ -279,6 +318,8 @@ def report_blocks(run_dir: Path, plots: list[Path]) -> list[Block]:
     if summary.get("data"):
         blocks += [("h2", "Data"), ("table", *data_table(summary["data"]))]
     tables = [("Generation on the held-out split (during training)", generation_table(summary)),
+              (f"Preferences on the {summary.get('preference', {}).get('pairs')} held-out pairs",
+               preference_table(summary)),
               ("Evaluation (`qlora-kit eval`: base vs adapter)", eval_table(evaluation))]
     if any(table for _, table in tables):
         blocks.append(("h2", "Evaluation"))

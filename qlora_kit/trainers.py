@@ -15,7 +15,8 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_kit.data import PreparedData
-from qlora_kit.recipe import QloraKitError, Recipe, RecipeError
+from qlora_kit.recipe import DEFAULT_BETA, QloraKitError, Recipe, RecipeError, method_config_class
+from qlora_kit.rewards import build_rewards
 from qlora_kit.rundir import atomic_folder, find_resume_checkpoint, mark_checkpoint_complete, resume_command
 from qlora_kit.speed import (
     ApplySpeedPlan,
@@ -24,6 +25,7 @@ from qlora_kit.speed import (
     modeling_module_restored,
     train_on_one_gpu_without_a_launcher,
 )
+from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
 
 log = logging.getLogger("qlora_kit")
 
@@ -126,61 +128,221 @@ def check_disk_space(output_dir: Path, model, step: int) -> None:
             "training.save_total_limit, then resume with training.resume=auto")
 
 
-def build_sft_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool, plan: SpeedPlan):
-    from trl import SFTConfig
-
+def build_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_eval: bool, plan: SpeedPlan):
+    """The method's trl config (SFTConfig, DPOConfig, KTOConfig, ORPOConfig, CPOConfig or GRPOConfig): what every
+    method shares (folders, schedule, precision, logging, saving) from `training` and the speed plan, then the
+    method's own settings."""
     t = recipe.training
+    common = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=run_dir.name,
+        max_length=t.max_length,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=plan.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed,
+        logging_steps=t.logging_steps,
+        eval_strategy="steps" if has_eval and t.eval_steps else "no",
+        eval_steps=t.eval_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to or "none",
+        bf16=compute_dtype is torch.bfloat16,
+        fp16=compute_dtype is torch.float16,
+        include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
+        use_liger_kernel=plan.liger_kernels,
+    )
+    if recipe.method == "grpo":
+        # no max_length (prompt and completion have their own limits); GRPO counts its prompt and completion tokens
+        # itself (trl's input count looks for input_ids, which its batches lack); trl's Liger GRPO loss is not yet
+        # checked against its plain loss here
+        common.pop("max_length")
+        common.update(include_num_input_tokens_seen="no", use_liger_kernel=False)
+        if recipe.speed.liger_kernels and torch.cuda.is_available():
+            log.info("speed.liger_kernels: not applied to GRPO (its Liger loss is not compared with trl's plain one)")
+    config_class = method_config_class(recipe.method)
+    section = {"sft": "training", "grpo": "grpo"}.get(recipe.method, "preference")
     try:
-        return SFTConfig(
-            output_dir=str(run_dir / "checkpoints"),
-            run_name=run_dir.name,
-            max_length=t.max_length,
-            per_device_train_batch_size=t.batch_size,
-            per_device_eval_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            num_train_epochs=t.epochs,
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            lr_scheduler_type=t.lr_scheduler,
-            warmup_steps=t.warmup,
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            optim=plan.optimizer,
-            gradient_checkpointing=t.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-            packing=t.packing,
-            padding_free=t.padding_free or t.packing,
-            seed=t.seed,
-            logging_steps=t.logging_steps,
-            eval_strategy="steps" if has_eval and t.eval_steps else "no",
-            eval_steps=t.eval_steps,
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
-            report_to=t.report_to or "none",
-            bf16=compute_dtype is torch.bfloat16,
-            fp16=compute_dtype is torch.float16,
-            include_num_input_tokens_seen="non_padding",
-            logging_nan_inf_filter=False,  # a NaN loss must reach RunGuard, not be averaged away
-            use_liger_kernel=plan.liger_kernels,
-            **t.sft_args,
-        )
+        return config_class(**common, **method_settings(recipe))
     except (ValueError, TypeError) as exc:
-        raise RecipeError(f"{recipe.source}: training: {exc}") from None
+        raise RecipeError(f"{recipe.source}: {section}: {exc}") from None
+
+
+def method_settings(recipe: Recipe) -> dict:
+    """The config arguments only the recipe's method has, from `training` (sft) or `preference` (the others)."""
+    method, p = recipe.method, recipe.preference
+    if method == "sft":
+        t = recipe.training
+        return {"packing": t.packing, "padding_free": t.padding_free or t.packing, **t.sft_args}
+    if method == "grpo":
+        # trl samples all completions of an optimizer step (every prompt's num_generations together) in one
+        # `generate` call: its defaults steps_per_generation = gradient_accumulation_steps and
+        # generation_batch_size = the step's completions, kept as they are
+        g = recipe.grpo
+        return {"num_generations": g.num_generations, "max_completion_length": g.max_completion_length,
+                "temperature": g.temperature, "top_p": g.top_p, "beta": g.beta, "loss_type": g.loss_type,
+                "epsilon": g.epsilon, "epsilon_high": g.epsilon_high, "scale_rewards": g.scale_rewards,
+                "reward_weights": [r.weight for r in g.rewards], **g.config_args}
+    settings: dict = {"beta": DEFAULT_BETA[method] if p.beta is None else p.beta}
+    if method == "dpo":
+        settings.update(loss_type=p.loss_type or ["sigmoid"], loss_weights=p.loss_weights,
+                        label_smoothing=p.label_smoothing, ld_alpha=p.ld_alpha)
+    elif method == "kto":
+        settings.update(loss_type=p.loss_type or "kto", desirable_weight=p.desirable_weight,
+                        undesirable_weight=p.undesirable_weight)
+    elif method == "simpo":  # SimPO is trl's CPO trainer with the simpo loss and no NLL term (cpo_alpha 0)
+        settings.update(loss_type="simpo", simpo_gamma=p.gamma, cpo_alpha=p.cpo_alpha,
+                        label_smoothing=p.label_smoothing)
+    return {**settings, **p.config_args}
 
 
 def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir: Path, compute_dtype: torch.dtype,
                   plan: SpeedPlan):
-    """trl's trainer for the recipe, with the speed plan (decided by the caller) applied when training starts."""
-    from trl import SFTTrainer
-
-    args = build_sft_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None, plan=plan)
+    """trl's trainer for the recipe's method, with the speed plan (decided by the caller) applied when training
+    starts."""
+    args = build_config(recipe, run_dir, compute_dtype, has_eval=data.eval is not None, plan=plan)
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), ApplySpeedPlan(plan)]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                         processing_class=tokenizer, callbacks=callbacks)
-    bend_trainer(trainer, plan.machine.under_fsdp)
+    trainer_class = method_trainer_class(recipe.method)
+    rewards = {"reward_funcs": build_rewards(recipe)} if recipe.method == "grpo" else {}
+    before_trl = {} if plan.machine.under_fsdp else {name: p.detach().clone() for name, p in model.named_parameters()
+                                                     if p.requires_grad and p.dtype == torch.float32}
+    trainer = trainer_class(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                            processing_class=tokenizer, callbacks=callbacks, **rewards)
+    if recipe.method in ("dpo", "kto", "grpo"):
+        use_reference_adapter_only_for_a_start_adapter(trainer.model, recipe.model.adapter is not None)
+    bend_trainer(trainer, plan.machine.under_fsdp, before_trl)
     return trainer
+
+
+def method_trainer_class(method: str) -> type:
+    """The trainer class of a method: trl's own, subclassed only to take the rows qlora_kit.data tokenized (the same
+    chat template rendering and prompt tokens as SFT) and to keep the speed levers' checkpointing choices."""
+    if method == "sft":
+        from trl import SFTTrainer
+        return SFTTrainer
+    return {"dpo": dpo_trainer_class, "kto": kto_trainer_class, "orpo": orpo_trainer_class,
+            "simpo": simpo_trainer_class, "grpo": grpo_trainer_class}[method]()
+
+
+def grpo_trainer_class() -> type:
+    from trl import GRPOTrainer
+
+    class QloraKitGRPOTrainer(KeepsCheckpointSettings, GRPOTrainer):
+        """trl's GRPOTrainer as it is: prompts rendered with the tokenizer's (the recipe's) chat template, all
+        completions of a step sampled in one `generate` call with the KV cache. Its generation and no-grad scoring
+        pass switch checkpointing off and on again; KeepsCheckpointSettings restores the speed settings before the
+        loss."""
+
+    return QloraKitGRPOTrainer
+
+
+def dpo_trainer_class() -> type:
+    from trl import DPOTrainer
+
+    class QloraKitDPOTrainer(KeepsCheckpointSettings, DPOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # DPOTrainer tokenizes prompt/chosen/rejected itself; qlora_kit.data already wrote prompt_ids,
+            # chosen_ids and rejected_ids, the columns trl's own tokenization ends with (trl 1.16).
+            return dataset
+
+    return QloraKitDPOTrainer
+
+
+def kto_trainer_class() -> type:
+    from trl import KTOTrainer
+
+    class QloraKitKTOTrainer(KeepsCheckpointSettings, KTOTrainer):
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            # KTOTrainer tokenizes prompt/completion itself, then adds the mismatched completions its KL estimate
+            # reads. qlora_kit.data wrote prompt_ids, completion_ids and label; the KL column is built as trl 1.16's
+            # _prepare_dataset builds it: completions rotated by one within each batch of the (sequential) sampler.
+            if not self.calculate_KL:
+                return dataset
+
+            def add_kl_completion_ids(batch):
+                batch["KL_completion_ids"] = [batch["completion_ids"][-1]] + batch["completion_ids"][:-1]
+                return batch
+
+            return dataset.map(add_kl_completion_ids, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return QloraKitKTOTrainer
+
+
+def pair_columns_for_trl_experimental(feature: dict) -> dict:
+    """ORPO's and CPO's batch layout (trl 1.16 trl.experimental: prompt / chosen / rejected input ids, attention
+    masks and labels with the prompt masked) from the token ids qlora_kit.data wrote."""
+    prompt = list(feature["prompt_ids"])
+    row = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+    for side in ("chosen", "rejected"):
+        answer = list(feature[f"{side}_ids"])
+        row[f"{side}_input_ids"] = prompt + answer
+        row[f"{side}_attention_mask"] = [1] * (len(prompt) + len(answer))
+        row[f"{side}_labels"] = [-100] * len(prompt) + answer
+    return row
+
+
+def orpo_trainer_class() -> type:
+    from trl.experimental.orpo import ORPOTrainer
+
+    class QloraKitORPOTrainer(ORPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return pair_columns_for_trl_experimental(feature)
+
+    return QloraKitORPOTrainer
+
+
+def simpo_trainer_class() -> type:
+    from trl.experimental.cpo import CPOTrainer
+
+    class QloraKitCPOTrainer(CPOTrainer):
+        def tokenize_row(self, feature, model=None):
+            return pair_columns_for_trl_experimental(feature)
+
+    return QloraKitCPOTrainer
+
+
+class KeepsCheckpointSettings:
+    """trl's DPO and KTO trainers run the reference pass inside `disable_gradient_checkpointing`, which switches
+    checkpointing back on for every layer with the default function afterwards: that would undo the speed plan's kept
+    layers and its reentrant / offloaded checkpoint function after the first step. Each loss computation puts them
+    back first (a look at two layers when nothing changed)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        applier = callback_of(self, ApplySpeedPlan)
+        if applier is not None:
+            restore_checkpoint_settings(self.accelerator.unwrap_model(model), applier.plan)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+def restore_checkpoint_settings(model, plan: SpeedPlan) -> None:
+    """Apply the plan's checkpointing again where `gradient_checkpointing_enable` reset it (idempotent)."""
+    if checkpointing_was_reset(model, plan):
+        apply_checkpointing(model, plan)
+
+
+def use_reference_adapter_only_for_a_start_adapter(model, start_adapter: bool) -> None:
+    """trl's DPO and KTO trainers (and GRPO's with grpo.beta > 0) copy a PEFT model's adapter into a frozen "ref"
+    adapter for the reference pass.
+    Continuing `model.adapter`, that copy is the reference (the same 4-bit base, no second model). A fresh adapter
+    (B = 0) adds nothing to the base, so the copy is dropped and trl disables the adapter for the reference pass."""
+    if start_adapter or "ref" not in model.peft_config:
+        return
+    model.delete_adapter("ref")
+    model.set_adapter("default")
 
 
 def callback_of(trainer, kind: type):
@@ -314,6 +476,8 @@ def save_adapter(trainer, tokenizer, run_dir: Path, stop_ids: list[int]) -> Path
     adapter = gather_fsdp_adapter(trainer) if fsdp else None  # a collective: every rank takes part, rank 0 gets them
     if not trainer.is_world_process_zero():
         return target
+    if "ref" in trainer.model.peft_config:  # trl's frozen reference copy (dpo, kto) is not trained
+        trainer.model.delete_adapter("ref")
     with atomic_folder(target) as partial:
         if fsdp:
             write_peft_adapter(trainer.accelerator.unwrap_model(trainer.model_wrapped), adapter, partial)

@@ -283,11 +283,11 @@ def test_recipe_packing_turns_on_trl_bfd_packing_and_padding_free(make_recipe, t
     from transformers import AutoConfig
 
     from qlora_kit.speed import Machine, decide_speed_plan
-    from qlora_kit.trainers import build_sft_config
+    from qlora_kit.trainers import build_config
 
     recipe = load_recipe(make_recipe(training={"packing": True}))
     plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), Machine.measure(), 0)
-    config = build_sft_config(recipe, tmp_path, torch.float32, has_eval=False, plan=plan)
+    config = build_config(recipe, tmp_path, torch.float32, has_eval=False, plan=plan)
     assert config.packing and config.padding_free and config.packing_strategy == "bfd"
 
 

@@ -19,6 +19,7 @@ ORDER = [
     "qlora_kit.recipe",
     "qlora_kit",  # the package's __init__ re-exports the recipe's errors
     "qlora_kit.rundir",
+    "qlora_kit.rewards",  # the GRPO rewards: the data reads the columns they need
     "qlora_kit.data",
     "qlora_kit.model",
     "qlora_kit.memory",

@@ -259,7 +259,7 @@ def test_sft_args_real_sftconfig_field_is_accepted(make_recipe):
 
 def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_recipe, tiny_model_dir, tmp_path,
                                                                        monkeypatch):
-    # Whatever build_sft_config passes to SFTConfig must be refused at validation; otherwise the recipe passes
+    # Whatever build_config passes to SFTConfig must be refused at validation; otherwise the recipe passes
     # `validate` and fails only after data and model are loaded ("got multiple values for keyword argument").
     import trl
     from transformers import AutoConfig
@@ -271,7 +271,7 @@ def test_every_sftconfig_argument_qlora_kit_sets_is_refused_in_sft_args(make_rec
     plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), Machine.measure(), 0)
     passed: dict = {}
     monkeypatch.setattr(trl, "SFTConfig", lambda **kwargs: passed.update(kwargs))
-    train.build_sft_config(recipe, tmp_path, compute_dtype=None, has_eval=False, plan=plan)
+    train.build_config(recipe, tmp_path, compute_dtype=None, has_eval=False, plan=plan)
     monkeypatch.undo()
     assert "learning_rate" in passed  # the recorder saw the real call
 

@@ -271,15 +271,15 @@ def compile_decoder_layers(model) -> int:
 # ---------------------------------------------------------------------------------------- the Trainer
 
 
-def bend_trainer(trainer, under_fsdp: bool) -> None:
+def bend_trainer(trainer, under_fsdp: bool, before_trl: dict[str, torch.Tensor] | None = None) -> None:
     """The per-step host work Trainer does that the trainable parameters listed once make unnecessary, and the
-    adapter's fp32 master weights; under FSDP (flat parameters, modules wrapped when training starts) only those
-    that stay correct there."""
+    adapter's fp32 master weights (`before_trl`: the weights as they were before the trainer's cast); under FSDP
+    (flat parameters, modules wrapped when training starts) only those that stay correct there."""
     count_parameters_for_flops_once(trainer)
     trainable = [p for p in trainer.model.parameters() if p.requires_grad]
     clip_only_trainable_gradients(trainer, trainable)
     if not under_fsdp:
-        keep_adapter_weights_in_fp32(trainer.model)  # FSDP needs one dtype per shard: the compute dtype there
+        keep_adapter_weights_in_fp32(trainer.model, before_trl)  # FSDP needs one dtype per shard
         zero_only_trainable_gradients(trainer.model, trainable)  # FSDP's flat parameters replace the model's own
         switch_modes_only_when_a_module_differs(trainer.model)  # FSDP wraps modules when training starts
 
@@ -357,14 +357,16 @@ def every_module_in_mode(root: torch.nn.Module, mode: bool) -> bool:
     return True
 
 
-def keep_adapter_weights_in_fp32(model) -> None:
+def keep_adapter_weights_in_fp32(model, before_trl: dict[str, torch.Tensor] | None = None) -> None:
     """trl offers: SFTTrainer casting a quantized model's LoRA weights to bf16. Why not: small optimizer updates
     vanish, fp16-only GPUs get bf16, CPU runs compute the adapters in slow bf16, and a resumed run (peft reloads fp32)
     trains in another dtype. Internal touched: the trainable parameters' data, back to fp32 master weights (bf16/fp16
-    compute comes from autocast)."""
-    for param in model.parameters():
+    compute comes from autocast). The weights as they were before trl's cast (`before_trl`, by parameter name) come
+    back exactly: a continued `model.adapter` must start where it ended, equal to its frozen reference copy."""
+    before_trl = before_trl or {}
+    for name, param in model.named_parameters():
         if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+            param.data = before_trl[name] if name in before_trl else param.data.float()
 
 
 def train_on_one_gpu_without_a_launcher(args) -> None:

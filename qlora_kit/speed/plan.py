@@ -241,16 +241,41 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     if plan.mlp_chunk_tokens:
         log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens",
                  chunk_mlps(model, plan.mlp_chunk_tokens), plan.mlp_chunk_tokens)
+    swapped, still = apply_checkpointing(model, plan)
     if plan.checkpointing == "offloaded":
-        log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory",
-                 use_checkpoint_function(model, offloaded_checkpoint))
+        log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory", swapped)
     elif plan.checkpointing == "reentrant":
         log.info("speed.reentrant_checkpointing: %d layers checkpointed without a graph in their first forward",
-                 use_checkpoint_function(model, reentrant_checkpoint))
+                 swapped)
     if plan.kept_layers:
-        still = keep_activations(model, plan.kept_layers)
         log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
                  plan.kept_layers, still)
+
+
+def apply_checkpointing(model, plan: SpeedPlan) -> tuple[int, int]:
+    """The checkpointing part of the plan, on a model whose checkpointing the trainer has just switched on: the
+    checkpoint function, then the kept layers. Returns (layers given the plan's function, layers still recomputed).
+    Also what a trainer that switches checkpointing on again mid-training (trl's DPO/KTO reference pass) re-applies."""
+    swapped = 0
+    if plan.checkpointing == "offloaded":
+        swapped = use_checkpoint_function(model, offloaded_checkpoint)
+    elif plan.checkpointing == "reentrant":
+        swapped = use_checkpoint_function(model, reentrant_checkpoint)
+    still = keep_activations(model, plan.kept_layers) if plan.kept_layers else 0
+    return swapped, still
+
+
+def checkpointing_was_reset(model, plan: SpeedPlan) -> bool:
+    """Whether `gradient_checkpointing_enable` ran again since the plan was applied: every layer checkpoints again
+    though the plan keeps some, or the layers checkpoint with transformers' function instead of the plan's."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers or not any(layer.gradient_checkpointing for layer in layers):
+        return False  # checkpointing is off, or every layer keeps its activations
+    function = {"offloaded": offloaded_checkpoint, "reentrant": reentrant_checkpoint}.get(plan.checkpointing)
+    return bool(plan.kept_layers and layers[-1].gradient_checkpointing) or (
+        function is not None and layers[0]._gradient_checkpointing_func is not function)
 
 
 class ApplySpeedPlan(TrainerCallback):

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -436,16 +436,28 @@ def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | N
               method: str = "sft") -> list[Row]:
     """Every row of one source, normalised for the training method; a bad row raises (naming file and line) or is
     counted in `bad`."""
-    rows, fmt = [], source.format
+    fmt = source.format
+
+    def normalised(where: str, record: dict) -> Row:
+        nonlocal fmt
+        if fmt == "auto":
+            fmt = detect_format(record, source.fields, method)
+            check_mappings_used(source, fmt)
+        check_format_fits_method(fmt, method)
+        return with_system_prompt(to_row(record, fmt, source), system_prompt)
+
+    return rows_of(source, normalised, bad)
+
+
+def rows_of(source: DatasetSource, convert: Callable[[str, dict], Row], bad: BadRows | None) -> list[Row]:
+    """`convert(where, record)` of every record of one source; a bad one raises naming its file and line, or (with
+    `bad`) is counted and skipped. A source left with no rows is an error either way."""
+    rows = []
     for where, record in read_source(source):
         try:
             if isinstance(record, BadRecord):
                 raise DataError(record.reason)
-            if fmt == "auto":
-                fmt = detect_format(record, source.fields, method)
-                check_mappings_used(source, fmt)
-            check_format_fits_method(fmt, method)
-            rows.append(with_system_prompt(to_row(record, fmt, source), system_prompt))
+            rows.append(convert(where, record))
         except DataError as exc:
             if bad is None:
                 raise DataError(f"{where}: {exc}") from None
@@ -877,19 +889,8 @@ def load_prompt_rows(source: DatasetSource, recipe: Recipe, bad: BadRows | None 
     from qlora_kit.rewards import ROW_COLUMN, build_rewards, needed_columns
 
     needed = needed_columns(build_rewards(recipe))
-    rows = []
-    for where, record in read_source(source):
-        try:
-            if isinstance(record, BadRecord):
-                raise DataError(record.reason)
-            rows.append({**to_prompt_row(record, source, recipe.data.system_prompt, needed), ROW_COLUMN: where})
-        except DataError as exc:
-            if bad is None:
-                raise DataError(f"{where}: {exc}") from None
-            bad.add(f"{where}: {exc}")
-    if not rows:
-        raise DataError(f"{source.path or source.hub}: no usable rows")
-    return rows
+    return rows_of(source, lambda where, record: {
+        **to_prompt_row(record, source, recipe.data.system_prompt, needed), ROW_COLUMN: where}, bad)
 
 
 def keep_prompts_that_fit(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,

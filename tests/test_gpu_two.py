@@ -4,7 +4,6 @@ Run through the device tool on nvidia-h200-x2: `pytest -m gpu tests/test_gpu_two
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_gpu import chat_file, tiny_base, write_recipe  # noqa: F401  (fixtures shared with the one-GPU tests)
+from test_reliability import losses_by_step as losses
 
 from qlora_kit.rundir import COMPLETE_MARKER
 
@@ -44,15 +44,6 @@ def launch(config: str, recipe: Path, *overrides: str, machine: int | None = Non
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    by_step = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            by_step[record["step"]] = record["loss"]  # a step re-run after the resume: the later line wins
-    return by_step
 
 
 def assert_same_curve(expected: dict[int, float], actual: dict[int, float], tolerance: float) -> None:

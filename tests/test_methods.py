@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import WORDS, write_jsonl
+from test_reliability import losses_by_step
 
 from qlora_kit.pipeline import run_training
 from qlora_kit.recipe import RecipeError, load_recipe
@@ -35,15 +36,6 @@ def method_sections(method: str, pairs_file: Path, **training) -> dict:
     return {"method": method, "data": {"datasets": [{"path": str(pairs_file)}], "cache": False},
             "training": {"max_steps": 2, "save_steps": 100, "lr_scheduler": "constant", "warmup": 0, **training},
             "export": {"merge": False, "report": False}}
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = record["loss"]
-    return losses
 
 
 # Per method, what the method logs besides the loss: the curves the report draws.

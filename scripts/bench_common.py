@@ -24,24 +24,98 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Real Llama shapes; rope scaling and max positions do not change the cost of a 2048-token step.
+# Real shapes of every family in recipes/, each built with its family's own transformers config class (`config`)
+# and the hyper-parameters of its config.json that change a step's cost or its code path (biases, q/k norms, GELU
+# MLPs, softcapping, sliding windows, fused projections, tied embeddings). The bench tokenizer's ids are small, but
+# every shape keeps its real vocab_size: the embedding, lm_head and loss cost what they cost on the real model.
+# Rope scaling and max positions do not change the cost of a 2048-token step.
+LLAMA3_ROPE = {"rope_type": "default", "rope_theta": 500000.0}
 SHAPES: dict[str, dict[str, Any]] = {
-    "70b": dict(label="Llama-3-70B", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-                rope_theta=500000.0, tie_word_embeddings=False),
-    "8b": dict(label="Llama-3-8B", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-               rope_theta=500000.0, tie_word_embeddings=False),
-    "3b": dict(label="Llama-3.2-3B", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-               rope_theta=500000.0, tie_word_embeddings=True),
-    "1b": dict(label="Llama-3.2-1B", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-               num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
-               rope_theta=500000.0, tie_word_embeddings=True),
-    "tiny": dict(label="tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=8192, max_position_embeddings=2048, rope_theta=500000.0,
-                 tie_word_embeddings=False),
+    "70b": dict(label="Llama-3-70B", config="LlamaConfig", hidden_size=8192, intermediate_size=28672,
+                num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5,
+                tie_word_embeddings=False),
+    "8b": dict(label="Llama-3-8B", config="LlamaConfig", hidden_size=4096, intermediate_size=14336,
+               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "3b": dict(label="Llama-3.2-3B", config="LlamaConfig", hidden_size=3072, intermediate_size=8192,
+               num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "1b": dict(label="Llama-3.2-1B", config="LlamaConfig", hidden_size=2048, intermediate_size=8192,
+               num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+               max_position_embeddings=8192, rope_parameters=LLAMA3_ROPE, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    # Qwen2Attention always has q/k/v biases
+    "qwen2.5-7b": dict(label="Qwen2.5-7B", config="Qwen2Config", hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # Qwen3Attention: RMSNorm on each head of q and k, no biases
+    "qwen3-8b": dict(label="Qwen3-8B", config="Qwen3Config", hidden_size=4096, intermediate_size=12288,
+                     num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     vocab_size=151936, max_position_embeddings=40960, attention_bias=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-6,
+                     tie_word_embeddings=False),
+    "mistral-7b": dict(label="Mistral-7B-v0.3", config="MistralConfig", hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       vocab_size=32768, max_position_embeddings=32768, sliding_window=None,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False),
+    # GELU-tanh MLP, (1 + w) RMSNorms around attention and MLP, logit softcapping, every other layer sliding
+    "gemma-2-9b": dict(label="Gemma-2-9B", config="Gemma2Config", hidden_size=3584, intermediate_size=14336,
+                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                       vocab_size=256000, max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh",
+                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+                       final_logit_softcapping=30.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # the text model of Gemma-3-4B (Gemma3TextConfig): q/k norms, 5 sliding layers to 1 global, no softcapping
+    "gemma-3-4b": dict(label="Gemma-3-4B (text)", config="Gemma3TextConfig", hidden_size=2560,
+                       intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
+                       head_dim=256, vocab_size=262208, max_position_embeddings=131072,
+                       hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=1024,
+                       rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                                        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+                       rms_norm_eps=1e-6, tie_word_embeddings=True),
+    # Phi3 modules: one fused qkv_proj and one fused gate_up_proj per layer, rotary on 3/4 of each head
+    "phi-4-mini": dict(label="Phi-4-mini", config="Phi3Config", hidden_size=3072, intermediate_size=8192,
+                       num_hidden_layers=32, num_attention_heads=24, num_key_value_heads=8, vocab_size=200064,
+                       max_position_embeddings=131072, original_max_position_embeddings=4096,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75},
+                       rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "smollm2-1.7b": dict(label="SmolLM2-1.7B", config="LlamaConfig", hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 130000.0},
+                         rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
+TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=8192, max_position_embeddings=2048)
+
+
+def tiny_shape(shape: str) -> dict[str, Any]:
+    """`shape` at CPU size (the sizes of TINY_SIZES, head_dim 16 where the family sets its own, windows of 64 tokens
+    so that a 128-token row crosses them) with everything else of its family kept: class, biases, norms, activation,
+    softcapping, tied embeddings, partial rotary."""
+    spec = {**SHAPES[shape], **TINY_SIZES, "label": f"tiny {SHAPES[shape]['label']}"}
+    if "head_dim" in spec:
+        spec["head_dim"] = 16
+    if spec.get("query_pre_attn_scalar"):
+        spec["query_pre_attn_scalar"] = 16
+    if spec.get("sliding_window"):
+        spec["sliding_window"] = 64
+    if spec["config"] == "Gemma3TextConfig":  # its 5-sliding-to-1-global pattern would leave 2 layers all sliding
+        spec["layer_types"] = ["sliding_attention", "full_attention"]
+    if SHAPES[shape]["num_key_value_heads"] == SHAPES[shape]["num_attention_heads"]:
+        spec["num_key_value_heads"] = spec["num_attention_heads"]  # multi-head attention stays multi-head
+    if "original_max_position_embeddings" in spec:
+        spec["original_max_position_embeddings"] = spec["max_position_embeddings"]
+    return spec
+
+
+# `tiny` is the Llama; `tiny-FAMILY` runs each other family's code paths on CPU (bench.py --tiny --configs ...)
+SHAPES["tiny"] = {**tiny_shape("8b"), "label": "tiny", "tie_word_embeddings": False}
+TINY_FAMILIES = {"tiny-qwen2.5": "qwen2.5-7b", "tiny-qwen3": "qwen3-8b", "tiny-mistral": "mistral-7b",
+                 "tiny-gemma-2": "gemma-2-9b", "tiny-gemma-3": "gemma-3-4b", "tiny-phi-4-mini": "phi-4-mini",
+                 "tiny-smollm2": "smollm2-1.7b"}
+SHAPES.update({tiny: tiny_shape(family) for tiny, family in TINY_FAMILIES.items()})
 
 # The seed recipe's settings, shared by both paths.
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
@@ -153,21 +227,26 @@ def chat_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- random-weight models
 
 
-def shape_config(shape: str, tokenizer, seq: int = 0):
-    """(LlamaConfig of `shape` with the tokenizer's special ids, those ids); rows longer than the shape's positions
-    get positions for `seq`, RoPE-scaled the way Llama 3.1 scales them (a long-context probe)."""
-    from transformers import LlamaConfig
+def shape_config(shape: str, tokenizer=None, seq: int = 0, **overrides: Any):
+    """(the family's config of `shape` with the tokenizer's special ids, those ids); `overrides` replace
+    hyper-parameters (tests: the tokenizer's own vocab_size). A Llama shape given rows longer than its positions gets
+    positions for `seq`, RoPE-scaled the way Llama 3.1 scales them (a long-context probe)."""
+    import transformers
 
-    spec = {k: v for k, v in SHAPES[shape].items() if k != "label"}
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    config = LlamaConfig(**spec, **ids, rms_norm_eps=1e-5, initializer_range=0.02)
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("label", "config")}
+    spec.update(overrides)
+    ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id)
+    config = getattr(transformers, SHAPES[shape]["config"])(**spec, **ids, initializer_range=0.02)
     original = config.max_position_embeddings
     if seq > original:
+        if SHAPES[shape]["config"] != "LlamaConfig":
+            raise SystemExit(f"--seq {seq}: longer than {shape}'s {original} positions; the RoPE-scaled long-context "
+                             "probe is built for Llama shapes only")
         factor = -(-seq // original)
         config.max_position_embeddings = factor * original
-        config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec["rope_theta"], "factor": float(factor),
-                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        config.rope_parameters = {"rope_type": "llama3", "rope_theta": spec["rope_parameters"]["rope_theta"],
+                                  "factor": float(factor), "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                   "original_max_position_embeddings": original}
     return config, ids
 
@@ -225,9 +304,11 @@ def write_sparse_safetensors(path: Path, tensors: dict[str, tuple[list[int], Any
 
 
 def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict[str, Any]:
-    """The shape's checkpoint with hole-filled decoder linears (see the module docstring)."""
+    """The shape's checkpoint with hole-filled decoder linears (see the module docstring): the tensor names and
+    shapes come from the family's model class built on the meta device, so every family's layout (fused qkv_proj,
+    q/k/v biases, q/k norms, Gemma's extra norms, tied embeddings) is written as transformers will read it."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     if (folder / "config.json").is_file():
         return {"reused": True}
@@ -235,29 +316,32 @@ def build_sparse_model(shape: str, folder: Path, tokenizer_folder: Path) -> dict
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     config, ids = shape_config(shape, tokenizer)
     config.dtype = "bfloat16"
-    h, i = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    with torch.device("meta"):
+        layout = AutoModelForCausalLM.from_config(config)
+    # (1 + w) norms (Gemma) are the identity at w = 0, the others at w = 1; biases are zero
+    norm_one = 0.0 if config.model_type.startswith("gemma") else 1.0
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
 
     def random(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
 
-    shards: list[dict[str, tuple[list[int], Any]]] = [{
-        "model.embed_tokens.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
-        "lm_head.weight": ([config.vocab_size, h], random(config.vocab_size, h)),
-        "model.norm.weight": ([h], torch.ones(h, dtype=torch.bfloat16))}]
-    for layer in range(config.num_hidden_layers):
-        if layer % 8 == 0:
-            shards.append({})
-        prefix = f"model.layers.{layer}."
-        shards[-1].update({
-            prefix + "input_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
-            prefix + "post_attention_layernorm.weight": ([h], torch.ones(h, dtype=torch.bfloat16)),
-            prefix + "self_attn.q_proj.weight": ([h, h], None), prefix + "self_attn.k_proj.weight": ([kv, h], None),
-            prefix + "self_attn.v_proj.weight": ([kv, h], None), prefix + "self_attn.o_proj.weight": ([h, h], None),
-            prefix + "mlp.gate_proj.weight": ([i, h], None), prefix + "mlp.up_proj.weight": ([i, h], None),
-            prefix + "mlp.down_proj.weight": ([h, i], None)})
+    shards: list[dict[str, tuple[list[int], Any]]] = [{}]
+    saved = dict(layout.state_dict())
+    if config.tie_word_embeddings:
+        saved.pop("lm_head.weight", None)  # save_pretrained writes tied weights once
+    last_layer = None
+    for name, tensor in saved.items():
+        dims = list(tensor.shape)
+        layer = int(name.split(".layers.")[1].split(".")[0]) if ".layers." in name else None
+        if layer is not None and layer != last_layer and layer % 8 == 0:
+            shards.append({})  # eight decoder layers a shard
+        last_layer = layer
+        if len(dims) == 2:  # decoder linears are holes; embeddings and lm_head random
+            value = None if layer is not None else random(*dims)
+        else:  # norms are the identity; biases zero (holes)
+            value = torch.full(dims, norm_one, dtype=torch.bfloat16) if "norm" in name else None
+        shards[-1][name] = (dims, value)
     weight_map, total = {}, 0
     for number, tensors in enumerate(shards, 1):
         name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
@@ -431,11 +515,17 @@ def fmt(value: Any, spec: str) -> str:
 
 
 def projection_shapes(shape: str = "8b") -> dict[str, tuple[int, int]]:
-    """(out, in) of each decoder projection of a shape, the weights the fused LoRA layers dequantize."""
+    """(out, in) of each decoder projection of a shape, the weights the fused LoRA layers dequantize (Phi3's fused
+    qkv_proj and gate_up_proj as they are; q_proj and o_proj named together where both are square)."""
     spec = SHAPES[shape]
     hidden, inner = spec["hidden_size"], spec["intermediate_size"]
-    kv = spec["num_key_value_heads"] * hidden // spec["num_attention_heads"]
-    return {"q_proj/o_proj": (hidden, hidden), "k_proj/v_proj": (kv, hidden), "gate_proj/up_proj": (inner, hidden),
+    head_dim = spec.get("head_dim") or hidden // spec["num_attention_heads"]
+    q, kv = spec["num_attention_heads"] * head_dim, spec["num_key_value_heads"] * head_dim
+    if spec["config"] == "Phi3Config":
+        return {"qkv_proj": (q + 2 * kv, hidden), "o_proj": (hidden, q), "gate_up_proj": (2 * inner, hidden),
+                "down_proj": (hidden, inner)}
+    attention = {"q_proj/o_proj": (hidden, hidden)} if q == hidden else {"q_proj": (q, hidden), "o_proj": (hidden, q)}
+    return {**attention, "k_proj/v_proj": (kv, hidden), "gate_proj/up_proj": (inner, hidden),
             "down_proj": (hidden, inner)}
 
 

@@ -1,7 +1,8 @@
-"""GPU time of one NF4 dequantize per Llama-3-8B weight shape (call to call, and kernels alone): bitsandbytes' API
+"""GPU time of one NF4 dequantize per weight shape of a model (call to call, and kernels alone): bitsandbytes' API
 against qlora-kit's Triton kernel (qlora_kit/speed/nf4_triton.py), and whether the two give the same bits.
 
   python scripts/dequant_kernel_bench.py --out $OUT
+  python scripts/dequant_kernel_bench.py --shape qwen2.5-7b --shape 8b --out $OUT   # Qwen2.5's widths next to Llama's
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import gpu_ms, projection_shapes  # noqa: E402  (scripts/ is not a package)
+from bench_common import SHAPES, gpu_ms, projection_shapes  # noqa: E402  (scripts/ is not a package)
 
 
 def gpu_us(fn, repeats: int = 50) -> float:
@@ -46,9 +47,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/dequant_kernel_bench")
     parser.add_argument("--sweep", action="store_true", help="also time other program sizes and warp counts")
+    parser.add_argument("--shape", action="append", choices=list(SHAPES),
+                        help="model shape whose projections to time (repeatable; default 8b)")
     args = parser.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    for name, shape in projection_shapes("8b").items():
+    weights = [(f"{model} {name}", shape) for model in args.shape or ["8b"]
+               for name, shape in projection_shapes(model).items()]
+    for name, shape in weights:
         weight = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
         packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         same = torch.equal(nf4_dequantize(packed, state), bnb.functional.dequantize_4bit(packed, state))

@@ -46,6 +46,7 @@ from bench_common import (  # noqa: E402  (scripts/ is not a package)
     SEED,
     SHAPES,
     WARMUP,
+    attention,
     chat_data,
     code_version,
     ensure_model,
@@ -179,7 +180,8 @@ def cmd_reference(spec_path: str) -> None:
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(spec["model"], quantization_config=bnb, dtype=dtype,
-                                                 attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"})
+                                                 attn_implementation=spec["attention"],
+                                                 device_map={"": 0 if cuda else "cpu"})
     model = prepare_model_for_kbit_training(model)
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
@@ -320,6 +322,7 @@ def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
                   timeout: float, profile_out: Path | None = None) -> dict[str, Any]:
     shape, seq, batch = base["shape"], base["seq"], base["batch"]
     spec = {"model": str(model), "data": str(data), "seq": seq, "batch": batch, "steps": base["steps"],
+            "attention": attention(shape),
             "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch", "sft_args": sft_args,
             "output_dir": str(work / "runs" / f"reference_{shape}_s{seq}_b{batch}"),
             "profile_out": str(profile_out) if profile_out else None}
@@ -389,8 +392,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"bitsandbytes {env.get('bitsandbytes')}, peft {env.get('peft')}, trl {env.get('trl')}, "
         f"accelerate {env.get('accelerate')}, datasets {env.get('datasets')}.", "",
         f"Settings (both paths): NF4 + double quant, {settings['compute_dtype']} compute, LoRA r=16 alpha=32 "
-        f"dropout 0 all-linear, gradient checkpointing, {settings['optimizer']}, sdpa, lr 2e-4 cosine, loss on all "
-        "tokens, every row exactly `seq` tokens (no padding). tokens/s: qlora-kit's own `train_tokens_per_second`, "
+        f"dropout 0 all-linear, gradient checkpointing, {settings['optimizer']}, attention "
+        f"{settings.get('attention', 'sdpa')}, lr 2e-4 cosine, loss on all tokens, every row exactly `seq` tokens "
+        "(no padding). tokens/s: qlora-kit's own `train_tokens_per_second`, "
         f"and the same marks for the reference (step ends after the first {WARMUP_STEPS_SKIPPED} dropped); peak: "
         "torch.cuda.max_memory_allocated after training, each path in its own process.", "",
         "| path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB | speed vs reference "
@@ -539,7 +543,8 @@ def main(argv: list[str]) -> None:
     data = chat_data(work, args.seq, args.steps * max(b for _, b in configs) + 8)
     settings = {"compute_dtype": "bf16" if gpu else "fp32", "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch",
                 **{f"lora_{k}": v for k, v in LORA.items()}, "learning_rate": LEARNING_RATE, "scheduler": SCHEDULER,
-                "warmup": WARMUP, "seed": SEED, "attention": "sdpa", "quantization": "nf4 + double quant",
+                "warmup": WARMUP, "seed": SEED, "quantization": "nf4 + double quant",
+                "attention": ", ".join(f"{attention(shape)} ({shape})" for shape, _ in configs),
                 "gradient_checkpointing": True, "loss_on": "all", "warmup_steps_skipped": WARMUP_STEPS_SKIPPED}
     results: dict[str, Any] = {"date": env["date"], "env": env, "code": code_version(), "argv": argv,
                                "settings": settings, "data": data, "models": {}, "runs": []}

@@ -60,11 +60,13 @@ SHAPES: dict[str, dict[str, Any]] = {
                        vocab_size=32768, max_position_embeddings=32768, sliding_window=None,
                        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rms_norm_eps=1e-5,
                        tie_word_embeddings=False),
-    # GELU-tanh MLP, (1 + w) RMSNorms around attention and MLP, logit softcapping, every other layer sliding
-    "gemma-2-9b": dict(label="Gemma-2-9B", config="Gemma2Config", hidden_size=3584, intermediate_size=14336,
-                       num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
-                       vocab_size=256000, max_position_embeddings=8192, hidden_activation="gelu_pytorch_tanh",
-                       query_pre_attn_scalar=256, sliding_window=4096, attn_logit_softcapping=50.0,
+    # GELU-tanh MLP, (1 + w) RMSNorms around attention and MLP, logit softcapping, every other layer sliding; eager
+    # attention as its recipe says (sdpa has no softcapping, and transformers refuses it for Gemma 2)
+    "gemma-2-9b": dict(label="Gemma-2-9B", config="Gemma2Config", attention="eager", hidden_size=3584,
+                       intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=256, vocab_size=256000, max_position_embeddings=8192,
+                       hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256, sliding_window=4096,
+                       attn_logit_softcapping=50.0,
                        final_logit_softcapping=30.0, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                        rms_norm_eps=1e-6, tie_word_embeddings=True),
     # the text model of Gemma-3-4B (Gemma3TextConfig): q/k norms, 5 sliding layers to 1 global, no softcapping
@@ -233,7 +235,7 @@ def shape_config(shape: str, tokenizer=None, seq: int = 0, **overrides: Any):
     positions for `seq`, RoPE-scaled the way Llama 3.1 scales them (a long-context probe)."""
     import transformers
 
-    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("label", "config")}
+    spec = {k: v for k, v in SHAPES[shape].items() if k not in ("label", "config", "attention")}
     spec.update(overrides)
     ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id)
@@ -478,7 +480,7 @@ def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, 
                      gpu: bool) -> dict[str, Any]:
     """The seed settings as a qlora-kit recipe."""
     return {
-        "model": {"name": str(model), "attn_implementation": "sdpa"},
+        "model": {"name": str(model), "attn_implementation": attention(shape)},
         "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
                          "compute_dtype": "bf16" if gpu else "fp32"},
         "lora": dict(LORA),
@@ -494,6 +496,11 @@ def qlora_kit_recipe(model: Path, data: Path, work: Path, shape: str, seq: int, 
         # spends the GPU's free memory on skipping recomputes instead
         "speed": {"keep_activations_layers": 0},
     }
+
+
+def attention(shape: str) -> str:
+    """The attention implementation both paths run a shape with: its family recipe's (sdpa unless it says)."""
+    return SHAPES[shape].get("attention", "sdpa")
 
 
 def run_measurements(run_dir: Path) -> dict[str, Any]:

@@ -354,13 +354,13 @@ def liger_kernel_installed() -> bool:
 
 
 def gated_silu_mlp(module) -> bool:
-    """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen; not Gemma's GELU, not
-    fused gate_up projections). Probes any module: transformers' MLP classes differ by architecture."""
+    """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen), or Phi-3's with one
+    gate_up_proj for both; not Gemma's GELU. Probes any module: transformers' MLP classes differ by architecture."""
     config = getattr(module, "config", None)  # transformers' MLPs keep it; their act_fn class varies by version
     silu = getattr(config, "hidden_act", None) in ("silu", "swish") or isinstance(getattr(module, "act_fn", None),
                                                                                   torch.nn.SiLU)
-    return all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")) and silu and not hasattr(
-        module, "experts")
+    projections = hasattr(module, "gate_up_proj") or (hasattr(module, "gate_proj") and hasattr(module, "up_proj"))
+    return projections and hasattr(module, "down_proj") and silu and not hasattr(module, "experts")
 
 
 def check_model_config(recipe: Recipe, folder: str) -> None:

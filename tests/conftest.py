@@ -88,6 +88,42 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# The bench's tiny shape of each family in recipes/ (scripts/bench_common.py SHAPES: the family's config class)
+FAMILY_SHAPES = ["tiny", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral", "tiny-gemma-2", "tiny-gemma-3",
+                 "tiny-phi-4-mini", "tiny-smollm2"]
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[[str], Path]:
+    """`family_model_dir(shape)`: a folder with a random model of a bench tiny shape (its family's config class and
+    features) over the tiny ChatML tokenizer, built once per session."""
+    import shutil
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_common import shape_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    built: dict[str, Path] = {}
+
+    def build(shape: str) -> Path:
+        if shape not in built:
+            folder = tmp_path_factory.mktemp(shape)
+            config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer))
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+                if (tiny_model_dir / name).is_file():
+                    shutil.copy(tiny_model_dir / name, folder / name)
+            built[shape] = folder
+        return built[shape]
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir: Path):
     from transformers import AutoTokenizer

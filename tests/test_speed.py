@@ -9,6 +9,7 @@ from copy import deepcopy
 
 import pytest
 import torch
+from conftest import FAMILY_SHAPES
 
 from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
@@ -56,6 +57,19 @@ def gpu_machine(**facts) -> Machine:
                       "triton": True, "liger": True, **facts})
 
 
+@pytest.fixture(autouse=True)
+def liger_table_without_liger(monkeypatch):
+    """gpu_machine() says liger-kernel is installed; where it is not (CPU machines), the plan reads the model types
+    of recipes/' families from this stand-in for liger-kernel 0.8.5's table."""
+    import importlib.util
+
+    import qlora_kit.speed.plan as plan_module
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        monkeypatch.setattr(plan_module, "liger_model_types", lambda: frozenset(
+            {"llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3", "phi3"}))
+
+
 def loss_and_gradients(model, ids: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
@@ -96,6 +110,104 @@ def test_fused_mlp_matches_peft_in_loss_and_every_gradient(make_recipe, tiny_mod
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations(model, 1)  # one layer recomputed, one keeping its activations
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
+def family_model(make_recipe, family_model_dir, shape: str):
+    """The bench's tiny shape of a family (its own config class) in NF4 with non-zero LoRA on all linears, loaded
+    with the attention its family recipe uses."""
+    folder = family_model_dir(shape)
+    from bench_common import attention  # scripts/ is on sys.path once family_model_dir ran
+
+    recipe = load_recipe(make_recipe(model={"name": str(folder), "attn_implementation": attention(shape)},
+                                     lora={"r": 4, "alpha": 8}))
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(folder), torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    model.train()
+    return model
+
+
+# (LoRA layers fused, MLPs fused) in the 2-layer tiny shape of each family: Phi-3 has fused qkv_proj / gate_up_proj
+# (4 linears a layer); Gemma's GELU-gated MLPs keep their own forward (the speed plan says so)
+FUSED_PER_FAMILY = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14, 2), "tiny-mistral": (14, 2),
+                    "tiny-gemma-2": (14, 0), "tiny-gemma-3": (14, 0), "tiny-phi-4-mini": (8, 2),
+                    "tiny-smollm2": (14, 2)}
+
+
+@pytest.mark.parametrize("shape", FAMILY_SHAPES)
+def test_fused_lora_and_mlp_match_peft_on_every_family(make_recipe, family_model_dir, shape):
+    """Every family's own modules (Qwen2.5's q/k/v biases, Qwen3's q/k norms, Gemma's (1 + w) norms, GELU-tanh MLP
+    and softcapping, Phi-3's fused projections) train the same through the fused layers as through peft's: with
+    every layer keeping its activations, and with one layer recomputed (where the MLP skips its unread output)."""
+    model = family_model(make_recipe, family_model_dir, shape)
+    plain = loss_and_gradients(model, IDS)
+    assert (use_fused_lora(model), use_fused_mlp(model)) == FUSED_PER_FAMILY[shape]
+    fused = loss_and_gradients(model, IDS)
+    assert_same_training_signal(plain, fused)
+    assert all(g.abs().sum() > 0 for name, g in fused[1].items() if "lora_" in name)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+
+
+@pytest.mark.parametrize("shape", FAMILY_SHAPES)
+def test_the_speed_plan_says_which_levers_skip_a_family(make_recipe, family_model_dir, shape, monkeypatch):
+    """fused_mlp on a GELU-gated family, and Liger on a model type liger-kernel does not patch, are off in the plan
+    with a note, not silently skipped by the code that would apply them."""
+    from transformers import AutoConfig
+
+    import qlora_kit.speed.plan as plan_module
+
+    config = AutoConfig.from_pretrained(family_model_dir(shape))
+    recipe = load_recipe(make_recipe())
+    plan = decide_speed_plan(recipe, config, gpu_machine(), 0)
+    gelu = FUSED_PER_FAMILY[shape][1] == 0
+    assert plan.fused_lora and plan.fused_mlp is not gelu and plan.liger_kernels
+    assert any(note.startswith("fused_mlp: off") and "gelu_pytorch_tanh" in note for note in plan.notes) is gelu
+    monkeypatch.setattr(plan_module, "liger_model_types", lambda: frozenset({"some_other_model"}))
+    plan = decide_speed_plan(recipe, config, gpu_machine(), 0)
+    assert not plan.liger_kernels
+    assert any(f"no kernels for model type '{config.model_type}'" in note for note in plan.notes)
+
+
+def test_liger_swiglu_runs_over_power_of_two_rows_with_the_same_result(monkeypatch):
+    """Liger's SwiGLU kernels take rows of 4,096 elements whatever the MLP's width (18,944 for Qwen2.5-7B would idle
+    42% of each program's lanes), and silu(gate) * up and its gradients come out the same."""
+    from types import SimpleNamespace
+
+    from qlora_kit.speed import lora_autograd
+
+    widths = []
+
+    def forward(a, b):  # liger_kernel.ops.swiglu's contract: (a, b, silu(a) * b), in torch
+        widths.append(a.shape[-1])
+        return a, b, torch.nn.functional.silu(a.float()).to(b.dtype) * b
+
+    def backward(a, b, dc):  # writes the gradients over a and b, as Liger's kernel does
+        widths.append(a.shape[-1])
+        sig = torch.sigmoid(a.float())
+        grad_b = dc * a * sig
+        a.copy_(dc * b * sig * (1 + a * (1 - sig)))
+        b.copy_(grad_b)
+        return a, b
+
+    gate, up, grad = (torch.randn(2, 128, 592, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    expected = (lora_autograd.silu_mul(gate, up), *lora_autograd.silu_mul_backward(gate, up, grad))
+    monkeypatch.setattr(lora_autograd, "liger_swiglu_runs", lambda tensor: True)
+    monkeypatch.setattr(lora_autograd, "liger_swiglu", lambda: SimpleNamespace(swiglu_forward=forward,
+                                                                               swiglu_backward=backward))
+    product = lora_autograd.silu_mul(gate, up)
+    grads = lora_autograd.silu_mul_backward(gate.clone(), up.clone(), grad)
+    for want, got in zip(expected, (product, *grads), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)
+    assert widths == [4096, 4096]  # 2 * 128 * 592 = 37 rows of 4,096
+    odd = torch.randn(1, 3, 592)
+    torch.testing.assert_close(lora_autograd.silu_mul(odd, odd), torch.nn.functional.silu(odd) * odd)
+    assert widths[-1] == 592  # sizes that do not split into such rows keep their own width
 
 
 @pytest.mark.parametrize("checkpoint", [None, reentrant_checkpoint])

@@ -151,8 +151,10 @@ def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bo
 # reads. Internal touched: the MLP module's forward (Liger's SwiGLU patch included) and its three projections.
 
 # Decoder layers that end `residual + mlp(norm(hidden))`: nothing saves the MLP's output for backward, so a recompute
-# can skip computing it. (Not, say, OLMo 2 or Gemma 2, which normalise the MLP output first.)
-MLP_OUTPUT_ONLY_SUMMED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+# can skip computing it. (Not, say, OLMo 2 or Gemma 2, which normalise the MLP output first.) Phi-3 puts a dropout
+# between, which saves its mask, not its input (none at all at p = 0).
+MLP_OUTPUT_ONLY_SUMMED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer",
+                          "Phi3DecoderLayer")
 
 
 def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +166,11 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     # Run inside backward, this forward is a checkpointed layer's recompute: autograd needs what the MLP saves, never
     # its output, when the layer only adds that output to the residual (a 481 GFLOP matmul per 8B layer and step).
     unread = self._output_only_summed and torch._C._current_graph_task_id() != -1
-    return SwigluDownOver4bit.apply(self.gate_proj(x), self.up_proj(x), down.lora_A[name].weight,
+    if hasattr(self, "gate_up_proj"):  # Phi-3's one projection for both, gate first (Phi3MLP.forward)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+    else:
+        gate, up = self.gate_proj(x), self.up_proj(x)
+    return SwigluDownOver4bit.apply(gate, up, down.lora_A[name].weight,
                                     down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
                                     down._cast_adapters_once, not unread)
 

@@ -9,6 +9,7 @@ still use is measured then, and `speed.keep_activations_layers: auto` spends it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -111,11 +112,19 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     every_layer_kept = checkpointing == "none" or kept >= model_config.get_text_config().num_hidden_layers
     blocker = layer_compile_blocker(speed, machine, every_layer_kept)
     optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
+    mlp_blocker = fused_mlp_blocker(model_config) if fused_lora and speed.fused_mlp else None
+    if mlp_blocker:
+        notes.append(f"fused_mlp: off, {mlp_blocker}; its projections still take the fused LoRA path")
+    liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
+    if liger and model_config.model_type not in liger_model_types():
+        notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
+                     "(transformers would skip it silently)")
+        liger = False
     plan = SpeedPlan(
-        fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp,
+        fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,
         cast_adapters_once=not long_context_settings(speed),
-        liger_kernels=liger_kernels_usable(speed, machine, compiled_layers=blocker is None),
+        liger_kernels=liger,
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
         machine=machine, notes=tuple(notes))
@@ -204,6 +213,30 @@ def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers:
                     "liger-kernel, or set speed.liger_kernels: false to silence this)")
         return False
     return True
+
+
+SILU_ACTIVATIONS = ("silu", "swish")
+
+
+def fused_mlp_blocker(model_config) -> str | None:
+    """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: SwigluDownOver4bit computes
+    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward."""
+    text = model_config.get_text_config()
+    # the activation's key differs by family: hidden_activation (Gemma 2 and 3), hidden_act (the others, Gemma 1)
+    activation = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
+    if activation not in SILU_ACTIVATIONS:
+        return f"{text.model_type}'s MLP is gated by {activation}, and only SiLU-gated MLPs are fused"
+    return None
+
+
+@functools.cache
+def liger_model_types() -> frozenset[str]:
+    """The model types liger-kernel patches: the table transformers' `use_liger_kernel` looks the model up in
+    (liger_kernel.transformers._apply_liger_kernel_to_instance, liger-kernel 0.8.5), which skips any other type with
+    an info-level log line only. Imported only where Liger would run (a GPU with liger-kernel installed)."""
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
 FUSED_ADAMW_STATE_LIMIT_GIB = 1.0

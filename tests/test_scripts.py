@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,6 +34,76 @@ def test_sparse_checkpoint_loads_with_holes_for_decoder_linears(tmp_path):
     assert layer.self_attn.q_proj.weight.abs().sum() == 0 and layer.mlp.down_proj.weight.abs().sum() == 0
     assert layer.input_layernorm.weight.eq(1).all()
     assert 0.015 < model.model.embed_tokens.weight.float().std() < 0.025
+
+
+# Each family recipe and the bench shape that measures it; gemma-3-4b's recipe trains the multimodal model's text
+RECIPE_SHAPES = {"llama-3.1-8b": "8b", "mistral-7b": "mistral-7b", "qwen2.5-7b": "qwen2.5-7b", "qwen3-8b": "qwen3-8b",
+                 "gemma-2-9b": "gemma-2-9b", "gemma-3-4b": "gemma-3-4b", "phi-4-mini": "phi-4-mini",
+                 "smollm2-1.7b": "smollm2-1.7b"}
+
+
+def test_every_family_recipe_has_a_bench_shape_of_its_own_config_class():
+    """scripts/bench.py measures each family in recipes/ on a shape of that family's config class (test_family_recipes'
+    FAMILIES names it), with the family's real widths, and a tiny shape of the same class for CPU runs."""
+    from bench_common import SHAPES, TINY_FAMILIES, projection_shapes
+    from test_family_recipes import FAMILIES
+
+    recipes = {p.stem for p in (ROOT / "recipes").glob("*.yaml") if not p.stem.startswith("quickstart")}
+    assert set(RECIPE_SHAPES) == recipes
+    for recipe, shape in RECIPE_SHAPES.items():
+        family_class = FAMILIES[f"{recipe}.yaml"][0]
+        assert SHAPES[shape]["config"] == {"Gemma3Config": "Gemma3TextConfig"}.get(family_class, family_class)
+    assert set(TINY_FAMILIES.values()) == set(RECIPE_SHAPES.values()) - {"8b"}
+    assert all(SHAPES[tiny]["config"] == SHAPES[real]["config"] for tiny, real in TINY_FAMILIES.items())
+    assert projection_shapes("qwen2.5-7b") == {"q_proj/o_proj": (3584, 3584), "k_proj/v_proj": (512, 3584),
+                                               "gate_proj/up_proj": (18944, 3584), "down_proj": (3584, 18944)}
+    assert projection_shapes("phi-4-mini") == {"qkv_proj": (5120, 3072), "o_proj": (3072, 3072),
+                                               "gate_up_proj": (16384, 3072), "down_proj": (3072, 8192)}
+
+
+@pytest.mark.parametrize("shape", ["tiny-qwen2.5", "tiny-qwen3", "tiny-mistral", "tiny-gemma-2", "tiny-gemma-3",
+                                   "tiny-phi-4-mini", "tiny-smollm2"])
+def test_sparse_checkpoint_of_every_family_loads_with_every_weight_in_place(tmp_path, shape):
+    """The sparse checkpoint (multi_gpu.py --fit, the 70B bench shape) writes each family's own tensor names: Qwen2.5's
+    q/k/v biases, Qwen3's q/k norms, Gemma's extra norms (zero: (1 + w) is the identity), Phi-3's fused projections,
+    tied embeddings written once. transformers loads it with nothing missing and nothing unexpected."""
+    import torch
+    import transformers
+    from bench_common import SHAPES, build_sparse_model, build_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    build_tokenizer(tmp_path / "tokenizer")
+    build_sparse_model(shape, tmp_path / "model", tmp_path / "tokenizer")
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "model", output_loading_info=True)
+    assert type(model.config) is getattr(transformers, SHAPES[shape]["config"])
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    norm = model.model.layers[0].input_layernorm.weight
+    assert norm.eq(0 if model.config.model_type.startswith("gemma") else 1).all()
+    assert model.config.tie_word_embeddings is SHAPES[shape]["tie_word_embeddings"]
+    ids = torch.randint(5, model.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    assert abs(model(ids, labels=ids).loss.item() - math.log(model.config.vocab_size)) < 0.5  # random, not broken
+
+
+@pytest.mark.slow
+def test_bench_dry_run_trains_every_family_on_both_paths(tmp_path):
+    """`bench.py --tiny --configs tiny-FAMILY:2,...` runs qlora-kit's CLI and the hand-glued reference on a tiny model
+    of every family's own config class, and both start from the same loss."""
+    from bench_common import TINY_FAMILIES
+
+    out = tmp_path / "out"
+    configs = ",".join(f"{shape}:1" for shape in TINY_FAMILIES)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--configs", configs, "--seq", "96",
+         "--out", str(out), "--work", str(tmp_path / "w")],
+        cwd=ROOT, capture_output=True, text=True, timeout=1200, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    runs = json.loads((out / "bench.json").read_text())["runs"]
+    paths = ("qlora-kit", "reference")
+    assert [(r["shape"], r["path"]) for r in runs] == [(shape, path) for shape in TINY_FAMILIES for path in paths]
+    assert all(r["error"] is None and r["measured_steps"] == 2 for r in runs), [r.get("error") for r in runs]
+    for shape in TINY_FAMILIES:
+        ours, reference = (r["losses"][0] for r in runs if r["shape"] == shape)
+        assert abs(ours - reference) < 1e-3, (shape, ours, reference)
 
 
 @pytest.mark.slow

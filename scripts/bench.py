@@ -22,6 +22,20 @@ layers keep their activations as fit on the GPU): `--variant defaults` runs them
   python scripts/bench.py --configs 8b:1 --seq 350000 --steps 1 --paths qlora-kit --gpu-memory-gib 79 \
       --override speed.offload_checkpoints=true --override speed.mlp_chunk_tokens=32768   # long-context memory probe
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
+  python scripts/bench.py --tiny --configs tiny-qwen2.5:2,tiny-gemma-2:2 --out /tmp/bench   # other families on CPU
+
+Every family in recipes/ has a shape built with its own config class (bench_common.SHAPES: 8b, mistral-7b,
+qwen2.5-7b, qwen3-8b, gemma-2-9b, gemma-3-4b, phi-4-mini, smollm2-1.7b; tiny-FAMILY for CPU). Each device call
+below fits in 9 minutes (a shape: ~30 s to build, ~30 s a run at 8 steps):
+
+  source scripts/device_prelude.sh; python scripts/bench.py --configs qwen2.5-7b:2,mistral-7b:2,qwen3-8b:2 \
+      --steps 8 --variant same: --variant defaults --deadline 480 --out $OUT/families1   # families, 1 of 2
+  source scripts/device_prelude.sh; python scripts/bench.py --configs gemma-2-9b:2,gemma-3-4b:2,phi-4-mini:2,\
+smollm2-1.7b:4 --steps 8 --variant same: --variant defaults --deadline 480 --out $OUT/families2   # 2 of 2
+  source scripts/device_prelude.sh; python scripts/bench.py --configs qwen2.5-7b:2,8b:2 --steps 8 --paths qlora-kit \
+      --variant defaults --variant same: --profile qlora-kit:defaults,qlora-kit:same --deadline 420 \
+      --out $OUT/qwen_profile && python scripts/dequant_kernel_bench.py --shape qwen2.5-7b --shape 8b \
+      --out $OUT/qwen_profile   # why Qwen2.5 gains less than Llama: kernel time by kind, host gaps, dequantize widths
 """
 
 from __future__ import annotations

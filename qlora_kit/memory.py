@@ -95,6 +95,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
     one_layer = (tokens * 10 * text.hidden_size +
                  mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
+    one_layer += eager_attention_scores(recipe, text, tokens // t.max_length) * (4 + 2 * bytes_act)
     kept = recipe.speed.keep_activations_layers
     kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
     checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
@@ -120,6 +121,15 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
     parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
     return parts
+
+
+def eager_attention_scores(recipe: Recipe, text_config, rows: int) -> int:
+    """Attention scores one layer keeps for backward under model.attn_implementation: eager (Gemma 2's recipe: sdpa
+    has no softcapping): rows x heads x max_length^2, each saved as the softmax's fp32 output plus two compute-dtype
+    copies (the softcap's tanh, the probabilities the value matmul reads). The fused kernels keep none."""
+    if recipe.model.attn_implementation != "eager":
+        return 0
+    return rows * text_config.num_attention_heads * recipe.training.max_length ** 2
 
 
 def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:

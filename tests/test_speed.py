@@ -693,6 +693,37 @@ def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_di
     assert every_layer["activations"] < one_kept["activations"] <= none["activations"] + every_layer["activations"]
 
 
+def test_eager_attention_s_saved_scores_show_in_the_memory_estimate(make_recipe, family_model_dir):
+    """Gemma 2 trains with eager attention (its recipe: sdpa has no softcapping), which keeps every layer's score
+    matrices for backward. The estimate's cost of a kept layer counts exactly what a bf16 Gemma 2 layer saves."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.memory import estimate_training_memory
+
+    folder, rows, seq = family_model_dir("tiny-gemma-2"), 2, 96
+    training = {"gradient_checkpointing": True, "batch_size": rows, "max_length": seq}
+
+    def kept_layer_gib(attention: str) -> float:
+        recipe = make_recipe(model={"name": str(folder), "attn_implementation": attention}, training=training,
+                             quantization={"compute_dtype": "bf16"})
+        return estimate_training_memory(load_recipe(recipe), str(folder), liger=True)["each_kept_layer"]
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        if tensor.dim() >= 2 and tensor.shape[-2:] == (seq, seq):  # score matrices (no mask is passed here)
+            saved[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    x = torch.randn(rows, seq, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model.model.layers[1](x, position_embeddings=model.model.rotary_emb(x, torch.arange(seq)[None]))
+    scores = rows * model.config.num_attention_heads * seq * seq
+    assert sum(saved.values()) == scores * 8  # the softcap's tanh (bf16), softmax out (fp32), its bf16 cast
+    assert (kept_layer_gib("eager") - kept_layer_gib("sdpa")) * 2**30 == pytest.approx(scores * 8)
+
+
 def test_offloaded_checkpoints_and_mlp_chunks_move_memory_off_the_gpu_in_the_estimate(make_recipe, tiny_model_dir):
     from qlora_kit.memory import estimate_training_memory
 

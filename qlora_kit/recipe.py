@@ -347,9 +347,10 @@ class SpeedSection:
         True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
         "(DoRA and several active adapters keep peft's path)")
     fused_mlp: bool = option(
-        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen) recomputes silu(gate) * up in backward "
-        "instead of saving it: one intermediate-sized tensor less per kept layer, for one elementwise kernel more; a "
-        "checkpointed layer's recompute also skips the down projection, whose output nothing reads")
+        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen, Phi-3; not Gemma's GELU) recomputes "
+        "silu(gate) * up in backward instead of saving it: one intermediate-sized tensor less per kept layer, for one "
+        "elementwise kernel more; a checkpointed layer's recompute also skips the down projection, whose output "
+        "nothing reads")
     triton_dequantize: bool = option(
         True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: "
         "bitsandbytes' bits in one kernel instead of three; off: bitsandbytes' kernels")

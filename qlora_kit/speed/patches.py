@@ -176,8 +176,9 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def use_fused_mlp(model) -> int:
-    """Run every gated-SiLU MLP whose down projection takes the fused LoRA path through SwigluDownOver4bit; returns
-    how many. Other MLPs (and any call the fused path cannot take) keep their own forward."""
+    """Run every gated-SiLU MLP (Phi-3's fused gate_up_proj too) whose down projection takes the fused LoRA path
+    through SwigluDownOver4bit; returns how many. Other MLPs (and any call the fused path cannot take) keep their own
+    forward."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     from qlora_kit.model import gated_silu_mlp

@@ -322,7 +322,8 @@ def wide_base(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path
 
 
 def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled: bool = False,
-                       mlp: bool = False) -> tuple[float, dict[str, torch.Tensor]]:
+                       mlp: bool = False, fused_counts: tuple[int, int] = (14, 2)
+                       ) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss and LoRA gradients of one bf16-autocast step, the way the trainer runs it (checkpointing on; compiled:
     the last layer keeps its activations, so both compiled graphs run)."""
     from qlora_kit.model import build_quantized_model
@@ -346,9 +347,9 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
 
         _apply_liger_kernel_to_instance(model=model.get_base_model())
     if fused:
-        assert use_fused_lora(model) == 14
+        assert use_fused_lora(model) == fused_counts[0]
     if mlp:  # silu(gate) * up recomputed in backward, through Liger's kernels when liger is on
-        assert use_fused_mlp(model) == 2
+        assert use_fused_mlp(model) == fused_counts[1]
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
         keep_activations(model, 1)
@@ -382,3 +383,62 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert all(plain[name].norm() > 0 for name in plain)
     assert max(errors.values()) < 3e-2, errors
+
+
+# (LoRA layers, MLPs) fused in each family's 2-layer shape (tests/test_speed.py FUSED_PER_FAMILY)
+FAMILY_FUSED = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14, 2), "tiny-mistral": (14, 2),
+                "tiny-gemma-2": (14, 0), "tiny-gemma-3": (14, 0), "tiny-phi-4-mini": (8, 2), "tiny-smollm2": (14, 2)}
+
+
+@pytest.mark.parametrize("shape", list(FAMILY_FUSED))
+def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
+        shape: str, tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
+    """Each family's own config class (scripts/bench_common.py), 512 wide with an MLP 1,184 wide (not a power of two,
+    like Qwen2.5's 18,944: Liger's SwiGLU runs over 4,096-element rows): the fused LoRA layers, fused MLP and Liger's
+    kernels in bf16 give the plain path's loss and LoRA gradients to bf16 tolerance."""
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_kit.recipe import load_recipe
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_common import SHAPES, attention, shape_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    spec = SHAPES[shape]
+    sizes = dict(hidden_size=512, intermediate_size=1184, num_attention_heads=8,
+                 num_key_value_heads=8 if spec["num_key_value_heads"] == spec["num_attention_heads"] else 4)
+    if "head_dim" in spec:
+        sizes["head_dim"] = 64
+    config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer), **sizes)
+    folder = tmp_path / shape
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    attn = f"model.attn_implementation={attention(shape)}"
+    plain_recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [attn, "quantization.upcast_to_fp32=true"])
+    fast_recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [attn, "quantization.upcast_to_fp32=false"])
+    plain_loss, plain = one_step_gradients(plain_recipe, folder, liger=False, fused=False)
+    fast_loss, fast = one_step_gradients(fast_recipe, folder, liger=True, fused=True, mlp=True,
+                                         fused_counts=FAMILY_FUSED[shape])
+    assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
+    assert plain.keys() == fast.keys() and all(plain[name].norm() > 0 for name in plain)
+    errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+    print(f"{shape}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
+    assert max(errors.values()) < 3e-2, errors
+
+
+def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:
+    """silu_mul / silu_mul_backward hand Liger's kernels rows of 4,096 elements instead of 18,944-wide ones: the op
+    is elementwise, so the bits are Liger's own at the real width."""
+    swiglu = pytest.importorskip("liger_kernel.ops.swiglu")
+    from qlora_kit.speed.lora_autograd import silu_mul, silu_mul_backward
+
+    gate, up, grad = (torch.randn(2, 2048, 18944, device="cuda", dtype=torch.bfloat16,
+                                  generator=torch.Generator("cuda").manual_seed(i)) for i in range(3))
+    assert torch.equal(silu_mul(gate, up), swiglu.swiglu_forward(gate.clone(), up.clone())[2])
+    ours = silu_mul_backward(gate.clone(), up.clone(), grad)
+    theirs = swiglu.swiglu_backward(gate.clone(), up.clone(), grad.clone())
+    assert all(torch.equal(a, b) and a.shape == gate.shape for a, b in zip(ours, theirs, strict=True))

@@ -141,7 +141,8 @@ FUSED_PER_FAMILY = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14,
 def test_fused_lora_and_mlp_match_peft_on_every_family(make_recipe, family_model_dir, shape):
     """Every family's own modules (Qwen2.5's q/k/v biases, Qwen3's q/k norms, Gemma's (1 + w) norms, GELU-tanh MLP
     and softcapping, Phi-3's fused projections) train the same through the fused layers as through peft's: with
-    every layer keeping its activations, and with one layer recomputed (where the MLP skips its unread output)."""
+    every layer keeping its activations, and with one layer recomputed (where the MLP skips its unread output) by
+    each checkpoint function: torch's non-reentrant, reentrant, offloaded."""
     model = family_model(make_recipe, family_model_dir, shape)
     plain = loss_and_gradients(model, IDS)
     assert (use_fused_lora(model), use_fused_mlp(model)) == FUSED_PER_FAMILY[shape]
@@ -151,6 +152,9 @@ def test_fused_lora_and_mlp_match_peft_on_every_family(make_recipe, family_model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations(model, 1)
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
+    for checkpoint in (reentrant_checkpoint, offloaded_checkpoint):
+        assert use_checkpoint_function(model, checkpoint) == 1
+        assert_same_training_signal(plain, loss_and_gradients(model, IDS))
 
 
 @pytest.mark.parametrize("shape", FAMILY_SHAPES)

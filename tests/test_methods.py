@@ -71,7 +71,7 @@ def test_each_method_trains_two_steps_then_resumes_from_its_checkpoint(method, m
     ("dpo", {"gamma": 1.0}, "preference.gamma: applies to method simpo only; this recipe trains with method: dpo"),
     ("orpo", {"desirable_weight": 2.0}, "preference.desirable_weight: applies to method kto only"),
     ("kto", {"loss_type": "sigmoid"}, "preference.loss_type: 'sigmoid' is not a kto loss"),
-    ("dpo", {"loss_type": "sigmod"}, "'sigmod' is not a dpo loss; did you mean 'sigmoid'?"),
+    ("dpo", {"loss_type": "sigmod"}, "'sigmod' is not a dpo loss (did you mean 'sigmoid'?)"),
     ("dpo", {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, "preference.loss_weights: 1 weights for 2"),
     ("dpo", {"config_args": {"beta": 0.3}}, "preference.config_args.beta: set by qlora-kit; use preference.beta"),
     ("kto", {"config_args": {"precompute_ref_logps": True}},

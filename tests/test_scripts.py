@@ -129,9 +129,12 @@ def test_gpu_idle_report_blames_the_host_op_open_when_the_gpu_ran_dry():
     assert "0.1 ms" in lines[1] and lines[1].endswith("aten::item")
 
 
-def test_scripts_import_only_the_shared_helper_module_which_imports_no_script():
-    """No import circles among the scripts: each imports at most bench_common (their shared helpers), and
-    bench_common imports none of them."""
+SHARED = {"bench_common", "quickstart_people"}  # the scripts' shared helpers
+
+
+def test_scripts_import_only_the_shared_helper_modules_which_import_no_script():
+    """No import circles among the scripts: each imports at most the shared helper modules (bench_common for the
+    benchmarks, quickstart_people for the quickstart data), and those import none of them."""
     scripts = {path.stem: path for path in (ROOT / "scripts").glob("*.py")}
     imported = {}
     for name, path in scripts.items():
@@ -142,9 +145,11 @@ def test_scripts_import_only_the_shared_helper_module_which_imports_no_script():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 modules.add(node.module)
         imported[name] = modules & set(scripts)
-    assert imported.pop("bench_common") == set()
-    assert {name: found for name, found in imported.items() if found - {"bench_common"}} == {}
+    assert {name: imported.pop(name) for name in SHARED} == {name: set() for name in SHARED}
+    assert {name: found for name, found in imported.items() if found - SHARED} == {}
     assert "bench_common" in imported["bench"] and "bench_common" in imported["multi_gpu"]
+    assert all("quickstart_people" in imported[name]
+               for name in ("make_quickstart_data", "make_preference_data", "make_grpo_data"))
 
 
 def test_projection_shapes_are_the_llama_3_8b_weights():

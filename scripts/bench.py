@@ -22,6 +22,19 @@ layers keep their activations as fit on the GPU): `--variant defaults` runs them
   python scripts/bench.py --configs 8b:1 --seq 350000 --steps 1 --paths qlora-kit --gpu-memory-gib 79 \
       --override speed.offload_checkpoints=true --override speed.mlp_chunk_tokens=32768   # long-context memory probe
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
+
+unsloth side by side (`--paths qlora-kit,reference,unsloth`): `cmd_unsloth` runs unsloth's own recipe
+(FastLanguageModel 4-bit, its "unsloth" offloaded checkpointing, adamw_8bit, its padding-free batches) on the same
+model, data, LoRA, batch and schedule, `import unsloth` first in its own process. unsloth 2026.10.9 pins trl <= 1.15
+and datasets < 5, so its packages live in a folder of their own (--unsloth-site, default /tmp/unsloth_site), first
+on that process's PYTHONPATH only. Its wheels and the main set pass the 64 MiB one device call carries, so two
+calls on a warm machine:
+  here:    bash ../shared/gpu/fetch-wheels.sh; bash scripts/fetch_unsloth_wheels.sh      # .whl/ and .whl-unsloth/
+  call 1:  carry [".whl"]          source scripts/device_prelude.sh            # main set into /tmp/site
+  call 2:  carry [".whl-unsloth"]  source scripts/device_prelude_unsloth.sh; python3 scripts/bench.py --out $OUT \
+               --configs 8b:2 --paths qlora-kit,reference,unsloth --variant defaults --variant least:speed.memory=least
+unsloth runs offline (HF_HUB_OFFLINE, UNSLOTH_DISABLE_STATISTICS: no statistics download) and writes its compiled
+modules to --work/unsloth_compiled_cache, kept between runs as Triton's cache is.
 """
 
 from __future__ import annotations

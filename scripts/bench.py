@@ -467,6 +467,13 @@ def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
     return {**record, **result, "kept_activation_layers": 0, "error": None}  # the seed recipe checkpoints every layer
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one folder each; TRITON_CACHE_DIR, else ~/.triton/cache): a run that adds
+    none compiled nothing, one that adds some paid for compiling them in its first steps."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else 0
+
+
 def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return (a["shape"], a["seq"], a["batch"]) == (b["shape"], b["seq"], b["batch"])
 
@@ -546,8 +553,8 @@ def markdown(results: dict[str, Any]) -> str:
         "", "Every run (speed and memory against the median reference run):", "",
         "| path | shape | seq | batch | tokens/s | peak GiB | s/step | step s (min–max) | measured steps "
         "| layers not checkpointed | speed vs reference | memory vs reference | first step s | load s "
-        "| loss per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| Triton kernels compiled | loss per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["runs"]:
         losses = f"**failed:** {r['error']}" if r.get("error") else " ".join(f"{x:.3f}" for x in r.get("losses", []))
         cells = [r["path"], r["label"], str(r["seq"]), str(r["batch"]), fmt(r.get("tokens_per_second"), ",.0f"),
@@ -556,7 +563,7 @@ def markdown(results: dict[str, Any]) -> str:
                  fmt(r.get("kept_activation_layers"), "d"),
                  fmt(r.get("speedup_vs_reference"), ".3f"),
                  fmt(r.get("memory_vs_reference"), ".3f"), fmt(r.get("first_step_s"), ".1f"),
-                 fmt(r.get("model_load_s"), ".1f"), losses]
+                 fmt(r.get("model_load_s"), ".1f"), fmt(r.get("triton_kernels_compiled"), "d"), losses]
         lines.append("| " + " | ".join(cells) + " |")
     builds = "; ".join(f"{shape}: {info}" for shape, info in results["models"].items())
     lines += ["", f"Model checkpoints (random weights): {builds}",
@@ -716,6 +723,7 @@ def main(argv: list[str]) -> None:
         order += [(args.repeats, "profile " + path) for path in args.profile.split(",") if path]
         for repeat, path in order:
             run_base = {**base, "repeat": repeat}
+            kernels_before = triton_cache_entries()
             if remaining() < 30:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
             elif path.removeprefix("profile ").startswith("qlora-kit"):
@@ -729,6 +737,7 @@ def main(argv: list[str]) -> None:
             else:
                 record = run_reference(run_base, model, Path(data["path"]), work, gpu, ref_sft_args, remaining(),
                                        profile_path(out, shape, batch, path))
+            record["triton_kernels_compiled"] = triton_cache_entries() - kernels_before
             results["runs"].append(record)
             results["wall_s"] = round(time.perf_counter() - start, 1)
             write_outputs(results, out)

@@ -877,3 +877,28 @@ def test_memory_goal_is_fastest_least_or_a_positive_gib_target_that_owns_the_kep
         load_recipe(make_recipe(speed=speed))
     assert load_recipe(make_recipe(speed={"memory": "least", "keep_activations_layers": 0})).speed.memory == "least"
     assert load_recipe(make_recipe(speed={"memory": 24})).speed.memory == 24.0
+
+
+def test_compiled_layers_keep_their_kernels_in_qlora_kit_s_cache_unless_torch_is_told_otherwise(
+        make_recipe, tiny_model_dir, monkeypatch, tmp_path, caplog):
+    """torch.compile's default cache is under /tmp (emptied by reboots): compiled layers use qlora-kit's cache folder,
+    so a second run of the shape starts warm; a TORCHINDUCTOR_CACHE_DIR the user set wins."""
+    import dataclasses
+    import logging
+    import os
+
+    from qlora_kit.speed.plan import apply_speed_plan
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    recipe = load_recipe(make_recipe())
+    plan = dataclasses.replace(decide_speed_plan(recipe, adapted_model(make_recipe, tiny_model_dir).config,
+                                                 gpu_machine(gpus=0), 0), compile_layers=True, compile_blocker=None)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        apply_speed_plan(adapted_model(make_recipe, tiny_model_dir), plan)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torchinductor")
+    assert f"(kernels kept in {tmp_path / 'cache' / 'torchinductor'})" in caplog.text
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    apply_speed_plan(adapted_model(make_recipe, tiny_model_dir), plan)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

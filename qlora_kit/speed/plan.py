@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_kit.memory import estimate_memory_for_config, long_context_settings
-from qlora_kit.model import liger_kernel_installed, under_fsdp
+from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import Recipe, SpeedSection
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
@@ -337,8 +337,9 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
         if plan.fused_mlp:
             log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
     if plan.compile_layers:
-        log.info("speed.compile_layers: %d decoder layers compile on their first training step",
-                 compile_decoder_layers(model))
+        cache = persistent_compile_cache()
+        log.info("speed.compile_layers: %d decoder layers compile on their first training step (kernels kept in %s)",
+                 compile_decoder_layers(model), cache)
     if plan.mlp_chunk_tokens:
         log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens",
                  chunk_mlps(model, plan.mlp_chunk_tokens), plan.mlp_chunk_tokens)
@@ -351,6 +352,13 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     if plan.kept_layers:
         log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
                  plan.kept_layers, still)
+
+
+def persistent_compile_cache() -> str:
+    """Where torch.compile keeps the kernels it compiles: TORCHINDUCTOR_CACHE_DIR if set, else qlora-kit's cache
+    folder, so they survive the reboots that empty torch's default (/tmp/torchinductor_USER) and a second run of the
+    shape starts with them. Triton's own cache (our NF4 kernel, Liger's) is under ~/.triton already."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
 
 
 def apply_checkpointing(model, plan: SpeedPlan) -> tuple[int, int]:

@@ -5,6 +5,7 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 
 from __future__ import annotations
 
+import time
 from copy import deepcopy
 
 import pytest
@@ -902,3 +903,18 @@ def test_compiled_layers_keep_their_kernels_in_qlora_kit_s_cache_unless_torch_is
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     apply_speed_plan(adapted_model(make_recipe, tiny_model_dir), plan)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_summary_says_how_long_the_model_load_and_the_time_to_first_step_took(make_recipe):
+    """Time to first step counts from the process's start (imports included), as a user of `qlora-kit train` waits."""
+    import json
+
+    import psutil
+
+    from qlora_kit.pipeline import run_training
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 1}, export={"merge": False, "report": False}))
+    run_training(recipe)
+    summary = json.loads((recipe.run_dir / "summary.json").read_text())
+    process_age = time.time() - psutil.Process().create_time()
+    assert 0 < summary["model_load_seconds"] < summary["first_step_seconds"] < process_age

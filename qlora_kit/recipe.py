@@ -363,9 +363,9 @@ class SpeedSection:
         "process only")
     keep_activations_layers: int | Literal["auto"] = option(
         "auto", help="with gradient checkpointing, the last N decoder layers keep their activations instead of "
-        "recomputing them: speed for GPU memory (`qlora-kit data` shows the cost per layer). auto: as many as fit in "
-        "90% of the GPU at start (none on CPU, with offload_checkpoints or mlp_chunk_tokens, or with several "
-        "processes); 0: every layer recomputes, the least memory", min=0)
+        "recomputing them: speed for GPU memory (`qlora-kit data` shows the cost per layer). auto: as many as "
+        "speed.memory allows (by default as fit in 90% of the GPU at start; none on CPU, with offload_checkpoints or "
+        "mlp_chunk_tokens, or with several processes); 0: every layer recomputes", min=0)
     offload_checkpoints: bool = option(
         False, help="keep each checkpointed layer's input in CPU memory until backward: long context or very large "
         "models, for a copy each way per layer (`qlora-kit data` shows the host memory); implies reentrant "
@@ -382,6 +382,12 @@ class SpeedSection:
     mlp_chunk_tokens: int = option(
         0, help="run the MLP over chunks of N tokens during training so its wide intermediates exist one chunk at a "
         "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
+    memory: float | Literal["fastest", "least"] = option(
+        "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
+        "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "
+        "optimizer is 8-bit (the speed plan logs each choice); a number: a GPU memory target in GiB, as many kept "
+        "layers as the estimate fits under it (and least's choices if none fit). Needs keep_activations_layers: "
+        "auto (least also takes 0)", min=0, min_exclusive=True)
 
 
 METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
@@ -755,7 +761,9 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
             try:
                 return convert(arg, value, source, key, f)
             except RecipeError as exc:
-                if arg is type(value):  # the value's own type says best what is wrong with it (e.g. out of range)
+                # the value's own type says best what is wrong with it (e.g. out of range; an int where a float
+                # goes), and so does a choice of names that the value nearly spells
+                if arg is type(value) or (arg is float and type(value) is int) or "did you mean" in str(exc):
                     raise
                 errors.append(exc)
         if len(errors) == 1:
@@ -918,6 +926,7 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: export.gguf / export.ollama: need the merged model; set export.merge: true")
     check_trainer_args(recipe)
     check_report_to(recipe)
+    check_memory_goal(recipe)
     if recipe.model.adapter is not None:
         check_start_adapter(recipe)
     if recipe.method == "grpo":
@@ -925,6 +934,18 @@ def validate_recipe(recipe: Recipe) -> None:
     elif recipe.evaluation.metric == "reward":
         raise RecipeError(f"{src}: evaluation.metric: reward scores GRPO's rewards (method: grpo); for method "
                           f"{recipe.method} use exact_match, contains or json_equal")
+
+
+def check_memory_goal(recipe: Recipe) -> None:
+    """speed.memory decides the kept layers: a number of kept layers set beside it contradicts it."""
+    speed = recipe.speed
+    if speed.memory == "fastest" or speed.keep_activations_layers == "auto":
+        return
+    if speed.memory == "least" and speed.keep_activations_layers == 0:
+        return
+    raise RecipeError(f"{at(recipe.source, 'speed.keep_activations_layers')}: {speed.keep_activations_layers} "
+                      f"contradicts speed.memory: {speed.memory}, which chooses the kept layers; set "
+                      "keep_activations_layers: auto (or remove it), or speed.memory: fastest")
 
 
 SFT_METRICS = ("exact_match", "contains", "json_equal")

@@ -62,6 +62,24 @@ def test_each_method_trains_two_steps_then_resumes_from_its_checkpoint(method, m
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tokens_seen_are_every_token_of_the_trained_sequences_so_tokens_per_second_is_real(method, make_recipe,
+                                                                                          tmp_path):
+    """One epoch of 4 pairs: tokens seen (metrics.jsonl) are exactly prompt + chosen and prompt + rejected of every
+    pair (prompt + completion of every KTO row), the count qlora-kit's data step reports, and tokens/s is not 0
+    (trl.experimental's ORPO / CPO batches have no input_ids, which transformers' own count reads)."""
+    pairs = write_jsonl(tmp_path / "four_pairs.jsonl", shout_pairs()[:4])
+    steps = 4 if method == "kto" else 2  # KTO trains each pair as a desirable and an undesirable row
+    sections = method_sections(method, pairs, max_steps=steps, batch_size=2, logging_steps=1)
+    recipe = load_recipe(make_recipe(method, **sections))
+    summary = run_training(recipe)
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    seen = [r["num_input_tokens_seen"] for r in records if "loss" in r]
+    assert len(seen) == steps and seen == sorted(seen) and seen[0] > 0
+    assert seen[-1] == summary["data"]["train"]["tokens"]
+    assert summary["train_tokens_per_second"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 

@@ -14,6 +14,20 @@ The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit) and che
 reference does; qlora-kit's defaults are `training.optimizer=auto` and `speed.keep_activations_layers=auto` (as many
 layers keep their activations as fit on the GPU): `--variant defaults` runs them.
 
+`--method dpo,orpo` trains preference rows instead (prompt seq/2 + chosen seq/4 + rejected seq/4 tokens, as chat
+turns): qlora-kit with `method: dpo|orpo` against trl's DPOTrainer / ORPOTrainer given the same NF4 model and a
+LoraConfig (DPO's reference = the adapter disabled). tokens/s counts prompt + chosen and prompt + rejected of every
+pair (1.5 x seq), on both paths, per step. `--method grpo` samples completions of exactly seq/2 tokens
+(min_new_tokens) for prompts of seq/2, `--generations` per prompt, batch = completions per step, rewarded by
+bench_common.completion_chars; tokens/s is completion tokens per second of `generate` (every call timed, GPU synced),
+s/step the whole optimizer step. One H200 call each (after `source scripts/device_prelude.sh;`), about 4 and 6 min:
+
+  python3 scripts/bench.py --method dpo,orpo --configs 8b:2 --seq 2048 --steps 10 --paths reference,qlora-kit \
+      --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+  python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
+      --paths reference,qlora-kit --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+  python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~3 min
+
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --variant same: --variant defaults --variant auto:training.optimizer=auto \
       --variant nofuse:speed.fused_lora=false --profile qlora-kit:auto   # levers side by side with the reference

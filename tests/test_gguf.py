@@ -477,3 +477,14 @@ def test_smollm2_modelfile_renders_its_chat_template_with_the_default_system_pro
         assert export.render_go_template(template, messages) == expected
     assert "You are a helpful AI assistant named SmolLM" in template
     assert 'PARAMETER stop "<|im_end|>"' in text and "\nSYSTEM " not in text
+
+
+@pytest.mark.parametrize("quant", ["q8_0", "q4_1", "bf16", "f16"])
+def test_row_parallel_quantize_writes_the_bytes_gguf_writes(quant, monkeypatch):
+    """The export quantizes row blocks on several threads; the bytes must be gguf.quants' own, whatever the split."""
+    monkeypatch.setattr(export.os, "cpu_count", lambda: 7)  # 7 uneven blocks of rows
+    qtype = export.QUANT_TYPES[quant][0]
+    data = np.random.default_rng(0).standard_normal((1031, 1024)).astype(np.float32)
+    expected = gguf.quants.quantize(data, qtype)
+    assert np.array_equal(export.quantize(data, qtype), expected)
+    assert np.array_equal(export.round_trip(data, qtype), gguf.quants.dequantize(expected, qtype))

@@ -26,7 +26,7 @@ s/step the whole optimizer step. One H200 call each (after `source scripts/devic
       --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
   python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
       --paths reference,qlora-kit --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
-  python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~3 min
+  python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~5 min
 
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --variant same: --variant defaults --variant auto:training.optimizer=auto \

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -621,7 +622,47 @@ def export_gguf(merged: Path, target: Path, quant: str) -> Path:
     return target
 
 
+# Host memory the check needs per parameter of the merged model: its fp32 references, then transformers' fp32
+# read-back of the GGUF with the dequantized tensors beside it (measured, docs/export.md).
+CHECK_HOST_BYTES_PER_PARAMETER = 9.5
+
+
+def available_host_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where the kernel does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def parameter_count(merged: Path) -> int:
+    """Parameters in the merged folder's safetensors, from the file headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    count = 0
+    for file in merged.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                count += math.prod(handle.get_slice(key).get_shape())
+    return count
+
+
+def refuse_without_host_memory(merged: Path) -> None:
+    """Stop before minutes of writing when the check cannot fit in memory: the kernel's OOM killer gives no message."""
+    need = parameter_count(merged) * CHECK_HOST_BYTES_PER_PARAMETER
+    available = available_host_bytes()
+    if available is not None and need > available:
+        raise QloraKitError(
+            f"the GGUF export of {merged} needs about {need / 2**30:.0f} GiB of host memory for its check "
+            f"(transformers reads the file back in fp32; docs/export.md) and {available / 2**30:.0f} GiB is "
+            f"available: close other programs or export on a machine with more memory; nothing was written")
+
+
 def write_and_check(merged: Path, path: Path, quant: str) -> GGUFCheck:
+    refuse_without_host_memory(merged)
     log.info("writing %s (%s) from %s", path.name, quant, merged)
     stored = write_model_gguf(merged, path, quant)
     check = check_model_gguf(merged, path, quant, stored)

@@ -20,6 +20,7 @@ from qlora_kit.recipe import (
     Recipe,
     RecipeError,
     at,
+    did_you_mean,
     hub_model_unavailable,
     start_adapter_folder,
 )
@@ -290,8 +291,6 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     wrong-family name (qkv_proj on Llama, q_proj on Phi-3) fails validation with the valid names listed, instead of
     failing in peft after the weights load. Returns the names of the layers LoRA can adapt.
     """
-    import difflib
-
     from accelerate import init_empty_weights
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
@@ -317,9 +316,7 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     for target in targets:
         hits = [name for name in layers if targets_module(name, [target])]
         if not hits:
-            close = difflib.get_close_matches(target, linear, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{where}: {target!r} is not a layer of {arch}{hint}; {valid}")
+            raise RecipeError(f"{where}: {target!r} is not a layer of {arch}{did_you_mean(target, linear)}; {valid}")
         if all(layers[name] is head for name in hits):
             raise RecipeError(f"{where}: {target!r} is the output layer; trl computes log-probabilities from its "
                               f"weight directly, so a LoRA adapter there is never trained. Train it in full with "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -63,7 +64,9 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
     compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
     log.info("compute dtype: %s", str(compute_dtype).removeprefix("torch."))
     set_seed(recipe.training.seed)  # LoRA's random init must not depend on what ran before in this process
+    loading = time.perf_counter()
     model = build_quantized_model(recipe, folder, compute_dtype)
+    model_load_seconds = time.perf_counter() - loading
     stop_ids = end_of_turn_token_ids(tokenizer, model.generation_config.eos_token_id)
 
     rewards = build_rewards(recipe) if recipe.method == "grpo" else None
@@ -95,6 +98,7 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
         run.begin(recipe, state.num_processes)  # every check passed: the run's recipe.yaml is (re)written now
     summary = train_adapter(trainer, recipe, run_dir, plan)
     summary["trainable_parameters"], summary["total_parameters"] = model.get_nb_trainable_parameters()
+    summary["model_load_seconds"] = round(model_load_seconds, 2)
     summary["data"] = data_summary(data.stats)
     save_adapter(trainer, tokenizer, run_dir, stop_ids)
 

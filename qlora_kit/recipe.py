@@ -16,7 +16,7 @@ import os
 import re
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -55,12 +55,16 @@ DTypeName = Literal["auto", "bf16", "fp16", "fp32"]
 # Each takes a value whose type is already checked, returns the value to keep, or raises ValueError(what + fix).
 
 
+def did_you_mean(value: object, choices: Iterable[object], prefix: str = "", cutoff: float = 0.6) -> str:
+    """" (did you mean 'x'?)" for the choice spelt most like a mistyped value; "" when none is close."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=cutoff)
+    return f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+
+
 def one_of(name: str, known: list[str], what: str) -> str:
     if name in known:
         return name
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    raise ValueError(f"unknown {what} {name!r}; {hint}choose from {', '.join(known)}")
+    raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, known)}; choose from {', '.join(known)}")
 
 
 def plain_run_name(name: str) -> str:
@@ -181,10 +185,8 @@ def chat_template_value(template: str) -> str:
     if template in CHAT_TEMPLATE_NAMES:
         return template
     if "{" not in template:
-        close = difflib.get_close_matches(template, CHAT_TEMPLATE_NAMES, n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise ValueError(f"unknown template {template!r}; {hint}use one of {', '.join(CHAT_TEMPLATE_NAMES)} or an "
-                         "inline Jinja template")
+        raise ValueError(f"unknown template {template!r}{did_you_mean(template, CHAT_TEMPLATE_NAMES)}; use one of "
+                         f"{', '.join(CHAT_TEMPLATE_NAMES)} or an inline Jinja template")
     import jinja2
 
     # transformers compiles chat templates in its own sandboxed environment (with the {% generation %} extension);
@@ -202,9 +204,8 @@ def chat_template_value(template: str) -> str:
 def role_map(roles: dict[str, str]) -> dict[str, str]:
     for name, role in roles.items():
         if role not in ROLE_NAMES:
-            close = difflib.get_close_matches(str(role), ROLE_NAMES, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ValueError(f"{name}: {role!r} is not a role{hint}; map each name to one of {', '.join(ROLE_NAMES)}")
+            raise ValueError(f"{name}: {role!r} is not a role{did_you_mean(role, ROLE_NAMES)}; map each name to one "
+                             f"of {', '.join(ROLE_NAMES)}")
     return roles
 
 
@@ -362,9 +363,9 @@ class SpeedSection:
         "process only")
     keep_activations_layers: int | Literal["auto"] = option(
         "auto", help="with gradient checkpointing, the last N decoder layers keep their activations instead of "
-        "recomputing them: speed for GPU memory (`qlora-kit data` shows the cost per layer). auto: as many as fit in "
-        "90% of the GPU at start (none on CPU, with offload_checkpoints or mlp_chunk_tokens, or with several "
-        "processes); 0: every layer recomputes, the least memory", min=0)
+        "recomputing them: speed for GPU memory (`qlora-kit data` shows the cost per layer). auto: as many as "
+        "speed.memory allows (by default as fit in 90% of the GPU at start; none on CPU, with offload_checkpoints or "
+        "mlp_chunk_tokens, or with several processes); 0: every layer recomputes", min=0)
     offload_checkpoints: bool = option(
         False, help="keep each checkpointed layer's input in CPU memory until backward: long context or very large "
         "models, for a copy each way per layer (`qlora-kit data` shows the host memory); implies reentrant "
@@ -381,6 +382,12 @@ class SpeedSection:
     mlp_chunk_tokens: int = option(
         0, help="run the MLP over chunks of N tokens during training so its wide intermediates exist one chunk at a "
         "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
+    memory: float | Literal["fastest", "least"] = option(
+        "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
+        "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "
+        "optimizer is 8-bit (the speed plan logs each choice); a number: a GPU memory target in GiB, as many kept "
+        "layers as the estimate fits under it (and least's choices if none fit). Needs keep_activations_layers: "
+        "auto (least also takes 0)", min=0, min_exclusive=True)
 
 
 METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
@@ -720,17 +727,17 @@ def what_is_required(hint: Any, f: dataclasses.Field, key: str) -> str:
 
 
 def suggest(key: str, known: dict[str, Any], prefix: str) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-    if not close:
+    hint = did_you_mean(key, known, prefix, cutoff=0.5)
+    if not hint:
         # Also catch synonyms that share no spelling, e.g. rank -> r, lr -> learning_rate.
         aliases = {"rank": "r", "lr": "learning_rate", "lora_alpha": "alpha", "lora_dropout": "dropout",
                    "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
                    "micro_batch_size": "batch_size", "optim": "optimizer", "bits": "load_in_4bit",
                    "bnb_4bit_quant_type": "quant_type", "bnb_4bit_use_double_quant": "double_quant",
                    "bnb_4bit_compute_dtype": "compute_dtype", "torch_dtype": "dtype"}
-        close = [aliases[key]] if aliases.get(key) in known else []
-    if close:
-        return f" (did you mean '{prefix}{close[0]}'?)"
+        hint = f" (did you mean '{prefix}{aliases[key]}'?)" if aliases.get(key) in known else ""
+    if hint:
+        return hint
     return f"; valid keys here: {', '.join(sorted(known))}"
 
 
@@ -754,7 +761,9 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
             try:
                 return convert(arg, value, source, key, f)
             except RecipeError as exc:
-                if arg is type(value):  # the value's own type says best what is wrong with it (e.g. out of range)
+                # the value's own type says best what is wrong with it (e.g. out of range; an int where a float
+                # goes), and so does a choice of names that the value nearly spells
+                if arg is type(value) or (arg is float and type(value) is int) or "did you mean" in str(exc):
                     raise
                 errors.append(exc)
         if len(errors) == 1:
@@ -763,9 +772,8 @@ def convert(hint: Any, value: Any, source: str, key: str, f: dataclasses.Field |
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)
-            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
-            hint_text = f" (did you mean '{close[0]}'?)" if close else ""
-            raise RecipeError(f"{blame(source, key)}: {key}: {value!r} is not one of {allowed}{hint_text}")
+            raise RecipeError(f"{blame(source, key)}: {key}: {value!r} is not one of {allowed}"
+                              f"{did_you_mean(value, args)}")
         return value
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, source, f"{key}.")
@@ -878,10 +886,8 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
     allowed = DPO_LOSS_TYPES if method == "dpo" else KTO_LOSS_TYPES
     for loss in losses:
         if loss not in allowed:
-            close = difflib.get_close_matches(loss, allowed, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise RecipeError(f"{recipe.source}: preference.loss_type: {loss!r} is not a {method} loss; {hint}choose "
-                              f"from {', '.join(allowed)}")
+            raise RecipeError(f"{recipe.source}: preference.loss_type: {loss!r} is not a {method} loss"
+                              f"{did_you_mean(loss, allowed)}; choose from {', '.join(allowed)}")
     if method == "kto" and isinstance(p.loss_type, list):
         raise RecipeError(f"{recipe.source}: preference.loss_type: kto takes one loss type, not a list")
     if p.loss_weights is not None and len(p.loss_weights) != len(losses):
@@ -920,6 +926,7 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{src}: export.gguf / export.ollama: need the merged model; set export.merge: true")
     check_trainer_args(recipe)
     check_report_to(recipe)
+    check_memory_goal(recipe)
     if recipe.model.adapter is not None:
         check_start_adapter(recipe)
     if recipe.method == "grpo":
@@ -927,6 +934,18 @@ def validate_recipe(recipe: Recipe) -> None:
     elif recipe.evaluation.metric == "reward":
         raise RecipeError(f"{src}: evaluation.metric: reward scores GRPO's rewards (method: grpo); for method "
                           f"{recipe.method} use exact_match, contains or json_equal")
+
+
+def check_memory_goal(recipe: Recipe) -> None:
+    """speed.memory decides the kept layers: a number of kept layers set beside it contradicts it."""
+    speed = recipe.speed
+    if speed.memory == "fastest" or speed.keep_activations_layers == "auto":
+        return
+    if speed.memory == "least" and speed.keep_activations_layers == 0:
+        return
+    raise RecipeError(f"{at(recipe.source, 'speed.keep_activations_layers')}: {speed.keep_activations_layers} "
+                      f"contradicts speed.memory: {speed.memory}, which chooses the kept layers; set "
+                      "keep_activations_layers: auto (or remove it), or speed.memory: fastest")
 
 
 SFT_METRICS = ("exact_match", "contains", "json_equal")
@@ -973,10 +992,8 @@ def check_report_to(recipe: Recipe) -> None:
     known, installed = sorted(INTEGRATION_TO_CALLBACK), get_available_reporting_integrations()
     for name in names:
         if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise RecipeError(f"{at(recipe.source, 'training.report_to')}: unknown integration {name!r}; "
-                              f"{hint}choose from {', '.join(known)} (or [] for none)")
+            raise RecipeError(f"{at(recipe.source, 'training.report_to')}: unknown integration {name!r}"
+                              f"{did_you_mean(name, known)}; choose from {', '.join(known)} (or [] for none)")
         if name not in installed:
             raise RecipeError(f"{at(recipe.source, 'training.report_to')}: {name} is not installed; `pip install "
                               f"{PIP_NAMES.get(name, name)}` or remove it from training.report_to")
@@ -1023,10 +1040,9 @@ def check_field_mapping(src: str, key: str, ds: DatasetSource) -> None:
     every_field = sorted({name for names in FORMAT_FIELDS.values() for name in names})
     for name, column in ds.fields.items():
         if name not in every_field:
-            close = difflib.get_close_matches(str(name), every_field, n=1)
-            hint = (f"did you mean '{close[0]}'? " if close else "") + (
-                f"(written the wrong way round? it is {{{column}: {name}}}) " if column in every_field else "")
-            raise RecipeError(f"{at(src, f'{key}.fields.{name}')}: not a field of any format; {hint}the keys "
+            wrong_way = f" (written the wrong way round? it is {{{column}: {name}}})" if column in every_field else ""
+            raise RecipeError(f"{at(src, f'{key}.fields.{name}')}: not a field of any format"
+                              f"{did_you_mean(name, every_field)}{wrong_way}; the keys "
                               f"of `fields` are qlora-kit's names ({', '.join(every_field)}), the values your "
                               "columns, e.g. {prompt: question}")
     if ds.format != "auto":
@@ -1185,8 +1201,7 @@ def check_trainer_args(recipe: Recipe) -> None:
             better = f"use {ours} instead" if not ours.startswith("(") else f"not configurable {ours}"
             raise RecipeError(f"{at(recipe.source, key_name)}.{key}: set by qlora-kit; {better}")
         if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, sorted(names))
             article = "an" if config.__name__[0] in "AEFHILMNORSX" else "a"  # as the letter is spoken: "an SFTConfig"
             raise RecipeError(f"{at(recipe.source, key_name)}.{key}: not {article} {config.__name__} argument{hint}")
 

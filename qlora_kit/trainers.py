@@ -40,9 +40,12 @@ class MetricsLog(TrainerCallback):
     def __init__(self, path: Path) -> None:
         self.path = path
         self.marks: list[tuple[float, int, int]] = []  # (time, step, tokens seen)
+        self.first_step_seconds: float | None = None  # from the process's start to the end of its first step
 
     def on_step_end(self, args, state, control, **kwargs):
         self.marks.append((time.perf_counter(), state.global_step, state.num_input_tokens_seen))
+        if self.first_step_seconds is None:
+            self.first_step_seconds = process_age()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
@@ -61,7 +64,17 @@ class MetricsLog(TrainerCallback):
                      "measured_steps": s1 - s0, "step_seconds": step_durations(marks)}
         if torch.cuda.is_available():
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.first_step_seconds is not None:
+            stats["first_step_seconds"] = round(self.first_step_seconds, 2)
         return stats
+
+
+def process_age() -> float:
+    """Seconds since this process started (the OS's start time, so imports count): time to first step counts
+    from there, as a user waiting on `qlora-kit train` sees it."""
+    import psutil  # accelerate's dependency
+
+    return time.time() - psutil.Process().create_time()
 
 
 def step_durations(marks: list[tuple]) -> list[float]:

@@ -36,12 +36,26 @@ s/step the whole optimizer step. One H200 call each (after `source scripts/devic
   python scripts/bench.py --configs 8b:1 --seq 350000 --steps 1 --paths qlora-kit --gpu-memory-gib 79 \
       --override speed.offload_checkpoints=true --override speed.mlp_chunk_tokens=32768   # long-context memory probe
   python scripts/bench.py --tiny --out /tmp/bench             # CPU dry run on a tiny shape, in about a minute
+
+unsloth side by side (`--paths qlora-kit,reference,unsloth`): `cmd_unsloth` runs unsloth's own recipe
+(FastLanguageModel 4-bit, its "unsloth" offloaded checkpointing, adamw_8bit, its padding-free batches) on the same
+model, data, LoRA, batch and schedule, `import unsloth` first in its own process. unsloth 2026.10.9 pins trl <= 1.15
+and datasets < 5, so its packages live in a folder of their own (--unsloth-site, default /tmp/unsloth_site), first
+on that process's PYTHONPATH only. Its wheels and the main set pass the 64 MiB one device call carries, so two
+calls on a warm machine:
+  here:    bash ../shared/gpu/fetch-wheels.sh; bash scripts/fetch_unsloth_wheels.sh      # .whl/ and .whl-unsloth/
+  call 1:  carry [".whl"]          source scripts/device_prelude.sh            # main set into /tmp/site
+  call 2:  carry [".whl-unsloth"]  source scripts/device_prelude_unsloth.sh; python3 scripts/bench.py --out $OUT \
+               --configs 8b:2 --paths qlora-kit,reference,unsloth --variant defaults --variant least:speed.memory=least
+unsloth runs offline (HF_HUB_OFFLINE, UNSLOTH_DISABLE_STATISTICS: no statistics download) and writes its compiled
+modules to --work/unsloth_compiled_cache, kept between runs as Triton's cache is.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import logging
 import os
@@ -73,7 +87,7 @@ from bench_common import (  # noqa: E402  (scripts/ is not a package)
     run_measurements,
 )
 
-PATHS = ("qlora-kit", "reference")
+PATHS = ("qlora-kit", "reference", "unsloth")
 WARMUP_STEPS_SKIPPED = 2  # as qlora_kit.trainers.MetricsLog.warmup_steps
 
 
@@ -176,23 +190,50 @@ def gpu_idle_report(events, kernels, min_gap_us: float = 20.0, rows: int = 30) -
     return "\n".join(lines) + "\n"
 
 
-def step_log():
-    """A callback taking step-end times and logged losses: the same marks qlora-kit's MetricsLog takes."""
+def process_age() -> float:
+    """Seconds since this process started (the OS's start time): what "time to first step" counts from."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
+def step_log_callback():
+    """A TrainerCallback taking the same marks as qlora-kit's MetricsLog (step-end times, logged losses) and the
+    time to the end of the first optimizer step. Built on call: the unsloth child imports transformers only after
+    unsloth."""
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
         def __init__(self) -> None:
             self.marks: list[tuple[float, int]] = []
             self.losses: list[float] = []
+            self.first_step_s: float | None = None
 
         def on_step_end(self, args, state, control, **kwargs):
             self.marks.append((time.perf_counter(), state.global_step))
+            if self.first_step_s is None:
+                self.first_step_s = round(process_age(), 1)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 self.losses.append(float(logs["loss"]))
 
     return StepLog()
+
+
+def step_measurements(steps, batch: int, row_lengths: set[int]) -> dict[str, Any]:
+    """Tokens/s and step times from a StepLog, as the reference and unsloth children report them. Every row is
+    exactly `seq` tokens (the caller reads them back from the trainer's dataset), so a step trains batch * seq
+    tokens; timing starts at the end of the last warm-up step, as qlora-kit's MetricsLog does."""
+    marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
+    (t0, s0), (t1, s1) = (marks[0], marks[-1]) if len(marks) >= 2 else ((0.0, 0), (0.0, 0))
+    tokens_per_step = batch * max(row_lengths)
+    # as qlora_kit.trainers.step_durations, which the unsloth child must not import (trl 1.15 is loaded there)
+    durations = [round(b[0] - a[0], 4) for a, b in itertools.pairwise(marks)]
+    return {"tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0) if s1 > s0 else None,
+            "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None, "measured_steps": s1 - s0,
+            "step_seconds": durations, "losses": steps.losses, "row_tokens": sorted(row_lengths),
+            "first_step_s": steps.first_step_s}
 
 
 def plain_4bit_model(spec: dict[str, Any]):
@@ -229,6 +270,7 @@ def cmd_reference(spec_path: str) -> None:
 
     start = time.perf_counter()
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     args = SFTConfig(
         output_dir=spec["output_dir"], max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
@@ -236,7 +278,7 @@ def cmd_reference(spec_path: str) -> None:
         learning_rate=LEARNING_RATE, lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED,
         logging_steps=1, report_to="none", **spec.get("sft_args", {}))
 
-    steps = step_log()
+    steps = step_log_callback()
     callbacks = [steps] + ([profile_callback(Path(spec["profile_out"]))] if spec.get("profile_out") else [])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=lora, callbacks=callbacks)
@@ -244,19 +286,10 @@ def cmd_reference(spec_path: str) -> None:
     trainer.train()
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
-    # Every row is exactly `seq` tokens (checked here), so a step trains batch * seq tokens.
     row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
-    marks = steps.marks[WARMUP_STEPS_SKIPPED - 1:]  # from the end of the last skipped step
-    (t0, s0), (t1, s1) = (marks[0], marks[-1]) if len(marks) >= 2 else ((0.0, 0), (0.0, 0))
-    tokens_per_step = spec["batch"] * max(row_lengths)
-    from qlora_kit.trainers import step_durations  # after training: the plain path imports nothing of qlora-kit's
-
     print("BENCH_JSON " + json.dumps({
-        "tokens_per_second": tokens_per_step * (s1 - s0) / (t1 - t0) if s1 > s0 else None,
-        "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
-        "measured_steps": s1 - s0, "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
-        "losses": steps.losses,
-        "row_tokens": sorted(row_lengths), "setup_s": round(loaded - start, 1),
+        **step_measurements(steps, spec["batch"], row_lengths), "peak_gpu_memory_gib": peak,
+        "setup_s": round(loaded - start, 1), "model_load_s": round(model_loaded - start, 1),
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
 
 
@@ -304,12 +337,13 @@ def cmd_reference_preference(spec: dict[str, Any]) -> None:
         lengths = {"max_length": spec["seq"], "max_completion_length": spec["seq"]}
     start = time.perf_counter()
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     args = Config(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
         optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
         lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none", **lengths)
-    steps = step_log()
+    steps = step_log_callback()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                       callbacks=[steps])
     counts: list[int] = []
@@ -328,6 +362,7 @@ def cmd_reference_preference(spec: dict[str, Any]) -> None:
         "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None, "measured_steps": s1 - s0,
         "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak, "losses": steps.losses,
         "tokens_per_step": tokens_per_step, "setup_s": round(loaded - start, 1),
+        "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
 
 
@@ -381,13 +416,14 @@ def cmd_reference_grpo(spec: dict[str, Any]) -> None:
     timer.install()
     start = time.perf_counter()
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     args = GRPOConfig(
         output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
         optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
         lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none",
         **spec["grpo"], generation_kwargs={"min_new_tokens": spec["grpo"]["max_completion_length"]})
-    steps = step_log()
+    steps = step_log_callback()
     trainer = GRPOTrainer(model=model, reward_funcs=[completion_chars], args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=lora, callbacks=[steps])
     loaded = time.perf_counter()
@@ -402,6 +438,7 @@ def cmd_reference_grpo(spec: dict[str, Any]) -> None:
         **timer.measurements(), "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
         "measured_steps": s1 - s0, "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
         "losses": steps.losses, "setup_s": round(loaded - start, 1),
+        "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
 
 
@@ -413,6 +450,101 @@ def cmd_timed(out_path: str, *argv: str) -> None:
         run_python(list(argv))
     finally:
         Path(out_path).write_text(json.dumps(timer.measurements()))
+
+
+# ------------------------------------------------------------------------------------------------ unsloth, side by side
+
+UNSLOTH_SITE = Path("/tmp/unsloth_site")  # where scripts/device_prelude_unsloth.sh installs unsloth's wheels
+
+
+def unsloth_site_problem(site: Path) -> str | None:
+    """Why `site` cannot run the unsloth path (one line saying how to install it), or None."""
+    if (site / "unsloth" / "__init__.py").is_file() and (site / "unsloth_zoo" / "__init__.py").is_file():
+        return None
+    return (f"--paths unsloth: no unsloth in {site} (--unsloth-site). Here: bash scripts/fetch_unsloth_wheels.sh; on "
+            "the GPU machine, in a call of its own after the one that ran `source scripts/device_prelude.sh`: carry "
+            "[.whl-unsloth] and start with `source scripts/device_prelude_unsloth.sh`")
+
+
+def unsloth_environment(site: Path, work: Path, environ: dict[str, str]) -> dict[str, str]:
+    """The unsloth child's environment: its own site first on PYTHONPATH (trl 1.15 and datasets 4.8 there shadow
+    the main set's for this process only), offline, no statistics download, its compiled modules under --work."""
+    python_path = os.pathsep.join([str(site.resolve()), *filter(None, [environ.get("PYTHONPATH")])])
+    return {**environ, "PYTHONPATH": python_path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_ENABLE_HF_TRANSFER": "0",
+            "UNSLOTH_COMPILE_LOCATION": str((work / "unsloth_compiled_cache").resolve())}
+
+
+def unsloth_spec(base: dict[str, Any], model: Path, data: Path, work: Path) -> dict[str, Any]:
+    """What the unsloth child trains: the other paths' model, data, LoRA, batch, steps and schedule, with unsloth's
+    own recommended memory settings (its offloaded checkpointing, 8-bit AdamW)."""
+    shape, seq, batch = base["shape"], base["seq"], base["batch"]
+    return {"model": str(model.resolve()), "data": str(data.resolve()), "seq": seq, "batch": batch,
+            "steps": base["steps"], "work": str(work.resolve()),
+            "output_dir": str((work / "runs" / f"unsloth_{shape}_s{seq}_b{batch}").resolve()),
+            "lora": {"r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"], "bias": "none",
+                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                     "use_gradient_checkpointing": "unsloth", "random_state": SEED},
+            "sft": {"per_device_train_batch_size": batch, "max_steps": base["steps"], "learning_rate": LEARNING_RATE,
+                    "lr_scheduler_type": SCHEDULER, "warmup_steps": WARMUP, "seed": SEED, "optim": "adamw_8bit",
+                    "bf16": True, "max_length": seq, "logging_steps": 1, "report_to": "none"}}
+
+
+def cmd_unsloth(spec_path: str) -> None:
+    """unsloth's own recipe (FastLanguageModel + trl's SFTTrainer as its notebooks show) on the same model and data;
+    `import unsloth` comes first, before transformers, trl and peft, so its patches apply."""
+    spec = json.loads(Path(spec_path).read_text())
+    os.chdir(spec["work"])  # unsloth writes temporary folders under the working directory
+    import unsloth  # must precede transformers / trl / peft
+    from unsloth import FastLanguageModel
+
+    # isort: split
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model, tokenizer = FastLanguageModel.from_pretrained(spec["model"], max_seq_length=spec["seq"],
+                                                         load_in_4bit=True, dtype=torch.bfloat16)
+    model = FastLanguageModel.get_peft_model(model, **spec["lora"])
+    model_loaded = time.perf_counter()
+    dataset = load_dataset("json", data_files=spec["data"], split="train")
+    steps = step_log_callback()
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, callbacks=[steps],
+                         args=SFTConfig(output_dir=spec["output_dir"], **spec["sft"]))
+    loaded = time.perf_counter()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+
+    from importlib.metadata import version
+
+    row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
+    print("BENCH_JSON " + json.dumps({
+        **step_measurements(steps, spec["batch"], row_lengths), "peak_gpu_memory_gib": peak,
+        "setup_s": round(loaded - start, 1), "model_load_s": round(model_loaded - start, 1),
+        "trainable_parameters": model.get_nb_trainable_parameters()[0],
+        "padding_free": getattr(trainer.args, "padding_free", None),
+        "versions": {name: version(name) for name in ("unsloth", "unsloth_zoo", "trl", "datasets", "transformers")},
+        "unsloth_from": str(Path(unsloth.__file__).parent.parent)}))
+
+
+def unsloth_command(spec_path: Path) -> list[str]:
+    return capped([sys.executable, __file__, "unsloth", str(spec_path)])
+
+
+def run_unsloth(base: dict[str, Any], model: Path, data: Path, work: Path, site: Path, timeout: float
+                ) -> dict[str, Any]:
+    """One unsloth run in its own process (see cmd_unsloth); a failure is recorded like the other paths'."""
+    shape, seq, batch = base["shape"], base["seq"], base["batch"]
+    spec_path = work / f"unsloth_{shape}_s{seq}_b{batch}.json"
+    spec_path.write_text(json.dumps(unsloth_spec(base, model, data, work), indent=2))
+    status, result, tail, seconds = run_logged(unsloth_command(spec_path), timeout, f"unsloth {shape} b{batch}",
+                                               env=unsloth_environment(site, work, dict(os.environ)))
+    record = {**base, "path": "unsloth", "wall_s": round(seconds, 1)}
+    if status != 0 or "tokens_per_second" not in result:
+        return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
+    return {**record, **result, "kept_activation_layers": 0, "error": None}  # its checkpointing covers every layer
 
 
 GPU_MEMORY_CAP_GIB: float | None = None  # --gpu-memory-gib: children see a GPU this big (80 GB claims on an H200)
@@ -577,6 +709,13 @@ def method_measurements(run_dir: Path, method: str, generation_out: Path) -> dic
     return measured
 
 
+def triton_cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one folder each; TRITON_CACHE_DIR, else ~/.triton/cache): a run that adds
+    none compiled nothing, one that adds some paid for compiling them in its first steps."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else 0
+
+
 def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return ((a["shape"], a["seq"], a["batch"], a.get("method", "sft"))
             == (b["shape"], b["seq"], b["batch"], b.get("method", "sft")))
@@ -611,14 +750,18 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "tokens_per_second_median": statistics.median(speeds) if speeds else None,
                      "tokens_per_second_min": min(speeds) if speeds else None,
                      "tokens_per_second_max": max(speeds) if speeds else None,
-                     "peak_gpu_memory_gib": max(peaks) if peaks else None})
+                     "peak_gpu_memory_gib": max(peaks) if peaks else None,
+                     "first_step_s": min((r["first_step_s"] for r in group if r.get("first_step_s")), default=None),
+                     "model_load_s": min((r["model_load_s"] for r in group if r.get("model_load_s")), default=None)})
     for row in rows:
+        for other in ("reference", "unsloth"):
+            ref = next((r for r in rows if r["path"] == other and same_config(r, row)), None)
+            row[f"speed_vs_{other}"] = (row["tokens_per_second_median"] / ref["tokens_per_second_median"]
+                                        if ref and row["tokens_per_second_median"] and ref["tokens_per_second_median"]
+                                        else None)
+            row[f"memory_vs_{other}"] = (row["peak_gpu_memory_gib"] / ref["peak_gpu_memory_gib"]
+                                         if ref and ref["peak_gpu_memory_gib"] and row["peak_gpu_memory_gib"] else None)
         ref = next((r for r in rows if r["path"] == "reference" and same_config(r, row)), None)
-        row["speed_vs_reference"] = (row["tokens_per_second_median"] / ref["tokens_per_second_median"]
-                                     if ref and row["tokens_per_second_median"] and ref["tokens_per_second_median"]
-                                     else None)
-        row["memory_vs_reference"] = (row["peak_gpu_memory_gib"] / ref["peak_gpu_memory_gib"]
-                                      if ref and ref["peak_gpu_memory_gib"] and row["peak_gpu_memory_gib"] else None)
         row["step_time_vs_reference"] = (row["seconds_per_step_median"] / ref["seconds_per_step_median"]
                                          if ref and ref["seconds_per_step_median"] and row["seconds_per_step_median"]
                                          else None)
@@ -656,22 +799,31 @@ def markdown(results: dict[str, Any]) -> str:
         f"dropout 0 all-linear, gradient checkpointing, {settings['optimizer']}, sdpa, lr 2e-4 cosine, loss on all "
         "tokens, every row exactly `seq` tokens (no padding). tokens/s: qlora-kit's own `train_tokens_per_second`, "
         f"and the same marks for the reference (step ends after the first {WARMUP_STEPS_SKIPPED} dropped); peak: "
-        "torch.cuda.max_memory_allocated after training, each path in its own process.", "",
+        "torch.cuda.max_memory_allocated after training, each path in its own process. unsloth (--paths unsloth): "
+        "its own recipe (FastLanguageModel, its offloaded checkpointing, adamw_8bit) on the same model, data, LoRA, "
+        "batch and schedule. First step: seconds from the process's start to the end of the first optimizer step "
+        "(the shortest of the runs: later runs reuse compiled kernels); load: from the start of loading to the "
+        "quantized model with its adapters.", "",
         *(f"- {method}: {TOKENS_PER_SECOND[method]}" for method in dict.fromkeys(
             r.get("method", "sft") for r in results["runs"])), "",
         "| method | path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB "
-        "| speed vs reference | memory vs reference | s/step (median) | step time vs reference |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| speed vs reference | memory vs reference | speed vs unsloth | memory vs unsloth | s/step (median) "
+        "| step time vs reference | first step s | load s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *("| " + " | ".join([r["method"], r["path"], r["label"], str(r["seq"]), str(r["batch"]), str(r["runs"]),
                             fmt(r["tokens_per_second_median"], ",.0f"),
                             f"{fmt(r['tokens_per_second_min'], ',.0f')}–{fmt(r['tokens_per_second_max'], ',.0f')}",
                             fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
-                            fmt(r["memory_vs_reference"], ".3f"), fmt(r["seconds_per_step_median"], ".3f"),
-                            fmt(r["step_time_vs_reference"], ".3f")]) + " |" for r in results["summary"]),
+                            fmt(r["memory_vs_reference"], ".3f"), fmt(r["speed_vs_unsloth"], ".3f"),
+                            fmt(r["memory_vs_unsloth"], ".3f"), fmt(r["seconds_per_step_median"], ".3f"),
+                            fmt(r["step_time_vs_reference"], ".3f"), fmt(r["first_step_s"], ".1f"),
+                            fmt(r["model_load_s"], ".1f")]) + " |" for r in results["summary"]),
         "", "Every run (speed and memory against the median reference run):", "",
         "| method | path | shape | seq | batch | tokens/s | peak GiB | s/step | step s (min–max) | generate s/step "
-        "| measured steps | layers not checkpointed | speed vs reference | memory vs reference | loss per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| measured steps | layers not checkpointed | speed vs reference | memory vs reference | first step s | load s "
+        "| Triton kernels compiled | loss per step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |"]
     for r in results["runs"]:
         losses = f"**failed:** {r['error']}" if r.get("error") else " ".join(f"{x:.3f}" for x in r.get("losses", []))
         cells = [r.get("method", "sft"), r["path"], r["label"], str(r["seq"]), str(r["batch"]),
@@ -681,7 +833,8 @@ def markdown(results: dict[str, Any]) -> str:
                  fmt(r.get("measured_steps"), "d"),
                  fmt(r.get("kept_activation_layers"), "d"),
                  fmt(r.get("speedup_vs_reference"), ".3f"),
-                 fmt(r.get("memory_vs_reference"), ".3f"), losses]
+                 fmt(r.get("memory_vs_reference"), ".3f"), fmt(r.get("first_step_s"), ".1f"),
+                 fmt(r.get("model_load_s"), ".1f"), fmt(r.get("triton_kernels_compiled"), "d"), losses]
         lines.append("| " + " | ".join(cells) + " |")
     builds = "; ".join(f"{shape}: {info}" for shape, info in results["models"].items())
     lines += ["", f"Model checkpoints (random weights): {builds}",
@@ -767,7 +920,11 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=None, help="comma-separated SHAPE:BATCH (shapes: "
                         f"{', '.join(SHAPES)}); default 8b:2,1b:4")
-    parser.add_argument("--paths", default=",".join(PATHS), help="which paths to run: qlora-kit,reference")
+    parser.add_argument("--paths", default="qlora-kit,reference",
+                        help="which paths to run: qlora-kit,reference (default) and unsloth")
+    parser.add_argument("--unsloth-site", type=Path, default=UNSLOTH_SITE,
+                        help="folder holding unsloth and the packages it pins (scripts/device_prelude_unsloth.sh "
+                        "installs them there); first on PYTHONPATH for the unsloth process only")
     parser.add_argument("--seq", type=int, default=None, help="tokens per row (= max_length); default 2048")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per run; default 12 (tokens/s are timed from the end of step 2)")
@@ -822,6 +979,10 @@ def main(argv: list[str]) -> None:
     paths = [p.strip() for p in args.paths.split(",")]
     if unknown := [p for p in paths if p not in PATHS]:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
+    if "unsloth" in paths and methods != ["sft"]:
+        raise SystemExit(f"--paths unsloth: runs unsloth's SFT recipe only; --method is {args.method}")
+    if "unsloth" in paths and (problem := unsloth_site_problem(args.unsloth_site)):
+        raise SystemExit(problem)
     if args.steps < WARMUP_STEPS_SKIPPED + 2:
         print(f"--steps {args.steps}: a memory probe; tokens/s need at least {WARMUP_STEPS_SKIPPED + 2} steps",
               flush=True)
@@ -877,6 +1038,7 @@ def main(argv: list[str]) -> None:
             run_base = {**base, "method": method, "repeat": repeat}
             rows_path = Path(data[method]["path"])
             profiled = shape if method == "sft" else f"{method}_{shape}"  # the profile file's name
+            kernels_before = triton_cache_entries()
             if remaining() < 30:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
             elif path.removeprefix("profile ").startswith("qlora-kit"):
@@ -885,9 +1047,12 @@ def main(argv: list[str]) -> None:
                 profile_out = profile_path(out, profiled, batch, path)
                 record = run_qlora_kit(run_base, model, rows_path, work, gpu, overrides, remaining(), path,
                                        profile_out)
+            elif path == "unsloth":
+                record = run_unsloth(run_base, model, rows_path, work, args.unsloth_site, remaining())
             else:
                 record = run_reference(run_base, model, rows_path, work, gpu, ref_sft_args, remaining(),
                                        profile_path(out, profiled, batch, path))
+            record["triton_kernels_compiled"] = triton_cache_entries() - kernels_before
             results["runs"].append(record)
             results["wall_s"] = round(time.perf_counter() - start, 1)
             write_outputs(results, out)
@@ -900,6 +1065,8 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "reference":
         cmd_reference(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "unsloth":
+        cmd_unsloth(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "capped":
         cmd_capped(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "timed":

@@ -392,8 +392,10 @@ def cmd_env() -> None:
     print("BENCH_JSON " + json.dumps(info))
 
 
-def run_logged(command: list[str], timeout: float, log_name: str) -> tuple[int | str, dict[str, Any], list[str], float]:
-    """Run a child in its own process group, echo its output, and return (status, its BENCH_JSON, tail, seconds)."""
+def run_logged(command: list[str], timeout: float, log_name: str, env: dict[str, str] | None = None
+               ) -> tuple[int | str, dict[str, Any], list[str], float]:
+    """Run a child in its own process group, echo its output, and return (status, its BENCH_JSON, tail, seconds).
+    `env`: the child's whole environment (default: this process's)."""
     print(f"\n=== {log_name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -401,7 +403,7 @@ def run_logged(command: list[str], timeout: float, log_name: str) -> tuple[int |
     quiet = {"PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
     # Own process group (not session): a timeout kills the child's whole tree, and the caller's kill still reaches it.
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               bufsize=1, process_group=0, env={**os.environ, **quiet})
+                               bufsize=1, process_group=0, env={**(os.environ if env is None else env), **quiet})
     deadline = start + timeout
     status: int | str
     try:
@@ -504,7 +506,8 @@ def run_measurements(run_dir: Path) -> dict[str, Any]:
             "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
             "kept_activation_layers": summary.get("kept_activation_layers"),
-            "step_seconds": summary.get("step_seconds"), "losses": [m["loss"] for m in metrics if "loss" in m]}
+            "step_seconds": summary.get("step_seconds"), "losses": [m["loss"] for m in metrics if "loss" in m],
+            "first_step_s": summary.get("first_step_seconds"), "model_load_s": summary.get("model_load_seconds")}
 
 
 def fmt(value: Any, spec: str) -> str:

@@ -10,28 +10,12 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
-# The people of scripts/make_quickstart_data.py (scripts import no other script, tests/test_scripts.py).
-FIRST = ["Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Lucas", "Mei", "Noah",
-         "Sofia", "Ivan", "Amara", "Ben", "Chloe", "Diego", "Elena", "Farid", "Grace", "Hugo", "Ines", "Jonas",
-         "Kira", "Liam", "Nadia", "Oscar", "Paula", "Ravi", "Sara", "Theo", "Uma", "Victor", "Wen", "Yara", "Zoe"]
-LAST = ["Lopez", "Smith", "Tanaka", "Haddad", "Becker", "Silva", "Patel", "Brown", "Khan", "Martin", "Chen",
-        "Wilson", "Rossi", "Petrov", "Okafor", "Clark", "Dubois", "Garcia", "Novak", "Rahimi", "Kim", "Moreau",
-        "Costa", "Berg", "Sato", "Murphy", "Ali", "Nilsson", "Fischer", "Rao", "Cohen", "Weber", "Singh"]
-CITIES = ["Madrid", "Boston", "Osaka", "Cairo", "Berlin", "Lisbon", "Mumbai", "Leeds", "Lahore", "Lyon",
-          "Taipei", "Denver", "Rome", "Kazan", "Lagos", "Dublin", "Quebec", "Seville", "Prague", "Tehran",
-          "Seoul", "Nantes", "Porto", "Oslo", "Kyoto", "Cork", "Dubai", "Malmo", "Munich", "Pune", "Haifa"]
-JOBS = ["nurse", "teacher", "pilot", "chef", "engineer", "lawyer", "farmer", "painter", "dentist", "baker",
-        "plumber", "writer", "architect", "pharmacist", "carpenter", "librarian", "designer", "mechanic"]
-TEMPLATES = [
-    "{name}, {age}, works as a {job} in {city}.",
-    "{name} is a {age}-year-old {job} living in {city}.",
-    "Meet {name}: a {job} from {city}, aged {age}.",
-    "In {city}, {name} ({age}) earns a living as a {job}.",
-    "{name} lives in {city}, is {age} years old and works as a {job}.",
-    "At {age}, {name} is a {job} based in {city}.",
-]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quickstart_people import random_person  # noqa: E402  (scripts/ is not a package)
+
 INSTRUCTION = ('Reply with one line of JSON and nothing else, with exactly these keys: "name" (string), "age" '
                '(number), "city" (string), "job" (string).\nText: ')
 
@@ -40,9 +24,8 @@ def make_rows(count: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(count):
-        person = {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "age": rng.randint(19, 79),
-                  "city": rng.choice(CITIES), "job": rng.choice(JOBS)}
-        rows.append({"prompt": INSTRUCTION + rng.choice(TEMPLATES).format(**person), "answer": json.dumps(person)})
+        person, text = random_person(rng)
+        rows.append({"prompt": INSTRUCTION + text, "answer": json.dumps(person)})
     return rows
 
 

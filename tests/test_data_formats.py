@@ -173,7 +173,7 @@ def test_named_template_in_the_recipe_replaces_the_tokenizer_template(make_recip
 
 
 def test_unknown_template_name_is_a_recipe_error_with_a_suggestion(make_recipe):
-    with pytest.raises(RecipeError, match=r"data.chat_template: unknown template 'lama-3'; did you mean 'llama-3'"):
+    with pytest.raises(RecipeError, match=r"data.chat_template: unknown template 'lama-3' \(did you mean 'llama-3'"):
         load_recipe(make_recipe(data={"chat_template": "lama-3"}))
 
 

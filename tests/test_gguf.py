@@ -488,3 +488,25 @@ def test_row_parallel_quantize_writes_the_bytes_gguf_writes(quant, monkeypatch):
     expected = gguf.quants.quantize(data, qtype)
     assert np.array_equal(export.quantize(data, qtype), expected)
     assert np.array_equal(export.round_trip(data, qtype), gguf.quants.dequantize(expected, qtype))
+
+
+def test_export_refuses_before_writing_when_the_check_cannot_fit_in_host_memory(finished_run, tmp_path, monkeypatch):
+    merged = export.merge_adapter(finished_run, out=tmp_path / "merged")
+    params = export.parameter_count(Path(merged))
+    model = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    assert params == sum(p.numel() for p in model.state_dict().values())  # from the headers alone
+    monkeypatch.setattr(export, "available_host_bytes", lambda: int(params * export.CHECK_HOST_BYTES_PER_PARAMETER) - 1)
+    target = tmp_path / "out" / "model.gguf"
+    with pytest.raises(QloraKitError, match=r"host memory for its check .* nothing was written"):
+        export.export_gguf(Path(merged), target, "q8_0")
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    monkeypatch.setattr(export, "available_host_bytes", lambda: None)  # a kernel that does not say: no refusal
+    assert export.export_gguf(Path(merged), target, "q8_0").is_file()
+
+
+def test_available_host_bytes_reads_the_kernels_estimate():
+    available = export.available_host_bytes()
+    if Path("/proc/meminfo").is_file():
+        assert available is not None and 2**20 < available < 2**50
+    else:
+        assert available is None

@@ -382,3 +382,33 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
     assert all(plain[name].norm() > 0 for name in plain)
     assert max(errors.values()) < 3e-2, errors
+
+
+def test_triton_kernels_compile_in_the_first_two_steps_and_a_second_run_compiles_none(
+        tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
+    """Time to first step: every Triton kernel (qlora-kit's NF4 dequantize, Liger's) compiles within the two warm-up
+    steps MetricsLog leaves out of tokens/s, lands in Triton's on-disk cache, and a second process of the same shape
+    compiles nothing; the summary says how long the first step and the model load took."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "triton"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(cache), "QLORA_KIT_CACHE": str(tmp_path / "cache")}
+    recipe = write_recipe(tmp_path, tiny_base, chat_file)
+
+    def train(steps: int) -> tuple[int, dict]:
+        done = subprocess.run([sys.executable, "-m", "qlora_kit", "train", str(recipe), f"training.max_steps={steps}",
+                               "training.overwrite=true", "training.resume=never", "export.merge=false"],
+                              cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        kernels = sum(1 for entry in cache.iterdir() if entry.is_dir())
+        return kernels, json.loads((tmp_path / "outputs" / "gpu" / "summary.json").read_text())
+
+    after_two, first = train(2)
+    after_six, second = train(6)
+    assert after_two > 0  # the NF4 kernel at least
+    assert after_six == after_two  # steps 3-6 and the second process compiled nothing
+    assert 0 < second["model_load_seconds"] < second["first_step_seconds"]
+    assert second["first_step_seconds"] <= first["first_step_seconds"] + 5  # warm: no compile on the way

@@ -129,9 +129,12 @@ def test_gpu_idle_report_blames_the_host_op_open_when_the_gpu_ran_dry():
     assert "0.1 ms" in lines[1] and lines[1].endswith("aten::item")
 
 
-def test_scripts_import_only_the_shared_helper_module_which_imports_no_script():
-    """No import circles among the scripts: each imports at most bench_common (their shared helpers), and
-    bench_common imports none of them."""
+SHARED = {"bench_common", "quickstart_people"}  # the scripts' shared helpers
+
+
+def test_scripts_import_only_the_shared_helper_modules_which_import_no_script():
+    """No import circles among the scripts: each imports at most the shared helper modules (bench_common for the
+    benchmarks, quickstart_people for the quickstart data), and those import none of them."""
     scripts = {path.stem: path for path in (ROOT / "scripts").glob("*.py")}
     imported = {}
     for name, path in scripts.items():
@@ -142,9 +145,11 @@ def test_scripts_import_only_the_shared_helper_module_which_imports_no_script():
             elif isinstance(node, ast.ImportFrom) and node.module:
                 modules.add(node.module)
         imported[name] = modules & set(scripts)
-    assert imported.pop("bench_common") == set()
-    assert {name: found for name, found in imported.items() if found - {"bench_common"}} == {}
+    assert {name: imported.pop(name) for name in SHARED} == {name: set() for name in SHARED}
+    assert {name: found for name, found in imported.items() if found - SHARED} == {}
     assert "bench_common" in imported["bench"] and "bench_common" in imported["multi_gpu"]
+    assert all("quickstart_people" in imported[name]
+               for name in ("make_quickstart_data", "make_preference_data", "make_grpo_data"))
 
 
 def test_projection_shapes_are_the_llama_3_8b_weights():
@@ -152,3 +157,87 @@ def test_projection_shapes_are_the_llama_3_8b_weights():
 
     assert projection_shapes("8b") == {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096),
                                        "gate_proj/up_proj": (14336, 4096), "down_proj": (4096, 14336)}
+
+
+def test_unsloth_child_gets_its_own_site_first_offline_and_the_other_paths_settings(tmp_path):
+    """`--paths unsloth`: the child's PYTHONPATH starts with --unsloth-site (its trl 1.15 shadows the main set's), it
+    runs offline without unsloth's statistics download, compiles into --work, and trains what the other paths train:
+    same LoRA on all seven projections, batch, steps, schedule, seed and data, with unsloth's own memory settings."""
+    import bench
+    from bench_common import LEARNING_RATE, LORA, SCHEDULER, SEED, WARMUP, qlora_kit_recipe
+
+    site, work = tmp_path / "site", tmp_path / "work"
+    env = bench.unsloth_environment(site, work, {"PYTHONPATH": "/tmp/site:/repo", "HOME": "/home/x"})
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(site.resolve()), "/tmp/site", "/repo"]
+    assert env["HF_HUB_OFFLINE"] == "1" and "UNSLOTH_DISABLE_STATISTICS" in env and env["HOME"] == "/home/x"
+    assert env["UNSLOTH_COMPILE_LOCATION"] == str((work / "unsloth_compiled_cache").resolve())
+    assert bench.unsloth_environment(site, work, {})["PYTHONPATH"] == str(site.resolve())
+
+    base = {"shape": "8b", "seq": 2048, "batch": 2, "steps": 12}
+    spec = bench.unsloth_spec(base, tmp_path / "model", tmp_path / "data.jsonl", work)
+    recipe = qlora_kit_recipe(tmp_path / "model", tmp_path / "data.jsonl", work, "8b", 2048, 2, 12, gpu=True)
+    assert spec["lora"] == {"r": LORA["r"], "lora_alpha": LORA["alpha"], "lora_dropout": LORA["dropout"],
+                            "bias": "none", "random_state": SEED, "use_gradient_checkpointing": "unsloth",
+                            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                               "down_proj"]}
+    t = recipe["training"]
+    assert spec["sft"] == {"per_device_train_batch_size": t["batch_size"], "max_steps": t["max_steps"],
+                           "learning_rate": LEARNING_RATE, "lr_scheduler_type": SCHEDULER, "warmup_steps": WARMUP,
+                           "seed": SEED, "optim": "adamw_8bit", "bf16": True, "max_length": t["max_length"],
+                           "logging_steps": 1, "report_to": "none"}
+    assert (t["learning_rate"], t["lr_scheduler"], t["warmup"], t["seed"]) == (LEARNING_RATE, SCHEDULER, WARMUP, SEED)
+    assert spec["data"] == str((tmp_path / "data.jsonl").resolve()) == str(Path(recipe["data"]["datasets"][0]["path"]))
+    assert spec["work"] == str(work.resolve())
+
+    spec_path = tmp_path / "spec.json"
+    assert bench.unsloth_command(spec_path) == [sys.executable, bench.__file__, "unsloth", str(spec_path)]
+    bench.GPU_MEMORY_CAP_GIB = 79.0
+    try:  # --gpu-memory-gib caps the unsloth child as it caps the others
+        assert bench.unsloth_command(spec_path) == [sys.executable, bench.__file__, "capped", "79.0", bench.__file__,
+                                                    "unsloth", str(spec_path)]
+    finally:
+        bench.GPU_MEMORY_CAP_GIB = None
+
+
+def test_bench_without_an_unsloth_site_stops_with_one_line_saying_how_to_install_it(tmp_path):
+    import bench
+
+    with pytest.raises(SystemExit) as stopped:
+        bench.main(["--tiny", "--paths", "qlora-kit,unsloth", "--unsloth-site", str(tmp_path / "nowhere"),
+                    "--out", str(tmp_path / "out"), "--work", str(tmp_path / "w")])
+    message = str(stopped.value)
+    assert "\n" not in message and f"no unsloth in {tmp_path / 'nowhere'}" in message
+    assert "fetch_unsloth_wheels.sh" in message and "device_prelude_unsloth.sh" in message
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+def test_unsloth_child_imports_unsloth_from_its_site_before_transformers_trl_and_peft(tmp_path):
+    """The real child command line, with a stand-in unsloth in the site that records what was imported before it
+    and where it was found, then stops: the failure is recorded like any path's, the run goes on."""
+    import bench
+
+    site = tmp_path / "site"
+    (site / "unsloth_zoo").mkdir(parents=True)
+    (site / "unsloth_zoo" / "__init__.py").write_text("")
+    (site / "unsloth").mkdir()
+    (site / "unsloth" / "__init__.py").write_text(
+        "import json, os, sys\n"
+        "seen = sorted(m for m in ('transformers', 'trl', 'peft') if m in sys.modules)\n"
+        "json.dump({'before': seen, 'file': __file__, 'cwd': os.getcwd(),\n"
+        "           'offline': os.environ.get('HF_HUB_OFFLINE')}, open(os.environ['PROBE_OUT'], 'w'))\n"
+        "raise SystemExit('stand-in unsloth stops here')\n")
+    assert bench.unsloth_site_problem(site) is None
+    work = tmp_path / "work"
+    work.mkdir()
+    probe = tmp_path / "probe.json"
+    os.environ["PROBE_OUT"] = str(probe)
+    try:
+        record = bench.run_unsloth({"shape": "tiny", "seq": 128, "batch": 2, "steps": 4}, tmp_path / "model",
+                                   tmp_path / "data.jsonl", work, site, timeout=120)
+    finally:
+        del os.environ["PROBE_OUT"]
+    seen = json.loads(probe.read_text())
+    assert seen["before"] == [] and seen["file"] == str(site.resolve() / "unsloth" / "__init__.py")
+    assert seen["cwd"] == str(work.resolve()) and seen["offline"] == "1"
+    assert record["path"] == "unsloth" and record["error"].startswith("exit 1")
+    assert "stand-in unsloth stops here" in "\n".join(record["log_tail"])

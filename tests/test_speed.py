@@ -5,6 +5,7 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 
 from __future__ import annotations
 
+import time
 from copy import deepcopy
 
 import pytest
@@ -786,3 +787,134 @@ def test_kept_layers_are_a_count_or_auto(make_recipe, value, message):
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(make_recipe(speed={"keep_activations_layers": value}))
+
+
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256)  # Llama-3-8B's shape; the plan reads only the config
+
+
+def test_memory_least_recomputes_every_layer_offloads_where_that_pays_and_takes_8bit_adam(make_recipe,
+                                                                                           tiny_model_dir):
+    """speed.memory: least on an 8B shape at seq 2048: no kept layer, checkpoints in CPU memory (the estimate says
+    that cuts the peak by over 5%), paged 8-bit AdamW for `auto`; on the tiny model's short rows the offload would
+    save nothing worth its copies, so it stays off. An optimizer the recipe names is kept."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from qlora_kit.memory import estimate_memory_for_config
+
+    llama_8b, tiny = LlamaConfig(**LLAMA_8B), AutoConfig.from_pretrained(tiny_model_dir)
+    training = {"gradient_checkpointing": True, "max_length": 2048, "batch_size": 2}
+    least = load_recipe(make_recipe(training=training, speed={"memory": "least"}))
+
+    plan = decide_speed_plan(least, llama_8b, gpu_machine(), 42_000_000)
+    assert (plan.memory, plan.kept_layers, plan.checkpointing, plan.optimizer) == (
+        "least", 0, "offloaded", "paged_adamw_8bit")
+    assert not plan.cast_adapters_once  # as with speed.offload_checkpoints: true
+    on_gpu = estimate_memory_for_config(least, llama_8b, liger=True)["total"]
+    assert any(note.startswith(f"offload_checkpoints: speed.memory: least -> on (estimated peak {on_gpu:.2f} GiB")
+               for note in plan.notes)
+    fastest = decide_speed_plan(load_recipe(make_recipe(training=training)), llama_8b, gpu_machine(), 42_000_000)
+    assert (fastest.memory, fastest.kept_layers, fastest.optimizer) == ("fastest", 32, "adamw_torch_fused")
+
+    short = load_recipe(make_recipe(training={**training, "max_length": 128}, speed={"memory": "least"}))
+    plan = decide_speed_plan(short, tiny, gpu_machine(), 0)
+    assert (plan.kept_layers, plan.checkpointing, plan.optimizer) == (0, "non-reentrant", "paged_adamw_8bit")
+    assert any("least -> off" in note for note in plan.notes)
+
+    named = load_recipe(make_recipe(training={**training, "optimizer": "adamw_torch_fused"},
+                                    speed={"memory": "least", "keep_activations_layers": 0}))
+    assert decide_speed_plan(named, llama_8b, gpu_machine(), 42_000_000).optimizer == "adamw_torch_fused"
+    cpu = decide_speed_plan(least, llama_8b, gpu_machine(gpus=0), 42_000_000)
+    assert (cpu.kept_layers, cpu.checkpointing, cpu.optimizer) == (0, "non-reentrant", "adamw_torch")
+    several = decide_speed_plan(least, llama_8b, gpu_machine(processes=2), 42_000_000)
+    assert (several.kept_layers, several.checkpointing) == (0, "non-reentrant")
+
+
+def test_memory_target_keeps_as_many_layers_as_the_estimate_fits_under_it(make_recipe, tiny_model_dir):
+    """speed.memory: N GiB spends N (held to 90% of the GPU) on kept layers, counting fused AdamW's fp32 states;
+    under the every-layer-checkpointed peak it takes least's levers and says the target is still missed."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from qlora_kit.memory import estimate_memory_for_config
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers
+    training = {"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}
+    estimate = estimate_memory_for_config(load_recipe(make_recipe(training=training)), config, liger=True)
+
+    def plan_for(target_gib: float, usable_gib: float = 78.0, adapter_parameters: int = 0, config=config):
+        recipe = load_recipe(make_recipe(training=training, speed={"memory": target_gib}))
+        return decide_speed_plan(recipe, config, gpu_machine(usable_gpu_gib=usable_gib), adapter_parameters)
+
+    def gib_for(kept_layers: float) -> float:
+        return estimate["total"] + kept_layers * estimate["each_kept_layer"]
+
+    assert plan_for(gib_for(1.5)).kept_layers == 1
+    assert plan_for(gib_for(2.5)).kept_layers == 2
+    assert plan_for(gib_for(0.5)).kept_layers == 0
+    assert plan_for(gib_for(2.5), usable_gib=gib_for(1.5) / 0.9).kept_layers == 1  # the GPU is the smaller limit
+    fused = 2**30 // 12  # adapter parameters whose fused AdamW states (auto's pick) take 0.5 GiB more than 8-bit's
+    plan = plan_for(gib_for(1.5) + 0.5, adapter_parameters=fused)
+    assert (plan.memory, plan.kept_layers, plan.optimizer) == (f"{gib_for(1.5) + 0.5:g} GiB", 1, "adamw_torch_fused")
+    plan = plan_for(gib_for(1.5), adapter_parameters=fused)  # over with fused states: 8-bit states leave room
+    assert (plan.kept_layers, plan.optimizer) == (1, "paged_adamw_8bit")
+
+    missed = plan_for(4.0, config=LlamaConfig(**LLAMA_8B), adapter_parameters=42_000_000)  # 8B at batch 8: ~15 GiB
+    assert (missed.kept_layers, missed.checkpointing, missed.optimizer) == (0, "offloaded", "paged_adamw_8bit")
+    assert any(note.startswith("speed.memory: 4 GiB: the estimated peak is") for note in missed.notes)
+
+
+@pytest.mark.parametrize(("speed", "message"), [
+    ({"memory": "lest"}, r"speed.memory: 'lest' is not one of 'fastest', 'least' \(did you mean 'least'\?\)"),
+    ({"memory": 0}, r"speed.memory: 0.0 is out of range; it must be > 0"),
+    ({"memory": 20, "keep_activations_layers": 4},
+     r"speed.keep_activations_layers: 4 contradicts speed.memory: 20.0, which chooses the kept layers"),
+    ({"memory": "least", "keep_activations_layers": 2}, r"2 contradicts speed.memory: least"),
+])
+def test_memory_goal_is_fastest_least_or_a_positive_gib_target_that_owns_the_kept_layers(make_recipe, speed,
+                                                                                          message):
+    from qlora_kit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(make_recipe(speed=speed))
+    assert load_recipe(make_recipe(speed={"memory": "least", "keep_activations_layers": 0})).speed.memory == "least"
+    assert load_recipe(make_recipe(speed={"memory": 24})).speed.memory == 24.0
+
+
+def test_compiled_layers_keep_their_kernels_in_qlora_kit_s_cache_unless_torch_is_told_otherwise(
+        make_recipe, tiny_model_dir, monkeypatch, tmp_path, caplog):
+    """torch.compile's default cache is under /tmp (emptied by reboots): compiled layers use qlora-kit's cache folder,
+    so a second run of the shape starts warm; a TORCHINDUCTOR_CACHE_DIR the user set wins."""
+    import dataclasses
+    import logging
+    import os
+
+    from qlora_kit.speed.plan import apply_speed_plan
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    recipe = load_recipe(make_recipe())
+    plan = dataclasses.replace(decide_speed_plan(recipe, adapted_model(make_recipe, tiny_model_dir).config,
+                                                 gpu_machine(gpus=0), 0), compile_layers=True, compile_blocker=None)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        apply_speed_plan(adapted_model(make_recipe, tiny_model_dir), plan)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "torchinductor")
+    assert f"(kernels kept in {tmp_path / 'cache' / 'torchinductor'})" in caplog.text
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    apply_speed_plan(adapted_model(make_recipe, tiny_model_dir), plan)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_summary_says_how_long_the_model_load_and_the_time_to_first_step_took(make_recipe):
+    """Time to first step counts from the process's start (imports included), as a user of `qlora-kit train` waits."""
+    import json
+
+    import psutil
+
+    from qlora_kit.pipeline import run_training
+
+    recipe = load_recipe(make_recipe(training={"max_steps": 1}, export={"merge": False, "report": False}))
+    run_training(recipe)
+    summary = json.loads((recipe.run_dir / "summary.json").read_text())
+    process_age = time.time() - psutil.Process().create_time()
+    assert 0 < summary["model_load_seconds"] < summary["first_step_seconds"] < process_age

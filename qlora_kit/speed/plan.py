@@ -20,7 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_kit.memory import estimate_memory_for_config, long_context_settings
-from qlora_kit.model import liger_kernel_installed, under_fsdp
+from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import Recipe, SpeedSection
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
@@ -83,6 +83,7 @@ class SpeedPlan:
     optimizer: str  # training.optimizer, auto resolved
     mlp_chunk_tokens: int
     gc_every_steps: int
+    memory: str  # speed.memory: fastest, least, or the GiB target the kept layers, offload and optimizer were fit to
     machine: Machine
     notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
 
@@ -100,7 +101,9 @@ class SpeedPlan:
 
 def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int) -> SpeedPlan:
     """Decide every speed choice of this run, log them as one block and return them."""
-    speed, notes = recipe.speed, []
+    notes: list[str] = []
+    recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes)
+    speed = recipe.speed
     fused_lora = speed.fused_lora and not machine.under_fsdp
     if speed.fused_lora and not fused_lora:
         notes.append("fused_lora: off under FSDP (its flattened shards are not bitsandbytes weights); peft's path")
@@ -118,7 +121,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         liger_kernels=liger_kernels_usable(speed, machine, compiled_layers=blocker is None),
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
-        machine=machine, notes=tuple(notes))
+        memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes))
     log.info("%s", plan.describe())
     return plan
 
@@ -174,8 +177,106 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str]) -
 
 
 def kept_layers_that_fit(usable_gib: float, checkpointed_peak_gib: float, per_layer_gib: float, layers: int) -> int:
-    headroom = usable_gib * (1 - GPU_MEMORY_SPARE) - checkpointed_peak_gib
+    return kept_layers_under(usable_gib * (1 - GPU_MEMORY_SPARE), checkpointed_peak_gib, per_layer_gib, layers)
+
+
+def kept_layers_under(budget_gib: float, checkpointed_peak_gib: float, per_layer_gib: float, layers: int) -> int:
+    headroom = budget_gib - checkpointed_peak_gib
     return max(0, min(layers, int(headroom // per_layer_gib))) if per_layer_gib > 0 else 0
+
+
+# ------------------------------------------------------------------------------------------------ speed.memory
+
+
+OFFLOAD_PAYS_SHARE = 0.05  # offloading checkpoints must cut the estimated peak by this share to be worth its copies
+EIGHT_BIT_STATE_BYTES, FP32_STATE_BYTES = 2, 8  # AdamW states per adapter parameter (the estimate counts 8-bit)
+
+
+def memory_goal_name(memory: float | str) -> str:
+    return memory if isinstance(memory, str) else f"{memory:g} GiB"
+
+
+def recipe_for_memory_goal(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str]
+                           ) -> Recipe:
+    """speed.memory as the settings it stands for, in a copy of the recipe the rest of the plan reads: `fastest`
+    changes nothing (auto kept layers fill 90% of the GPU); `least` checkpoints every layer, offloads the checkpoints
+    where that pays and takes 8-bit AdamW for an `auto` optimizer; a number of GiB keeps as many layers as the
+    memory estimate puts under it, and takes the `least` levers only if every layer checkpointed is still over it."""
+    speed, training = recipe.speed, recipe.training
+    if speed.memory == "fastest":
+        return recipe
+    changes: dict = {}
+    optimizer = training.optimizer
+    if speed.memory == "least":
+        changes["keep_activations_layers"] = 0
+        if offload_pays(recipe, config, machine, notes):
+            changes["offload_checkpoints"] = True
+        if optimizer == "auto" and machine.gpus:
+            optimizer = "paged_adamw_8bit"
+            notes.append("training.optimizer: auto -> paged_adamw_8bit (speed.memory: least; 8-bit states)")
+    else:
+        optimizer, changes = fit_memory_target(recipe, config, machine, trainable_parameters, notes)
+    return dataclasses.replace(recipe, speed=dataclasses.replace(speed, **changes),
+                               training=dataclasses.replace(training, optimizer=optimizer))
+
+
+def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str]) -> bool:
+    """Whether offloading the checkpointed layers' inputs cuts the estimated peak (every layer checkpointed) by at
+    least OFFLOAD_PAYS_SHARE: below that the copies cost speed for a saving lost in the allocator's slack. One
+    process on a GPU, with gradient checkpointing, only (as speed.offload_checkpoints)."""
+    if recipe.speed.offload_checkpoints:
+        return True
+    if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):
+        return False
+    on_gpu = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config,
+                                        liger=machine.liger)["total"]
+    offloaded = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True),
+                                           config, liger=machine.liger)["total"]
+    pays = on_gpu - offloaded >= OFFLOAD_PAYS_SHARE * on_gpu
+    notes.append(f"offload_checkpoints: speed.memory: {memory_goal_name(recipe.speed.memory)} -> "
+                 f"{'on' if pays else 'off'} (estimated peak {on_gpu:.2f} GiB, {offloaded:.2f} GiB offloaded; on "
+                 f"where that saves at least {100 * OFFLOAD_PAYS_SHARE:.0f}%)")
+    return pays
+
+
+def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str]
+                      ) -> tuple[str, dict]:
+    """(optimizer, speed changes) for speed.memory: N GiB. On a GPU the target is also held to 90% of what this
+    process can use, as `auto` kept layers are."""
+    target = float(recipe.speed.memory)
+    optimizer = recipe.training.optimizer
+    if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):
+        notes.append(f"speed.memory: {target:g} GiB: no kept layers to fit (needs gradient checkpointing, a GPU and "
+                     "one process); every layer as configured")
+        return optimizer, {"keep_activations_layers": 0}  # validation left it auto
+    budget = min(target, machine.usable_gpu_gib * (1 - GPU_MEMORY_SPARE))
+    chosen = choose_optimizer(recipe, trainable_parameters, machine, [])
+    states_gib = 0.0 if "8bit" in chosen else trainable_parameters * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30
+    estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, liger=machine.liger)
+    peak = estimate["total"] + states_gib
+    if peak > budget and optimizer == "auto" and states_gib:
+        optimizer, peak = "paged_adamw_8bit", peak - states_gib
+        notes.append(f"training.optimizer: auto -> paged_adamw_8bit (speed.memory: {target:g} GiB; 8-bit states)")
+    layers = config.get_text_config().num_hidden_layers
+    if peak <= budget:
+        keep = 0 if long_context_settings(recipe.speed) else kept_layers_under(
+            budget, peak, estimate["each_kept_layer"], layers)
+        notes.append(f"keep_activations_layers: speed.memory: {target:g} GiB -> {keep} of {layers} layers keep "
+                     f"their activations (estimated peak {peak:.1f} GiB with every layer checkpointed, "
+                     f"{estimate['each_kept_layer']:.2f} GiB per kept layer, budget {budget:.1f} GiB)")
+        return optimizer, {"keep_activations_layers": keep}
+    changes: dict = {"keep_activations_layers": 0}
+    if offload_pays(recipe, config, machine, notes):
+        changes["offload_checkpoints"] = True
+        peak = estimate_memory_for_config(with_speed(recipe, **changes), config, liger=machine.liger)["total"]
+    if peak > budget:
+        notes.append(f"speed.memory: {target:g} GiB: the estimated peak is {peak:.1f} GiB even with every layer "
+                     "checkpointed; training goes on, but lower training.batch_size or training.max_length to fit")
+    return optimizer, changes
+
+
+def with_speed(recipe: Recipe, **changes) -> Recipe:
+    return dataclasses.replace(recipe, speed=dataclasses.replace(recipe.speed, **changes))
 
 
 def layer_compile_blocker(speed: SpeedSection, machine: Machine, every_layer_kept: bool = False) -> str | None:
@@ -236,8 +337,9 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
         if plan.fused_mlp:
             log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
     if plan.compile_layers:
-        log.info("speed.compile_layers: %d decoder layers compile on their first training step",
-                 compile_decoder_layers(model))
+        cache = persistent_compile_cache()
+        log.info("speed.compile_layers: %d decoder layers compile on their first training step (kernels kept in %s)",
+                 compile_decoder_layers(model), cache)
     if plan.mlp_chunk_tokens:
         log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens",
                  chunk_mlps(model, plan.mlp_chunk_tokens), plan.mlp_chunk_tokens)
@@ -250,6 +352,13 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     if plan.kept_layers:
         log.info("speed.keep_activations_layers: %d layers keep their activations, %d are recomputed",
                  plan.kept_layers, still)
+
+
+def persistent_compile_cache() -> str:
+    """Where torch.compile keeps the kernels it compiles: TORCHINDUCTOR_CACHE_DIR if set, else qlora-kit's cache
+    folder, so they survive the reboots that empty torch's default (/tmp/torchinductor_USER) and a second run of the
+    shape starts with them. Triton's own cache (our NF4 kernel, Liger's) is under ~/.triton already."""
+    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
 
 
 def apply_checkpointing(model, plan: SpeedPlan) -> tuple[int, int]:

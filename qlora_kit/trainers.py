@@ -307,10 +307,36 @@ def pair_columns_for_trl_experimental(feature: dict) -> dict:
     return row
 
 
+# The sequences a preference batch trains the policy on, by the attention-mask column that marks their tokens:
+# trl.experimental ORPO / CPO batches (prompt + chosen, prompt + rejected); trl's own DPO and KTO batches carry
+# input_ids / attention_mask and are counted by transformers itself.
+PAIR_SEQUENCE_MASKS = ("chosen_attention_mask", "rejected_attention_mask")
+
+
+class CountsPairTokens:
+    """Tokens seen (summary.json's train_tokens_per_second, metrics.jsonl's num_input_tokens_seen) for batches that
+    hold their sequences as chosen_* / rejected_* columns: every token of prompt + chosen and prompt + rejected, the
+    count trl's DPO batch (both sequences in `input_ids`) gets from transformers."""
+
+    def _track_num_input_tokens(self, inputs):
+        # transformers offers include_num_input_tokens_seen, which reads inputs[model.main_input_name] and counts
+        # nothing for trl.experimental's ORPO / CPO batches (no input_ids): Trainer._track_num_input_tokens is
+        # overridden, super() for every batch that has input_ids (transformers 5.24, trl 1.16)
+        if self.args.include_num_input_tokens_seen == "no" or "input_ids" in inputs:
+            return super()._track_num_input_tokens(inputs)
+        masks = [inputs[key] for key in PAIR_SEQUENCE_MASKS]
+        if self.args.include_num_input_tokens_seen == "non_padding":
+            tokens = sum(mask.sum() for mask in masks)
+        else:
+            tokens = sum(mask.numel() for mask in masks)
+        tokens = torch.as_tensor(tokens, device=self.args.device, dtype=torch.int64)
+        self.state.num_input_tokens_seen += self.accelerator.gather(tokens).sum().item()
+
+
 def orpo_trainer_class() -> type:
     from trl.experimental.orpo import ORPOTrainer
 
-    class QloraKitORPOTrainer(ORPOTrainer):
+    class QloraKitORPOTrainer(CountsPairTokens, ORPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
@@ -320,7 +346,7 @@ def orpo_trainer_class() -> type:
 def simpo_trainer_class() -> type:
     from trl.experimental.cpo import CPOTrainer
 
-    class QloraKitCPOTrainer(CPOTrainer):
+    class QloraKitCPOTrainer(CountsPairTokens, CPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 

@@ -14,6 +14,20 @@ The qlora-kit recipe keeps the reference's optimizer (paged AdamW 8-bit) and che
 reference does; qlora-kit's defaults are `training.optimizer=auto` and `speed.keep_activations_layers=auto` (as many
 layers keep their activations as fit on the GPU): `--variant defaults` runs them.
 
+`--method dpo,orpo` trains preference rows instead (prompt seq/2 + chosen seq/4 + rejected seq/4 tokens, as chat
+turns): qlora-kit with `method: dpo|orpo` against trl's DPOTrainer / ORPOTrainer given the same NF4 model and a
+LoraConfig (DPO's reference = the adapter disabled). tokens/s counts prompt + chosen and prompt + rejected of every
+pair (1.5 x seq), on both paths, per step. `--method grpo` samples completions of exactly seq/2 tokens
+(min_new_tokens) for prompts of seq/2, `--generations` per prompt, batch = completions per step, rewarded by
+bench_common.completion_chars; tokens/s is completion tokens per second of `generate` (every call timed, GPU synced),
+s/step the whole optimizer step. One H200 call each (after `source scripts/device_prelude.sh;`), about 4 and 6 min:
+
+  python3 scripts/bench.py --method dpo,orpo --configs 8b:2 --seq 2048 --steps 10 --paths reference,qlora-kit \
+      --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+  python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
+      --paths reference,qlora-kit --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+  python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~5 min
+
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings
   python scripts/bench.py --configs 8b:2 --variant same: --variant defaults --variant auto:training.optimizer=auto \
       --variant nofuse:speed.fused_lora=false --profile qlora-kit:auto   # levers side by side with the reference
@@ -80,6 +94,8 @@ from bench_common import (  # noqa: E402  (scripts/ is not a package)
     ensure_model,
     error_summary,
     fmt,
+    preference_data,
+    prompt_data,
     qlora_kit_recipe,
     read_environment,
     run_logged,
@@ -235,21 +251,16 @@ def step_measurements(steps, batch: int, row_lengths: set[int]) -> dict[str, Any
             "first_step_s": steps.first_step_s}
 
 
-def cmd_reference(spec_path: str) -> None:
-    """The plain path: transformers + bitsandbytes + peft + trl glued by hand, as their docs show."""
-    spec = json.loads(Path(spec_path).read_text())
+def plain_4bit_model(spec: dict[str, Any]):
+    """(tokenizer, prepared NF4 model, LoraConfig, whether on CUDA) as the bitsandbytes / peft docs glue them."""
     import torch
-    from datasets import load_dataset
     from peft import LoraConfig, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import SFTConfig, SFTTrainer
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=dtype)
@@ -257,9 +268,25 @@ def cmd_reference(spec_path: str) -> None:
                                                  attn_implementation=spec["attention"],
                                                  device_map={"": 0 if cuda else "cpu"})
     model = prepare_model_for_kbit_training(model)
-    model_loaded = time.perf_counter()
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                       target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
+    return tokenizer, model, lora, cuda
+
+
+def cmd_reference(spec_path: str) -> None:
+    """The plain path: transformers + bitsandbytes + peft + trl glued by hand, as their docs show."""
+    spec = json.loads(Path(spec_path).read_text())
+    if spec.get("method", "sft") == "grpo":
+        return cmd_reference_grpo(spec)
+    if spec.get("method", "sft") != "sft":
+        return cmd_reference_preference(spec)
+    import torch
+    from datasets import load_dataset
+    from trl import SFTConfig, SFTTrainer
+
+    start = time.perf_counter()
+    tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
     args = SFTConfig(
         output_dir=spec["output_dir"], max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
@@ -280,6 +307,165 @@ def cmd_reference(spec_path: str) -> None:
         **step_measurements(steps, spec["batch"], row_lengths), "peak_gpu_memory_gib": peak,
         "setup_s": round(loaded - start, 1), "model_load_s": round(model_loaded - start, 1),
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
+
+
+PAIR_MASKS = ("chosen_attention_mask", "rejected_attention_mask")
+
+
+def pair_batch_tokens(batch: dict[str, Any]) -> int:
+    """Tokens of prompt + chosen and prompt + rejected in a collated batch: trl's DPO batch stacks both sequences in
+    attention_mask, trl.experimental's ORPO batch keeps chosen_* / rejected_* (qlora_kit.trainers counts the same)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(sum(batch[key].sum() for key in PAIR_MASKS))
+
+
+def counting_collator(collate, counts: list[int]):
+    """`collate`, appending each batch's pair tokens to `counts`: counts[i] is micro-batch i + 1's (the loader may
+    collate one batch ahead, so counts are read by step number, never by time)."""
+    def collate_and_count(features):
+        batch = collate(features)
+        counts.append(pair_batch_tokens(batch))
+        return batch
+
+    return collate_and_count
+
+
+def timed_marks(marks: list[tuple[float, int]]) -> list[tuple[float, int]]:
+    """The step-end marks tokens/s and s/step are timed over: from the end of the last skipped warm-up step."""
+    return marks[WARMUP_STEPS_SKIPPED - 1:] if len(marks) > WARMUP_STEPS_SKIPPED + 1 else marks
+
+
+def cmd_reference_preference(spec: dict[str, Any]) -> None:
+    """The plain DPO / ORPO path: trl's trainer on the NF4 model with a LoraConfig (DPO's reference is the same model
+    with the adapter disabled, trl's default for a peft_config), trl tokenizing the chat rows itself; max_length
+    holds a whole row, so nothing is truncated and both paths train the same tokens."""
+    import torch
+    from datasets import load_dataset
+
+    if spec["method"] == "dpo":
+        from trl import DPOConfig as Config
+        from trl import DPOTrainer as Trainer
+        lengths = {"max_length": spec["seq"]}
+    else:
+        from trl.experimental.orpo import ORPOConfig as Config
+        from trl.experimental.orpo import ORPOTrainer as Trainer
+        lengths = {"max_length": spec["seq"], "max_completion_length": spec["seq"]}
+    start = time.perf_counter()
+    tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
+    dataset = load_dataset("json", data_files=spec["data"], split="train")
+    args = Config(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
+        optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
+        lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none", **lengths)
+    steps = step_log_callback()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
+                      callbacks=[steps])
+    counts: list[int] = []
+    trainer.data_collator = counting_collator(trainer.data_collator, counts)
+    loaded = time.perf_counter()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+    from qlora_kit.trainers import step_durations  # after training: the plain path imports nothing of qlora-kit's
+
+    marks = timed_marks(steps.marks)
+    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    tokens_per_step = counts[:steps.marks[-1][1]]  # one micro-batch per step
+    print("BENCH_JSON " + json.dumps({
+        "tokens_per_second": sum(tokens_per_step[s0:s1]) / (t1 - t0) if s1 > s0 else None,
+        "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None, "measured_steps": s1 - s0,
+        "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak, "losses": steps.losses,
+        "tokens_per_step": tokens_per_step, "setup_s": round(loaded - start, 1),
+        "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
+        "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
+
+
+class GenerationTimer:
+    """Seconds and new tokens of every `generate` call in this process (GenerationMixin.generate, which peft's and
+    trl's generate reach), with the GPU synchronised on both sides: what the GRPO bench times on both paths."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, int]] = []
+
+    def install(self) -> None:
+        import torch
+        from transformers.generation.utils import GenerationMixin
+
+        generate = GenerationMixin.generate
+
+        def timed_generate(model, *args, **kwargs):
+            prompt = kwargs.get("input_ids", args[0] if args else None)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            out = generate(model, *args, **kwargs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            sequences = out if isinstance(out, torch.Tensor) else out.sequences
+            self.calls.append((time.perf_counter() - started,
+                               sequences.numel() - (prompt.numel() if prompt is not None else 0)))
+            return out
+
+        GenerationMixin.generate = timed_generate
+
+    def measurements(self) -> dict[str, Any]:
+        """Generated tokens/s over the calls after the warm-up steps' (one call per optimizer step in GRPO)."""
+        timed = self.calls[WARMUP_STEPS_SKIPPED:] if len(self.calls) > WARMUP_STEPS_SKIPPED else self.calls
+        seconds = sum(t for t, _ in timed)
+        return {"generated_tokens_per_second": sum(n for _, n in timed) / seconds if seconds else None,
+                "generation_seconds": [round(t, 4) for t, _ in self.calls],
+                "generated_tokens": [n for _, n in self.calls],
+                "generation_seconds_per_step": statistics.median(t for t, _ in timed) if timed else None}
+
+
+def cmd_reference_grpo(spec: dict[str, Any]) -> None:
+    """The plain GRPO path: trl's GRPOTrainer on the NF4 model with a LoraConfig, the bench reward, completions of
+    a fixed length (min_new_tokens = max_completion_length), generation timed by GenerationTimer."""
+    import torch
+    from bench_common import completion_chars
+    from datasets import load_dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    timer = GenerationTimer()
+    timer.install()
+    start = time.perf_counter()
+    tokenizer, model, lora, cuda = plain_4bit_model(spec)
+    model_loaded = time.perf_counter()
+    dataset = load_dataset("json", data_files=spec["data"], split="train")
+    args = GRPOConfig(
+        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
+        optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
+        lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none",
+        **spec["grpo"], generation_kwargs={"min_new_tokens": spec["grpo"]["max_completion_length"]})
+    steps = step_log_callback()
+    trainer = GRPOTrainer(model=model, reward_funcs=[completion_chars], args=args, train_dataset=dataset,
+                          processing_class=tokenizer, peft_config=lora, callbacks=[steps])
+    loaded = time.perf_counter()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+
+    from qlora_kit.trainers import step_durations  # after training: the plain path imports nothing of qlora-kit's
+
+    marks = timed_marks(steps.marks)
+    (t0, s0), (t1, s1) = marks[0], marks[-1]
+    print("BENCH_JSON " + json.dumps({
+        **timer.measurements(), "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
+        "measured_steps": s1 - s0, "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
+        "losses": steps.losses, "setup_s": round(loaded - start, 1),
+        "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
+        "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
+
+
+def cmd_timed(out_path: str, *argv: str) -> None:
+    """`python ARGV...` (qlora-kit's CLI) with GenerationTimer installed; its measurements go to out_path."""
+    timer = GenerationTimer()
+    timer.install()
+    try:
+        run_python(list(argv))
+    finally:
+        Path(out_path).write_text(json.dumps(timer.measurements()))
 
 
 # ------------------------------------------------------------------------------------------------ unsloth, side by side
@@ -389,8 +575,6 @@ def capped(command: list[str]) -> list[str]:
 
 def cmd_capped(gib: str, *argv: str) -> None:
     """Cap this process's GPU memory at `gib` GiB, then run `python ARGV...` (a module with -m, else a script)."""
-    import runpy
-
     import torch
 
     if torch.cuda.is_available():
@@ -401,6 +585,13 @@ def cmd_capped(gib: str, *argv: str) -> None:
             torch.cuda.set_sync_debug_mode("warn")
     else:
         print("no GPU: --gpu-memory-gib ignored", flush=True)
+    run_python(list(argv))
+
+
+def run_python(argv: list[str]) -> None:
+    """What `python ARGV...` runs (a module with -m, else a script), in this process."""
+    import runpy
+
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
@@ -443,18 +634,24 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
                   timeout: float, label: str = "qlora-kit", profile_out: Path | None = None) -> dict[str, Any]:
     import yaml
 
-    shape, seq, batch, steps = base["shape"], base["seq"], base["batch"], base["steps"]
-    recipe = qlora_kit_recipe(model, data, work, shape, seq, batch, steps, gpu)
-    recipe_path = work / f"recipe_{shape}_s{seq}_b{batch}.yaml"
+    shape, seq, batch, steps, method = base["shape"], base["seq"], base["batch"], base["steps"], base["method"]
+    recipe = method_recipe(qlora_kit_recipe(model, data, work, shape, seq, batch, steps, gpu), base)
+    name = f"{shape}_s{seq}_b{batch}" if method == "sft" else f"{method}_{shape}_s{seq}_b{batch}"
+    recipe_path = work / f"recipe_{name}.yaml"
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run_dir = work / "runs" / recipe["training"]["run_name"]
+    generation_out = work / f"generation_{name}.json"
+    generation_out.unlink(missing_ok=True)
     command = ([sys.executable, __file__, "profile-qlora-kit", str(recipe_path), str(profile_out)] if profile_out
                else [sys.executable, "-m", "qlora_kit", "train", str(recipe_path)])
-    status, _, tail, seconds = run_logged(capped(command + overrides), timeout, f"{label} {shape} b{batch}")
+    if method == "grpo":  # qlora-kit's CLI with every `generate` timed, as on the plain path
+        command[1:1] = [__file__, "timed", str(generation_out)]
+    status, _, tail, seconds = run_logged(capped(command + overrides), timeout, f"{label} {method} {shape} b{batch}")
     record = {**base, "path": label, "overrides": overrides, "wall_s": round(seconds, 1)}
     summary_path = run_dir / "summary.json"
     if status != 0 or not summary_path.is_file():
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
+    record.update(method_measurements(run_dir, method, generation_out))
     try:  # qlora-kit's own config-only estimate, to see how close it lands
         from qlora_kit.memory import estimate_training_memory
         from qlora_kit.recipe import load_recipe
@@ -462,26 +659,71 @@ def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu
         estimate = round(estimate_training_memory(load_recipe(recipe_path, overrides), str(model))["total"], 2)
     except Exception as exc:  # the estimate is a side note; never lose a measurement over it
         estimate = f"unavailable: {exc!r:.200}"
-    return {**record, **run_measurements(run_dir), "estimated_peak_gib": estimate, "error": None}
+    return {**record, "estimated_peak_gib": estimate, "error": None}
 
 
 def run_reference(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, sft_args: dict[str, Any],
                   timeout: float, profile_out: Path | None = None) -> dict[str, Any]:
-    shape, seq, batch = base["shape"], base["seq"], base["batch"]
+    shape, seq, batch, method = base["shape"], base["seq"], base["batch"], base["method"]
+    name = f"{shape}_s{seq}_b{batch}" if method == "sft" else f"{method}_{shape}_s{seq}_b{batch}"
     spec = {"model": str(model), "data": str(data), "seq": seq, "batch": batch, "steps": base["steps"],
             "attention": attention(shape),
             "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch", "sft_args": sft_args,
-            "output_dir": str(work / "runs" / f"reference_{shape}_s{seq}_b{batch}"),
-            "profile_out": str(profile_out) if profile_out else None}
-    spec_path = work / f"reference_{shape}_s{seq}_b{batch}.json"
+            "output_dir": str(work / "runs" / f"reference_{name}"),
+            "profile_out": str(profile_out) if profile_out else None, "method": method}
+    if method == "grpo":
+        spec["grpo"] = grpo_settings(base)
+    spec_path = work / f"reference_{name}.json"
     spec_path.write_text(json.dumps(spec, indent=2))
     status, result, tail, seconds = run_logged(capped([sys.executable, __file__, "reference", str(spec_path)]),
-                                               timeout, f"reference {shape} b{batch}")
+                                               timeout, f"reference {method} {shape} b{batch}")
     record = {**base, "path": "profile reference" if profile_out else "reference", "sft_args": sft_args,
               "wall_s": round(seconds, 1)}
-    if status != 0 or "tokens_per_second" not in result:
+    if status != 0 or not result:
         return {**record, "error": error_summary(status, tail), "log_tail": tail[-15:]}
+    if method == "grpo":
+        result["tokens_per_second"] = result["generated_tokens_per_second"]
     return {**record, **result, "kept_activation_layers": 0, "error": None}  # the seed recipe checkpoints every layer
+
+
+def grpo_settings(base: dict[str, Any]) -> dict[str, Any]:
+    """The GRPO settings both paths train with (trl GRPOConfig names; qlora-kit's grpo section has the same keys).
+    Prompts are half of --seq, completions the other half, always generated to full length."""
+    return {"num_generations": base["generations"], "max_completion_length": base["seq"] - base["seq"] // 2,
+            "temperature": 1.0, "top_p": 1.0, "beta": 0.0, "loss_type": "dapo", "epsilon": 0.2,
+            "scale_rewards": "group"}
+
+
+def method_recipe(recipe: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The bench recipe for `base["method"]`: preference rows train on their answers (loss_on is SFT's key), GRPO
+    samples fixed-length completions and scores them with the plain path's reward function."""
+    method = base["method"]
+    if method == "sft":
+        return recipe
+    recipe["method"] = method
+    recipe["training"]["run_name"] = f"{method}_{recipe['training']['run_name']}"
+    del recipe["data"]["loss_on"]
+    if method == "grpo":
+        del recipe["training"]["max_length"]  # grpo.max_prompt_length + max_completion_length
+        settings = grpo_settings(base)
+        reward = f"{ROOT / 'scripts' / 'bench_common.py'}:completion_chars"
+        recipe["grpo"] = {**settings, "rewards": [{"function": reward}], "max_prompt_length": base["seq"] // 2,
+                          "config_args": {"generation_kwargs": {"min_new_tokens": settings["max_completion_length"]}}}
+    return recipe
+
+
+def method_measurements(run_dir: Path, method: str, generation_out: Path) -> dict[str, Any]:
+    """A finished qlora-kit run's speed and memory (run_measurements), plus the tokens of each step for preference
+    methods (metrics.jsonl's num_input_tokens_seen) and the generation timings for GRPO (GenerationTimer)."""
+    measured = run_measurements(run_dir)
+    if method in ("dpo", "orpo"):
+        seen = [json.loads(line).get("num_input_tokens_seen") for line in
+                (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+        measured["tokens_per_step"] = [b - a for a, b in zip([0, *seen], seen, strict=False)]
+    if method == "grpo":
+        measured.update(json.loads(generation_out.read_text()))
+        measured["tokens_per_second"] = measured["generated_tokens_per_second"]
+    return measured
 
 
 def triton_cache_entries() -> int:
@@ -492,7 +734,8 @@ def triton_cache_entries() -> int:
 
 
 def same_config(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a["shape"], a["seq"], a["batch"]) == (b["shape"], b["seq"], b["batch"])
+    return ((a["shape"], a["seq"], a["batch"], a.get("method", "sft"))
+            == (b["shape"], b["seq"], b["batch"], b.get("method", "sft")))
 
 
 def compare(runs: list[dict[str, Any]]) -> None:
@@ -512,13 +755,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple, list[dict[str, Any]]] = collections.defaultdict(list)
     for run in runs:
         if not run.get("error") and (run["path"] in PATHS or run["path"].startswith("qlora-kit:")):
-            groups[(run["shape"], run["seq"], run["batch"], run["path"])].append(run)
+            groups[(run.get("method", "sft"), run["shape"], run["seq"], run["batch"], run["path"])].append(run)
     rows = []
-    for (shape, seq, batch, path), group in groups.items():
+    for (method, shape, seq, batch, path), group in groups.items():
         speeds = [r["tokens_per_second"] for r in group if r.get("tokens_per_second")]  # none in memory probes
         peaks = [r["peak_gpu_memory_gib"] for r in group if r.get("peak_gpu_memory_gib") is not None]
-        rows.append({"path": path, "shape": shape, "label": SHAPES[shape]["label"], "seq": seq, "batch": batch,
-                     "runs": len(group),
+        step_s = [r["seconds_per_step"] for r in group if r.get("seconds_per_step")]
+        rows.append({"method": method, "path": path, "shape": shape, "label": SHAPES[shape]["label"], "seq": seq,
+                     "batch": batch, "runs": len(group),
+                     "seconds_per_step_median": statistics.median(step_s) if step_s else None,
                      "tokens_per_second_median": statistics.median(speeds) if speeds else None,
                      "tokens_per_second_min": min(speeds) if speeds else None,
                      "tokens_per_second_max": max(speeds) if speeds else None,
@@ -533,11 +778,30 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                         else None)
             row[f"memory_vs_{other}"] = (row["peak_gpu_memory_gib"] / ref["peak_gpu_memory_gib"]
                                          if ref and ref["peak_gpu_memory_gib"] and row["peak_gpu_memory_gib"] else None)
+        ref = next((r for r in rows if r["path"] == "reference" and same_config(r, row)), None)
+        row["step_time_vs_reference"] = (row["seconds_per_step_median"] / ref["seconds_per_step_median"]
+                                         if ref and ref["seconds_per_step_median"] and row["seconds_per_step_median"]
+                                         else None)
     return rows
 
 
 def step_range(seconds: list[float] | None) -> str:
     return f"{min(seconds):.3f}–{max(seconds):.3f}" if seconds else "—"
+
+
+# What tokens/s counts, per method: the same on both paths
+TOKENS_PER_SECOND = {
+    "sft": "tokens/s = every token of every row (rows are exactly `seq` tokens, loss on all of them)",
+    "dpo": "tokens/s = every token of prompt + chosen and of prompt + rejected (the two sequences each pair's forward "
+           "trains; the reference pass is not counted again); rows are prompt seq/2 + chosen seq/4 + rejected seq/4 "
+           "tokens, so a pair counts 1.5 x seq",
+    "orpo": "tokens/s = every token of prompt + chosen and of prompt + rejected (as for dpo; ORPO has no reference "
+            "pass); a pair counts 1.5 x seq",
+    "grpo": "tokens/s = completion tokens generated per second of `generate` (calls after the first "
+            f"{WARMUP_STEPS_SKIPPED}); prompts seq/2 tokens, completions exactly seq/2 (min_new_tokens), "
+            "`generate s/step` the median call, s/step the whole optimizer step (generation, scoring, backward, "
+            "update)",
+}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -558,26 +822,33 @@ def markdown(results: dict[str, Any]) -> str:
         "batch and schedule. First step: seconds from the process's start to the end of the first optimizer step "
         "(the shortest of the runs: later runs reuse compiled kernels); load: from the start of loading to the "
         "quantized model with its adapters.", "",
-        "| path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB | speed vs reference "
-        "| memory vs reference | speed vs unsloth | memory vs unsloth | first step s | load s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        *("| " + " | ".join([r["path"], r["label"], str(r["seq"]), str(r["batch"]), str(r["runs"]),
+        *(f"- {method}: {TOKENS_PER_SECOND[method]}" for method in dict.fromkeys(
+            r.get("method", "sft") for r in results["runs"])), "",
+        "| method | path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB "
+        "| speed vs reference | memory vs reference | speed vs unsloth | memory vs unsloth | s/step (median) "
+        "| step time vs reference | first step s | load s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *("| " + " | ".join([r["method"], r["path"], r["label"], str(r["seq"]), str(r["batch"]), str(r["runs"]),
                             fmt(r["tokens_per_second_median"], ",.0f"),
                             f"{fmt(r['tokens_per_second_min'], ',.0f')}–{fmt(r['tokens_per_second_max'], ',.0f')}",
                             fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
                             fmt(r["memory_vs_reference"], ".3f"), fmt(r["speed_vs_unsloth"], ".3f"),
-                            fmt(r["memory_vs_unsloth"], ".3f"), fmt(r["first_step_s"], ".1f"),
+                            fmt(r["memory_vs_unsloth"], ".3f"), fmt(r["seconds_per_step_median"], ".3f"),
+                            fmt(r["step_time_vs_reference"], ".3f"), fmt(r["first_step_s"], ".1f"),
                             fmt(r["model_load_s"], ".1f")]) + " |" for r in results["summary"]),
         "", "Every run (speed and memory against the median reference run):", "",
-        "| path | shape | seq | batch | tokens/s | peak GiB | s/step | step s (min–max) | measured steps "
-        "| layers not checkpointed | speed vs reference | memory vs reference | first step s | load s "
+        "| method | path | shape | seq | batch | tokens/s | peak GiB | s/step | step s (min–max) | generate s/step "
+        "| measured steps | layers not checkpointed | speed vs reference | memory vs reference | first step s | load s "
         "| Triton kernels compiled | loss per step |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- "
+        "| --- |"]
     for r in results["runs"]:
         losses = f"**failed:** {r['error']}" if r.get("error") else " ".join(f"{x:.3f}" for x in r.get("losses", []))
-        cells = [r["path"], r["label"], str(r["seq"]), str(r["batch"]), fmt(r.get("tokens_per_second"), ",.0f"),
+        cells = [r.get("method", "sft"), r["path"], r["label"], str(r["seq"]), str(r["batch"]),
+                 fmt(r.get("tokens_per_second"), ",.0f"),
                  fmt(r.get("peak_gpu_memory_gib"), ".2f"), fmt(r.get("seconds_per_step"), ".3f"),
-                 step_range(r.get("step_seconds")), fmt(r.get("measured_steps"), "d"),
+                 step_range(r.get("step_seconds")), fmt(r.get("generation_seconds_per_step"), ".3f"),
+                 fmt(r.get("measured_steps"), "d"),
                  fmt(r.get("kept_activation_layers"), "d"),
                  fmt(r.get("speedup_vs_reference"), ".3f"),
                  fmt(r.get("memory_vs_reference"), ".3f"), fmt(r.get("first_step_s"), ".1f"),
@@ -635,6 +906,24 @@ def parse_variants(items: list[str]) -> dict[str, list[str]]:
     return variants
 
 
+# Per method, (configs, seq, steps, grpo completions per prompt) by default, on the GPU and with --tiny
+METHOD_DEFAULTS = {
+    "sft": {False: ("8b:2,1b:4", 2048, 12, 8), True: ("tiny:2", 128, 4, 4)},
+    "dpo": {False: ("8b:2", 2048, 12, 8), True: ("tiny:2", 128, 4, 4)},
+    "orpo": {False: ("8b:2", 2048, 12, 8), True: ("tiny:2", 128, 4, 4)},
+    "grpo": {False: ("8b:8", 512, 12, 8), True: ("tiny:4", 64, 4, 4)},
+}
+
+
+def method_data(method: str, work: Path, seq: int, rows: int) -> dict[str, Any]:
+    """The rows a method trains on, built with the bench tokenizer to exact token lengths (bench_common)."""
+    if method == "sft":
+        return chat_data(work, seq, rows)
+    if method == "grpo":
+        return prompt_data(work, seq // 2, rows)
+    return preference_data(work, seq, rows)
+
+
 def parse_configs(text: str) -> list[tuple[str, int]]:
     configs = []
     for item in text.split(","):
@@ -678,22 +967,38 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--gpu-memory-gib", type=float, default=None,
                         help="cap every run's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 79 to "
                         "hold an H200 to what an 80 GB H100 offers")
-    parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps")
+    parser.add_argument("--method", default="sft",
+                        help="comma-separated training methods, each run on every configuration: sft (chat rows), "
+                        "dpo / orpo (preference rows: --seq = prompt + chosen + rejected), grpo (prompts of --seq/2 "
+                        "tokens, completions of --seq/2; batch = completions per step); defaults follow the first")
+    parser.add_argument("--generations", type=int, default=None,
+                        help="grpo: completions per prompt (num_generations); default 8 (4 with --tiny)")
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps "
+                        "(grpo: tiny:4, seq 64, 4 completions per prompt)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="with --gpu-memory-gib: runs warn at every CUDA synchronisation (once per call site, "
                         "torch.cuda.set_sync_debug_mode): where the GPU's queue is drained each step")
     args = parser.parse_args(argv)
     if args.sync_debug:
         os.environ["BENCH_SYNC_DEBUG"] = "1"  # read by `capped` children
-    defaults = ("tiny:2", 128, 4) if args.tiny else ("8b:2,1b:4", 2048, 12)
-    args.configs, args.seq, args.steps = (given if given is not None else default for given, default in
-                                          zip((args.configs, args.seq, args.steps), defaults, strict=True))
+    methods = [m.strip() for m in args.method.split(",")]
+    if unknown := [m for m in methods if m not in METHOD_DEFAULTS]:
+        raise SystemExit(f"--method: unknown {unknown}; choose from {', '.join(METHOD_DEFAULTS)}")
+    defaults = METHOD_DEFAULTS[methods[0]][args.tiny]
+    args.configs, args.seq, args.steps, args.generations = (
+        given if given is not None else default for given, default in
+        zip((args.configs, args.seq, args.steps, args.generations), defaults, strict=True))
     configs = parse_configs(args.configs)
+    if "grpo" in methods and any(batch % args.generations for _, batch in configs):
+        raise SystemExit(f"--configs: a grpo batch counts completions; make each a multiple of --generations "
+                         f"{args.generations}")
     global GPU_MEMORY_CAP_GIB
     GPU_MEMORY_CAP_GIB = args.gpu_memory_gib
     paths = [p.strip() for p in args.paths.split(",")]
     if unknown := [p for p in paths if p not in PATHS]:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
+    if "unsloth" in paths and methods != ["sft"]:
+        raise SystemExit(f"--paths unsloth: runs unsloth's SFT recipe only; --method is {args.method}")
     if "unsloth" in paths and (problem := unsloth_site_problem(args.unsloth_site)):
         raise SystemExit(problem)
     if args.steps < WARMUP_STEPS_SKIPPED + 2:
@@ -711,18 +1016,24 @@ def main(argv: list[str]) -> None:
     work.mkdir(parents=True, exist_ok=True)
     env = read_environment()
     gpu = env["has_gpu"]
-    data = chat_data(work, args.seq, args.steps * max(b for _, b in configs) + 8)
+    rows = args.steps * max(b for _, b in configs) + 8
+    data = {method: method_data(method, work, args.seq, rows) for method in methods}
     settings = {"compute_dtype": "bf16" if gpu else "fp32", "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch",
                 **{f"lora_{k}": v for k, v in LORA.items()}, "learning_rate": LEARNING_RATE, "scheduler": SCHEDULER,
                 "warmup": WARMUP, "seed": SEED, "quantization": "nf4 + double quant",
                 "attention": ", ".join(f"{attention(shape)} ({shape})" for shape, _ in configs),
                 "gradient_checkpointing": True, "loss_on": "all", "warmup_steps_skipped": WARMUP_STEPS_SKIPPED}
+    if "grpo" in methods:
+        settings["grpo"] = grpo_settings({"seq": args.seq, "generations": args.generations})
     results: dict[str, Any] = {"date": env["date"], "env": env, "code": code_version(), "argv": argv,
-                               "settings": settings, "data": data, "models": {}, "runs": []}
+                               "settings": settings, "data": data["sft"] if methods == ["sft"] else data,
+                               "models": {}, "runs": []}
 
     for shape, batch in configs:
         base = {"shape": shape, "label": SHAPES[shape]["label"], "seq": args.seq, "batch": batch,
-                "steps": args.steps}
+                "steps": args.steps, "method": methods[0]}
+        if "grpo" in methods:
+            base["generations"] = args.generations
 
         def remaining() -> float:
             left = args.deadline - (time.perf_counter() - start) if args.deadline else args.run_timeout
@@ -734,28 +1045,32 @@ def main(argv: list[str]) -> None:
             model, build = ensure_model(shape, work, remaining(), args.seq)
             results["models"].setdefault(shape, build)
         except RuntimeError as exc:
-            results["runs"] += [{**base, "path": path, "error": str(exc)} for path in paths]
+            results["runs"] += [{**base, "method": method, "path": path, "error": str(exc)} for method in methods
+                                for path in paths]
             write_outputs(results, out)
             continue
-        order = [(repeat, path) for repeat in range(args.repeats)
+        order = [(method, repeat, path) for method in methods for repeat in range(args.repeats)
                  for path in (paths if repeat % 2 == 0 else paths[::-1])]
-        order += [(args.repeats, "profile " + path) for path in args.profile.split(",") if path]
-        for repeat, path in order:
-            run_base = {**base, "repeat": repeat}
+        order += [(method, args.repeats, "profile " + path) for method in methods
+                  for path in args.profile.split(",") if path]
+        for method, repeat, path in order:
+            run_base = {**base, "method": method, "repeat": repeat}
+            rows_path = Path(data[method]["path"])
+            profiled = shape if method == "sft" else f"{method}_{shape}"  # the profile file's name
             kernels_before = triton_cache_entries()
             if remaining() < 30:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
             elif path.removeprefix("profile ").startswith("qlora-kit"):
                 name = path.removeprefix("profile ")
                 overrides = args.override + variants.get(name, [])
-                profile_out = profile_path(out, shape, batch, path)
-                record = run_qlora_kit(run_base, model, Path(data["path"]), work, gpu, overrides, remaining(), path,
+                profile_out = profile_path(out, profiled, batch, path)
+                record = run_qlora_kit(run_base, model, rows_path, work, gpu, overrides, remaining(), path,
                                        profile_out)
             elif path == "unsloth":
-                record = run_unsloth(run_base, model, Path(data["path"]), work, args.unsloth_site, remaining())
+                record = run_unsloth(run_base, model, rows_path, work, args.unsloth_site, remaining())
             else:
-                record = run_reference(run_base, model, Path(data["path"]), work, gpu, ref_sft_args, remaining(),
-                                       profile_path(out, shape, batch, path))
+                record = run_reference(run_base, model, rows_path, work, gpu, ref_sft_args, remaining(),
+                                       profile_path(out, profiled, batch, path))
             record["triton_kernels_compiled"] = triton_cache_entries() - kernels_before
             results["runs"].append(record)
             results["wall_s"] = round(time.perf_counter() - start, 1)
@@ -773,6 +1088,8 @@ if __name__ == "__main__":
         cmd_unsloth(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "capped":
         cmd_capped(*sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "timed":
+        cmd_timed(*sys.argv[2:])
     elif len(sys.argv) > 1 and sys.argv[1] == "profile-qlora-kit":
         cmd_profile_qlora_kit(*sys.argv[2:])
     else:

@@ -226,6 +226,90 @@ def chat_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
     tokenizer = build_tokenizer(work / "tokenizer")
     return write_dataset(tokenizer, work / f"chat_s{seq}_r{rows}.jsonl", seq, rows)
 
+def template_overheads(tokenizer) -> tuple[int, int]:
+    """(tokens the chat template adds around a user turn plus the generation prompt, tokens it adds to an assistant
+    turn), from a one-word probe."""
+    user = [{"role": "user", "content": "hello"}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "hello"}], tokenize=True,
+                                         return_dict=True)
+    prompt_ids, full_ids = prompt["input_ids"], full["input_ids"]
+    if full_ids[:len(prompt_ids)] != prompt_ids:
+        raise SystemExit("the bench template does not render a prompt as the prefix of its conversation")
+    return len(prompt_ids) - 1, len(full_ids) - len(prompt_ids) - 1
+
+
+def pair_lengths(seq: int) -> tuple[int, int, int]:
+    """(prompt, chosen, rejected) tokens of a preference row of `seq` tokens: half prompt, a quarter each answer."""
+    prompt, chosen = seq // 2, seq // 4
+    return prompt, chosen, seq - prompt - chosen
+
+
+def preference_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
+    """Preference rows (prompt, chosen, rejected as chat turns) whose prompt + chosen + rejected is exactly `seq`
+    tokens as rendered by the bench tokenizer (pair_lengths splits them); each row's forward pass processes
+    prompt + chosen and prompt + rejected, `tokens_per_pair` tokens."""
+    tokenizer = build_tokenizer(work / "tokenizer")
+    prompt_len, chosen_len, rejected_len = pair_lengths(seq)
+    prompt_extra, answer_extra = template_overheads(tokenizer)
+    if min(prompt_len - prompt_extra, chosen_len - answer_extra, rejected_len - answer_extra) < 1:
+        raise SystemExit(f"--seq {seq} is too short for a preference row (prompt and answers need content)")
+    rng = random.Random(4321)
+    words = vocabulary()
+    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    path = work / f"pairs_s{seq}_r{rows}.jsonl"
+    seen = set()
+    with path.open("w") as handle:
+        for _ in range(rows):
+            def turn(role: str, budget: int) -> list[dict[str, str]]:
+                return [{"role": role, "content": join_tokens(sentence_tokens(rng, words, weights, budget))}]
+
+            prompt = turn("user", prompt_len - prompt_extra)
+            chosen = turn("assistant", chosen_len - answer_extra)
+            rejected = turn("assistant", rejected_len - answer_extra)
+            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=True)["input_ids"]
+            for answer, want in ((chosen, chosen_len), (rejected, rejected_len)):
+                full = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+                seen.add((len(prompt_ids), len(full) - len(prompt_ids), want))
+            handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+    if {(p, a) for p, a, _ in seen} != {(prompt_len, want) for _, _, want in seen}:
+        raise SystemExit(f"preference rows render to (prompt, answer) lengths {sorted(seen)}; want prompt "
+                         f"{prompt_len}, answers {chosen_len} / {rejected_len}: fix the generator before timing")
+    return {"path": str(path), "rows": rows, "tokens_per_row": seq, "prompt_tokens": prompt_len,
+            "chosen_tokens": chosen_len, "rejected_tokens": rejected_len,
+            "tokens_per_pair": 2 * prompt_len + chosen_len + rejected_len}
+
+
+def prompt_data(work: Path, prompt_tokens: int, rows: int) -> dict[str, Any]:
+    """GRPO rows: one user turn each, exactly `prompt_tokens` tokens with the template and generation prompt."""
+    tokenizer = build_tokenizer(work / "tokenizer")
+    prompt_extra, _ = template_overheads(tokenizer)
+    if prompt_tokens - prompt_extra < 1:
+        raise SystemExit(f"a prompt of {prompt_tokens} tokens leaves no room for its content")
+    rng = random.Random(2468)
+    words = vocabulary()
+    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    path = work / f"prompts_p{prompt_tokens}_r{rows}.jsonl"
+    lengths = set()
+    with path.open("w") as handle:
+        for _ in range(rows):
+            prompt = [{"role": "user",
+                       "content": join_tokens(sentence_tokens(rng, words, weights, prompt_tokens - prompt_extra))}]
+            lengths.add(len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                          return_dict=True)["input_ids"]))
+            handle.write(json.dumps({"prompt": prompt}) + "\n")
+    if lengths != {prompt_tokens}:
+        raise SystemExit(f"prompts render to {sorted(lengths)} tokens, want exactly {prompt_tokens}")
+    return {"path": str(path), "rows": rows, "prompt_tokens": prompt_tokens}
+
+
+def completion_chars(prompts: list, completions: list, **kwargs: Any) -> list[float]:
+    """The GRPO bench's reward, on both paths (qlora-kit loads it as `scripts/bench_common.py:completion_chars`):
+    characters in each completion (a chat completion's last turn), which differ between samples."""
+    return [float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]
+
+
 # ------------------------------------------------------------------------------------------------- random-weight models
 
 

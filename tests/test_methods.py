@@ -62,6 +62,24 @@ def test_each_method_trains_two_steps_then_resumes_from_its_checkpoint(method, m
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_tokens_seen_are_every_token_of_the_trained_sequences_so_tokens_per_second_is_real(method, make_recipe,
+                                                                                          tmp_path):
+    """One epoch of 4 pairs: tokens seen (metrics.jsonl) are exactly prompt + chosen and prompt + rejected of every
+    pair (prompt + completion of every KTO row), the count qlora-kit's data step reports, and tokens/s is not 0
+    (trl.experimental's ORPO / CPO batches have no input_ids, which transformers' own count reads)."""
+    pairs = write_jsonl(tmp_path / "four_pairs.jsonl", shout_pairs()[:4])
+    steps = 4 if method == "kto" else 2  # KTO trains each pair as a desirable and an undesirable row
+    sections = method_sections(method, pairs, max_steps=steps, batch_size=2, logging_steps=1)
+    recipe = load_recipe(make_recipe(method, **sections))
+    summary = run_training(recipe)
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    seen = [r["num_input_tokens_seen"] for r in records if "loss" in r]
+    assert len(seen) == steps and seen == sorted(seen) and seen[0] > 0
+    assert seen[-1] == summary["data"]["train"]["tokens"]
+    assert summary["train_tokens_per_second"] > 0
+
+
 # ------------------------------------------------------------------------------------------------ recipes
 
 
@@ -421,3 +439,55 @@ def test_a_dpo_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recip
     resumed = losses_by_step(load_recipe(path).run_dir)
     assert sorted(resumed) == list(range(1, 13))
     assert [resumed[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)
+
+
+def test_a_run_continuing_an_adapter_resumes_after_sigkill_to_the_adapter_of_an_unkilled_run(make_recipe, pairs_file):
+    """SFT, then DPO from its adapter (model.adapter), killed after a checkpoint and resumed: the resumed run starts
+    from the checkpoint's weights (not the starting adapter applied again on top of them, nor the starting adapter
+    alone), keeps the starting adapter as its reference, and ends with exactly the adapter of a run never killed."""
+    import signal
+
+    from safetensors.torch import load_file
+    from test_reliability import start_training, wait_for
+
+    from qlora_kit.cli import main
+    from qlora_kit.rundir import COMPLETE_MARKER
+
+    full_precision = {"quantization": {"load_in_4bit": False}, "export": {"merge": False, "report": False}}
+    sft = load_recipe(make_recipe("sft-start", **full_precision,
+                                  training={"max_steps": 3, "learning_rate": 1e-2}, data={"cache": False}))
+    run_training(sft)
+    start = load_file(sft.run_dir / "adapter" / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in start.items() if "lora_B" in k)  # a start that differs from the base
+
+    sections = method_sections("dpo", pairs_file, max_steps=12, save_steps=2, logging_steps=1, save_total_limit=None,
+                               learning_rate=1e-2)
+    sections.update(full_precision, model={"adapter": str(sft.run_dir)})
+    straight = load_recipe(make_recipe("dpo-straight", **sections))
+    run_training(straight)
+    expected = losses_by_step(straight.run_dir)
+    assert expected[1] == pytest.approx(0.693147, abs=1e-4)  # the policy starts as its reference: the SFT adapter
+
+    path = make_recipe("dpo-killed", **sections)
+    checkpoints = load_recipe(path).run_dir / "checkpoints"
+    process = start_training(path)
+    wait_for(lambda: (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists(), process, timeout=900)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
+    assert killed_at < 12, "the kill must land before the run finished"
+
+    assert main(["train", str(path), "training.resume=auto"]) == 0
+    killed = load_recipe(path)
+    resumed = losses_by_step(killed.run_dir)
+    assert sorted(resumed) == list(range(1, 13))
+    # the first step after the checkpoint continues the curve: a policy re-started from the SFT adapter would score
+    # log 2 again, and the SFT adapter added on top of the checkpoint's would move it elsewhere
+    assert [resumed[s] for s in range(1, 13)] == pytest.approx([expected[s] for s in range(1, 13)], rel=1e-6)
+    ours = load_file(killed.run_dir / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(straight.run_dir / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys() == start.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert any(not torch.equal(ours[name], start[name]) for name in start)

@@ -23,7 +23,7 @@ def peft_model(tiny_model_dir, recipe_writer, tmp_path_factory):
 def test_transformers_trainer_and_training_arguments_keep_what_qlora_kit_replaces(tmp_path):
     from transformers import PreTrainedModel, Trainer, TrainingArguments
 
-    for name in ("_clip_grad_norm", "floating_point_ops", "train"):
+    for name in ("_clip_grad_norm", "floating_point_ops", "train", "_track_num_input_tokens"):
         assert callable(getattr(Trainer, name)), f"transformers.Trainer.{name}"
     assert callable(PreTrainedModel.train)
     trainer = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))

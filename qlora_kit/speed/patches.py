@@ -24,6 +24,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | CPU 4-bit layout      | bnb.nn.Linear4bit.support_avx512bf16_for_cpu            | bnb       | none               |
 | FSDP adapter keys     | peft tuner._remove_adapter_name_from_key                | peft      | no FSDP            |
 | modeling module names | Liger's process-wide swaps (apply_rotary_pos_emb, ...)  | tf, liger | restored after     |
+| tokens seen (pairs)   | Trainer._track_num_input_tokens                         | tf, trl   | input_ids batches  |
 
 | bend (rows as above)                       | test comparing it with upstream                                     |
 | ------------------------------------------ | ------------------------------------------------------------------- |
@@ -42,8 +43,10 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | model.keep_4bit_weights_in_training_layout | test_pipeline: test_an_eval_forward_on_cpu_leaves_...               |
 | trainers.write_peft_adapter                | test_reliability: test_fsdp_adapter_writer_matches_peft_...         |
 | modeling_module_restored                   | test_upstream: test_names_swapped_in_the_modeling_module_are_...    |
+| trainers.CountsPairTokens                  | test_methods: test_tokens_seen_are_every_token_of_the_trained_...   |
 
-The last two rows live where the model is loaded (model.py) and the adapter saved (trainers.py); the rest are here.
+model.* lives where the model is loaded (model.py), trainers.* where the trainers are built and the adapter saved
+(trainers.py); the rest are here.
 """
 
 from __future__ import annotations

@@ -793,6 +793,16 @@ def tokenize_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: 
     return Dataset.from_list(kept)
 
 
+def longest_training_row(data: PreparedData, recipe: Recipe) -> int | None:
+    """Tokens in the longest sequence a training batch can hold: the longest tokenized row (a pair's prompt + its
+    longer answer) capped at training.max_length, or max_length itself when trl packs rows to it. None where rows
+    are not tokenized ahead (GRPO generates its completions)."""
+    lengths = data.stats.get("train", {}).get("lengths")  # GRPO's are its prompts' alone
+    if not lengths or recipe.method == "grpo" or (recipe.method == "sft" and recipe.training.packing):
+        return None
+    return min(lengths[-1], recipe.training.max_length)
+
+
 def check_rows_left(kept: list, lengths: list[int], recipe: Recipe, split: str) -> None:
     if not kept:
         raise DataError(f"{recipe.source}: {split}: no rows left after applying training.max_length="

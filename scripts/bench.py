@@ -630,10 +630,20 @@ def cmd_profile_qlora_kit(recipe_path: str, out_path: str, *overrides: str) -> N
     run_training(load_recipe(recipe_path, list(overrides)))
 
 
+def unpinned(overrides: list[str]) -> list[str]:
+    """A variant that sets speed.memory lets it choose the kept layers: the bench recipe's pin to 0 (the plain path's
+    every layer checkpointed) would contradict it, and qlora-kit refuses that recipe."""
+    keys = {o.partition("=")[0] for o in overrides}
+    if "speed.memory" in keys and "speed.keep_activations_layers" not in keys:
+        return [*overrides, "speed.keep_activations_layers=auto"]
+    return overrides
+
+
 def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, overrides: list[str],
                   timeout: float, label: str = "qlora-kit", profile_out: Path | None = None) -> dict[str, Any]:
     import yaml
 
+    overrides = unpinned(overrides)
     shape, seq, batch, steps, method = base["shape"], base["seq"], base["batch"], base["steps"], base["method"]
     recipe = method_recipe(qlora_kit_recipe(model, data, work, shape, seq, batch, steps, gpu), base)
     name = f"{shape}_s{seq}_b{batch}" if method == "sft" else f"{method}_{shape}_s{seq}_b{batch}"

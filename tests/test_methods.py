@@ -491,3 +491,12 @@ def test_a_run_continuing_an_adapter_resumes_after_sigkill_to_the_adapter_of_an_
     for name in theirs:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7, msg=name)
     assert any(not torch.equal(ours[name], start[name]) for name in start)
+
+
+def test_the_longest_training_row_of_pairs_is_prompt_plus_the_longer_answer(make_recipe, pairs_file, tiny_tokenizer):
+    from qlora_kit.data import build_datasets, longest_training_row
+
+    recipe = load_recipe(make_recipe(**method_sections("dpo", pairs_file)), ["data.cache=false"])
+    data = build_datasets(recipe, tiny_tokenizer)
+    expected = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in data.train)
+    assert longest_training_row(data, recipe) == expected < recipe.training.max_length

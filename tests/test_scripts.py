@@ -312,3 +312,24 @@ def test_unsloth_child_imports_unsloth_from_its_site_before_transformers_trl_and
     assert seen["cwd"] == str(work.resolve()) and seen["offline"] == "1"
     assert record["path"] == "unsloth" and record["error"].startswith("exit 1")
     assert "stand-in unsloth stops here" in "\n".join(record["log_tail"])
+
+
+def test_a_bench_variant_with_a_memory_goal_is_not_pinned_to_every_layer_checkpointed(make_recipe):
+    """The bench pins keep_activations_layers to 0 (the plain path's setting); speed.memory chooses the kept layers
+    and qlora-kit refuses both set, so such a variant gets `auto` (an H200 call lost its runs to that)."""
+    import bench
+    from bench_common import qlora_kit_recipe
+
+    from qlora_kit.recipe import RecipeError, load_recipe
+
+    assert qlora_kit_recipe(Path("m"), Path("d"), Path("w"), "tiny", 64, 2, 3, False)["speed"] == \
+        {"keep_activations_layers": 0}
+    pinned = make_recipe(speed={"keep_activations_layers": 0})
+    overrides = bench.unpinned(["speed.memory=12.5"])
+    assert overrides == ["speed.memory=12.5", "speed.keep_activations_layers=auto"]
+    with pytest.raises(RecipeError, match="contradicts speed.memory"):
+        load_recipe(pinned, ["speed.memory=12.5"])
+    assert load_recipe(pinned, overrides).speed.memory == 12.5
+    assert bench.unpinned(["speed.memory=12", "speed.keep_activations_layers=auto"]) == \
+        ["speed.memory=12", "speed.keep_activations_layers=auto"]
+    assert bench.unpinned(["training.optimizer=auto"]) == ["training.optimizer=auto"]

@@ -1065,3 +1065,28 @@ def test_summary_says_how_long_the_model_load_and_the_time_to_first_step_took(ma
     summary = json.loads((recipe.run_dir / "summary.json").read_text())
     process_age = time.time() - psutil.Process().create_time()
     assert 0 < summary["model_load_seconds"] < summary["first_step_seconds"] < process_age
+
+
+def test_memory_estimates_of_the_plan_use_the_longest_training_row_not_max_length(make_recipe, tiny_model_dir,
+                                                                                   tiny_tokenizer):
+    """Rows far shorter than max_length: `auto` keeps the layers that fit for batches of those rows (the trainer
+    pads no batch past its longest row), and the plan says what it sized for."""
+    from transformers import LlamaConfig
+
+    from qlora_kit.data import build_datasets, longest_training_row
+
+    recipe = load_recipe(make_recipe(training={"gradient_checkpointing": True, "max_length": 4096, "batch_size": 2}),
+                         ["data.cache=false"])
+    data = build_datasets(recipe, tiny_tokenizer)
+    longest = longest_training_row(data, recipe)
+    assert longest == max(len(ids) for ids in data.train["input_ids"]) and longest < 100
+    config = LlamaConfig(**LLAMA_8B)
+    machine = gpu_machine(usable_gpu_gib=12.0)
+    full = decide_speed_plan(recipe, config, machine, 0)
+    sized = decide_speed_plan(recipe, config, machine, 0, longest_row=longest)
+    assert full.kept_layers < sized.kept_layers == LLAMA_8B["num_hidden_layers"]
+    assert any(f"rows up to {longest} tokens" in note for note in sized.notes)
+    assert decide_speed_plan(recipe, config, machine, 0, longest_row=8192).kept_layers == full.kept_layers
+
+    packed = load_recipe(make_recipe(training={"packing": True, "max_length": 4096}), ["data.cache=false"])
+    assert longest_training_row(build_datasets(packed, tiny_tokenizer), packed) is None  # packed to max_length

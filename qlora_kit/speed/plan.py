@@ -100,9 +100,12 @@ class SpeedPlan:
         return "\n".join(lines + [f"  - {note}" for note in self.notes])
 
 
-def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int) -> SpeedPlan:
-    """Decide every speed choice of this run, log them as one block and return them."""
+def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int,
+                      longest_row: int | None = None) -> SpeedPlan:
+    """Decide every speed choice of this run, log them as one block and return them. `longest_row`: tokens in the
+    longest training sequence (data.longest_training_row), which bounds the memory a batch needs."""
     notes: list[str] = []
+    recipe = sized_to_rows(recipe, longest_row, notes)
     recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes)
     speed = recipe.speed
     fused_lora = speed.fused_lora and not machine.under_fsdp
@@ -133,6 +136,18 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes))
     log.info("%s", plan.describe())
     return plan
+
+
+def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> Recipe:
+    """The recipe the memory estimates read: they assume rows of training.max_length, but no batch is longer than
+    the longest training row, and data is often much shorter than max_length (then `auto` and `speed.memory` keep
+    layers that fit). Only the plan sees the change; the trainer keeps max_length."""
+    max_length = recipe.training.max_length
+    if not longest_row or longest_row >= max_length:
+        return recipe
+    notes.append(f"memory estimates for batches of rows up to {longest_row} tokens (the longest training row; "
+                 f"training.max_length {max_length})")
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, max_length=longest_row))
 
 
 def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str]

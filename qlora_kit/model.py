@@ -274,6 +274,10 @@ def local_config_folder(model: ModelSection) -> str | None:
     return str(Path(cached).parent) if isinstance(cached, str) else None
 
 
+def first_sentence(text: str) -> str:
+    return text.split(". ")[0].rstrip(".")
+
+
 def targets_module(name: str, targets: str | list[str]) -> bool:
     """peft's rule for lora.target_modules: a list matches a full name or its dotted suffix; a string other than
     'all-linear' is a regular expression matched against the whole name."""
@@ -360,6 +364,26 @@ def gated_silu_mlp(module) -> bool:
     return projections and hasattr(module, "down_proj") and silu and not hasattr(module, "experts")
 
 
+def check_attention(recipe: Recipe, config) -> None:
+    """model.attn_implementation against the model class and this machine's packages, as transformers checks it when
+    it builds the model (Gemma 2 has no sdpa; flash_attention_2 needs flash-attn): before the weights load, not as a
+    traceback after. Built on the meta device: no memory."""
+    from accelerate import init_empty_weights
+
+    m = recipe.model
+    with init_empty_weights():
+        try:
+            AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code,
+                                             attn_implementation=m.attn_implementation)
+        except (ValueError, ImportError) as exc:
+            text = str(exc)
+            if m.attn_implementation not in text and "attention" not in text.lower():
+                raise
+            raise RecipeError(f"{at(recipe.source, 'model.attn_implementation')}: {m.attn_implementation!r} cannot "
+                              f"run this model here: {first_sentence(text)}; set model.attn_implementation: eager "
+                              f"(or another kernel the model and this machine support)") from None
+
+
 def check_model_config(recipe: Recipe, folder: str) -> None:
     """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
     from transformers import AutoConfig
@@ -368,8 +392,10 @@ def check_model_config(recipe: Recipe, folder: str) -> None:
 
     check_hub_model_reachable(recipe)  # one quick look-up instead of transformers' minute of retries
     with hub_model_errors(recipe, folder):
-        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code).get_text_config()
+        full_config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                                 trust_remote_code=recipe.model.trust_remote_code)
+    check_attention(recipe, full_config)
+    config = full_config.get_text_config()
     hidden = getattr(config, "hidden_size", None)
     if hidden and recipe.lora.r > hidden:
         raise RecipeError(f"{at(recipe.source, 'lora.r')}: {recipe.lora.r} is larger than the model's hidden size "

@@ -381,3 +381,30 @@ def test_upcast_to_fp32_decides_the_dtype_of_norms_and_embeddings(make_recipe, t
     assert torch.isfinite(loss)
     first_layer_b = [p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n]
     assert first_layer_b and all(g is not None and g.abs().sum() > 0 for g in first_layer_b)
+
+
+@pytest.mark.parametrize(("shape", "kernel", "says"), [
+    ("tiny-gemma-2", "sdpa", "does not support an attention implementation through torch.nn.functional"),
+    ("tiny", "flash_attention_2", "FlashAttention2 has been toggled on"),
+])
+def test_an_attention_kernel_the_model_or_machine_lacks_is_a_recipe_error_before_weights_load(
+        shape, kernel, says, make_recipe, family_model_dir, cli, capsys, monkeypatch):
+    """transformers refuses Gemma 2 with sdpa, and flash_attention_2 without flash-attn, when it builds the model:
+    validate, data and train say so with the key and the fix, exit 2, and load no weights."""
+    import importlib.util
+
+    if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    recipe = make_recipe(model={"name": str(family_model_dir(shape)), "attn_implementation": kernel})
+    capsys.readouterr()  # the model folder's build progress
+    import transformers
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained",
+                        classmethod(lambda *a, **k: pytest.fail("weights loaded")))
+    for command in ("validate", "data", "train"):
+        status, _, err = cli(command, str(recipe))
+        assert status == 2, err
+        *before, error = err.strip().splitlines()  # train first says it removed the run folder it had made
+        assert before == ([] if command != "train" else [before[0]]) and "removed what this run wrote" in "".join(
+            before or ["removed what this run wrote"])
+        assert f"qlora-kit: error: {recipe}: model.attn_implementation: '{kernel}' cannot run this model here" in error
+        assert says in error and "set model.attn_implementation: eager" in error

@@ -85,13 +85,14 @@ def test_sparse_checkpoint_of_every_family_loads_with_every_weight_in_place(tmp_
 
 
 @pytest.mark.slow
-def test_bench_dry_run_trains_every_family_on_both_paths(tmp_path):
-    """`bench.py --tiny --configs tiny-FAMILY:2,...` runs qlora-kit's CLI and the hand-glued reference on a tiny model
-    of every family's own config class, and both start from the same loss."""
-    from bench_common import TINY_FAMILIES
-
+def test_bench_dry_run_trains_families_with_their_own_layouts_on_both_paths(tmp_path):
+    """`bench.py --tiny --configs tiny-FAMILY:1,...` runs qlora-kit's CLI and the hand-glued reference on a tiny model
+    of a family's own config class, and both start from the same loss. The families whose bench path differs from
+    Llama's (Qwen2.5's biases, Gemma 2's eager attention and softcapping, Phi-3's fused projections); every family's
+    checkpoint and gradients are tested in tests/test_speed.py and above, in a fraction of the 14 processes' time."""
+    families = ["tiny-qwen2.5", "tiny-gemma-2", "tiny-phi-4-mini"]
     out = tmp_path / "out"
-    configs = ",".join(f"{shape}:1" for shape in TINY_FAMILIES)
+    configs = ",".join(f"{shape}:1" for shape in families)
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--configs", configs, "--seq", "96",
          "--out", str(out), "--work", str(tmp_path / "w")],
@@ -99,9 +100,9 @@ def test_bench_dry_run_trains_every_family_on_both_paths(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     runs = json.loads((out / "bench.json").read_text())["runs"]
     paths = ("qlora-kit", "reference")
-    assert [(r["shape"], r["path"]) for r in runs] == [(shape, path) for shape in TINY_FAMILIES for path in paths]
+    assert [(r["shape"], r["path"]) for r in runs] == [(shape, path) for shape in families for path in paths]
     assert all(r["error"] is None and r["measured_steps"] == 2 for r in runs), [r.get("error") for r in runs]
-    for shape in TINY_FAMILIES:
+    for shape in families:
         ours, reference = (r["losses"][0] for r in runs if r["shape"] == shape)
         assert abs(ours - reference) < 1e-3, (shape, ours, reference)
 

@@ -251,6 +251,13 @@ def step_measurements(steps, batch: int, row_lengths: set[int]) -> dict[str, Any
             "first_step_s": steps.first_step_s}
 
 
+def seed_trainer_args(spec: dict[str, Any], cuda: bool) -> dict[str, Any]:
+    """The seed recipe's trainer settings every plain path shares (SFT, DPO, ORPO, GRPO)."""
+    return dict(output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
+                optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
+                lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none")
+
+
 def plain_4bit_model(spec: dict[str, Any]):
     """(tokenizer, prepared NF4 model, LoraConfig, whether on CUDA) as the bitsandbytes / peft docs glue them."""
     import torch
@@ -288,11 +295,7 @@ def cmd_reference(spec_path: str) -> None:
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
     model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
-    args = SFTConfig(
-        output_dir=spec["output_dir"], max_length=spec["seq"], per_device_train_batch_size=spec["batch"],
-        gradient_checkpointing=True, optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"],
-        learning_rate=LEARNING_RATE, lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED,
-        logging_steps=1, report_to="none", **spec.get("sft_args", {}))
+    args = SFTConfig(**seed_trainer_args(spec, cuda), max_length=spec["seq"], **spec.get("sft_args", {}))
 
     steps = step_log_callback()
     callbacks = [steps] + ([profile_callback(Path(spec["profile_out"]))] if spec.get("profile_out") else [])
@@ -355,10 +358,7 @@ def cmd_reference_preference(spec: dict[str, Any]) -> None:
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
     model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
-    args = Config(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
-        optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
-        lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none", **lengths)
+    args = Config(**seed_trainer_args(spec, cuda), **lengths)
     steps = step_log_callback()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora,
                       callbacks=[steps])
@@ -434,11 +434,8 @@ def cmd_reference_grpo(spec: dict[str, Any]) -> None:
     tokenizer, model, lora, cuda = plain_4bit_model(spec)
     model_loaded = time.perf_counter()
     dataset = load_dataset("json", data_files=spec["data"], split="train")
-    args = GRPOConfig(
-        output_dir=spec["output_dir"], per_device_train_batch_size=spec["batch"], gradient_checkpointing=True,
-        optim=spec["optimizer"], bf16=cuda, max_steps=spec["steps"], learning_rate=LEARNING_RATE,
-        lr_scheduler_type=SCHEDULER, warmup_steps=WARMUP, seed=SEED, logging_steps=1, report_to="none",
-        **spec["grpo"], generation_kwargs={"min_new_tokens": spec["grpo"]["max_completion_length"]})
+    args = GRPOConfig(**seed_trainer_args(spec, cuda), **spec["grpo"],
+                      generation_kwargs={"min_new_tokens": spec["grpo"]["max_completion_length"]})
     steps = step_log_callback()
     trainer = GRPOTrainer(model=model, reward_funcs=[completion_chars], args=args, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=lora, callbacks=[steps])

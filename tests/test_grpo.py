@@ -247,13 +247,11 @@ def test_grpo_trains_two_steps_and_reports_its_reward_curves(grpo_recipe, monkey
 def test_grpo_killed_with_sigkill_resumes_on_the_same_curve(grpo_recipe):
     """A GRPO run SIGKILLed after its first checkpoint, resumed with resume=auto: every step samples, scores and
     trains exactly as an uninterrupted run does (the sampler, the sampling RNG and the optimizer all come back)."""
-    import signal
 
-    from test_reliability import start_training, wait_for
+    from test_reliability import kill_after_checkpoint
 
     from qlora_kit.cli import main
     from qlora_kit.pipeline import run_training
-    from qlora_kit.rundir import COMPLETE_MARKER
 
     sections = {"grpo": {"max_completion_length": 6},
                 "training": {"save_steps": 1, "lr_scheduler": "constant", "logging_steps": 1, "max_steps": 3,
@@ -261,12 +259,7 @@ def test_grpo_killed_with_sigkill_resumes_on_the_same_curve(grpo_recipe):
     straight = load_recipe(grpo_recipe("straight", **sections))
     run_training(straight)
     path = grpo_recipe("killed", **sections)
-    checkpoints = load_recipe(path).run_dir / "checkpoints"
-    process = start_training(path)
-    wait_for(lambda: (checkpoints / "checkpoint-1" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert not (checkpoints / "checkpoint-3").exists(), "the kill must land before the run finished"
+    kill_after_checkpoint(path, step=1, last_step=3)
     assert main(["train", str(path), "training.resume=auto"]) == 0
 
     def curve(run_dir):

@@ -411,12 +411,10 @@ def test_qlora_kit_eval_scores_a_preference_run_on_prompt_plus_chosen():
 
 
 def test_a_dpo_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recipe, pairs_file):
-    import signal
 
-    from test_reliability import start_training, wait_for
+    from test_reliability import kill_after_checkpoint
 
     from qlora_kit.cli import main
-    from qlora_kit.rundir import COMPLETE_MARKER
 
     sections = method_sections("dpo", pairs_file, max_steps=12, save_steps=2, logging_steps=1,
                                save_total_limit=None)
@@ -426,14 +424,7 @@ def test_a_dpo_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recip
     expected = losses_by_step(reference.run_dir)
 
     path = make_recipe("dpo-killed", **sections)
-    checkpoints = load_recipe(path).run_dir / "checkpoints"
-    process = start_training(path)
-    wait_for(lambda: (checkpoints / "checkpoint-2" / COMPLETE_MARKER).exists(), process, timeout=900)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
-    assert killed_at < 12, "the kill must land before the run finished"
+    kill_after_checkpoint(path, step=2, last_step=12, timeout=900)
 
     assert main(["train", str(path), "training.resume=auto"]) == 0
     resumed = losses_by_step(load_recipe(path).run_dir)
@@ -445,13 +436,11 @@ def test_a_run_continuing_an_adapter_resumes_after_sigkill_to_the_adapter_of_an_
     """SFT, then DPO from its adapter (model.adapter), killed after a checkpoint and resumed: the resumed run starts
     from the checkpoint's weights (not the starting adapter applied again on top of them, nor the starting adapter
     alone), keeps the starting adapter as its reference, and ends with exactly the adapter of a run never killed."""
-    import signal
 
     from safetensors.torch import load_file
-    from test_reliability import start_training, wait_for
+    from test_reliability import kill_after_checkpoint
 
     from qlora_kit.cli import main
-    from qlora_kit.rundir import COMPLETE_MARKER
 
     full_precision = {"quantization": {"load_in_4bit": False}, "export": {"merge": False, "report": False}}
     sft = load_recipe(make_recipe("sft-start", **full_precision,
@@ -469,14 +458,7 @@ def test_a_run_continuing_an_adapter_resumes_after_sigkill_to_the_adapter_of_an_
     assert expected[1] == pytest.approx(0.693147, abs=1e-4)  # the policy starts as its reference: the SFT adapter
 
     path = make_recipe("dpo-killed", **sections)
-    checkpoints = load_recipe(path).run_dir / "checkpoints"
-    process = start_training(path)
-    wait_for(lambda: (checkpoints / "checkpoint-4" / COMPLETE_MARKER).exists(), process, timeout=900)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
-    assert killed_at < 12, "the kill must land before the run finished"
+    kill_after_checkpoint(path, step=4, last_step=12, timeout=900)
 
     assert main(["train", str(path), "training.resume=auto"]) == 0
     killed = load_recipe(path)

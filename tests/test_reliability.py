@@ -52,20 +52,26 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None
         time.sleep(0.02)
 
 
+def kill_after_checkpoint(recipe_path: Path, step: int, last_step: int, timeout: float = 240) -> None:
+    """Train `recipe_path` in a child process and SIGKILL it once checkpoint-`step` is complete, before the run's
+    last step: a machine lost mid-run."""
+    checkpoints = load_recipe(recipe_path).run_dir / "checkpoints"
+    process = start_training(recipe_path)
+    wait_for(lambda: (checkpoints / f"checkpoint-{step}" / COMPLETE_MARKER).exists(), process, timeout)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
+    assert killed_at < last_step, "the kill must land before the run finished"
+
+
 def test_a_run_killed_with_sigkill_resumes_on_the_same_loss_curve(make_recipe):
     reference = load_recipe(make_recipe("reference", **RESUMABLE))
     run_training(reference)
     expected = losses_by_step(reference.run_dir)
 
     path = make_recipe("killed", **RESUMABLE)
-    checkpoints = load_recipe(path).run_dir / "checkpoints"
-    process = start_training(path)
-    wait_for(lambda: (checkpoints / "checkpoint-6" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-    killed_at = max(int(p.name.split("-")[1]) for p in checkpoints.glob("checkpoint-*") if "." not in p.name)
-    assert killed_at < 24, "the kill must land before the run finished"
+    kill_after_checkpoint(path, step=6, last_step=24)
 
     assert main(["train", str(path), "training.resume=auto"]) == 0
     resumed = losses_by_step(load_recipe(path).run_dir)

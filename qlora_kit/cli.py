@@ -43,8 +43,14 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
-    from qlora_kit.data import build_datasets, describe_data
-    from qlora_kit.memory import NOT_IN_TOTAL, estimate_training_memory, long_context_settings, memory_warning
+    from qlora_kit.data import build_datasets, describe_data, longest_training_row
+    from qlora_kit.memory import (
+        NOT_IN_TOTAL,
+        estimate_training_memory,
+        long_context_settings,
+        memory_warning,
+        rows_of_length,
+    )
     from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -53,8 +59,12 @@ def cmd_data(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(recipe, folder)
     data = build_datasets(recipe, tokenizer)
     print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
-    memory = estimate_training_memory(recipe, folder)
-    print(f"estimated peak GPU memory: {memory['total']:.1f} GiB (" + ", ".join(
+    longest = longest_training_row(data, recipe)
+    sized = rows_of_length(recipe, longest)
+    memory = estimate_training_memory(sized, folder)
+    rows = f" for rows up to {longest} tokens (the longest; max_length {recipe.training.max_length})" \
+        if sized is not recipe else ""
+    print(f"estimated peak GPU memory{rows}: {memory['total']:.1f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k not in ("total", *NOT_IN_TOTAL)) + ")")
     if warning := memory_warning(memory["total"]):
         print(warning)

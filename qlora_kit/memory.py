@@ -3,6 +3,8 @@ choices of the speed plan (kept layers) and scripts/recipe_memory_table.py read 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -33,6 +35,15 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
         config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
     return estimate_memory_for_config(recipe, config, liger)
+
+
+def rows_of_length(recipe: Recipe, longest_row: int | None) -> Recipe:
+    """`recipe` with training.max_length lowered to the longest training row, for the estimate only: it assumes
+    rows of max_length, but no batch is longer than the longest row, and data is often much shorter (then the speed
+    plan keeps layers that fit, and the dry run shows the peak the run will have). The trainer keeps max_length."""
+    if not longest_row or longest_row >= recipe.training.max_length:
+        return recipe
+    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, max_length=longest_row))
 
 
 LARGEST_GPU_GIB = 192  # about the memory of the largest single GPU sold today

@@ -303,8 +303,34 @@ def test_data_dry_run_reports_rows_lengths_mask_and_memory(make_recipe, capsys):
     assert "length p50" in out and "max_length 64" in out
     assert "⟦SHOUT" in out or "⟦" in out.split("example 0")[1]
     assert "<|im_end|>" in out.split("⟦")[-1]  # the end-of-turn token is inside the trained span
-    assert "estimated peak GPU memory:" in out
+    assert "estimated peak GPU memory:" in out or "estimated peak GPU memory for rows up to" in out
     assert "speed.keep_activations_layers (auto):" in out and "as many as fit on the GPU when training starts" in out
+
+
+def test_the_dry_run_estimates_memory_for_the_longest_row_not_max_length(make_recipe, capsys, tiny_tokenizer):
+    """Rows far shorter than max_length: the estimate is the one the run's speed plan uses, for its longest row."""
+    import re
+
+    from transformers import AutoConfig
+
+    from qlora_kit.cli import main
+    from qlora_kit.data import build_datasets, longest_training_row
+    from qlora_kit.memory import estimate_memory_for_config, rows_of_length
+
+    path = make_recipe(data={"cache": False}, training={"gradient_checkpointing": True, "max_length": 512,
+                                                         "batch_size": 8})
+    assert main(["data", str(path)]) == 0
+    out = capsys.readouterr().out
+    recipe = load_recipe(path)
+    longest = longest_training_row(build_datasets(recipe, tiny_tokenizer), recipe)
+    shown = re.search(rf"estimated peak GPU memory for rows up to {longest} tokens \(the longest; max_length "
+                      r"512\): ([\d.]+) GiB", out)
+    assert shown, out
+    config = AutoConfig.from_pretrained(recipe.model.name)
+    sized = estimate_memory_for_config(rows_of_length(recipe, longest), config)["total"]
+    assert float(shown.group(1)) == pytest.approx(sized, abs=0.05)
+    assert estimate_memory_for_config(recipe, config)["activations"] > \
+        estimate_memory_for_config(rows_of_length(recipe, longest), config)["activations"]
 
 
 def test_data_dry_run_shows_the_host_memory_of_offloaded_checkpoints(make_recipe, capsys):

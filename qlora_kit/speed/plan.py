@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from transformers import TrainerCallback
 
-from qlora_kit.memory import estimate_memory_for_config, long_context_settings
+from qlora_kit.memory import estimate_memory_for_config, long_context_settings, rows_of_length
 from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import Recipe, SpeedSection
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
@@ -139,15 +139,12 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
 
 
 def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> Recipe:
-    """The recipe the memory estimates read: they assume rows of training.max_length, but no batch is longer than
-    the longest training row, and data is often much shorter than max_length (then `auto` and `speed.memory` keep
-    layers that fit). Only the plan sees the change; the trainer keeps max_length."""
-    max_length = recipe.training.max_length
-    if not longest_row or longest_row >= max_length:
-        return recipe
-    notes.append(f"memory estimates for batches of rows up to {longest_row} tokens (the longest training row; "
-                 f"training.max_length {max_length})")
-    return dataclasses.replace(recipe, training=dataclasses.replace(recipe.training, max_length=longest_row))
+    """The recipe the memory estimates read, sized by the longest training row (memory.rows_of_length); said once."""
+    sized = rows_of_length(recipe, longest_row)
+    if sized is not recipe:
+        notes.append(f"memory estimates for batches of rows up to {longest_row} tokens (the longest training row; "
+                     f"training.max_length {recipe.training.max_length})")
+    return sized
 
 
 def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str]

@@ -26,10 +26,11 @@ from qlora_kit.speed.patches import (
 from qlora_kit.speed.plan import Machine, decide_speed_plan
 
 
-def adapted_model(make_recipe, tiny_model_dir, **lora):
+def adapted_model(make_recipe, tiny_model_dir, attn_implementation: str = "sdpa", **lora):
     """The tiny Llama (or the model in `tiny_model_dir`) in NF4 with LoRA on all linears, adapters made non-zero so
     they change outputs and gradients."""
-    recipe = load_recipe(make_recipe(model={"name": str(tiny_model_dir)}, lora={"r": 4, "alpha": 8, **lora}))
+    recipe = load_recipe(make_recipe(model={"name": str(tiny_model_dir), "attn_implementation": attn_implementation},
+                                     lora={"r": 4, "alpha": 8, **lora}))
     torch.manual_seed(0)
     model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
     with torch.no_grad():
@@ -119,16 +120,7 @@ def family_model(make_recipe, family_model_dir, shape: str):
     folder = family_model_dir(shape)
     from bench_common import attention  # scripts/ is on sys.path once family_model_dir ran
 
-    recipe = load_recipe(make_recipe(model={"name": str(folder), "attn_implementation": attention(shape)},
-                                     lora={"r": 4, "alpha": 8}))
-    torch.manual_seed(0)
-    model = build_quantized_model(recipe, str(folder), torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.train()
-    return model
+    return adapted_model(make_recipe, folder, attn_implementation=attention(shape))
 
 
 # (LoRA layers fused, MLPs fused) in the 2-layer tiny shape of each family: Phi-3 has fused qkv_proj / gate_up_proj

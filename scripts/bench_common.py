@@ -195,21 +195,30 @@ def join_tokens(tokens: list[str]) -> str:
     return text
 
 
+class ZipfText:
+    """Sentences of Zipf-distributed words, exactly N tokens each, from one seeded stream: the bench's rows."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.words = vocabulary()
+        self.weights = [1.0 / (rank + 10) for rank in range(len(self.words))]
+
+    def __call__(self, tokens: int) -> str:
+        return join_tokens(sentence_tokens(self.rng, self.words, self.weights, tokens))
+
+
 def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
     """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens."""
-    rng = random.Random(1234)
-    words = vocabulary()
-    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    text = ZipfText(1234)
     probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]
     overhead = len(tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"]) - 2
     lengths, unknown = [], 0
     unk = tokenizer.convert_tokens_to_ids("[UNK]")
     with path.open("w") as handle:
         for _ in range(rows):
-            user = rng.randint(seq // 8, seq // 4)
-            messages = [{"role": "user", "content": join_tokens(sentence_tokens(rng, words, weights, user))},
-                        {"role": "assistant",
-                         "content": join_tokens(sentence_tokens(rng, words, weights, seq - overhead - user))}]
+            user = text.rng.randint(seq // 8, seq // 4)
+            messages = [{"role": "user", "content": text(user)},
+                        {"role": "assistant", "content": text(seq - overhead - user)}]
             ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
             lengths.append(len(ids))
             unknown += ids.count(unk)
@@ -254,19 +263,14 @@ def preference_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
     prompt_extra, answer_extra = template_overheads(tokenizer)
     if min(prompt_len - prompt_extra, chosen_len - answer_extra, rejected_len - answer_extra) < 1:
         raise SystemExit(f"--seq {seq} is too short for a preference row (prompt and answers need content)")
-    rng = random.Random(4321)
-    words = vocabulary()
-    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    text = ZipfText(4321)
     path = work / f"pairs_s{seq}_r{rows}.jsonl"
     seen = set()
     with path.open("w") as handle:
         for _ in range(rows):
-            def turn(role: str, budget: int) -> list[dict[str, str]]:
-                return [{"role": role, "content": join_tokens(sentence_tokens(rng, words, weights, budget))}]
-
-            prompt = turn("user", prompt_len - prompt_extra)
-            chosen = turn("assistant", chosen_len - answer_extra)
-            rejected = turn("assistant", rejected_len - answer_extra)
+            prompt = [{"role": "user", "content": text(prompt_len - prompt_extra)}]
+            chosen = [{"role": "assistant", "content": text(chosen_len - answer_extra)}]
+            rejected = [{"role": "assistant", "content": text(rejected_len - answer_extra)}]
             prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                        return_dict=True)["input_ids"]
             for answer, want in ((chosen, chosen_len), (rejected, rejected_len)):
@@ -287,15 +291,12 @@ def prompt_data(work: Path, prompt_tokens: int, rows: int) -> dict[str, Any]:
     prompt_extra, _ = template_overheads(tokenizer)
     if prompt_tokens - prompt_extra < 1:
         raise SystemExit(f"a prompt of {prompt_tokens} tokens leaves no room for its content")
-    rng = random.Random(2468)
-    words = vocabulary()
-    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    text = ZipfText(2468)
     path = work / f"prompts_p{prompt_tokens}_r{rows}.jsonl"
     lengths = set()
     with path.open("w") as handle:
         for _ in range(rows):
-            prompt = [{"role": "user",
-                       "content": join_tokens(sentence_tokens(rng, words, weights, prompt_tokens - prompt_extra))}]
+            prompt = [{"role": "user", "content": text(prompt_tokens - prompt_extra)}]
             lengths.add(len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
                                                           return_dict=True)["input_ids"]))
             handle.write(json.dumps({"prompt": prompt}) + "\n")

@@ -23,7 +23,8 @@ LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_
 CUDA_OVERHEAD_GIB = 1.0
 
 
-NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer")  # estimate parts that are not GPU peak terms
+# estimate parts that are not GPU training-peak terms (GRPO's sampling: see generation_peak_gib)
+NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer", "generation_kv_cache", "generation_copy")
 
 
 def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
@@ -131,7 +132,25 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts["total"] = sum(parts.values())
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
     parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
+    sampling = recipe.method == "grpo"  # every completion of an optimizer step in one generate call (trl's default)
+    rows = t.batch_size * t.gradient_accumulation_steps
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    kv_cache = rows * t.max_length * text.num_hidden_layers * 2 * kv_heads * head_dim * bytes_act
+    parts["generation_kv_cache"] = kv_cache / gib if sampling else 0.0
+    copied = sum(m.weight.numel() for m in adapted) if recipe.quantization.load_in_4bit else 0
+    parts["generation_copy"] = copied * bytes_act / gib if sampling else 0.0  # speed.generation_weights: bf16
     return parts
+
+
+def generation_peak_gib(parts: dict[str, float], with_copy: bool) -> float:
+    """GRPO's peak while it samples, from estimate_memory_for_config's parts: the weights, the adapter with its
+    gradients and optimizer states, the KV cache of the step's completions at full length, CUDA's overhead and (with
+    speed.generation_weights: bf16) the merged compute-dtype copies; no training activations or logits are alive
+    then. The step's training peak comes at another moment and reuses the memory."""
+    held = ("quantized_weights", "other_weights", "lora_weights_grads_optimizer", "cuda_overhead",
+            "generation_kv_cache")
+    return sum(parts[key] for key in held) + (parts["generation_copy"] if with_copy else 0.0)
 
 
 def eager_attention_scores(recipe: Recipe, text_config, rows: int) -> int:

@@ -389,6 +389,12 @@ class SpeedSection:
         "optimizer is 8-bit (the speed plan logs each choice); a number: a GPU memory target in GiB, as many kept "
         "layers as the estimate fits under it (and least's choices if none fit). Needs keep_activations_layers: "
         "auto (least also takes 0)", min=0, min_exclusive=True)
+    generation_weights: Literal["auto", "bf16", "nf4"] = option(
+        "auto", help="method grpo: the weights its sampling runs on. bf16: for each generate call, every LoRA layer "
+        "over a 4-bit weight gets a compute-dtype copy with the adapter merged in (2 bytes per quantized parameter, "
+        "freed after the call), so a decode step is one plain matmul per projection; nf4: the 4-bit layers and the "
+        "adapter as in training. auto: bf16 on a GPU where the copy fits speed.memory's budget, else nf4 (the speed "
+        "plan logs the choice)")
 
 
 METHODS = ("sft", "dpo", "orpo", "kto", "simpo", "grpo")
@@ -928,6 +934,7 @@ def validate_recipe(recipe: Recipe) -> None:
     check_trainer_args(recipe)
     check_report_to(recipe)
     check_memory_goal(recipe)
+    check_generation_weights(recipe)
     if recipe.model.adapter is not None:
         check_start_adapter(recipe)
     if recipe.method == "grpo":
@@ -947,6 +954,24 @@ def check_memory_goal(recipe: Recipe) -> None:
     raise RecipeError(f"{at(recipe.source, 'speed.keep_activations_layers')}: {speed.keep_activations_layers} "
                       f"contradicts speed.memory: {speed.memory}, which chooses the kept layers; set "
                       "keep_activations_layers: auto (or remove it), or speed.memory: fastest")
+
+
+def check_generation_weights(recipe: Recipe) -> None:
+    """speed.generation_weights: bf16 merges the adapter into copies of the 4-bit weights for GRPO's sampling: it
+    needs a method that samples, 4-bit weights, and no LoRA dropout (trl samples in train mode, where dropout is on)."""
+    if recipe.speed.generation_weights != "bf16":
+        return
+    where = at(recipe.source, "speed.generation_weights")
+    if recipe.method != "grpo":
+        raise RecipeError(f"{where}: bf16 applies to method grpo only (its sampling); method {recipe.method} "
+                          "generates nothing while training: remove it or set it to auto")
+    if not recipe.quantization.load_in_4bit:
+        raise RecipeError(f"{where}: bf16 copies 4-bit weights, and quantization.load_in_4bit is false: remove it "
+                          "or set it to auto")
+    if recipe.lora.dropout:
+        raise RecipeError(f"{where}: bf16 merges the adapter into one weight, which cannot apply lora.dropout "
+                          f"({recipe.lora.dropout:g}; trl samples in train mode, with dropout on): set lora.dropout: 0 "
+                          "or generation_weights: nf4")
 
 
 SFT_METRICS = ("exact_match", "contains", "json_equal")

@@ -20,7 +20,12 @@ from typing import Literal
 import torch
 from transformers import TrainerCallback
 
-from qlora_kit.memory import estimate_memory_for_config, long_context_settings, rows_of_length
+from qlora_kit.memory import (
+    estimate_memory_for_config,
+    generation_peak_gib,
+    long_context_settings,
+    rows_of_length,
+)
 from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import Recipe, SpeedSection
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
@@ -84,6 +89,7 @@ class SpeedPlan:
     optimizer: str  # training.optimizer, auto resolved
     mlp_chunk_tokens: int
     gc_every_steps: int
+    generation_weights: str  # bf16: GRPO samples on merged compute-dtype copies (speed/generation.py); nf4: as trained
     memory: str  # speed.memory: fastest, least, or the GiB target the kept layers, offload and optimizer were fit to
     machine: Machine
     notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
@@ -133,6 +139,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         liger_kernels=liger,
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
+        generation_weights=choose_generation_weights(recipe, model_config, machine, notes),
         memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes))
     log.info("%s", plan.describe())
     return plan
@@ -350,6 +357,43 @@ def liger_model_types() -> frozenset[str]:
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
     return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)
+
+
+def choose_generation_weights(recipe: Recipe, config, machine: Machine, notes: list[str]) -> str:
+    """speed.generation_weights for this run: bf16 (GRPO samples on merged compute-dtype copies of the 4-bit LoRA
+    layers, speed/generation.py) or nf4 (on the layers as they train). `auto` takes bf16 on a GPU where GRPO's
+    estimated peak while sampling, copies included, fits the budget speed.memory sets (90% of the GPU for fastest,
+    the target in GiB, held to that too); never under speed.memory: least, FSDP or LoRA dropout (validation refuses
+    an explicit bf16 with dropout)."""
+    chosen = recipe.speed.generation_weights
+    if recipe.method != "grpo" or not recipe.quantization.load_in_4bit:
+        return "nf4"  # nothing samples on 4-bit weights (validation refuses bf16 here)
+    if machine.under_fsdp:
+        if chosen != "nf4":
+            notes.append(f"generation_weights: {chosen} -> nf4 (FSDP: each process holds shards of the 4-bit "
+                         "weights, not layers to copy)")
+        return "nf4"
+    if chosen != "auto":
+        return chosen
+    why = None
+    if not machine.gpus:
+        why = "CPU: no GPU memory estimate to fit the copies in"
+    elif recipe.lora.dropout:
+        why = f"lora.dropout {recipe.lora.dropout:g}: trl samples in train mode, and a merged weight has no dropout"
+    elif recipe.speed.memory == "least":
+        why = "speed.memory: least; the copies would add to the peak"
+    if why:
+        notes.append(f"generation_weights: auto -> nf4 ({why})")
+        return "nf4"
+    parts = estimate_memory_for_config(recipe, config, liger=machine.liger)
+    peak = generation_peak_gib(parts, with_copy=True)
+    budget = machine.usable_gpu_gib * (1 - GPU_MEMORY_SPARE)
+    if recipe.speed.memory != "fastest":
+        budget = min(budget, float(recipe.speed.memory))
+    weights = "bf16" if peak <= budget else "nf4"
+    notes.append(f"generation_weights: auto -> {weights} (estimated peak while sampling {peak:.1f} GiB with "
+                 f"{parts['generation_copy']:.1f} GiB of merged copies, budget {budget:.1f} GiB)")
+    return weights
 
 
 FUSED_ADAMW_STATE_LIMIT_GIB = 1.0

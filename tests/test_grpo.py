@@ -3,6 +3,7 @@ the tiny NF4 model, resumable, with the speed levers computing trl's own loss an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -354,6 +355,220 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
     for name in grads_plain:
         torch.testing.assert_close(grads_ours[name], grads_plain[name], rtol=1e-4, atol=1e-6, msg=name)
     assert all(g.abs().sum() > 0 for g in grads_ours.values())
+
+
+# ---------------------------------------------------------------------------- sampling on merged weights
+
+
+def adapted_tiny_model(recipe, folder: Path, compute_dtype: torch.dtype = torch.float32):
+    """The recipe's 4-bit model with LoRA, lora_B random (a fresh B = 0 would make any merge look right), in train
+    mode as trl samples."""
+    from qlora_kit.model import build_quantized_model
+
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(folder), compute_dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.train()
+
+
+def lora_layers(model) -> list[torch.nn.Module]:
+    from peft.tuners.lora.bnb import Linear4bit
+
+    return [m for m in model.modules() if isinstance(m, Linear4bit)]
+
+
+def prompts_and_mask(rows: int = 4, length: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts as trl builds them: row i has i pad tokens (id 0) on the left."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 200, (rows, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(rows):
+        ids[row, :row], mask[row, :row] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize(("forward", "compute_dtype", "atol"), [
+    pytest.param("peft", torch.float32, 1e-5, id="peft-fp32"),
+    pytest.param("fused", torch.float32, 1e-5, id="fused-fp32"),
+    pytest.param("peft", torch.bfloat16, 3e-2, id="peft-bf16")])
+def test_sampling_on_merged_weights_gives_peft_s_greedy_tokens_and_logits(grpo_recipe, tiny_model_dir, forward,
+                                                                          compute_dtype, atol):
+    """Under merged_lora_weights every LoRA layer computes dequantize(W4) + s B A in one matmul: the logits of peft's
+    path (or of the fused LoRA forward the speed plan binds) within `atol` (compute dtype's rounding; the logits are
+    ~0.7 at most) and the same greedy tokens; the adapter moves the logits by far more than that."""
+    from qlora_kit.speed.generation import merged_lora_weights
+    from qlora_kit.speed.patches import use_fused_lora
+
+    model = adapted_tiny_model(load_recipe(grpo_recipe()), tiny_model_dir, compute_dtype)
+    if forward == "fused":
+        assert use_fused_lora(model) == 14
+    ids, mask = prompts_and_mask()
+
+    def logits_and_greedy_tokens():
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                    pad_token_id=0)
+        return logits, tokens
+
+    logits, tokens = logits_and_greedy_tokens()
+    with merged_lora_weights(model) as merged:
+        merged_logits, merged_tokens = logits_and_greedy_tokens()
+    assert merged.merged == 14 and not merged.left and merged.copy_bytes > 0
+    torch.testing.assert_close(merged_logits, logits, atol=atol, rtol=0)
+    assert torch.equal(merged_tokens, tokens)
+    with model.disable_adapter(), torch.no_grad():
+        base_logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    assert (base_logits - logits).abs().max() > 10 * atol  # the test sees the adapter
+
+
+@pytest.mark.parametrize("forward", ["peft", "fused"])
+def test_merged_sampling_restores_every_forward_and_frees_the_copies_also_when_generate_raises(
+        grpo_recipe, tiny_model_dir, forward):
+    import weakref
+
+    from qlora_kit.speed.generation import merged_lora_weights
+    from qlora_kit.speed.patches import use_fused_lora
+
+    model = adapted_tiny_model(load_recipe(grpo_recipe()), tiny_model_dir)
+    if forward == "fused":
+        use_fused_lora(model)
+    layers = lora_layers(model)
+    before = [layer.__dict__.get("forward") for layer in layers]
+    ids, mask = prompts_and_mask()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+
+    copies = []
+    for fail in (False, True):
+        with pytest.raises(IndexError) if fail else contextlib.nullcontext(), merged_lora_weights(model):
+            copies += [weakref.ref(layer.forward) for layer in layers]  # each copy lives in its layer's forward
+            assert all(layer.__dict__.get("forward") is not own for layer, own in zip(layers, before, strict=True))
+            with torch.no_grad():
+                model.generate(input_ids=ids + (10_000 if fail else 0), attention_mask=mask, max_new_tokens=2,
+                               do_sample=False, pad_token_id=0)  # ids beyond the vocabulary: the embedding raises
+        assert [layer.__dict__.get("forward") for layer in layers] == before
+        assert all(copy() is None for copy in copies)  # freed: nothing holds a merged forward or its weight
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected, rtol=0, atol=0)
+
+
+def test_layers_a_merged_weight_cannot_reproduce_keep_their_own_forward(grpo_recipe, family_model_dir):
+    """A disabled adapter, LoRA dropout acting in train mode: those layers stay on peft's path and compute exactly
+    what they did. In eval mode dropout does nothing, so the layers merge; a base bias (Qwen 2.5's q/k/v) is added
+    as bitsandbytes adds it; the unquantized lm_head is never touched."""
+    from qlora_kit.speed.generation import merged_lora_weights
+
+    folder = family_model_dir("tiny-qwen2.5")
+    recipe = load_recipe(grpo_recipe(lora={"dropout": 0.1}, model={"name": str(folder)}))
+    model = adapted_tiny_model(recipe, folder)
+    ids, mask = prompts_and_mask()
+    lora = lora_layers(model)
+    assert any(layer.get_base_layer().bias is not None for layer in lora)
+    with merged_lora_weights(model) as merged:
+        assert merged.merged == 0 and merged.left == {"LoRA dropout in train mode": len(lora)}
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with merged_lora_weights(model) as merged:
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert merged.merged == len(lora)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+        with model.disable_adapter(), merged_lora_weights(model) as merged:
+            assert merged.merged == 0 and merged.left == {"adapters disabled": len(lora)}
+    assert "forward" not in model.get_output_embeddings().__dict__
+
+
+def grpo_plan(grpo_recipe, machine, config=None, **sections):
+    """The speed plan of a GRPO recipe on `machine` (the tiny model's config, or `config`)."""
+    from transformers import AutoConfig
+
+    from qlora_kit.speed import decide_speed_plan
+
+    recipe = load_recipe(grpo_recipe(**sections))
+    return decide_speed_plan(recipe, config or AutoConfig.from_pretrained(recipe.model.name), machine, 42_000_000)
+
+
+def test_generation_weights_auto_merges_on_a_gpu_where_the_copies_fit_and_keeps_nf4_otherwise(grpo_recipe):
+    from transformers import LlamaConfig
+
+    from qlora_kit.speed import Machine
+
+    def gpu(usable_gib: float = 78.0) -> Machine:
+        return Machine(gpus=1, usable_gpu_gib=usable_gib, capability=(9, 0), processes=1, under_fsdp=False,
+                       triton=True, liger=False)
+
+    llama_8b = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256)
+    big = {"grpo": {"num_generations": 8, "max_completion_length": 128, "max_prompt_length": 256},
+           "training": {"batch_size": 8, "gradient_accumulation_steps": 8}}
+    plan = grpo_plan(grpo_recipe, gpu(), llama_8b, **big)
+    assert plan.generation_weights == "bf16"
+    (note,) = [n for n in plan.notes if n.startswith("generation_weights:")]
+    assert note.startswith("generation_weights: auto -> bf16 (estimated peak while sampling") and "13.0 GiB" in note
+    assert grpo_plan(grpo_recipe, gpu(12.0), llama_8b, **big).generation_weights == "nf4"  # 8B NF4 + 13 GiB: no room
+    assert grpo_plan(grpo_recipe, gpu(), llama_8b, speed={"memory": 12}, **big).generation_weights == "nf4"
+    least = grpo_plan(grpo_recipe, gpu(), speed={"memory": "least"})
+    assert least.generation_weights == "nf4" and "generation_weights: auto -> nf4 (speed.memory: least; the " \
+        "copies would add to the peak)" in least.notes
+    cpu = grpo_plan(grpo_recipe, Machine.measure())
+    assert cpu.generation_weights == "nf4" and any(n.startswith("generation_weights: auto -> nf4 (CPU") for n in
+                                                   cpu.notes)
+    assert "  generation_weights: nf4" in cpu.describe().splitlines()
+    dropout = grpo_plan(grpo_recipe, gpu(), lora={"dropout": 0.05})
+    assert dropout.generation_weights == "nf4" and any("lora.dropout 0.05" in n for n in dropout.notes)
+    assert grpo_plan(grpo_recipe, Machine.measure(), speed={"generation_weights": "bf16"}).generation_weights == "bf16"
+
+
+def test_generation_weights_bf16_is_refused_where_nothing_samples_on_mergeable_4bit_layers(grpo_recipe, make_recipe):
+    with pytest.raises(RecipeError, match=r"speed.generation_weights: bf16 applies to method grpo only \(its "
+                                          r"sampling\); method sft generates nothing while training"):
+        load_recipe(make_recipe(speed={"generation_weights": "bf16"}))
+    with pytest.raises(RecipeError, match=r"speed.generation_weights: bf16 merges the adapter into one weight, which "
+                                          r"cannot apply lora.dropout \(0.05; trl samples in train mode"):
+        load_recipe(grpo_recipe(lora={"dropout": 0.05}, speed={"generation_weights": "bf16"}))
+    with pytest.raises(RecipeError, match=r"speed.generation_weights: bf16 copies 4-bit weights"):
+        load_recipe(grpo_recipe(quantization={"load_in_4bit": False}, speed={"generation_weights": "bf16"}))
+    assert load_recipe(make_recipe(speed={"generation_weights": "nf4"})).speed.generation_weights == "nf4"
+
+
+def test_grpo_trains_two_steps_sampling_on_merged_weights(grpo_recipe, caplog, monkeypatch):
+    """speed.generation_weights: bf16 end to end: the plan says so, every step's generate call runs on 14 merged
+    layers (logged once, with the time it took to merge), and metrics.jsonl times the merge and the whole call.
+    trl samples with the model in train mode: the mode the merged weights must match (no LoRA dropout)."""
+    import logging
+
+    from transformers import GenerationMixin
+
+    from qlora_kit.pipeline import run_training
+
+    modes = []
+    generate = GenerationMixin.generate
+
+    def recording_generate(self, *args, **kwargs):
+        merged = sum(m.forward.__qualname__.startswith("merged_forward.") for m in lora_layers(self))
+        modes.append((self.training, merged))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording_generate)
+    recipe = load_recipe(grpo_recipe(speed={"generation_weights": "bf16"}, training={"logging_steps": 1}))
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        summary = run_training(recipe)
+    assert summary["global_step"] == 2 and summary["speed_plan"]["generation_weights"] == "bf16"
+    messages = [r.getMessage() for r in caplog.records]
+    (plan,) = [m for m in messages if m.startswith("speed plan:")]
+    assert "  generation_weights: bf16" in plan.splitlines()
+    merges = [m for m in messages if m.startswith("speed.generation_weights: bf16: 14 LoRA layers over 4-bit weights "
+                                                  "merged into")]
+    assert len(merges) == 1 and modes == [(True, 14), (True, 14)]
+    logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
+    assert [r["step"] for r in logged] == [1, 2]
+    for record in logged:
+        assert math.isfinite(record["reward"]) and record["completions/mean_length"] > 0
+        assert 0 < record["generation/merge_seconds"] < record["generation/seconds"]
 
 
 @pytest.mark.gpu

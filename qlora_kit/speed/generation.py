@@ -90,6 +90,14 @@ def merged_forward(weight: torch.Tensor, bias: torch.Tensor | None, own_forward:
     return forward
 
 
+def run_on_merged_weight(layer) -> int:
+    """Bind the layer's forward to its merged weight; returns the copy's bytes. The copy lives only in that forward
+    (no frame of the caller holds it), so restoring the forward frees it, also while a traceback is kept."""
+    weight, bias = merged_weight(layer)
+    layer.forward = merged_forward(weight, bias, layer.forward)
+    return weight.numel() * weight.element_size()
+
+
 @contextlib.contextmanager
 def merged_lora_weights(model: torch.nn.Module) -> Iterator[MergedLayers]:
     """Inside: every mergeable peft LoRA layer over a bitsandbytes 4-bit weight runs on its merged weight (see the
@@ -109,11 +117,10 @@ def merged_lora_weights(model: torch.nn.Module) -> Iterator[MergedLayers]:
                 if why is not None:
                     done.left[why] += 1
                     continue
-                weight, bias = merged_weight(layer)
-                swapped.append((layer, layer.__dict__.get("forward")))
-                layer.forward = merged_forward(weight, bias, layer.forward)
+                own = layer.__dict__.get("forward")
+                done.copy_bytes += run_on_merged_weight(layer)
+                swapped.append((layer, own))
                 done.merged += 1
-                done.copy_bytes += weight.numel() * weight.element_size()
         if swapped and swapped[0][0].get_base_layer().weight.is_cuda:
             torch.cuda.synchronize()  # the build's own time, not the first decode step's
         done.seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from qlora_kit.speed import (
     train_on_one_gpu_without_a_launcher,
 )
 from qlora_kit.speed.generation import merged_lora_weights
+from qlora_kit.speed.patches import upstream_changed
 from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
 
 log = logging.getLogger("qlora_kit")
@@ -231,6 +232,9 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     train_on_one_gpu_without_a_launcher(args)
     callbacks = [MetricsLog(run_dir / "metrics.jsonl"), RunGuard(), ApplySpeedPlan(plan)]
     trainer_class = method_trainer_class(recipe.method)
+    if plan.generation_weights == "bf16" and not any("_generate_single_turn" in vars(parent)
+                                                     for parent in trainer_class.__mro__[1:]):
+        raise upstream_changed("speed.generation_weights: bf16: trl's GRPOTrainer has no _generate_single_turn")
     rewards = {"reward_funcs": build_rewards(recipe)} if recipe.method == "grpo" else {}
     before_trl = {} if plan.machine.under_fsdp else {name: p.detach().clone() for name, p in model.named_parameters()
                                                      if p.requires_grad and p.dtype == torch.float32}

@@ -20,12 +20,15 @@ LoraConfig (DPO's reference = the adapter disabled). tokens/s counts prompt + ch
 pair (1.5 x seq), on both paths, per step. `--method grpo` samples completions of exactly seq/2 tokens
 (min_new_tokens) for prompts of seq/2, `--generations` per prompt, batch = completions per step, rewarded by
 bench_common.completion_chars; tokens/s is completion tokens per second of `generate` (every call timed, GPU synced),
-s/step the whole optimizer step. One H200 call each (after `source scripts/device_prelude.sh;`), about 4 and 6 min:
+s/step the whole optimizer step (qlora-kit's merge of the generation weights, speed.generation_weights: bf16, is
+outside `generate`: it counts in s/step, and metrics.jsonl has it as generation/merge_seconds). One H200 call each
+(after `source scripts/device_prelude.sh;`), about 4 and 6 min:
 
   python3 scripts/bench.py --method dpo,orpo --configs 8b:2 --seq 2048 --steps 10 --paths reference,qlora-kit \
       --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
   python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
-      --paths reference,qlora-kit --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+      --paths reference,qlora-kit --variant same: --variant defaults --variant nf4gen:speed.generation_weights=nf4 \
+      --out $OUT --deadline 500 --run-timeout 200
   python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~5 min
 
   python scripts/bench.py --out $OUT                          # 8b:2 and 1b:4, the reference numbers' settings

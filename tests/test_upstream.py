@@ -3,6 +3,7 @@ them fail loudly, naming the versions qlora-kit was checked against, instead of 
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import pytest
@@ -77,6 +78,13 @@ def test_trl_accelerate_and_torch_keep_the_names_qlora_kit_uses():
     from trl import SFTConfig, SFTTrainer
 
     assert SFTTrainer and "use_liger_kernel" in SFTConfig.__dataclass_fields__
+    # speed.generation_weights: the GRPO trainer wraps the generate step, reading the flags of its other two paths
+    from trl import GRPOTrainer
+
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)[:2] == ["self", "prompt_ids"]
+    source = inspect.getsource(GRPOTrainer)
+    for name in ("self.use_vllm =", "self.use_transformers_continuous_batching =", "self._metrics ="):
+        assert name in source, f"trl GRPOTrainer: {name}"
     assert callable(Accelerator.clip_grad_norm_) and DistributedType.NO and DistributedType.MULTI_GPU
     assert torch._C._current_graph_task_id() == -1  # outside backward
     assert callable(torch.cuda.get_per_process_memory_fraction)

@@ -47,6 +47,7 @@ def cmd_data(args: argparse.Namespace) -> None:
     from qlora_kit.memory import (
         NOT_IN_TOTAL,
         estimate_training_memory,
+        generation_peak_gib,
         long_context_settings,
         memory_warning,
         rows_of_length,
@@ -75,6 +76,10 @@ def cmd_data(args: argparse.Namespace) -> None:
     if memory["cpu_offloaded_checkpoints"]:
         print("host memory for the offloaded checkpoints (speed.offload_checkpoints): "
               f"{memory['cpu_offloaded_checkpoints']:.2f} GiB")
+    if memory["generation_kv_cache"]:
+        print(f"while GRPO samples: {generation_peak_gib(memory, with_copy=False):.1f} GiB (KV cache "
+              f"{memory['generation_kv_cache']:.2f}), {memory['generation_copy']:.2f} GiB more with the merged copies "
+              f"of speed.generation_weights: bf16 ({recipe.speed.generation_weights}: the speed plan decides)")
 
 
 def cmd_train(args: argparse.Namespace) -> None:

@@ -422,12 +422,20 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     plain_loss, plain = one_step_gradients(plain_recipe, folder, liger=False, fused=False)
     fast_loss, fast = one_step_gradients(fast_recipe, folder, liger=True, fused=True, mlp=True,
                                          fused_counts=FAMILY_FUSED[shape])
+    # the bf16 residual alone (peft's path, no fused layers, no Liger): the rounding every bf16 setting pays. Gemma 3
+    # scales its embeddings by sqrt(hidden) and sits at ~3.7e-2 on the H200 with the fused path, where the others
+    # stay under 3e-2; an error of the fused layers themselves would be orders of magnitude above it.
+    _, rounded = one_step_gradients(fast_recipe, folder, liger=False, fused=False)
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
     assert plain.keys() == fast.keys() and all(plain[name].norm() > 0 for name in plain)
-    errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+
+    def relative(grads: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: ((grads[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+
+    errors, floor = relative(fast), max(relative(rounded).values())
     print(f"{shape}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
-          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
-    assert max(errors.values()) < 3e-2, errors
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)}); bf16 residual alone {floor:.2e}")
+    assert max(errors.values()) < max(3e-2, 2 * floor), errors
 
 
 def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:

@@ -480,3 +480,33 @@ def test_triton_kernels_compile_in_the_first_two_steps_and_a_second_run_compiles
     assert after_six == after_two  # steps 3-6 and the second process compiled nothing
     assert 0 < second["model_load_seconds"] < second["first_step_seconds"]
     assert second["first_step_seconds"] <= first["first_step_seconds"] + 5  # warm: no compile on the way
+
+
+def test_attention_kernels_are_timed_on_the_gpu_and_flash_switches_cudnn_off() -> None:
+    """Both of PyTorch's kernels time the Qwen2.5-7B attention call (GQA 28/4, biased projections) on this GPU; the
+    choice is one of the two, and flash leaves PyTorch's cuDNN attention off for the process."""
+    from torch.nn.attention import SDPBackend
+    from transformers import Qwen2Config
+
+    from qlora_kit.speed.attention import (
+        AttentionShape,
+        apply_attention_kernel,
+        choose_attention_kernel,
+        seconds_per_call,
+    )
+
+    shape = AttentionShape.of(Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4),
+                              2, 2048, torch.bfloat16)
+    flash = seconds_per_call(shape, SDPBackend.FLASH_ATTENTION)
+    cudnn = seconds_per_call(shape, SDPBackend.CUDNN_ATTENTION)
+    print(f"Qwen2.5-7B attention, forward + backward: flash {flash}, cuDNN {cudnn} s")
+    assert flash is not None and 0 < flash < 0.1 and (cudnn is None or 0 < cudnn < 0.1)
+    notes: list[str] = []
+    chosen = choose_attention_kernel("auto", shape, notes)
+    assert chosen in ("default", "flash") and notes
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        apply_attention_kernel("flash")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

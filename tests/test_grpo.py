@@ -457,9 +457,11 @@ def test_merged_sampling_restores_every_forward_and_frees_the_copies_also_when_g
 
 
 def test_layers_a_merged_weight_cannot_reproduce_keep_their_own_forward(grpo_recipe, family_model_dir):
-    """A disabled adapter, LoRA dropout acting in train mode: those layers stay on peft's path and compute exactly
-    what they did. In eval mode dropout does nothing, so the layers merge; a base bias (Qwen 2.5's q/k/v) is added
-    as bitsandbytes adds it; the unquantized lm_head is never touched."""
+    """A disabled adapter, LoRA dropout acting in train mode, several active adapters: those layers stay on peft's
+    path and compute exactly what they did. In eval mode dropout does nothing, so the layers merge; a base bias (Qwen
+    2.5's q/k/v) is added as bitsandbytes adds it; the unquantized lm_head is never touched."""
+    from peft import LoraConfig
+
     from qlora_kit.speed.generation import merged_lora_weights
 
     folder = family_model_dir("tiny-qwen2.5")
@@ -480,6 +482,10 @@ def test_layers_a_merged_weight_cannot_reproduce_keep_their_own_forward(grpo_rec
         with model.disable_adapter(), merged_lora_weights(model) as merged:
             assert merged.merged == 0 and merged.left == {"adapters disabled": len(lora)}
     assert "forward" not in model.get_output_embeddings().__dict__
+    model.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "other"])
+    with merged_lora_weights(model) as merged:  # peft lists both as active in every layer
+        assert merged.merged == 0 and merged.left == {"several active adapters": len(lora)}
 
 
 def grpo_plan(grpo_recipe, machine, config=None, **sections):

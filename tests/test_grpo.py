@@ -647,8 +647,9 @@ def test_sampling_on_merged_weights_on_a_gpu_gives_the_nf4_path_s_tokens_and_is_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_grpo_on_a_gpu_generates_and_trains_in_bf16_with_the_speed_levers(grpo_recipe):
-    """The GPU path: bf16 compute, fused LoRA with the Triton dequantize kernel, checkpointing with one kept layer;
-    two steps generate on the GPU, log finite rewards and save an fp32 adapter."""
+    """The GPU path: bf16 compute, fused LoRA with the Triton dequantize kernel, checkpointing with one kept layer,
+    sampling on merged bf16 copies (auto's choice where they fit); two steps generate on the GPU, log finite rewards
+    and save an fp32 adapter."""
     from safetensors.torch import load_file
 
     from qlora_kit.pipeline import run_training
@@ -659,6 +660,8 @@ def test_grpo_on_a_gpu_generates_and_trains_in_bf16_with_the_speed_levers(grpo_r
     logged = [r for r in read_metrics(recipe.run_dir) if "loss" in r]
     assert summary["global_step"] == 2 and all(math.isfinite(r["reward"]) for r in logged)
     assert all(r["completions/mean_length"] > 0 for r in logged)
+    assert summary["speed_plan"]["generation_weights"] == "bf16"
+    assert all(0 < r["generation/merge_seconds"] < r["generation/seconds"] for r in logged)
     adapter = load_file(recipe.run_dir / "adapter" / "adapter_model.safetensors")
     assert {str(t.dtype) for t in adapter.values()} == {"torch.float32"}
 

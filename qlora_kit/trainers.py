@@ -26,6 +26,7 @@ from qlora_kit.speed import (
     train_on_one_gpu_without_a_launcher,
 )
 from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
+from qlora_kit.speed.shared_prefix import pairs_share_prefix
 
 log = logging.getLogger("qlora_kit")
 
@@ -265,7 +266,7 @@ def grpo_trainer_class() -> type:
 def dpo_trainer_class() -> type:
     from trl import DPOTrainer
 
-    class QloraKitDPOTrainer(KeepsCheckpointSettings, DPOTrainer):
+    class QloraKitDPOTrainer(SharesPairPrefix, KeepsCheckpointSettings, DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # DPOTrainer tokenizes prompt/chosen/rejected itself; qlora_kit.data already wrote prompt_ids,
             # chosen_ids and rejected_ids, the columns trl's own tokenization ends with (trl 1.16).
@@ -336,7 +337,7 @@ class CountsPairTokens:
 def orpo_trainer_class() -> type:
     from trl.experimental.orpo import ORPOTrainer
 
-    class QloraKitORPOTrainer(CountsPairTokens, ORPOTrainer):
+    class QloraKitORPOTrainer(SharesPairPrefix, CountsPairTokens, ORPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
@@ -346,11 +347,22 @@ def orpo_trainer_class() -> type:
 def simpo_trainer_class() -> type:
     from trl.experimental.cpo import CPOTrainer
 
-    class QloraKitCPOTrainer(CountsPairTokens, CPOTrainer):
+    class QloraKitCPOTrainer(SharesPairPrefix, CountsPairTokens, CPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
     return QloraKitCPOTrainer
+
+
+class SharesPairPrefix:
+    """The pair trainers (DPO, ORPO, CPO/SimPO) compute their loss inside `pairs_share_prefix()`: their [chosen;
+    rejected] forwards (DPO's reference pass too) run each pair's common prefix once where the speed plan rebound
+    the decoder (speed.shared_prefix), and unchanged where it did not."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with pairs_share_prefix():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 
 class KeepsCheckpointSettings:

@@ -210,7 +210,7 @@ def shared_prefix_forward(self, input_ids: torch.Tensor | None = None, attention
             masks = pair_attention_masks(self.config, packing, self.get_input_embeddings().weight.dtype)
     if masks is None:
         return self._unshared_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    kwargs = {key: value for key, value in kwargs.items() if key != "use_cache"}
+    kwargs = {key: value for key, value in kwargs.items() if key not in (*NEUTRAL_KWARGS, "use_cache")}  # all unset
     outputs = self._unshared_forward(input_ids=packing.input_ids, attention_mask=masks,
                                      position_ids=packing.position_ids, use_cache=False, **kwargs)
     outputs.last_hidden_state = unpack_hidden_states(outputs.last_hidden_state, packing)

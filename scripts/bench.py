@@ -23,7 +23,8 @@ bench_common.completion_chars; tokens/s is completion tokens per second of `gene
 s/step the whole optimizer step. One H200 call each (after `source scripts/device_prelude.sh;`), about 4 and 6 min:
 
   python3 scripts/bench.py --method dpo,orpo --configs 8b:2 --seq 2048 --steps 10 --paths reference,qlora-kit \
-      --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+      --variant same: --variant defaults --variant noshare:speed.shared_prefix=false --out $OUT --deadline 500 \
+      --run-timeout 200
   python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
       --paths reference,qlora-kit --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
   python scripts/bench.py --tiny --method dpo,orpo,grpo --generations 2 --out /tmp/bench   # CPU dry run, ~5 min

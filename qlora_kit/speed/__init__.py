@@ -4,6 +4,7 @@ plan.py           the SpeedPlan: every choice decided once (recipe + model confi
 lora_autograd.py  the fused LoRA layers' autograd functions (forward equation and gradients in each docstring)
 nf4_triton.py     bitsandbytes' NF4 dequantize as one Triton kernel
 checkpointing.py  reentrant and CPU-offloaded checkpoint functions
+shared_prefix.py  DPO / ORPO / SimPO pairs with their common prefix run once (packed rows, pair masks)
 patches.py        every bend of transformers / trl / peft / bitsandbytes / accelerate, with its table
 """
 

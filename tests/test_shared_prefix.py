@@ -52,6 +52,15 @@ def prefix_pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_prefix_pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """prefix_pairs() with prompts of 70 or more words: rows long enough that packed rows of whole 128-token flex
+    blocks still save tokens."""
+    rows = [{**row, "prompt": row["prompt"] + " Then " + " ".join(WORDS[i % 10:] + WORDS * 7)}
+            for i, row in enumerate(prefix_pairs())]
+    return write_jsonl(tmp_path_factory.mktemp("long-prefix-pairs") / "pairs.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
 def family_folder(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """`family_folder(name)`: a random model of FAMILIES[name] over the tiny ChatML tokenizer, built once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -79,7 +88,7 @@ def family_folder(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 
 
 def pair_trainer(method: str, family: str, share: bool, checkpointing: str, folder: Path, make_recipe, pairs: Path,
-                 tokenizer, run_dir: Path):
+                 tokenizer, run_dir: Path, **training):
     """qlora-kit's trainer for `method` on the family's tiny NF4 model (fused LoRA on), with the speed plan applied
     as when training starts, and random LoRA B weights (the policy differs from its reference)."""
     from qlora_kit.data import build_datasets
@@ -92,7 +101,8 @@ def pair_trainer(method: str, family: str, share: bool, checkpointing: str, fold
         speed["reentrant_checkpointing"] = True
     if checkpointing == "non-reentrant":
         speed["keep_activations_layers"] = 1  # the last layer keeps its activations, the first recomputes
-    sections = method_sections(method, pairs, gradient_checkpointing=checkpointing != "none", batch_size=BATCH)
+    sections = method_sections(method, pairs, gradient_checkpointing=checkpointing != "none", batch_size=BATCH,
+                               **training)
     recipe = load_recipe(make_recipe(f"{method}-{family}-{share}", **sections, speed=speed,
                                      model={"name": str(folder), "attn_implementation": FAMILIES[family][2]}))
     torch.manual_seed(0)
@@ -253,6 +263,7 @@ def test_packing_shares_the_longest_common_prefix_and_puts_every_token_back():
 # ------------------------------------------------------------------------------------------------ flex attention
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_the_flex_attention_block_mask_path_computes_the_dense_path_forward_on_cpu(tiny_model_dir):
     """The GPU path's BlockMask and attention function, forward only (flex attention has no CPU backward): the
     packed rows (a whole number of 128-token blocks) give the unshared hidden states; ordinary calls take sdpa."""
@@ -277,16 +288,36 @@ def test_the_flex_attention_block_mask_path_computes_the_dense_path_forward_on_c
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", PAIR_METHODS)
-def test_flex_attention_gives_the_unshared_loss_and_gradients_on_gpu(method, family_folder, make_recipe,
-                                                                     prefix_pairs_file, tiny_tokenizer, tmp_path):
+def test_flex_attention_gives_the_dense_and_the_unshared_loss_and_gradients_on_gpu(method, family_folder, make_recipe,
+                                                                                   long_prefix_pairs_file,
+                                                                                   tiny_tokenizer, tmp_path,
+                                                                                   monkeypatch):
     """On a GPU with sdpa the plan shares prefixes through flex attention (compiled once, dynamic shapes): the same
-    loss and LoRA gradients as the unshared path. (tests/test_methods.py's GPU test compares it with trl's plain
-    trainer as well.)"""
-    from qlora_kit.speed import Machine
+    loss and LoRA gradients as the dense-mask path and as the unshared path (tests/test_methods.py's GPU test
+    compares it with trl's plain trainer as well)."""
+    import qlora_kit.speed.plan as plan_module
+    from qlora_kit.speed.shared_prefix import FLEX_ATTENTION
 
-    assert Machine.measure().gpus
-    compare_shared_with_unshared(method, "llama", "non-reentrant", family_folder, make_recipe, prefix_pairs_file,
-                                 tiny_tokenizer, tmp_path)
+    folder = family_folder("llama")
+
+    def run(share: bool, name: str):
+        trainer = pair_trainer(method, "llama", share, "non-reentrant", folder, make_recipe, long_prefix_pairs_file,
+                               tiny_tokenizer, tmp_path / name, max_length=320)
+        return trainer, loss_gradients_and_decoder_rows(trainer)
+
+    flex_trainer, flex = run(True, "flex")
+    assert flex_trainer.model.config._attn_implementation == FLEX_ATTENTION
+    monkeypatch.setattr(plan_module, "use_flex_attention_for_pairs", lambda model: None)  # sdpa, dense pair masks
+    dense_trainer, dense = run(True, "dense")
+    assert dense_trainer.model.config._attn_implementation == "sdpa"
+    _, unshared = run(False, "unshared")
+    assert [rows for rows, _ in flex[2]] == [rows for rows, _ in dense[2]] == [BATCH] * len(unshared[2])
+    assert all(length % FLEX_BLOCK == 0 for _, length in flex[2])
+    for loss, grads, _ in (dense, unshared):
+        torch.testing.assert_close(flex[0], loss, rtol=1e-5, atol=1e-6)
+        assert flex[1].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(flex[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------ plan

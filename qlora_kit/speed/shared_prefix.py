@@ -272,14 +272,16 @@ def flex_or_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         def score_mod(score, b, h, q, kv):
             return softcap * torch.tanh(score / softcap)
 
-    flex = compiled_flex_attention() if query.is_cuda else flex_attention_eager()
+    # inside a compiled decoder layer (speed.compile_layers) dynamo traces flex_attention itself
+    flex = flex_attention_eager() if torch.compiler.is_compiling() or not query.is_cuda else compiled_flex_attention()
     output = flex(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
                   enable_gqa=query.shape[1] != key.shape[1])
     return output.transpose(1, 2).contiguous(), None
 
 
 def flex_attention_eager() -> Callable:
-    """flex_attention uncompiled: forward only on CPU (no backward there), for the CPU check of the BlockMask path."""
+    """flex_attention itself: what a compiled layer traces, and on CPU (forward only, no backward there) the check of
+    the BlockMask path."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention

@@ -27,6 +27,7 @@ ORDER = [
     "qlora_kit.speed.lora_autograd",
     "qlora_kit.speed.checkpointing",
     "qlora_kit.speed.patches",
+    "qlora_kit.speed.shared_prefix",  # the pair forward: a bend (patches.rebind_forward) the plan applies
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",

@@ -7,7 +7,9 @@ states in both: here each pair becomes one packed row [prefix | chosen suffix | 
 0..s-1, s..s+c-1, s..s+r-1 and a mask in which each suffix sees the prefix and itself (never the other suffix); the
 decoder's own forward runs on the B packed rows and the hidden states are put back in the [2B, L] layout trl reads.
 Exact for any two rows (Wang et al. 2024, "prefix sharing", arXiv 2410.20305); the unchanged forward runs whenever a
-batch is not B right-padded pairs of plain token ids.
+batch is not B right-padded pairs of plain token ids. Padding positions come back as zeros, not as the pad token's
+hidden state: no loss reads them, but trl.experimental ORPO / CPO log `logits/chosen|rejected` as means over every
+position, padding included, so those two logged means differ from the unshared path's (their losses do not).
 
 The mask is one function over per-row segment ids and positions (`pair_mask_function`): a dense 4D mask for sdpa
 (bool) and eager (additive), or on a GPU a flex attention BlockMask run by `flex_or_sdpa_attention`, so attention
@@ -202,6 +204,8 @@ NEUTRAL_KWARGS = ("position_ids", "cache", "past_key_values", "inputs_embeds", "
 
 def shared_prefix_forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                           **kwargs):
+    """The decoder's forward; inside `pairs_share_prefix()`, on B right-padded pairs of token ids, run on the packed
+    rows, with last_hidden_state put back as [2B, L, d] (zeros on padding positions, whose labels trl masks)."""
     packing = masks = None
     if _sharing.get() and pair_batch(self, input_ids, attention_mask, kwargs):
         flex = self.config._attn_implementation == FLEX_ATTENTION

@@ -422,12 +422,20 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     plain_loss, plain = one_step_gradients(plain_recipe, folder, liger=False, fused=False)
     fast_loss, fast = one_step_gradients(fast_recipe, folder, liger=True, fused=True, mlp=True,
                                          fused_counts=FAMILY_FUSED[shape])
+    # the bf16 residual alone (peft's path, no fused layers, no Liger): the rounding every bf16 setting pays. Gemma 3
+    # scales its embeddings by sqrt(hidden) and sits at ~3.7e-2 on the H200 with the fused path, where the others
+    # stay under 3e-2; an error of the fused layers themselves would be orders of magnitude above it.
+    _, rounded = one_step_gradients(fast_recipe, folder, liger=False, fused=False)
     assert abs(fast_loss - plain_loss) / plain_loss < 1e-2
     assert plain.keys() == fast.keys() and all(plain[name].norm() > 0 for name in plain)
-    errors = {name: ((fast[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+
+    def relative(grads: dict[str, torch.Tensor]) -> dict[str, float]:
+        return {name: ((grads[name] - plain[name]).norm() / plain[name].norm()).item() for name in plain}
+
+    errors, floor = relative(fast), max(relative(rounded).values())
     print(f"{shape}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
-          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)})")
-    assert max(errors.values()) < 3e-2, errors
+          f"{max(errors.values()):.2e} ({max(errors, key=errors.get)}); bf16 residual alone {floor:.2e}")
+    assert max(errors.values()) < max(3e-2, 2 * floor), errors
 
 
 def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:
@@ -472,3 +480,33 @@ def test_triton_kernels_compile_in_the_first_two_steps_and_a_second_run_compiles
     assert after_six == after_two  # steps 3-6 and the second process compiled nothing
     assert 0 < second["model_load_seconds"] < second["first_step_seconds"]
     assert second["first_step_seconds"] <= first["first_step_seconds"] + 5  # warm: no compile on the way
+
+
+def test_attention_kernels_are_timed_on_the_gpu_and_flash_switches_cudnn_off() -> None:
+    """Both of PyTorch's kernels time the Qwen2.5-7B attention call (GQA 28/4, biased projections) on this GPU; the
+    choice is one of the two, and flash leaves PyTorch's cuDNN attention off for the process."""
+    from torch.nn.attention import SDPBackend
+    from transformers import Qwen2Config
+
+    from qlora_kit.speed.attention import (
+        AttentionShape,
+        apply_attention_kernel,
+        choose_attention_kernel,
+        seconds_per_call,
+    )
+
+    shape = AttentionShape.of(Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4),
+                              2, 2048, torch.bfloat16)
+    flash = seconds_per_call(shape, SDPBackend.FLASH_ATTENTION)
+    cudnn = seconds_per_call(shape, SDPBackend.CUDNN_ATTENTION)
+    print(f"Qwen2.5-7B attention, forward + backward: flash {flash}, cuDNN {cudnn} s")
+    assert flash is not None and 0 < flash < 0.1 and (cudnn is None or 0 < cudnn < 0.1)
+    notes: list[str] = []
+    chosen = choose_attention_kernel("auto", shape, notes)
+    assert chosen in ("default", "flash") and notes
+    enabled = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        apply_attention_kernel("flash")
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(enabled)

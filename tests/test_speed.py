@@ -1082,3 +1082,61 @@ def test_memory_estimates_of_the_plan_use_the_longest_training_row_not_max_lengt
 
     packed = load_recipe(make_recipe(training={"packing": True, "max_length": 4096}), ["data.cache=false"])
     assert longest_training_row(build_datasets(packed, tiny_tokenizer), packed) is None  # packed to max_length
+
+
+def test_attention_kernel_auto_switches_cudnn_off_only_where_flash_is_measurably_faster(monkeypatch):
+    """speed.attention_kernel: auto times both kernels on the run's shape: flash when it beats cuDNN by more than the
+    margin (Qwen2.5-7B on an H200), PyTorch's order otherwise (Llama-3-8B), flash when cuDNN cannot run the shape;
+    the note names both timings; a set value is taken as it is, without timing."""
+    from torch.nn.attention import SDPBackend
+    from transformers import Qwen2Config
+
+    from qlora_kit.speed.attention import MARGIN, AttentionShape, choose_attention_kernel
+
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    config = Qwen2Config(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4, num_hidden_layers=2)
+    shape = AttentionShape.of(config, 2, 2048, torch.bfloat16)
+    assert (shape.heads, shape.kv_heads, shape.head_dim, shape.qkv_bias) == (28, 4, 128, True)
+
+    def timer(cudnn: float | None, flash: float | None):
+        calls = []
+
+        def timed(timed_shape, backend):
+            calls.append(backend)
+            assert timed_shape is shape
+            return {SDPBackend.CUDNN_ATTENTION: cudnn, SDPBackend.FLASH_ATTENTION: flash}[backend]
+        return timed, calls
+
+    for cudnn, flash, expected in [(1.4e-3, 0.8e-3, "flash"), (0.66e-3, 0.9e-3, "default"),
+                                   (1e-3, 1e-3 / MARGIN * 1.01, "default"), (None, 1e-3, "flash"),
+                                   (1e-3, None, "default")]:
+        notes: list[str] = []
+        timed, calls = timer(cudnn, flash)
+        assert choose_attention_kernel("auto", shape, notes, timed) == expected
+        assert len(calls) == 2 and len(notes) == 1 and notes[0].startswith(f"attention_kernel: auto -> {expected}")
+        if cudnn and flash:
+            assert f"cuDNN {cudnn * 1e3:.2f} ms, flash {flash * 1e3:.2f} ms" in notes[0]
+    for setting in ("default", "flash"):
+        timed, calls = timer(1.0, 1.0)
+        assert choose_attention_kernel(setting, shape, [], timed) == setting and not calls
+    timed, calls = timer(1.0, 1.0)
+    assert choose_attention_kernel("auto", None, [], timed) == "default" and not calls
+
+
+def test_attention_is_timed_at_the_training_rows_only_for_sdpa_on_a_gpu(make_recipe, tiny_model_dir, monkeypatch):
+    """The timed call is the one training makes: batch rows (chosen + rejected for paired methods), the longest row;
+    no timing on a CPU machine or for eager attention."""
+    from transformers import AutoConfig
+
+    from qlora_kit.speed.plan import timed_attention
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    recipe = load_recipe(make_recipe(), ["training.batch_size=3", "training.max_length=96"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    shape = timed_attention(recipe, config, gpu_machine())
+    assert (shape.batch, shape.tokens, shape.heads) == (3, 96, config.num_attention_heads)
+    assert timed_attention(recipe, config, gpu_machine(gpus=0)) is None
+    eager = load_recipe(make_recipe(), ["model.attn_implementation=eager"])
+    assert timed_attention(eager, config, gpu_machine()) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert timed_attention(recipe, config, gpu_machine()) is None

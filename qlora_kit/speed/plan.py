@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from qlora_kit.memory import estimate_memory_for_config, long_context_settings, rows_of_length
 from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
+from qlora_kit.speed.attention import AttentionShape, apply_attention_kernel, choose_attention_kernel
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
@@ -78,6 +79,7 @@ class SpeedPlan:
     triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
     cast_adapters_once: bool  # the adapter weights' compute-dtype copies kept between optimizer steps
     liger_kernels: bool  # trl/transformers' use_liger_kernel
+    attention_kernel: str  # default: PyTorch's SDPA kernel order; flash: cuDNN's attention off (speed/attention.py)
     compile_layers: bool
     compile_blocker: str | None  # why the decoder layers are not compiled
     checkpointing: Checkpointing  # none: gradient checkpointing off; non-reentrant: torch's, as the trainer sets it
@@ -129,12 +131,14 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
                      "(transformers would skip it silently)")
         liger = False
+    attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
+                                        notes)
     shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,
         cast_adapters_once=not long_context_settings(speed),
-        liger_kernels=liger,
+        liger_kernels=liger, attention_kernel=attention,
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
         memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes), shared_prefix=shared_prefix,
@@ -394,8 +398,20 @@ def choose_optimizer(recipe: Recipe, trainable_parameters: int, machine: Machine
     return chosen
 
 
+def timed_attention(recipe: Recipe, model_config, machine: Machine) -> AttentionShape | None:
+    """The attention call whose kernels speed.attention_kernel: auto times: sdpa on a GPU, at the training batch
+    (chosen and rejected rows together for paired methods) and the longest training row."""
+    if not machine.gpus or not torch.cuda.is_available() or recipe.model.attn_implementation != "sdpa":
+        return None
+    rows = recipe.training.batch_size * (2 if recipe.method in PAIRED_METHODS else 1)
+    dtype = model_config.dtype if getattr(model_config, "dtype", None) in (torch.float16, torch.bfloat16) else (
+        torch.bfloat16 if machine.capability and machine.capability >= (8, 0) else torch.float16)
+    return AttentionShape.of(model_config, rows, recipe.training.max_length, dtype)
+
+
 def apply_speed_plan(model, plan: SpeedPlan) -> None:
     """Apply the plan to a model the trainer has set up (checkpointing switched on); says what it did."""
+    apply_attention_kernel(plan.attention_kernel)
     if plan.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
             model, cast_adapters_once=plan.cast_adapters_once, triton_dequantize=plan.triton_dequantize))

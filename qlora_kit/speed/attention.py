@@ -1,0 +1,119 @@
+"""Which of PyTorch's SDPA kernels runs the model's attention: measured once per run at its own shape.
+
+On Hopper, PyTorch (2.9 to 2.11 at least) tries cuDNN's attention before FlashAttention. At Llama-3-8B's shape cuDNN
+is the faster of the two, at Qwen2.5-7B's (28 query heads over 4 key/value heads) it was twice as slow on the GPU and
+spent 2.7 ms of host time a call (docs/benchmarks.md). No rule by head counts would survive the next cuDNN or torch
+release, so the speed plan times both kernels on the run's own shape, layout and GPU, host time included, and keeps
+cuDNN on only where it is not the slower one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger("qlora_kit")
+
+MEASURED_CALLS = 6  # forward + backward pairs timed per kernel, after two untimed ones (cuDNN builds its graph)
+MARGIN = 1.05  # flash must beat cuDNN by 5% to switch cuDNN off: below that, timing noise decides
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One decoder layer's attention call as the model makes it."""
+
+    batch: int
+    tokens: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv_bias: bool
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, config, batch: int, tokens: int, dtype: torch.dtype) -> AttentionShape:
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(batch=batch, tokens=tokens, hidden=text.hidden_size, heads=heads,
+                   kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   qkv_bias=bool(getattr(text, "attention_bias", False) or text.model_type == "qwen2"),
+                   dtype=dtype)
+
+    def describe(self) -> str:
+        return (f"{self.batch} x {self.tokens} tokens, {self.heads} heads over {self.kv_heads} key/value heads of "
+                f"{self.head_dim}")
+
+
+def seconds_per_call(shape: AttentionShape, backend) -> float | None:
+    """Wall seconds of one causal attention forward + backward through `backend` alone, the projections laid out as
+    transformers' decoders make them (a linear's output viewed as heads and transposed) and GQA as transformers'
+    sdpa_attention_forward passes it (enable_gqa); None if that kernel cannot run the shape. No synchronisation
+    between calls, so a kernel whose host work outlasts its GPU work is timed by its host work, as in training."""
+    from torch.nn.attention import sdpa_kernel
+
+    device, generator = torch.device("cuda"), torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(shape.batch, shape.tokens, shape.hidden, device=device, dtype=shape.dtype, generator=generator)
+
+    def projection(heads: int) -> torch.Tensor:
+        weight = torch.randn(heads * shape.head_dim, shape.hidden, device=device, dtype=shape.dtype,
+                             generator=generator) * shape.hidden ** -0.5
+        bias = torch.zeros(heads * shape.head_dim, device=device, dtype=shape.dtype) if shape.qkv_bias else None
+        return weight.requires_grad_(), bias
+
+    weights = [projection(shape.heads), projection(shape.kv_heads), projection(shape.kv_heads)]
+
+    def call() -> None:
+        q, k, v = (torch.nn.functional.linear(x, w, b).view(shape.batch, shape.tokens, -1, shape.head_dim)
+                   .transpose(1, 2) for w, b in weights)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                               enable_gqa=shape.heads != shape.kv_heads)
+        out.sum().backward()
+
+    try:
+        with sdpa_kernel([backend]):
+            call(), call()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(MEASURED_CALLS):
+                call()
+            torch.cuda.synchronize()
+    except RuntimeError:  # "No available kernel": this backend does not take the shape
+        return None
+    finally:
+        torch.cuda.empty_cache()
+    return (time.perf_counter() - start) / MEASURED_CALLS
+
+
+def choose_attention_kernel(setting: str, shape: AttentionShape | None, notes: list[str],
+                            timer: Callable[[AttentionShape, object], float | None] = seconds_per_call) -> str:
+    """speed.attention_kernel resolved: "default" (PyTorch's own order: cuDNN first where it runs) or "flash"
+    (cuDNN's attention off for the run). `shape` None: no GPU or not sdpa attention, nothing to time."""
+    if setting != "auto":
+        return setting
+    if shape is None or not torch.backends.cuda.cudnn_sdp_enabled():
+        return "default"
+    from torch.nn.attention import SDPBackend
+
+    cudnn, flash = timer(shape, SDPBackend.CUDNN_ATTENTION), timer(shape, SDPBackend.FLASH_ATTENTION)
+    if cudnn is None or flash is None:
+        chosen = "flash" if cudnn is None and flash is not None else "default"
+        notes.append(f"attention_kernel: auto -> {chosen} ({'cuDNN' if cudnn is None else 'flash'} attention cannot "
+                     f"run {shape.describe()})")
+        return chosen
+    chosen = "flash" if flash * MARGIN < cudnn else "default"
+    notes.append(f"attention_kernel: auto -> {chosen} (forward + backward of one layer's attention, "
+                 f"{shape.describe()}: cuDNN {cudnn * 1e3:.2f} ms, flash {flash * 1e3:.2f} ms)")
+    return chosen
+
+
+def apply_attention_kernel(kernel: str) -> None:
+    """cuDNN's SDPA off for this process when the plan chose flash (PyTorch then takes FlashAttention)."""
+    if kernel == "flash" and torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("speed.attention_kernel: cuDNN's attention off, FlashAttention runs the model's sdpa attention")

@@ -26,6 +26,7 @@ ORDER = [
     "qlora_kit.speed.nf4_triton",
     "qlora_kit.speed.lora_autograd",
     "qlora_kit.speed.checkpointing",
+    "qlora_kit.speed.attention",
     "qlora_kit.speed.patches",
     "qlora_kit.speed.shared_prefix",  # the pair forward: a bend (patches.rebind_forward) the plan applies
     "qlora_kit.speed.plan",

@@ -243,7 +243,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
 
 def method_trainer_class(method: str) -> type:
     """The trainer class of a method: trl's own, subclassed only to take the rows qlora_kit.data tokenized (the same
-    chat template rendering and prompt tokens as SFT) and to keep the speed levers' checkpointing choices."""
+    chat template rendering and prompt tokens as SFT), to keep the speed levers' checkpointing choices and (pairs)
+    to compute the loss where speed.shared_prefix applies."""
     if method == "sft":
         from trl import SFTTrainer
         return SFTTrainer

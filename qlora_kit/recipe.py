@@ -387,6 +387,12 @@ class SpeedSection:
     mlp_chunk_tokens: int = option(
         0, help="run the MLP over chunks of N tokens during training so its wide intermediates exist one chunk at a "
         "time: less memory on long rows, more kernel launches; 0 = the whole batch at once", min=0)
+    shared_prefix: bool | Literal["auto"] = option(
+        "auto", help="dpo / orpo / simpo: run the longest common prefix of each pair's chosen and rejected rows (the "
+        "prompt, and any answer tokens they share) once instead of twice, in one packed row per pair with a mask "
+        "that keeps the two answers apart: the same loss and gradients for fewer decoder FLOPs. auto: on for those "
+        "methods with sdpa or eager attention (flex attention on a GPU), off with flash_attention_2/3 (no arbitrary "
+        "masks) and under FSDP")
     memory: float | Literal["fastest", "least"] = option(
         "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
         "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "
@@ -879,6 +885,10 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
             hint = f" (set `method: {methods[0]}` to train with it)" if method == "sft" else ""
             raise RecipeError(f"{recipe.source}: preference.{key}: applies to method {' / '.join(methods)} only; this "
                               f"recipe trains with method: {method}{hint}")
+    if recipe.speed.shared_prefix is True and method not in PAIRED_METHODS:
+        raise RecipeError(f"{recipe.source}: speed.shared_prefix: applies to method {' / '.join(PAIRED_METHODS)} only "
+                          f"(pairs of chosen and rejected rows); this recipe trains with method: {method}; set it to "
+                          "auto or false")
     if method == "sft":
         return
     t = recipe.training

@@ -29,6 +29,7 @@ from qlora_kit.speed import (
 from qlora_kit.speed.generation import merged_lora_weights
 from qlora_kit.speed.patches import upstream_changed
 from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
+from qlora_kit.speed.shared_prefix import pairs_share_prefix
 
 log = logging.getLogger("qlora_kit")
 
@@ -248,7 +249,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
 
 def method_trainer_class(method: str) -> type:
     """The trainer class of a method: trl's own, subclassed only to take the rows qlora_kit.data tokenized (the same
-    chat template rendering and prompt tokens as SFT) and to keep the speed levers' checkpointing choices."""
+    chat template rendering and prompt tokens as SFT), to keep the speed levers' checkpointing choices and (pairs)
+    to compute the loss where speed.shared_prefix applies."""
     if method == "sft":
         from trl import SFTTrainer
         return SFTTrainer
@@ -296,7 +298,7 @@ def grpo_trainer_class() -> type:
 def dpo_trainer_class() -> type:
     from trl import DPOTrainer
 
-    class QloraKitDPOTrainer(KeepsCheckpointSettings, DPOTrainer):
+    class QloraKitDPOTrainer(SharesPairPrefix, KeepsCheckpointSettings, DPOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             # DPOTrainer tokenizes prompt/chosen/rejected itself; qlora_kit.data already wrote prompt_ids,
             # chosen_ids and rejected_ids, the columns trl's own tokenization ends with (trl 1.16).
@@ -367,7 +369,7 @@ class CountsPairTokens:
 def orpo_trainer_class() -> type:
     from trl.experimental.orpo import ORPOTrainer
 
-    class QloraKitORPOTrainer(CountsPairTokens, ORPOTrainer):
+    class QloraKitORPOTrainer(SharesPairPrefix, CountsPairTokens, ORPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
@@ -377,11 +379,22 @@ def orpo_trainer_class() -> type:
 def simpo_trainer_class() -> type:
     from trl.experimental.cpo import CPOTrainer
 
-    class QloraKitCPOTrainer(CountsPairTokens, CPOTrainer):
+    class QloraKitCPOTrainer(SharesPairPrefix, CountsPairTokens, CPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
     return QloraKitCPOTrainer
+
+
+class SharesPairPrefix:
+    """The pair trainers (DPO, ORPO, CPO/SimPO) compute their loss inside `pairs_share_prefix()`: their [chosen;
+    rejected] forwards (DPO's reference pass too) run each pair's common prefix once where the speed plan rebound
+    the decoder (speed.shared_prefix), and unchanged where it did not."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with pairs_share_prefix():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
 
 class KeepsCheckpointSettings:

@@ -25,7 +25,8 @@ outside `generate`: it counts in s/step, and metrics.jsonl has it as generation/
 (after `source scripts/device_prelude.sh;`), about 4 and 6 min:
 
   python3 scripts/bench.py --method dpo,orpo --configs 8b:2 --seq 2048 --steps 10 --paths reference,qlora-kit \
-      --variant same: --variant defaults --out $OUT --deadline 500 --run-timeout 200
+      --variant same: --variant defaults --variant noshare:speed.shared_prefix=false --out $OUT --deadline 500 \
+      --run-timeout 200
   python3 scripts/bench.py --method grpo --configs 8b:8 --generations 8 --seq 256 --steps 8 \
       --paths reference,qlora-kit --variant same: --variant defaults --variant nf4gen:speed.generation_weights=nf4 \
       --out $OUT --deadline 500 --run-timeout 200
@@ -639,6 +640,18 @@ def unpinned(overrides: list[str]) -> list[str]:
     return overrides
 
 
+def matched_to_reference(overrides: list[str], reference_peak_gib: float | None) -> list[str]:
+    """`speed.memory=reference`: the memory target is the plain path's peak for the same shape and method, measured
+    earlier in this call (the issue's "at no more than the plain path's peak memory"), floored to 0.01 GiB."""
+    if "speed.memory=reference" not in overrides:
+        return overrides
+    if not reference_peak_gib:
+        raise RuntimeError("speed.memory=reference needs a finished reference run of this shape and method earlier in "
+                           "the call: --paths reference,qlora-kit (the reference first)")
+    return [f"speed.memory={int(reference_peak_gib * 100) / 100:g}" if o == "speed.memory=reference" else o
+            for o in overrides]
+
+
 def run_qlora_kit(base: dict[str, Any], model: Path, data: Path, work: Path, gpu: bool, overrides: list[str],
                   timeout: float, label: str = "qlora-kit", profile_out: Path | None = None) -> dict[str, Any]:
     import yaml
@@ -1072,7 +1085,14 @@ def main(argv: list[str]) -> None:
                 record = {**run_base, "path": path, "error": "skipped: --deadline reached"}
             elif path.removeprefix("profile ").startswith("qlora-kit"):
                 name = path.removeprefix("profile ")
-                overrides = args.override + variants.get(name, [])
+                peaks = [r.get("peak_gpu_memory_gib") for r in results["runs"] if r.get("path") == "reference"
+                         and r.get("shape") == shape and r.get("method") == method and r.get("peak_gpu_memory_gib")]
+                try:
+                    overrides = matched_to_reference(args.override + variants.get(name, []),
+                                                     peaks[-1] if peaks else None)
+                except RuntimeError as exc:
+                    results["runs"].append({**run_base, "path": path, "error": str(exc)})
+                    continue
                 profile_out = profile_path(out, profiled, batch, path)
                 record = run_qlora_kit(run_base, model, rows_path, work, gpu, overrides, remaining(), path,
                                        profile_out)

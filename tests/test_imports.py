@@ -26,7 +26,10 @@ ORDER = [
     "qlora_kit.speed.nf4_triton",
     "qlora_kit.speed.lora_autograd",
     "qlora_kit.speed.checkpointing",
+    "qlora_kit.speed.attention",
     "qlora_kit.speed.patches",
+    "qlora_kit.speed.shared_prefix",  # the pair forward: a bend (patches.rebind_forward) the plan applies
+    "qlora_kit.speed.generation",  # GRPO's sampling weights: entered by the GRPO trainer, decided by the plan
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",

@@ -334,3 +334,15 @@ def test_a_bench_variant_with_a_memory_goal_is_not_pinned_to_every_layer_checkpo
     assert bench.unpinned(["speed.memory=12", "speed.keep_activations_layers=auto"]) == \
         ["speed.memory=12", "speed.keep_activations_layers=auto"]
     assert bench.unpinned(["training.optimizer=auto"]) == ["training.optimizer=auto"]
+
+
+def test_a_bench_variant_matched_to_the_reference_takes_its_measured_peak_as_the_memory_target():
+    """`speed.memory=reference`: the target is the plain path's measured peak (floored, never above it); without a
+    finished reference run the variant is refused rather than run at some other target."""
+    import bench
+
+    assert bench.matched_to_reference(["speed.memory=reference", "training.optimizer=auto"], 11.12775) == \
+        ["speed.memory=11.12", "training.optimizer=auto"]
+    assert bench.matched_to_reference(["speed.memory=12"], None) == ["speed.memory=12"]
+    with pytest.raises(RuntimeError, match="reference run of this shape"):
+        bench.matched_to_reference(["speed.memory=reference"], None)

@@ -1136,6 +1136,8 @@ def test_attention_is_timed_at_the_training_rows_only_for_sdpa_on_a_gpu(make_rec
     shape = timed_attention(recipe, config, gpu_machine())
     assert (shape.batch, shape.tokens, shape.heads) == (3, 96, config.num_attention_heads)
     assert timed_attention(recipe, config, gpu_machine(gpus=0)) is None
+    long_rows = load_recipe(make_recipe(), ["training.max_length=350000"])
+    assert timed_attention(long_rows, config, gpu_machine()).tokens == 8192  # timed at 8k tokens, not 350k
     eager = load_recipe(make_recipe(), ["model.attn_implementation=eager"])
     assert timed_attention(eager, config, gpu_machine()) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -158,3 +158,27 @@ def test_names_swapped_in_the_modeling_module_are_put_back_when_training_ends(tm
         assert modeling_llama.LlamaRMSNorm is original_norm
     finally:
         modeling_llama.apply_rotary_pos_emb, modeling_llama.LlamaRMSNorm = original_rope, original_norm
+
+
+def test_transformers_decoders_take_what_the_shared_prefix_forward_passes(peft_model):
+    """speed.shared_prefix calls the decoder (get_decoder) with a prepared 4D mask, or a {layer type: mask} mapping
+    for models with sliding-window layers, and position_ids; its GPU path registers an attention function and a mask
+    builder under its own name and switches the model to it."""
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.qwen2 import modeling_qwen2
+
+    decoder = peft_model.get_decoder()
+    assert type(decoder).__name__ == "LlamaModel"
+    parameters = inspect.signature(type(decoder).forward).parameters
+    assert list(parameters)[1:4] == ["input_ids", "attention_mask", "position_ids"]
+    for module in (modeling_gemma2, modeling_qwen2):  # a prepared mapping is taken as it is
+        assert "isinstance(causal_mask_mapping := attention_mask, dict)" in inspect.getsource(module)
+    assert callable(AttentionInterface.register) and callable(AttentionMaskInterface.register)
+    assert callable(sdpa_mask) and callable(sdpa_attention_forward) and callable(peft_model.set_attn_implementation)
+    assert callable(flex_attention) and callable(create_block_mask) and BlockMask

@@ -20,6 +20,7 @@ log = logging.getLogger("qlora_kit")
 
 MEASURED_CALLS = 6  # forward + backward pairs timed per kernel, after two untimed ones (cuDNN builds its graph)
 MARGIN = 1.05  # flash must beat cuDNN by 5% to switch cuDNN off: below that, timing noise decides
+LONGEST_TIMED = 8192  # tokens a row: longer rows are timed at this length (a long-context run would wait seconds)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class AttentionShape:
         text = config.get_text_config()
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        return cls(batch=batch, tokens=tokens, hidden=text.hidden_size, heads=heads,
+        return cls(batch=batch, tokens=min(tokens, LONGEST_TIMED), hidden=text.hidden_size, heads=heads,
                    kv_heads=getattr(text, "num_key_value_heads", None) or heads, head_dim=head_dim,
                    qkv_bias=bool(getattr(text, "attention_bias", False) or text.model_type == "qwen2"),
                    dtype=dtype)

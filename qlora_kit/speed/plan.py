@@ -40,6 +40,7 @@ from qlora_kit.speed.patches import (
     use_fused_lora,
     use_fused_mlp,
 )
+from qlora_kit.speed.shared_prefix import share_pair_prefixes, use_flex_attention_for_pairs
 
 log = logging.getLogger("qlora_kit")
 
@@ -94,6 +95,8 @@ class SpeedPlan:
     generation_weights: str  # bf16: GRPO samples on merged compute-dtype copies (speed/generation.py); nf4: as trained
     memory: str  # speed.memory: fastest, least, or the GiB target the kept layers, offload and optimizer were fit to
     machine: Machine
+    shared_prefix: bool = False  # dpo / orpo / simpo: each pair's common prefix runs once (shared_prefix.py)
+    shared_prefix_flex: bool = False  # ... with flex attention over a BlockMask (a GPU, sdpa) instead of a dense mask
     notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
 
     def as_dict(self) -> dict:
@@ -136,6 +139,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         liger = False
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
                                         notes)
+    shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,
@@ -144,7 +148,8 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
         generation_weights=choose_generation_weights(recipe, model_config, machine, notes),
-        memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes))
+        memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes), shared_prefix=shared_prefix,
+        shared_prefix_flex=shared_prefix and machine.gpus > 0 and recipe.model.attn_implementation == "sdpa")
     log.info("%s", plan.describe())
     return plan
 
@@ -156,6 +161,23 @@ def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> 
         notes.append(f"memory estimates for batches of rows up to {longest_row} tokens (the longest training row; "
                      f"training.max_length {recipe.training.max_length})")
     return sized
+
+
+def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> bool:
+    """speed.shared_prefix: on for the pair methods (dpo, orpo, simpo; validation refuses `true` for the others) with
+    sdpa or eager attention, one process or DDP."""
+    wanted = recipe.speed.shared_prefix
+    if not wanted or recipe.method not in PAIRED_METHODS:
+        return False
+    attention = recipe.model.attn_implementation
+    if attention not in ("sdpa", "eager"):
+        notes.append(f"shared_prefix: off with {attention} (its kernels take no arbitrary mask, which the packed pair "
+                     "rows need); sdpa or eager attention share each pair's prefix")
+        return False
+    if machine.under_fsdp:
+        notes.append("shared_prefix: off under FSDP (not checked there); every pair runs both rows in full")
+        return False
+    return True
 
 
 def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str]
@@ -448,6 +470,12 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     if plan.mlp_chunk_tokens:
         log.info("speed.mlp_chunk_tokens: %d MLPs run over chunks of %d tokens",
                  chunk_mlps(model, plan.mlp_chunk_tokens), plan.mlp_chunk_tokens)
+    if plan.shared_prefix:
+        share_pair_prefixes(model)
+        if plan.shared_prefix_flex:
+            use_flex_attention_for_pairs(model)
+        log.info("speed.shared_prefix: each pair's common prefix runs once (%s)",
+                 "flex attention over a block mask" if plan.shared_prefix_flex else "a dense attention mask")
     swapped, still = apply_checkpointing(model, plan)
     if plan.checkpointing == "offloaded":
         log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory", swapped)

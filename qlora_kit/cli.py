@@ -43,7 +43,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
-    from qlora_kit.data import build_datasets, describe_data, longest_training_row
+    from qlora_kit.data import build_datasets, describe_data, longest_packed_pair, longest_training_row
     from qlora_kit.memory import (
         NOT_IN_TOTAL,
         estimate_training_memory,
@@ -52,7 +52,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         memory_warning,
         rows_of_length,
     )
-    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer
+    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer, under_fsdp
+    from qlora_kit.speed.plan import packed_pair_row, shares_pair_prefixes
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
@@ -62,9 +63,13 @@ def cmd_data(args: argparse.Namespace) -> None:
     print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
     longest = longest_training_row(data, recipe)
     sized = rows_of_length(recipe, longest)
-    memory = estimate_training_memory(sized, folder)
+    notes: list[str] = []  # the speed plan's reading of the data, as the training run will decide it
+    packed = packed_pair_row(shares_pair_prefixes(recipe, under_fsdp(), notes), longest_packed_pair(data, recipe),
+                             notes)
+    memory = estimate_training_memory(sized, folder, packed_pair_row=packed)
     rows = f" for rows up to {longest} tokens (the longest; max_length {recipe.training.max_length})" \
         if sized is not recipe else ""
+    rows += f", pairs packed into rows up to {packed} tokens (speed.shared_prefix)" if packed else ""
     print(f"estimated peak GPU memory{rows}: {memory['total']:.1f} GiB (" + ", ".join(
         f"{k.replace('_', ' ')} {v:.2f}" for k, v in memory.items() if k not in ("total", *NOT_IN_TOTAL)) + ")")
     if warning := memory_warning(memory["total"]):

@@ -803,6 +803,15 @@ def longest_training_row(data: PreparedData, recipe: Recipe) -> int | None:
     return min(lengths[-1], recipe.training.max_length)
 
 
+def longest_packed_pair(data: PreparedData, recipe: Recipe) -> int | None:
+    """Tokens in the longest pair as speed.shared_prefix packs it into one row: prompt + chosen + rejected (an upper
+    bound of common prefix + both suffixes). None for the other methods."""
+    lengths = data.stats.get("train", {}).get("pair_lengths")
+    if not lengths or recipe.method not in PAIRED_METHODS:
+        return None
+    return lengths[-1]
+
+
 def check_rows_left(kept: list, lengths: list[int], recipe: Recipe, split: str) -> None:
     if not kept:
         raise DataError(f"{recipe.source}: {split}: no rows left after applying training.max_length="
@@ -831,6 +840,9 @@ def tokenize_preference_split(rows: list[Row], tokenizer: PreTrainedTokenizerBas
                        for c in ("prompt_ids", *answers)}}
     if recipe.method == "kto":
         stats[split]["desirable"] = sum(r["label"] for r in kept)
+    else:  # the packed rows of speed.shared_prefix (longest_packed_pair)
+        stats[split]["pair_lengths"] = sorted(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                                              for r in kept)
     return Dataset.from_list(kept)
 
 

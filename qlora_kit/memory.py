@@ -20,6 +20,14 @@ from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
+# trl.experimental's ORPO and CPO (simpo) concatenated_forward: the bf16 logits of chosen + rejected (2 bytes), the
+# NLL's contiguous copy of the chosen half and its cross-entropy log-softmax (1 + 1 averaged over both halves), the
+# per-row log-softmax outputs selective_log_softmax saves (2), and at the backward the logits' gradient and the
+# incoming one (2 + 2); calibrated on the measured ORPO peak (docs/benchmarks.md)
+FULL_LOGIT_PAIR_BYTES = 10
+# trainers that hold the full-vocabulary logits whatever liger does: trl 1.16's DPO / KTO take chunked log-probs
+# (fused_lm_head=True), ORPO / CPO compute log_softmax over the logits they return
+FULL_LOGIT_METHODS = ("orpo", "simpo")
 CUDA_OVERHEAD_GIB = 1.0
 
 
@@ -27,7 +35,8 @@ CUDA_OVERHEAD_GIB = 1.0
 NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer", "generation_kv_cache", "generation_copy")
 
 
-def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None) -> dict[str, float]:
+def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None,
+                             packed_pair_row: int | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
     estimate_memory_for_config."""
     from transformers import AutoConfig
@@ -35,7 +44,7 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
     with hub_model_errors(recipe, folder):
         config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
                                             trust_remote_code=recipe.model.trust_remote_code)
-    return estimate_memory_for_config(recipe, config, liger)
+    return estimate_memory_for_config(recipe, config, liger, packed_pair_row)
 
 
 def rows_of_length(recipe: Recipe, longest_row: int | None) -> Recipe:
@@ -65,7 +74,8 @@ def memory_warning(total_gib: float) -> str | None:
             "(FSDP)")
 
 
-def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None) -> dict[str, float]:
+def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None,
+                               packed_pair_row: int | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
@@ -78,7 +88,10 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
     the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
     `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
-    held. Pair methods (dpo, orpo, simpo) count chosen and rejected rows: twice the batch.
+    held (dpo, kto: trl's chunked log-probs); orpo and simpo hold them whatever liger does, at FULL_LOGIT_PAIR_BYTES.
+    Pair methods (dpo, orpo, simpo) count chosen and rejected rows: twice the batch. `packed_pair_row`: with
+    speed.shared_prefix on, tokens of the longest packed pair (prompt + chosen + rejected); the decoder then runs one
+    such row per pair (activations), while the logits stay on the two unpacked rows.
     """
     from accelerate import init_empty_weights
 
@@ -97,6 +110,11 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     t = recipe.training
     # dpo / orpo / simpo run chosen and rejected as one batch of twice the rows (the reference pass keeps no graph)
     tokens = t.batch_size * t.max_length * (2 if recipe.method in PAIRED_METHODS else 1)
+    logit_tokens = tokens
+    rows, row_length = tokens // t.max_length, t.max_length
+    if packed_pair_row and recipe.method in PAIRED_METHODS:  # never longer than the two rows it packs
+        rows, row_length = t.batch_size, min(packed_pair_row, 2 * t.max_length)
+        tokens = rows * row_length
     if liger is None:  # what a GPU run of this recipe on this installation would do
         liger = liger_kernel_installed()
     fused_cross_entropy = recipe.speed.liger_kernels and liger
@@ -107,7 +125,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
     one_layer = (tokens * 10 * text.hidden_size +
                  mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
-    one_layer += eager_attention_scores(recipe, text, tokens // t.max_length) * (4 + 2 * bytes_act)
+    one_layer += eager_attention_scores(recipe, text, rows, row_length) * (4 + 2 * bytes_act)
     kept = recipe.speed.keep_activations_layers
     kept = 0 if kept == "auto" else min(kept, text.num_hidden_layers)  # auto: decided on the GPU
     checkpointed_inputs = (text.num_hidden_layers - kept) * layer_input
@@ -125,8 +143,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
         "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
         "activations": activations / gib,
-        # Liger's fused linear cross-entropy never holds the full-vocabulary logits
-        "logits": 0.0 if fused_cross_entropy else tokens * text.vocab_size * LOGIT_BYTES / gib,
+        "logits": logit_tokens * text.vocab_size * logit_bytes(recipe.method, fused_cross_entropy) / gib,
         "cuda_overhead": CUDA_OVERHEAD_GIB,
     }
     parts["total"] = sum(parts.values())
@@ -153,13 +170,21 @@ def generation_peak_gib(parts: dict[str, float], with_copy: bool) -> float:
     return sum(parts[key] for key in held) + (parts["generation_copy"] if with_copy else 0.0)
 
 
-def eager_attention_scores(recipe: Recipe, text_config, rows: int) -> int:
+def logit_bytes(method: str, fused_cross_entropy: bool) -> int:
+    """Bytes per full-vocabulary logit value alive at the peak: none where Liger's fused linear cross-entropy (sft)
+    or trl's chunked log-probs (dpo, kto with Liger on) replace them; orpo / simpo hold them regardless."""
+    if method in FULL_LOGIT_METHODS:
+        return FULL_LOGIT_PAIR_BYTES
+    return 0 if fused_cross_entropy else LOGIT_BYTES
+
+
+def eager_attention_scores(recipe: Recipe, text_config, rows: int, row_length: int) -> int:
     """Attention scores one layer keeps for backward under model.attn_implementation: eager (Gemma 2's recipe: sdpa
-    has no softcapping): rows x heads x max_length^2, each saved as the softmax's fp32 output plus two compute-dtype
+    has no softcapping): rows x heads x row_length^2, each saved as the softmax's fp32 output plus two compute-dtype
     copies (the softcap's tanh, the probabilities the value matmul reads). The fused kernels keep none."""
     if recipe.model.attn_implementation != "eager":
         return 0
-    return rows * text_config.num_attention_heads * recipe.training.max_length ** 2
+    return rows * text_config.num_attention_heads * row_length ** 2
 
 
 def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:

@@ -112,12 +112,16 @@ class SpeedPlan:
 
 
 def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int,
-                      longest_row: int | None = None) -> SpeedPlan:
+                      longest_row: int | None = None, longest_pair: int | None = None) -> SpeedPlan:
     """Decide every speed choice of this run, log them as one block and return them. `longest_row`: tokens in the
-    longest training sequence (data.longest_training_row), which bounds the memory a batch needs."""
+    longest training sequence (data.longest_training_row), which bounds the memory a batch needs; `longest_pair`:
+    tokens in the longest pair packed as one row (data.longest_packed_pair), what the decoder runs with
+    speed.shared_prefix on, so that is decided before the memory estimates read it."""
     notes: list[str] = []
+    shared_prefix = shares_pair_prefixes(recipe, machine.under_fsdp, notes)
     recipe = sized_to_rows(recipe, longest_row, notes)
-    recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes)
+    packed = packed_pair_row(shared_prefix, longest_pair, notes)
+    recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes, packed)
     speed = recipe.speed
     fused_lora = speed.fused_lora and not machine.under_fsdp
     if speed.fused_lora and not fused_lora:
@@ -125,7 +129,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     wants_triton = fused_lora and speed.triton_dequantize and machine.gpus > 0
     if wants_triton and not machine.triton:
         notes.append("triton_dequantize: Triton is not installed; bitsandbytes' kernels")
-    checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes)
+    checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes, packed)
     every_layer_kept = checkpointing == "none" or kept >= model_config.get_text_config().num_hidden_layers
     blocker = layer_compile_blocker(speed, machine, every_layer_kept)
     optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
@@ -139,7 +143,6 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         liger = False
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
                                         notes)
-    shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,
@@ -163,7 +166,16 @@ def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> 
     return sized
 
 
-def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> bool:
+def packed_pair_row(shared_prefix: bool, longest_pair: int | None, notes: list[str]) -> int | None:
+    """The packed row length the memory estimates read (memory.estimate_memory_for_config's packed_pair_row)."""
+    if not (shared_prefix and longest_pair):
+        return None
+    notes.append(f"memory estimates for pairs packed into rows up to {longest_pair} tokens (speed.shared_prefix: "
+                 "prompt + chosen + rejected of the longest pair)")
+    return longest_pair
+
+
+def shares_pair_prefixes(recipe: Recipe, fsdp: bool, notes: list[str]) -> bool:
     """speed.shared_prefix: on for the pair methods (dpo, orpo, simpo; validation refuses `true` for the others) with
     sdpa or eager attention, one process or DDP."""
     wanted = recipe.speed.shared_prefix
@@ -174,14 +186,14 @@ def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> 
         notes.append(f"shared_prefix: off with {attention} (its kernels take no arbitrary mask, which the packed pair "
                      "rows need); sdpa or eager attention share each pair's prefix")
         return False
-    if machine.under_fsdp:
+    if fsdp:
         notes.append("shared_prefix: off under FSDP (not checked there); every pair runs both rows in full")
         return False
     return True
 
 
-def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str]
-                                  ) -> tuple[Checkpointing, int]:
+def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str],
+                                  packed: int | None = None) -> tuple[Checkpointing, int]:
     """How checkpointed layers checkpoint, and how many layers keep their activations instead. One process only:
     none of reentrant / offloaded / kept layers has been measured under DDP or FSDP, which keep torch's non-reentrant
     checkpointing of every layer."""
@@ -195,7 +207,7 @@ def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, note
         return "non-reentrant", 0
     mode = "offloaded" if speed.offload_checkpoints else "reentrant" if speed.reentrant_checkpointing else \
         "non-reentrant"
-    return mode, layers_to_keep(recipe, config, machine, notes)
+    return mode, layers_to_keep(recipe, config, machine, notes, packed)
 
 
 def adjusts_checkpointing(speed: SpeedSection) -> bool:
@@ -205,7 +217,7 @@ def adjusts_checkpointing(speed: SpeedSection) -> bool:
 GPU_MEMORY_SPARE = 0.10  # of the usable GPU memory: left free when speed.keep_activations_layers is auto
 
 
-def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str]) -> int:
+def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], packed: int | None = None) -> int:
     """speed.keep_activations_layers as a number: `auto` becomes how many layers fit on this GPU now.
 
     The weights are loaded, so the process sees what it can still use (its memory-fraction cap and other
@@ -220,7 +232,7 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str]) -
         return speed.keep_activations_layers
     if not machine.gpus or long_context_settings(speed):
         return 0
-    estimate = estimate_memory_for_config(recipe, config, liger=machine.liger)
+    estimate = estimate_memory_for_config(recipe, config, liger=machine.liger, packed_pair_row=packed)
     layers = config.get_text_config().num_hidden_layers
     keep = kept_layers_that_fit(machine.usable_gpu_gib, estimate["total"], estimate["each_kept_layer"], layers)
     notes.append(f"keep_activations_layers: auto -> {keep} of {layers} layers keep their activations "
@@ -250,8 +262,8 @@ def memory_goal_name(memory: float | str) -> str:
     return memory if isinstance(memory, str) else f"{memory:g} GiB"
 
 
-def recipe_for_memory_goal(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str]
-                           ) -> Recipe:
+def recipe_for_memory_goal(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str],
+                           packed: int | None = None) -> Recipe:
     """speed.memory as the settings it stands for, in a copy of the recipe the rest of the plan reads: `fastest`
     changes nothing (auto kept layers fill 90% of the GPU); `least` checkpoints every layer, offloads the checkpoints
     where that pays and takes 8-bit AdamW for an `auto` optimizer; a number of GiB keeps as many layers as the
@@ -263,18 +275,18 @@ def recipe_for_memory_goal(recipe: Recipe, config, machine: Machine, trainable_p
     optimizer = training.optimizer
     if speed.memory == "least":
         changes["keep_activations_layers"] = 0
-        if offload_pays(recipe, config, machine, notes):
+        if offload_pays(recipe, config, machine, notes, packed):
             changes["offload_checkpoints"] = True
         if optimizer == "auto" and machine.gpus:
             optimizer = "paged_adamw_8bit"
             notes.append("training.optimizer: auto -> paged_adamw_8bit (speed.memory: least; 8-bit states)")
     else:
-        optimizer, changes = fit_memory_target(recipe, config, machine, trainable_parameters, notes)
+        optimizer, changes = fit_memory_target(recipe, config, machine, trainable_parameters, notes, packed)
     return dataclasses.replace(recipe, speed=dataclasses.replace(speed, **changes),
                                training=dataclasses.replace(training, optimizer=optimizer))
 
 
-def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str]) -> bool:
+def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str], packed: int | None = None) -> bool:
     """Whether offloading the checkpointed layers' inputs cuts the estimated peak (every layer checkpointed) by at
     least OFFLOAD_PAYS_SHARE: below that the copies cost speed for a saving lost in the allocator's slack. One
     process on a GPU, with gradient checkpointing, only (as speed.offload_checkpoints)."""
@@ -283,9 +295,9 @@ def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str]) -> 
     if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):
         return False
     on_gpu = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config,
-                                        liger=machine.liger)["total"]
+                                        liger=machine.liger, packed_pair_row=packed)["total"]
     offloaded = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True),
-                                           config, liger=machine.liger)["total"]
+                                           config, liger=machine.liger, packed_pair_row=packed)["total"]
     pays = on_gpu - offloaded >= OFFLOAD_PAYS_SHARE * on_gpu
     notes.append(f"offload_checkpoints: speed.memory: {memory_goal_name(recipe.speed.memory)} -> "
                  f"{'on' if pays else 'off'} (estimated peak {on_gpu:.2f} GiB, {offloaded:.2f} GiB offloaded; on "
@@ -293,8 +305,8 @@ def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str]) -> 
     return pays
 
 
-def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str]
-                      ) -> tuple[str, dict]:
+def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parameters: int, notes: list[str],
+                      packed: int | None = None) -> tuple[str, dict]:
     """(optimizer, speed changes) for speed.memory: N GiB. On a GPU the target is also held to 90% of what this
     process can use, as `auto` kept layers are."""
     target = float(recipe.speed.memory)
@@ -306,7 +318,8 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
     budget = min(target, machine.usable_gpu_gib * (1 - GPU_MEMORY_SPARE))
     chosen = choose_optimizer(recipe, trainable_parameters, machine, [])
     states_gib = 0.0 if "8bit" in chosen else trainable_parameters * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30
-    estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, liger=machine.liger)
+    estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, liger=machine.liger,
+                                          packed_pair_row=packed)
     peak = estimate["total"] + states_gib
     if peak > budget and optimizer == "auto" and states_gib:
         optimizer, peak = "paged_adamw_8bit", peak - states_gib
@@ -320,9 +333,10 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
                      f"{estimate['each_kept_layer']:.2f} GiB per kept layer, budget {budget:.1f} GiB)")
         return optimizer, {"keep_activations_layers": keep}
     changes: dict = {"keep_activations_layers": 0}
-    if offload_pays(recipe, config, machine, notes):
+    if offload_pays(recipe, config, machine, notes, packed):
         changes["offload_checkpoints"] = True
-        peak = estimate_memory_for_config(with_speed(recipe, **changes), config, liger=machine.liger)["total"]
+        peak = estimate_memory_for_config(with_speed(recipe, **changes), config, liger=machine.liger,
+                                          packed_pair_row=packed)["total"]
     if peak > budget:
         notes.append(f"speed.memory: {target:g} GiB: the estimated peak is {peak:.1f} GiB even with every layer "
                      "checkpointed; training goes on, but lower training.batch_size or training.max_length to fit")

@@ -482,3 +482,41 @@ def test_the_longest_training_row_of_pairs_is_prompt_plus_the_longer_answer(make
     data = build_datasets(recipe, tiny_tokenizer)
     expected = max(len(r["prompt_ids"]) + max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in data.train)
     assert longest_training_row(data, recipe) == expected < recipe.training.max_length
+
+
+def test_the_longest_packed_pair_is_prompt_plus_both_answers_and_only_for_pair_methods(make_recipe, pairs_file,
+                                                                                      tiny_tokenizer):
+    """What speed.shared_prefix's packed rows hold at most: the memory estimate's decoder length for pairs."""
+    from qlora_kit.data import build_datasets, longest_packed_pair
+
+    recipe = load_recipe(make_recipe(**method_sections("orpo", pairs_file)), ["data.cache=false"])
+    data = build_datasets(recipe, tiny_tokenizer)
+    expected = max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data.train)
+    assert longest_packed_pair(data, recipe) == expected
+    kto = load_recipe(make_recipe(**method_sections("kto", pairs_file)), ["data.cache=false"])
+    assert longest_packed_pair(build_datasets(kto, tiny_tokenizer), kto) is None
+
+
+def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_uses(make_recipe, pairs_file, capsys,
+                                                                                    tiny_tokenizer, monkeypatch):
+    """speed.shared_prefix auto (on for dpo with sdpa): `qlora-kit data` estimates for the longest packed pair, the
+    length the run's speed plan reads, and says so; with shared_prefix off, for the two unpacked rows."""
+    import qlora_kit.memory
+    from qlora_kit.cli import main
+    from qlora_kit.data import build_datasets, longest_packed_pair
+
+    estimate, asked = qlora_kit.memory.estimate_training_memory, []
+
+    def recorded(*args, **kwargs):  # the tiny model's packed and unpacked totals are equal to the printed 0.1 GiB
+        asked.append(kwargs.get("packed_pair_row"))
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(qlora_kit.memory, "estimate_training_memory", recorded)
+    sections = method_sections("dpo", pairs_file, gradient_checkpointing=True)
+    recipe = load_recipe(make_recipe(**sections))
+    packed = longest_packed_pair(build_datasets(recipe, tiny_tokenizer), recipe)
+    assert main(["data", str(recipe.source)]) == 0
+    assert f"pairs packed into rows up to {packed} tokens (speed.shared_prefix)" in capsys.readouterr().out
+    assert main(["data", str(make_recipe("unshared", **sections, speed={"shared_prefix": False}))]) == 0
+    assert "packed" not in capsys.readouterr().out
+    assert asked == [packed, None]

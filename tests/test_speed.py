@@ -1142,3 +1142,84 @@ def test_attention_is_timed_at_the_training_rows_only_for_sdpa_on_a_gpu(make_rec
     assert timed_attention(eager, config, gpu_machine()) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert timed_attention(recipe, config, gpu_machine()) is None
+
+
+# ------------------------------------------------------------------ pair methods: logits and shared prefixes (#19)
+
+# Measured 2026-11-30 on one NVIDIA H200 (trl 1.16, liger on, paged 8-bit AdamW, speed.shared_prefix auto = on):
+# `python3 scripts/bench.py --method dpo --configs 8b:2 --seq 2048 --steps 8 --paths reference,qlora-kit
+# --variant matched:speed.memory=reference` (and --method orpo). Every pair: prompt 1,024 + chosen 512 + rejected
+# 512 tokens (rows of 1,536; packed pairs of 2,048). method: (kept layers, measured peak GiB, upper margin GiB)
+H200_PAIR_PEAKS = {"dpo": (4, 8.73, 10.5), "orpo": (8, 19.24, 22.0)}
+
+
+def bench_8b_config():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_common import shape_config
+
+    return shape_config("8b")[0]
+
+
+def pair_recipe(make_recipe, tmp_path, method: str, **speed):
+    from conftest import write_jsonl
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    return load_recipe(make_recipe(method=method, data={"datasets": [{"path": str(pairs)}]},
+                                   training={"gradient_checkpointing": True, "max_length": 2048, "batch_size": 2,
+                                             "optimizer": "paged_adamw_8bit"},  # as the bench's recipes
+                                   speed=speed))
+
+
+@pytest.mark.parametrize("method", sorted(H200_PAIR_PEAKS))
+def test_the_pair_estimate_bounds_the_measured_h200_peak_with_packed_pairs_and_full_orpo_logits(
+        method, make_recipe, tmp_path):
+    from qlora_kit.memory import estimate_memory_for_config, rows_of_length
+
+    kept, measured, margin = H200_PAIR_PEAKS[method]
+    recipe = rows_of_length(pair_recipe(make_recipe, tmp_path, method, keep_activations_layers=kept), 1536)
+    config = bench_8b_config()
+    packed = estimate_memory_for_config(recipe, config, liger=True, packed_pair_row=2048)
+    assert measured <= packed["total"] <= margin
+    unpacked = estimate_memory_for_config(recipe, config, liger=True)
+    assert packed["each_kept_layer"] == pytest.approx(unpacked["each_kept_layer"] * 4096 / 6144)  # decoder tokens
+    assert packed["logits"] == unpacked["logits"]  # the log-probs are taken on the unpacked chosen + rejected rows
+    if method == "orpo":  # trl.experimental's ORPO holds [2B, L, vocab] logits whatever liger does
+        assert packed["logits"] == pytest.approx(2 * 2 * 1536 * config.vocab_size * 10 / 2**30)
+    else:  # trl's DPOTrainer takes chunked log-probs (fused_lm_head)
+        assert packed["logits"] == 0
+
+
+def test_a_packed_pair_row_changes_nothing_for_sft_or_kto_and_is_capped_at_two_rows(make_recipe, tmp_path):
+    from qlora_kit.memory import estimate_memory_for_config
+
+    config = bench_8b_config()
+    for method in ("sft", "kto"):
+        recipe = pair_recipe(make_recipe, tmp_path, method) if method == "kto" else load_recipe(make_recipe(
+            training={"gradient_checkpointing": True, "max_length": 2048, "batch_size": 2}))
+        assert estimate_memory_for_config(recipe, config, liger=True, packed_pair_row=3000) == \
+            estimate_memory_for_config(recipe, config, liger=True)
+    dpo = pair_recipe(make_recipe, tmp_path, "dpo")
+    assert estimate_memory_for_config(dpo, config, liger=True, packed_pair_row=10_000) == \
+        estimate_memory_for_config(dpo, config, liger=True)  # never more than prompt + answer twice
+
+
+def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe, tmp_path):
+    """The H200 DPO row: speed.memory 12.96 GiB kept 4 layers and peaked at 8.73; with the packed pairs counted the
+    plan keeps 9, still under the target by the estimate; shared_prefix: false plans as before."""
+    config = bench_8b_config()
+    machine = gpu_machine(usable_gpu_gib=139.2)
+    recipe = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96)
+    plan = decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
+    assert plan.shared_prefix and plan.kept_layers == 9
+    assert any("pairs packed into rows up to 2048 tokens" in note for note in plan.notes)
+    # every pair as two rows of 1,536 (no packed length known, or shared_prefix off): 8.8 GiB checkpointed, 0.80 a
+    # layer -> 5 (the H200 run's own code, a few commits older, said 9.1 GiB there and kept 4)
+    assert decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536).kept_layers == 5
+    unshared = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=False)
+    plan = decide_speed_plan(unshared, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
+    assert not plan.shared_prefix and plan.kept_layers == 5
+    orpo = pair_recipe(make_recipe, tmp_path, "orpo", memory=15.96)  # its logits leave room for one layer only
+    assert decide_speed_plan(orpo, config, machine, 41_943_040, longest_row=1536, longest_pair=2048).kept_layers == 1

@@ -1121,6 +1121,30 @@ def test_attention_kernel_auto_switches_cudnn_off_only_where_flash_is_measurably
         assert choose_attention_kernel(setting, shape, [], timed) == setting and not calls
     timed, calls = timer(1.0, 1.0)
     assert choose_attention_kernel("auto", None, [], timed) == "default" and not calls
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)  # someone switched it off
+    notes = []
+    assert choose_attention_kernel("auto", shape, notes, timed) == "flash" and not calls
+    assert notes == ["attention_kernel: auto -> flash (cuDNN's attention is already off in this process)"]
+
+
+def test_the_attention_kernel_switch_is_undone_when_training_ends(monkeypatch):
+    """cuDNN's attention is a process-wide switch: flash turns it off for the run and training's end (or its error)
+    puts back what was there, so a second run in the process times the kernels again (a GPU test caught the second
+    plan of a test session seeing it off)."""
+    from qlora_kit.speed.attention import apply_attention_kernel, restore_attention_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = {"on": True}
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: state["on"])
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: state.update(on=on))
+    assert apply_attention_kernel("default") is None and state["on"]
+    before = apply_attention_kernel("flash")
+    assert before is True and not state["on"]
+    assert apply_attention_kernel("flash") is None  # already off: nothing of ours to undo
+    restore_attention_kernel(before)
+    assert state["on"]
+    restore_attention_kernel(None)
+    assert state["on"]
 
 
 def test_attention_is_timed_at_the_training_rows_only_for_sdpa_on_a_gpu(make_recipe, tiny_model_dir, monkeypatch):

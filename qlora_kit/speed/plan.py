@@ -169,10 +169,15 @@ def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> 
 
 
 def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> bool:
-    """speed.shared_prefix: on for the pair methods (dpo, orpo, simpo; validation refuses `true` for the others) with
-    sdpa or eager attention, one process or DDP."""
+    """speed.shared_prefix: `true` shares for the pair methods (dpo, orpo, simpo; validation refuses it for the
+    others) with sdpa or eager attention, one process or DDP. `auto` leaves it off: exact, but the one GPU measurement
+    so far showed no gain (docs/methods.md), so it is not a default until one does."""
     wanted = recipe.speed.shared_prefix
     if not wanted or recipe.method not in PAIRED_METHODS:
+        return False
+    if wanted == "auto":
+        notes.append("shared_prefix: auto -> off (exact, but not yet measured faster on a GPU: on an H200, DPO at "
+                     "the 8B shape took as long per step with it; speed.shared_prefix: true turns it on)")
         return False
     attention = recipe.model.attn_implementation
     if attention not in ("sdpa", "eager"):

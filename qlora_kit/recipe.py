@@ -390,9 +390,9 @@ class SpeedSection:
     shared_prefix: bool | Literal["auto"] = option(
         "auto", help="dpo / orpo / simpo: run the longest common prefix of each pair's chosen and rejected rows (the "
         "prompt, and any answer tokens they share) once instead of twice, in one packed row per pair with a mask "
-        "that keeps the two answers apart: the same loss and gradients for fewer decoder FLOPs. auto: on for those "
+        "that keeps the two answers apart: the same loss and gradients for fewer decoder FLOPs. true: on for those "
         "methods with sdpa or eager attention (flex attention on a GPU), off with flash_attention_2/3 (no arbitrary "
-        "masks) and under FSDP")
+        "masks) and under FSDP; auto: off for now (not yet measured faster on a GPU, see docs/methods.md)")
     memory: float | Literal["fastest", "least"] = option(
         "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
         "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "

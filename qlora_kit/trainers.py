@@ -450,7 +450,7 @@ def train_adapter(trainer, recipe: Recipe, run_dir: Path, plan: SpeedPlan) -> di
             "for padding"
         ) from exc
     finally:
-        callback_of(trainer, ApplySpeedPlan).restore_python_gc()  # an error skips the trainer's on_train_end
+        callback_of(trainer, ApplySpeedPlan).restore_process_settings()  # an error skips the trainer's on_train_end
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if guard.nan_step is not None:

@@ -499,8 +499,8 @@ def test_the_longest_packed_pair_is_prompt_plus_both_answers_and_only_for_pair_m
 
 def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_uses(make_recipe, pairs_file, capsys,
                                                                                     tiny_tokenizer, monkeypatch):
-    """speed.shared_prefix auto (on for dpo with sdpa): `qlora-kit data` estimates for the longest packed pair, the
-    length the run's speed plan reads, and says so; with shared_prefix off, for the two unpacked rows."""
+    """speed.shared_prefix: true (dpo with sdpa): `qlora-kit data` estimates for the longest packed pair, the length
+    the run's speed plan reads, and says so; with shared_prefix auto (off), for the two unpacked rows."""
     import qlora_kit.memory
     from qlora_kit.cli import main
     from qlora_kit.data import build_datasets, longest_packed_pair
@@ -513,10 +513,10 @@ def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_u
 
     monkeypatch.setattr(qlora_kit.memory, "estimate_training_memory", recorded)
     sections = method_sections("dpo", pairs_file, gradient_checkpointing=True)
-    recipe = load_recipe(make_recipe(**sections))
+    recipe = load_recipe(make_recipe(**sections, speed={"shared_prefix": True}))
     packed = longest_packed_pair(build_datasets(recipe, tiny_tokenizer), recipe)
     assert main(["data", str(recipe.source)]) == 0
     assert f"pairs packed into rows up to {packed} tokens (speed.shared_prefix)" in capsys.readouterr().out
-    assert main(["data", str(make_recipe("unshared", **sections, speed={"shared_prefix": False}))]) == 0
+    assert main(["data", str(make_recipe("unshared", **sections))]) == 0
     assert "packed" not in capsys.readouterr().out
     assert asked == [packed, None]

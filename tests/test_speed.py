@@ -1121,6 +1121,30 @@ def test_attention_kernel_auto_switches_cudnn_off_only_where_flash_is_measurably
         assert choose_attention_kernel(setting, shape, [], timed) == setting and not calls
     timed, calls = timer(1.0, 1.0)
     assert choose_attention_kernel("auto", None, [], timed) == "default" and not calls
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: False)  # someone switched it off
+    notes = []
+    assert choose_attention_kernel("auto", shape, notes, timed) == "flash" and not calls
+    assert notes == ["attention_kernel: auto -> flash (cuDNN's attention is already off in this process)"]
+
+
+def test_the_attention_kernel_switch_is_undone_when_training_ends(monkeypatch):
+    """cuDNN's attention is a process-wide switch: flash turns it off for the run and training's end (or its error)
+    puts back what was there, so a second run in the process times the kernels again (a GPU test caught the second
+    plan of a test session seeing it off)."""
+    from qlora_kit.speed.attention import apply_attention_kernel, restore_attention_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    state = {"on": True}
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: state["on"])
+    monkeypatch.setattr(torch.backends.cuda, "enable_cudnn_sdp", lambda on: state.update(on=on))
+    assert apply_attention_kernel("default") is None and state["on"]
+    before = apply_attention_kernel("flash")
+    assert before is True and not state["on"]
+    assert apply_attention_kernel("flash") is None  # already off: nothing of ours to undo
+    restore_attention_kernel(before)
+    assert state["on"]
+    restore_attention_kernel(None)
+    assert state["on"]
 
 
 def test_attention_is_timed_at_the_training_rows_only_for_sdpa_on_a_gpu(make_recipe, tiny_model_dir, monkeypatch):
@@ -1207,19 +1231,22 @@ def test_a_packed_pair_row_changes_nothing_for_sft_or_kto_and_is_capped_at_two_r
 
 
 def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe, tmp_path):
-    """The H200 DPO row: speed.memory 12.96 GiB kept 4 layers and peaked at 8.73; with the packed pairs counted the
-    plan keeps 9, still under the target by the estimate; shared_prefix: false plans as before."""
+    """The H200 DPO row (shared_prefix on, as `auto` was then): speed.memory 12.96 GiB kept 4 layers and peaked at
+    8.73; with the packed pairs counted the plan keeps 9, still under the target by the estimate; shared_prefix off
+    (`auto` today) plans for the two unpacked rows as before."""
     config = bench_8b_config()
     machine = gpu_machine(usable_gpu_gib=139.2)
-    recipe = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96)
+    recipe = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=True)
     plan = decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
     assert plan.shared_prefix and plan.kept_layers == 9
     assert any("pairs packed into rows up to 2048 tokens" in note for note in plan.notes)
     # every pair as two rows of 1,536 (no packed length known, or shared_prefix off): 8.8 GiB checkpointed, 0.80 a
     # layer -> 5 (the H200 run's own code, a few commits older, said 9.1 GiB there and kept 4)
     assert decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536).kept_layers == 5
-    unshared = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=False)
-    plan = decide_speed_plan(unshared, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
-    assert not plan.shared_prefix and plan.kept_layers == 5
-    orpo = pair_recipe(make_recipe, tmp_path, "orpo", memory=15.96)  # its logits leave room for one layer only
+    for unshared in (False, "auto"):
+        off = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=unshared)
+        plan = decide_speed_plan(off, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
+        assert not plan.shared_prefix and plan.kept_layers == 5
+    # its logits leave room for one layer only
+    orpo = pair_recipe(make_recipe, tmp_path, "orpo", memory=15.96, shared_prefix=True)
     assert decide_speed_plan(orpo, config, machine, 41_943_040, longest_row=1536, longest_pair=2048).kept_layers == 1

@@ -97,8 +97,11 @@ def choose_attention_kernel(setting: str, shape: AttentionShape | None, notes: l
     (cuDNN's attention off for the run). `shape` None: no GPU or not sdpa attention, nothing to time."""
     if setting != "auto":
         return setting
-    if shape is None or not torch.backends.cuda.cudnn_sdp_enabled():
+    if shape is None:
         return "default"
+    if not torch.backends.cuda.cudnn_sdp_enabled():
+        notes.append("attention_kernel: auto -> flash (cuDNN's attention is already off in this process)")
+        return "flash"
     from torch.nn.attention import SDPBackend
 
     cudnn, flash = timer(shape, SDPBackend.CUDNN_ATTENTION), timer(shape, SDPBackend.FLASH_ATTENTION)
@@ -113,8 +116,17 @@ def choose_attention_kernel(setting: str, shape: AttentionShape | None, notes: l
     return chosen
 
 
-def apply_attention_kernel(kernel: str) -> None:
-    """cuDNN's SDPA off for this process when the plan chose flash (PyTorch then takes FlashAttention)."""
-    if kernel == "flash" and torch.cuda.is_available() and torch.backends.cuda.cudnn_sdp_enabled():
-        torch.backends.cuda.enable_cudnn_sdp(False)
-        log.info("speed.attention_kernel: cuDNN's attention off, FlashAttention runs the model's sdpa attention")
+def apply_attention_kernel(kernel: str) -> bool | None:
+    """cuDNN's SDPA off when the plan chose flash (PyTorch then takes FlashAttention). A process-wide switch: returns
+    the setting it replaced (None: nothing changed), which `restore_attention_kernel` puts back when training ends,
+    so a second run in the same process (a notebook, the tests) starts from PyTorch's own order and times again."""
+    if kernel != "flash" or not torch.cuda.is_available() or not torch.backends.cuda.cudnn_sdp_enabled():
+        return None
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    log.info("speed.attention_kernel: cuDNN's attention off, FlashAttention runs the model's sdpa attention")
+    return True
+
+
+def restore_attention_kernel(before: bool | None) -> None:
+    if before is not None:
+        torch.backends.cuda.enable_cudnn_sdp(before)

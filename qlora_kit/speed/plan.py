@@ -28,7 +28,12 @@ from qlora_kit.memory import (
 )
 from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
-from qlora_kit.speed.attention import AttentionShape, apply_attention_kernel, choose_attention_kernel
+from qlora_kit.speed.attention import (
+    AttentionShape,
+    apply_attention_kernel,
+    choose_attention_kernel,
+    restore_attention_kernel,
+)
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
@@ -176,10 +181,15 @@ def packed_pair_row(shared_prefix: bool, longest_pair: int | None, notes: list[s
 
 
 def shares_pair_prefixes(recipe: Recipe, fsdp: bool, notes: list[str]) -> bool:
-    """speed.shared_prefix: on for the pair methods (dpo, orpo, simpo; validation refuses `true` for the others) with
-    sdpa or eager attention, one process or DDP."""
+    """speed.shared_prefix: `true` shares for the pair methods (dpo, orpo, simpo; validation refuses it for the
+    others) with sdpa or eager attention, one process or DDP. `auto` leaves it off: exact, but the one GPU measurement
+    so far showed no gain (docs/methods.md), so it is not a default until one does."""
     wanted = recipe.speed.shared_prefix
     if not wanted or recipe.method not in PAIRED_METHODS:
+        return False
+    if wanted == "auto":
+        notes.append("shared_prefix: auto -> off (exact, but not yet measured faster on a GPU: on an H200, DPO at "
+                     "the 8B shape took as long per step with it; speed.shared_prefix: true turns it on)")
         return False
     attention = recipe.model.attn_implementation
     if attention not in ("sdpa", "eager"):
@@ -468,8 +478,8 @@ def timed_attention(recipe: Recipe, model_config, machine: Machine) -> Attention
 
 
 def apply_speed_plan(model, plan: SpeedPlan) -> None:
-    """Apply the plan to a model the trainer has set up (checkpointing switched on); says what it did."""
-    apply_attention_kernel(plan.attention_kernel)
+    """Apply the plan to a model the trainer has set up (checkpointing switched on); says what it did. (The
+    process-wide attention kernel is ApplySpeedPlan's: it is undone when training ends.)"""
     if plan.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
             model, cast_adapters_once=plan.cast_adapters_once, triton_dequantize=plan.triton_dequantize))
@@ -542,8 +552,10 @@ class ApplySpeedPlan(TrainerCallback):
     def __init__(self, plan: SpeedPlan) -> None:
         self.plan = plan
         self.gc_scheduled = False
+        self.cudnn_attention_before: bool | None = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.cudnn_attention_before = apply_attention_kernel(self.plan.attention_kernel)
         apply_speed_plan(model, self.plan)
         if self.plan.gc_every_steps:
             schedule_python_gc()
@@ -557,11 +569,13 @@ class ApplySpeedPlan(TrainerCallback):
             gc.collect(1)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.restore_python_gc()
+        self.restore_process_settings()
 
-    def restore_python_gc(self) -> None:
-        """Python's own collection schedule again, if training changed it (also run when training ends with an
-        error, which skips on_train_end)."""
+    def restore_process_settings(self) -> None:
+        """Python's own collection schedule and PyTorch's attention kernels again, if training changed them (also
+        run when training ends with an error, which skips on_train_end)."""
+        restore_attention_kernel(self.cudnn_attention_before)
+        self.cudnn_attention_before = None
         if self.gc_scheduled:
             gc.unfreeze()
             gc.enable()

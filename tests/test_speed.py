@@ -1192,6 +1192,7 @@ def pair_recipe(make_recipe, tmp_path, method: str, **speed):
 
     pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     return load_recipe(make_recipe(method=method, data={"datasets": [{"path": str(pairs)}]},
+                                   lora={"r": 16, "alpha": 32},
                                    training={"gradient_checkpointing": True, "max_length": 2048, "batch_size": 2,
                                              "optimizer": "paged_adamw_8bit"},  # as the bench's recipes
                                    speed=speed))
@@ -1232,21 +1233,21 @@ def test_a_packed_pair_row_changes_nothing_for_sft_or_kto_and_is_capped_at_two_r
 
 def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe, tmp_path):
     """The H200 DPO row (shared_prefix on, as `auto` was then): speed.memory 12.96 GiB kept 4 layers and peaked at
-    8.73; with the packed pairs counted the plan keeps 9, still under the target by the estimate; shared_prefix off
-    (`auto` today) plans for the two unpacked rows as before."""
+    8.73; with the packed pairs counted the plan keeps 8, still under the target by the estimate; shared_prefix off
+    (`auto` today) plans for the two unpacked rows as before. ORPO's 15.96 kept 8 and overshot to 19.24: now none."""
     config = bench_8b_config()
     machine = gpu_machine(usable_gpu_gib=139.2)
     recipe = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=True)
     plan = decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
-    assert plan.shared_prefix and plan.kept_layers == 9
+    assert plan.shared_prefix and plan.kept_layers == 8
     assert any("pairs packed into rows up to 2048 tokens" in note for note in plan.notes)
-    # every pair as two rows of 1,536 (no packed length known, or shared_prefix off): 8.8 GiB checkpointed, 0.80 a
-    # layer -> 5 (the H200 run's own code, a few commits older, said 9.1 GiB there and kept 4)
-    assert decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536).kept_layers == 5
+    # every pair as two rows of 1,536 (no packed length known, or shared_prefix off): 9.1 GiB checkpointed, 0.80 a
+    # layer -> 4, the H200 run's plan
+    assert decide_speed_plan(recipe, config, machine, 41_943_040, longest_row=1536).kept_layers == 4
     for unshared in (False, "auto"):
         off = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=unshared)
         plan = decide_speed_plan(off, config, machine, 41_943_040, longest_row=1536, longest_pair=2048)
-        assert not plan.shared_prefix and plan.kept_layers == 5
-    # its logits leave room for one layer only
+        assert not plan.shared_prefix and plan.kept_layers == 4
+    # its 7.3 GiB of logits leave no room for a kept layer (15.7 GiB estimated with every layer checkpointed)
     orpo = pair_recipe(make_recipe, tmp_path, "orpo", memory=15.96, shared_prefix=True)
-    assert decide_speed_plan(orpo, config, machine, 41_943_040, longest_row=1536, longest_pair=2048).kept_layers == 1
+    assert decide_speed_plan(orpo, config, machine, 41_943_040, longest_row=1536, longest_pair=2048).kept_layers == 0

@@ -93,10 +93,9 @@ FAMILY_SHAPES = ["tiny", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral", "tiny-gem
                  "tiny-phi-4-mini", "tiny-smollm2"]
 
 
-@pytest.fixture(scope="session")
-def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[[str], Path]:
-    """`family_model_dir(shape)`: a folder with a random model of a bench tiny shape (its family's config class and
-    features) over the tiny ChatML tokenizer, built once per session."""
+def save_family_model(shape: str, folder: Path, tiny_model_dir: Path, **overrides) -> Path:
+    """A random model of a bench shape (scripts/bench_common.py: its family's config class and features), sizes
+    overridden by `overrides`, saved in `folder` with the tiny ChatML tokenizer's files."""
     import shutil
     import sys
 
@@ -107,18 +106,24 @@ def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: P
     from bench_common import shape_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer), **overrides)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def family_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Callable[[str], Path]:
+    """`family_model_dir(shape)`: a folder with a random model of a bench tiny shape over the tiny ChatML tokenizer,
+    built once per session."""
     built: dict[str, Path] = {}
 
     def build(shape: str) -> Path:
         if shape not in built:
-            folder = tmp_path_factory.mktemp(shape)
-            config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer))
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-            for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-                if (tiny_model_dir / name).is_file():
-                    shutil.copy(tiny_model_dir / name, folder / name)
-            built[shape] = folder
+            built[shape] = save_family_model(shape, tmp_path_factory.mktemp(shape), tiny_model_dir)
         return built[shape]
 
     return build

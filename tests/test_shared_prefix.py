@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, write_jsonl
+from conftest import WORDS, save_family_model, write_jsonl
 from test_methods import loss_and_adapter_gradients, method_sections
 
 from qlora_kit.recipe import RecipeError, load_recipe
@@ -63,25 +61,13 @@ def long_prefix_pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def family_folder(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path):
     """`family_folder(name)`: a random model of FAMILIES[name] over the tiny ChatML tokenizer, built once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from bench_common import shape_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     built: dict[str, Path] = {}
 
     def build(name: str) -> Path:
         if name not in built:
             shape, overrides, _ = FAMILIES[name]
-            folder = tmp_path_factory.mktemp(f"pairs-{name}")
-            config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer), **overrides)
-            torch.manual_seed(0)
-            AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-            for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-                if (tiny_model_dir / file).is_file():
-                    shutil.copy(tiny_model_dir / file, folder / file)
-            built[name] = folder
+            built[name] = save_family_model(shape, tmp_path_factory.mktemp(f"pairs-{name}"), tiny_model_dir,
+                                            **overrides)
         return built[name]
 
     return build

@@ -150,10 +150,10 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
     parts["each_kept_layer"] = one_layer / gib if t.gradient_checkpointing else 0.0  # speed.keep_activations_layers
     sampling = recipe.method == "grpo"  # every completion of an optimizer step in one generate call (trl's default)
-    rows = t.batch_size * t.gradient_accumulation_steps
+    completions = t.batch_size * t.gradient_accumulation_steps
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    kv_cache = rows * t.max_length * text.num_hidden_layers * 2 * kv_heads * head_dim * bytes_act
+    kv_cache = completions * t.max_length * text.num_hidden_layers * 2 * kv_heads * head_dim * bytes_act
     parts["generation_kv_cache"] = kv_cache / gib if sampling else 0.0
     copied = sum(m.weight.numel() for m in adapted) if recipe.quantization.load_in_4bit else 0
     parts["generation_copy"] = copied * bytes_act / gib if sampling else 0.0  # speed.generation_weights: bf16

@@ -207,11 +207,17 @@ class ZipfText:
         return join_tokens(sentence_tokens(self.rng, self.words, self.weights, tokens))
 
 
+def rendered_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    """The token ids of `messages` as the bench tokenizer's chat template renders them (what qlora-kit trains on)."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True,
+                                         return_dict=True)["input_ids"]
+
+
 def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
     """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens."""
     text = ZipfText(1234)
     probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]
-    overhead = len(tokenizer.apply_chat_template(probe, tokenize=True, return_dict=True)["input_ids"]) - 2
+    overhead = len(rendered_ids(tokenizer, probe)) - 2
     lengths, unknown = [], 0
     unk = tokenizer.convert_tokens_to_ids("[UNK]")
     with path.open("w") as handle:
@@ -219,7 +225,7 @@ def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
             user = text.rng.randint(seq // 8, seq // 4)
             messages = [{"role": "user", "content": text(user)},
                         {"role": "assistant", "content": text(seq - overhead - user)}]
-            ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            ids = rendered_ids(tokenizer, messages)
             lengths.append(len(ids))
             unknown += ids.count(unk)
             handle.write(json.dumps({"messages": messages}) + "\n")
@@ -239,10 +245,8 @@ def template_overheads(tokenizer) -> tuple[int, int]:
     """(tokens the chat template adds around a user turn plus the generation prompt, tokens it adds to an assistant
     turn), from a one-word probe."""
     user = [{"role": "user", "content": "hello"}]
-    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True, return_dict=True)
-    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": "hello"}], tokenize=True,
-                                         return_dict=True)
-    prompt_ids, full_ids = prompt["input_ids"], full["input_ids"]
+    prompt_ids = rendered_ids(tokenizer, user, generation_prompt=True)
+    full_ids = rendered_ids(tokenizer, user + [{"role": "assistant", "content": "hello"}])
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise SystemExit("the bench template does not render a prompt as the prefix of its conversation")
     return len(prompt_ids) - 1, len(full_ids) - len(prompt_ids) - 1
@@ -271,10 +275,9 @@ def preference_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
             prompt = [{"role": "user", "content": text(prompt_len - prompt_extra)}]
             chosen = [{"role": "assistant", "content": text(chosen_len - answer_extra)}]
             rejected = [{"role": "assistant", "content": text(rejected_len - answer_extra)}]
-            prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=True)["input_ids"]
+            prompt_ids = rendered_ids(tokenizer, prompt, generation_prompt=True)
             for answer, want in ((chosen, chosen_len), (rejected, rejected_len)):
-                full = tokenizer.apply_chat_template(prompt + answer, tokenize=True, return_dict=True)["input_ids"]
+                full = rendered_ids(tokenizer, prompt + answer)
                 seen.add((len(prompt_ids), len(full) - len(prompt_ids), want))
             handle.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
     if {(p, a) for p, a, _ in seen} != {(prompt_len, want) for _, _, want in seen}:
@@ -297,8 +300,7 @@ def prompt_data(work: Path, prompt_tokens: int, rows: int) -> dict[str, Any]:
     with path.open("w") as handle:
         for _ in range(rows):
             prompt = [{"role": "user", "content": text(prompt_tokens - prompt_extra)}]
-            lengths.add(len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                          return_dict=True)["input_ids"]))
+            lengths.add(len(rendered_ids(tokenizer, prompt, generation_prompt=True)))
             handle.write(json.dumps({"prompt": prompt}) + "\n")
     if lengths != {prompt_tokens}:
         raise SystemExit(f"prompts render to {sorted(lengths)} tokens, want exactly {prompt_tokens}")

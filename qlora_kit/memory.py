@@ -29,6 +29,10 @@ FULL_LOGIT_PAIR_BYTES = 10
 # (fused_lm_head=True), ORPO / CPO compute log_softmax over the logits they return
 FULL_LOGIT_METHODS = ("orpo", "simpo")
 CUDA_OVERHEAD_GIB = 1.0
+# hidden-sized compute-dtype tensors a kept layer saves for backward besides its MLP's intermediates (norm inputs and
+# outputs, q / k / v / attention output at GQA widths, projection inputs): fitted to the H200 kept-layer costs of
+# Llama-3-8B (SFT and DPO), Mistral-7B, Qwen3-8B and Gemma-3-4B, each within 5% (docs/benchmarks.md, "Memory estimate")
+LAYER_HIDDEN_WIDE = 6
 
 
 # estimate parts that are not GPU training-peak terms (GRPO's sampling: see generation_peak_gib)
@@ -122,8 +126,8 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     bytes_act = compute_dtype.itemsize
     layer_input = tokens * text.hidden_size * bytes_act
     mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
-    mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 3  # gate, up (and silu(gate) * up)
-    one_layer = (tokens * 10 * text.hidden_size +
+    mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 4  # gate, up (and act(gate), act(gate) * up)
+    one_layer = (tokens * LAYER_HIDDEN_WIDE * text.hidden_size +
                  mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
     one_layer += eager_attention_scores(recipe, text, rows, row_length) * (4 + 2 * bytes_act)
     kept = recipe.speed.keep_activations_layers

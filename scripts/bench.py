@@ -632,12 +632,14 @@ def cmd_profile_qlora_kit(recipe_path: str, out_path: str, *overrides: str) -> N
 
 
 def unpinned(overrides: list[str]) -> list[str]:
-    """A variant that sets speed.memory lets it choose the kept layers: the bench recipe's pin to 0 (the plain path's
-    every layer checkpointed) would contradict it, and qlora-kit refuses that recipe."""
+    """A variant that sets speed.memory runs what a recipe with that key gets: the keys the bench pins to the plain
+    path's settings (PINNED_TO_PLAIN) go back to qlora-kit's defaults unless the variant sets them. The pin of the kept
+    layers to 0 would contradict speed.memory (qlora-kit refuses that recipe), and the pinned paged 8-bit AdamW, which
+    speed.memory picks itself only when the target needs it, cost a matched DPO run a fifth of its step."""
     keys = {o.partition("=")[0] for o in overrides}
-    if "speed.memory" in keys and "speed.keep_activations_layers" not in keys:
-        return [*overrides, "speed.keep_activations_layers=auto"]
-    return overrides
+    if "speed.memory" not in keys:
+        return overrides
+    return [*overrides, *(o for o in qlora_kit_defaults() if o.partition("=")[0] not in keys)]
 
 
 def matched_to_reference(overrides: list[str], reference_peak_gib: float | None) -> list[str]:

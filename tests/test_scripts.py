@@ -317,7 +317,8 @@ def test_unsloth_child_imports_unsloth_from_its_site_before_transformers_trl_and
 
 def test_a_bench_variant_with_a_memory_goal_is_not_pinned_to_every_layer_checkpointed(make_recipe):
     """The bench pins keep_activations_layers to 0 (the plain path's setting); speed.memory chooses the kept layers
-    and qlora-kit refuses both set, so such a variant gets `auto` (an H200 call lost its runs to that)."""
+    and qlora-kit refuses both set, so such a variant gets `auto` (an H200 call lost its runs to that), and the
+    optimizer qlora-kit picks (`auto`), as a recipe with speed.memory has."""
     import bench
     from bench_common import qlora_kit_recipe
 
@@ -327,12 +328,13 @@ def test_a_bench_variant_with_a_memory_goal_is_not_pinned_to_every_layer_checkpo
         {"keep_activations_layers": 0}
     pinned = make_recipe(speed={"keep_activations_layers": 0})
     overrides = bench.unpinned(["speed.memory=12.5"])
-    assert overrides == ["speed.memory=12.5", "speed.keep_activations_layers=auto"]
+    assert overrides == ["speed.memory=12.5", "training.optimizer=auto", "speed.keep_activations_layers=auto"]
     with pytest.raises(RecipeError, match="contradicts speed.memory"):
         load_recipe(pinned, ["speed.memory=12.5"])
     assert load_recipe(pinned, overrides).speed.memory == 12.5
-    assert bench.unpinned(["speed.memory=12", "speed.keep_activations_layers=auto"]) == \
-        ["speed.memory=12", "speed.keep_activations_layers=auto"]
+    assert bench.unpinned(["speed.memory=12", "speed.keep_activations_layers=auto", "training.optimizer=adamw_torch"]) \
+        == ["speed.memory=12", "speed.keep_activations_layers=auto", "training.optimizer=adamw_torch"]
+    assert load_recipe(pinned, overrides).training.optimizer == "auto"  # what a recipe with speed.memory gets
     assert bench.unpinned(["training.optimizer=auto"]) == ["training.optimizer=auto"]
 
 

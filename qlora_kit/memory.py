@@ -20,7 +20,11 @@ from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
-CUDA_OVERHEAD_GIB = 1.0
+# the CUDA context and library workspaces, outside torch's allocator: neither torch.cuda.max_memory_allocated (the
+# peak qlora-kit reports and a speed.memory target means) nor the free memory the speed plan reads after loading
+# includes it; the allocator's slack is in the allocated peak. Split from one 1 GiB term on the H200 rows of
+# 2026-11-30, whose allocated peaks with every layer checkpointed sat 0.7-1.1 GiB under it (docs/benchmarks.md)
+CUDA_CONTEXT_GIB, ALLOCATOR_SLACK_GIB = 0.75, 0.25
 # hidden-sized compute-dtype tensors a kept layer saves for backward besides its MLP's intermediates (norm inputs and
 # outputs, q / k / v / attention output at GQA widths, projection inputs): fitted to the H200 kept-layer costs of
 # Llama-3-8B (SFT and DPO), Mistral-7B, Qwen3-8B and Gemma-3-4B, each within 5% (docs/benchmarks.md, "Memory estimate")
@@ -79,8 +83,9 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     grads in fp32, 8-bit Adam states and (fused LoRA) the weights' compute-dtype copies; activations with checkpointing
     = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the
     peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1
-    GiB of CUDA context and allocator slack. Full max_length rows: the worst case. With speed.offload_checkpoints the
-    layer inputs are host memory, returned as `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
+    GiB of CUDA context (not in torch's allocated peak: allocated_peak_gib) and allocator slack. Full max_length rows:
+    the worst case. With speed.offload_checkpoints the layer inputs are host memory, returned as
+    `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
     is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
     the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
     `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
@@ -140,7 +145,8 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
         "activations": activations / gib,
         "logits": logit_tokens * text.vocab_size * logit_bytes(fused_cross_entropy) / gib,
-        "cuda_overhead": CUDA_OVERHEAD_GIB,
+        "cuda_context": CUDA_CONTEXT_GIB,
+        "allocator_slack": ALLOCATOR_SLACK_GIB,
     }
     parts["total"] = sum(parts.values())
     parts["cpu_offloaded_checkpoints"] = checkpointed_inputs / gib if offloaded else 0.0  # host RAM
@@ -156,12 +162,18 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     return parts
 
 
+def allocated_peak_gib(parts: dict[str, float]) -> float:
+    """The estimate in torch's allocated terms (torch.cuda.max_memory_allocated, the peak qlora-kit reports): what the
+    speed plan holds against the free memory it reads after loading and against a speed.memory target."""
+    return parts["total"] - parts["cuda_context"]
+
+
 def generation_peak_gib(parts: dict[str, float], with_copy: bool) -> float:
     """GRPO's peak while it samples, from estimate_memory_for_config's parts: the weights, the adapter with its
     gradients and optimizer states, the KV cache of the step's completions at full length, CUDA's overhead and (with
     speed.generation_weights: bf16) the merged compute-dtype copies; no training activations or logits are alive
     then. The step's training peak comes at another moment and reuses the memory."""
-    held = ("quantized_weights", "other_weights", "lora_weights_grads_optimizer", "cuda_overhead",
+    held = ("quantized_weights", "other_weights", "lora_weights_grads_optimizer", "cuda_context", "allocator_slack",
             "generation_kv_cache")
     return sum(parts[key] for key in held) + (parts["generation_copy"] if with_copy else 0.0)
 

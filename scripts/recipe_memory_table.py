@@ -7,7 +7,7 @@ Each row is qlora_kit.memory.estimate_training_memory, what `qlora-kit data` pri
 the other weights in the compute dtype (fp32 with quantization.upcast_to_fp32), LoRA weights + grads in fp32 with
 8-bit Adam states, checkpointed activations, the logits (none with Liger's fused cross-entropy, the GPU default;
 else batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack
-(qlora_kit.memory.LOGIT_BYTES and CUDA_OVERHEAD_GIB). Padding-free or short
+(qlora_kit.memory.LOGIT_BYTES, CUDA_CONTEXT_GIB and ALLOCATOR_SLACK_GIB). Padding-free or short
 rows need less; packing to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
@@ -61,7 +61,6 @@ REAL_CONFIGS: dict[str, tuple[str, str, dict]] = {
 }
 GPUS_GIB = (8, 12, 16, 24, 40, 48, 80)
 LOGIT_BYTES = 4
-CUDA_OVERHEAD_GIB = 1.0
 
 
 def estimate(recipe_file: str) -> dict[str, float]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import FAMILY_SHAPES
 
+from qlora_kit.memory import allocated_peak_gib
 from qlora_kit.model import build_quantized_model
 from qlora_kit.recipe import load_recipe
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
@@ -885,7 +886,7 @@ def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(
     estimate = estimate_memory_for_config(recipe, config, liger=True)
 
     def gib_for(kept_layers: float) -> float:  # the peak with every layer checkpointed, the kept layers, 10% spare
-        return (estimate["total"] + kept_layers * estimate["each_kept_layer"]) / 0.9
+        return (allocated_peak_gib(estimate) + kept_layers * estimate["each_kept_layer"]) / 0.9
 
     assert kept(gib_for(1.5)) == 1
     assert kept(gib_for(0.5)) == 0
@@ -951,7 +952,7 @@ def test_memory_least_recomputes_every_layer_offloads_where_that_pays_and_takes_
     assert (plan.memory, plan.kept_layers, plan.checkpointing, plan.optimizer) == (
         "least", 0, "offloaded", "paged_adamw_8bit")
     assert not plan.cast_adapters_once  # as with speed.offload_checkpoints: true
-    on_gpu = estimate_memory_for_config(least, llama_8b, liger=True)["total"]
+    on_gpu = allocated_peak_gib(estimate_memory_for_config(least, llama_8b, liger=True))
     assert any(note.startswith(f"offload_checkpoints: speed.memory: least -> on (estimated peak {on_gpu:.2f} GiB")
                for note in plan.notes)
     fastest = decide_speed_plan(load_recipe(make_recipe(training=training)), llama_8b, gpu_machine(), 42_000_000)
@@ -987,7 +988,7 @@ def test_memory_target_keeps_as_many_layers_as_the_estimate_fits_under_it(make_r
         return decide_speed_plan(recipe, config, gpu_machine(usable_gpu_gib=usable_gib), adapter_parameters)
 
     def gib_for(kept_layers: float) -> float:
-        return estimate["total"] + kept_layers * estimate["each_kept_layer"]
+        return allocated_peak_gib(estimate) + kept_layers * estimate["each_kept_layer"]
 
     assert plan_for(gib_for(1.5)).kept_layers == 1
     assert plan_for(gib_for(2.5)).kept_layers == 2
@@ -1217,7 +1218,7 @@ def pair_estimate(make_recipe, tmp_path, method, kept, packed, fused_adamw):
     recipe = rows_of_length(pair_recipe(make_recipe, tmp_path, method, keep_activations_layers=kept), 1536)
     estimate = estimate_memory_for_config(recipe, bench_8b_config(), liger=True, packed_pair_row=packed)
     states = ADAPTER_8B_R16 * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30 if fused_adamw else 0.0
-    return estimate, estimate["total"] + states
+    return estimate, allocated_peak_gib(estimate) + states
 
 
 def test_the_pair_estimate_is_within_12_percent_of_every_measured_h200_peak(make_recipe, tmp_path):
@@ -1269,25 +1270,25 @@ def test_a_packed_pair_row_changes_nothing_for_sft_or_kto_and_is_capped_at_two_r
 
 def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe, tmp_path):
     """The H200 DPO rows: speed.memory 12.96 GiB (the plain path's peak) kept 4 layers with packed pairs and peaked at
-    8.73, 4.2 GiB under. Now: 11 kept with packed pairs, 6 without (2,048 vs 3,072 decoder tokens a pair), and both
+    8.73, 4.2 GiB under. Now: 13 kept with packed pairs, 7 without (2,048 vs 3,072 decoder tokens a pair), and both
     plans stay under the target by the measured costs (H200_PAIR_PEAKS: the checkpointed peak plus the slope)."""
     config = bench_8b_config()
     machine = gpu_machine(usable_gpu_gib=139.2)
     recipe = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=True)
     plan = decide_speed_plan(recipe, config, machine, ADAPTER_8B_R16, longest_row=1536, longest_pair=2048)
-    assert plan.shared_prefix and plan.kept_layers == 11
+    assert plan.shared_prefix and plan.kept_layers == 13
     assert any("pairs packed into rows up to 2048 tokens" in note for note in plan.notes)
-    assert 8.73 + (11 - 4) * (19.98 - ADAPTER_8B_R16 * 6 / 2**30 - 8.73) / 28 <= 12.96
+    assert 8.73 + (13 - 4) * (19.98 - ADAPTER_8B_R16 * 6 / 2**30 - 8.73) / 28 <= 12.96
     # every pair as two rows of 1,536 (no packed length known, or shared_prefix off)
-    assert decide_speed_plan(recipe, config, machine, ADAPTER_8B_R16, longest_row=1536).kept_layers == 6
+    assert decide_speed_plan(recipe, config, machine, ADAPTER_8B_R16, longest_row=1536).kept_layers == 7
     for unshared in (False, "auto"):
         off = pair_recipe(make_recipe, tmp_path, "dpo", memory=12.96, shared_prefix=unshared)
         plan = decide_speed_plan(off, config, machine, ADAPTER_8B_R16, longest_row=1536, longest_pair=2048)
-        assert not plan.shared_prefix and plan.kept_layers == 6
-    assert 8.06 + 6 * (26.99 - ADAPTER_8B_R16 * 6 / 2**30 - 8.06) / 32 <= 12.96
+        assert not plan.shared_prefix and plan.kept_layers == 7
+    assert 8.06 + 7 * (26.99 - ADAPTER_8B_R16 * 6 / 2**30 - 8.06) / 32 <= 12.96
     # ORPO and SimPO plan as DPO since they take the fused LM head (with full logits ORPO's 15.96 GiB target kept 8
     # packed layers and overshot to 19.24; the plans through the fused head are not yet measured on a GPU)
     for method in ("orpo", "simpo"):
         pairs = pair_recipe(make_recipe, tmp_path, method, memory=12.96, shared_prefix=True)
         assert decide_speed_plan(pairs, config, machine, ADAPTER_8B_R16, longest_row=1536,
-                                 longest_pair=2048).kept_layers == 11
+                                 longest_pair=2048).kept_layers == 13

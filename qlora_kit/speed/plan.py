@@ -21,6 +21,7 @@ import torch
 from transformers import TrainerCallback
 
 from qlora_kit.memory import (
+    allocated_peak_gib,
     estimate_memory_for_config,
     generation_peak_gib,
     long_context_settings,
@@ -244,7 +245,8 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], p
         return 0
     estimate = estimate_memory_for_config(recipe, config, liger=machine.liger, packed_pair_row=packed)
     layers = config.get_text_config().num_hidden_layers
-    keep = kept_layers_that_fit(machine.usable_gpu_gib, estimate["total"], estimate["each_kept_layer"], layers)
+    keep = kept_layers_that_fit(machine.usable_gpu_gib, allocated_peak_gib(estimate), estimate["each_kept_layer"],
+                                layers)
     notes.append(f"keep_activations_layers: auto -> {keep} of {layers} layers keep their activations "
                  f"({machine.usable_gpu_gib:.1f} GiB usable on the GPU, estimated peak {estimate['total']:.1f} GiB "
                  f"with every layer checkpointed, {estimate['each_kept_layer']:.2f} GiB per kept layer, "
@@ -304,10 +306,11 @@ def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str], pac
         return True
     if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):
         return False
-    on_gpu = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config,
-                                        liger=machine.liger, packed_pair_row=packed)["total"]
-    offloaded = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True),
-                                           config, liger=machine.liger, packed_pair_row=packed)["total"]
+    on_gpu = allocated_peak_gib(estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config,
+                                                           liger=machine.liger, packed_pair_row=packed))
+    offloaded = allocated_peak_gib(estimate_memory_for_config(
+        with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True), config, liger=machine.liger,
+        packed_pair_row=packed))
     pays = on_gpu - offloaded >= OFFLOAD_PAYS_SHARE * on_gpu
     notes.append(f"offload_checkpoints: speed.memory: {memory_goal_name(recipe.speed.memory)} -> "
                  f"{'on' if pays else 'off'} (estimated peak {on_gpu:.2f} GiB, {offloaded:.2f} GiB offloaded; on "
@@ -330,7 +333,7 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
     states_gib = 0.0 if "8bit" in chosen else trainable_parameters * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30
     estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, liger=machine.liger,
                                           packed_pair_row=packed)
-    peak = estimate["total"] + states_gib
+    peak = allocated_peak_gib(estimate) + states_gib
     if peak > budget and optimizer == "auto" and states_gib:
         optimizer, peak = "paged_adamw_8bit", peak - states_gib
         notes.append(f"training.optimizer: auto -> paged_adamw_8bit (speed.memory: {target:g} GiB; 8-bit states)")
@@ -345,8 +348,8 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
     changes: dict = {"keep_activations_layers": 0}
     if offload_pays(recipe, config, machine, notes, packed):
         changes["offload_checkpoints"] = True
-        peak = estimate_memory_for_config(with_speed(recipe, **changes), config, liger=machine.liger,
-                                          packed_pair_row=packed)["total"]
+        peak = allocated_peak_gib(estimate_memory_for_config(with_speed(recipe, **changes), config,
+                                                             liger=machine.liger, packed_pair_row=packed))
     if peak > budget:
         notes.append(f"speed.memory: {target:g} GiB: the estimated peak is {peak:.1f} GiB even with every layer "
                      "checkpointed; training goes on, but lower training.batch_size or training.max_length to fit")

@@ -43,6 +43,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_data(args: argparse.Namespace) -> None:
     """Dry run of the data pipeline: tokenizer only, no model weights."""
+    import dataclasses
+
+    import torch
+
     from qlora_kit.data import build_datasets, describe_data, longest_packed_pair, longest_training_row
     from qlora_kit.memory import (
         NOT_IN_TOTAL,
@@ -52,8 +56,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         memory_warning,
         rows_of_length,
     )
-    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer, under_fsdp
-    from qlora_kit.speed.plan import packed_pair_row, shares_pair_prefixes
+    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer
+    from qlora_kit.speed.plan import Machine, packed_pair_row, shares_pair_prefixes
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
@@ -64,8 +68,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     longest = longest_training_row(data, recipe)
     sized = rows_of_length(recipe, longest)
     notes: list[str] = []  # the speed plan's reading of the data, as the training run will decide it
-    packed = packed_pair_row(shares_pair_prefixes(recipe, under_fsdp(), notes), longest_packed_pair(data, recipe),
-                             notes)
+    gpu_run = dataclasses.replace(Machine.measure(), gpus=max(1, torch.cuda.device_count()))  # the estimate's GPU run
+    packed = packed_pair_row(shares_pair_prefixes(recipe, gpu_run, notes), longest_packed_pair(data, recipe), notes)
     memory = estimate_training_memory(sized, folder, packed_pair_row=packed)
     rows = f" for rows up to {longest} tokens (the longest; max_length {recipe.training.max_length})" \
         if sized is not recipe else ""

@@ -500,7 +500,8 @@ def test_the_longest_packed_pair_is_prompt_plus_both_answers_and_only_for_pair_m
 def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_uses(make_recipe, pairs_file, capsys,
                                                                                     tiny_tokenizer, monkeypatch):
     """speed.shared_prefix: true (dpo with sdpa): `qlora-kit data` estimates for the longest packed pair, the length
-    the run's speed plan reads, and says so; with shared_prefix auto (off), for the two unpacked rows."""
+    the run's speed plan reads, and says so (auto too: the estimate is for a GPU run with sdpa, where auto shares);
+    with shared_prefix false, for the two unpacked rows."""
     import qlora_kit.memory
     from qlora_kit.cli import main
     from qlora_kit.data import build_datasets, longest_packed_pair
@@ -517,6 +518,8 @@ def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_u
     packed = longest_packed_pair(build_datasets(recipe, tiny_tokenizer), recipe)
     assert main(["data", str(recipe.source)]) == 0
     assert f"pairs packed into rows up to {packed} tokens (speed.shared_prefix)" in capsys.readouterr().out
-    assert main(["data", str(make_recipe("unshared", **sections))]) == 0
+    assert main(["data", str(make_recipe("auto", **sections))]) == 0
+    assert f"pairs packed into rows up to {packed} tokens (speed.shared_prefix)" in capsys.readouterr().out
+    assert main(["data", str(make_recipe("unshared", **sections, speed={"shared_prefix": False}))]) == 0
     assert "packed" not in capsys.readouterr().out
-    assert asked == [packed, None]
+    assert asked == [packed, packed, None]

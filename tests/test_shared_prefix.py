@@ -324,10 +324,10 @@ def plan_for(make_recipe, pairs_file, tiny_model_dir, method: str, attention: st
 
 
 @pytest.mark.parametrize("method", PAIR_METHODS)
-def test_true_shares_prefixes_for_pair_methods_with_sdpa_or_eager_and_auto_leaves_them_off(
+def test_true_shares_prefixes_for_pair_methods_with_sdpa_or_eager_and_auto_where_flex_attention_runs(
         method, make_recipe, prefix_pairs_file, tiny_model_dir):
-    """`true`: flex attention on a GPU with sdpa, a dense mask with eager or on CPU. `auto`: off with a note, until a
-    GPU measurement shows the lever pays (the H200 call of 2026-11-30 showed none)."""
+    """`true`: flex attention on a GPU with sdpa, a dense mask with eager or on CPU. `auto`: on where the flex path runs
+    (measured 1.25x on DPO's step on an H200), off with a note on CPU and with eager (a dense mask, not measured)."""
     gpu = plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, shared_prefix=True)
     assert gpu.shared_prefix and gpu.shared_prefix_flex
     assert "shared_prefix: True" in gpu.describe()
@@ -337,7 +337,11 @@ def test_true_shares_prefixes_for_pair_methods_with_sdpa_or_eager_and_auto_leave
     assert cpu.shared_prefix and not cpu.shared_prefix_flex
     assert not plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, shared_prefix=False).shared_prefix
     auto = plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method)
-    assert not auto.shared_prefix and any(note.startswith("shared_prefix: auto -> off") for note in auto.notes)
+    assert auto.shared_prefix and auto.shared_prefix_flex
+    assert any(note.startswith("shared_prefix: auto -> on") for note in auto.notes)
+    for off in (plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, gpus=0),
+                plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, attention="eager")):
+        assert not off.shared_prefix and any(note.startswith("shared_prefix: auto -> off") for note in off.notes)
 
 
 def test_flash_attention_and_other_methods_stay_unshared(make_recipe, prefix_pairs_file, tiny_model_dir,

@@ -20,14 +20,6 @@ from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 
 ESTIMATE_DTYPES = {**DTYPES, "auto": torch.bfloat16}  # the estimate is for a GPU; auto picks bf16 on every recent one
 LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_memory_table.py
-# trl.experimental's ORPO and CPO (simpo) concatenated_forward: the bf16 logits of chosen + rejected (2 bytes), the
-# NLL's contiguous copy of the chosen half and its cross-entropy log-softmax (1 + 1 averaged over both halves), the
-# per-row log-softmax outputs selective_log_softmax saves (2), and at the backward the logits' gradient and the
-# incoming one (2 + 2); calibrated on the measured ORPO peak (docs/benchmarks.md)
-FULL_LOGIT_PAIR_BYTES = 10
-# trainers that hold the full-vocabulary logits whatever liger does: trl 1.16's DPO / KTO take chunked log-probs
-# (fused_lm_head=True), ORPO / CPO compute log_softmax over the logits they return
-FULL_LOGIT_METHODS = ("orpo", "simpo")
 # the CUDA context and library workspaces, outside torch's allocator: neither torch.cuda.max_memory_allocated (the
 # peak qlora-kit reports and a speed.memory target means) nor the free memory the speed plan reads after loading
 # includes it; the allocator's slack is in the allocated peak. Split from one 1 GiB term on the H200 rows of
@@ -97,7 +89,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
     the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
     `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
-    held (dpo, kto: trl's chunked log-probs); orpo and simpo hold them whatever liger does, at FULL_LOGIT_PAIR_BYTES.
+    held (dpo, kto: trl's chunked log-probs; orpo, simpo: the same fused LM head, trainers.ChunkedPairLogProbs).
     Pair methods (dpo, orpo, simpo) count chosen and rejected rows: twice the batch. `packed_pair_row`: with
     speed.shared_prefix on, tokens of the longest packed pair (prompt + chosen + rejected); the decoder then runs one
     such row per pair (activations), while the logits stay on the two unpacked rows.
@@ -152,7 +144,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
         "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
         "activations": activations / gib,
-        "logits": logit_tokens * text.vocab_size * logit_bytes(recipe.method, fused_cross_entropy) / gib,
+        "logits": logit_tokens * text.vocab_size * logit_bytes(fused_cross_entropy) / gib,
         "cuda_context": CUDA_CONTEXT_GIB,
         "allocator_slack": ALLOCATOR_SLACK_GIB,
     }
@@ -186,11 +178,10 @@ def generation_peak_gib(parts: dict[str, float], with_copy: bool) -> float:
     return sum(parts[key] for key in held) + (parts["generation_copy"] if with_copy else 0.0)
 
 
-def logit_bytes(method: str, fused_cross_entropy: bool) -> int:
+def logit_bytes(fused_cross_entropy: bool) -> int:
     """Bytes per full-vocabulary logit value alive at the peak: none where Liger's fused linear cross-entropy (sft)
-    or trl's chunked log-probs (dpo, kto with Liger on) replace them; orpo / simpo hold them regardless."""
-    if method in FULL_LOGIT_METHODS:
-        return FULL_LOGIT_PAIR_BYTES
+    or trl's chunked log-probs (dpo, kto, and orpo / simpo through ChunkedPairLogProbs, with Liger on) replace
+    them."""
     return 0 if fused_cross_entropy else LOGIT_BYTES
 
 

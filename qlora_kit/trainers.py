@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -11,6 +12,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import TrainerCallback
@@ -189,6 +191,10 @@ def build_config(recipe: Recipe, run_dir: Path, compute_dtype: torch.dtype, has_
         common.update(include_num_input_tokens_seen="no", use_liger_kernel=False)
         if recipe.speed.liger_kernels and torch.cuda.is_available():
             log.info("speed.liger_kernels: not applied to GRPO (its Liger loss is not compared with trl's plain one)")
+    if recipe.method in ("orpo", "simpo") and plan.liger_kernels:
+        # Liger's fused linear cross-entropy replaces the model's forward when training starts, which would drop the
+        # fused LM head ChunkedPairLogProbs adds (as trl's DPOTrainer does for its own): its layer kernels only
+        common["liger_kernel_config"] = {"fused_linear_cross_entropy": False}
     config_class = method_config_class(recipe.method)
     section = {"sft": "training", "grpo": "grpo"}.get(recipe.method, "preference")
     try:
@@ -369,9 +375,13 @@ class CountsPairTokens:
 def orpo_trainer_class() -> type:
     from trl.experimental.orpo import ORPOTrainer
 
-    class QloraKitORPOTrainer(SharesPairPrefix, CountsPairTokens, ORPOTrainer):
+    class QloraKitORPOTrainer(SharesPairPrefix, CountsPairTokens, ChunkedPairLogProbs, ORPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
+
+        def pair_log_prob_settings(self) -> PairLogProbSettings:
+            # ORPO's NLL: cross-entropy over every attended token of the chosen rows, prompt included
+            return PairLogProbSettings(padding_value=self.padding_value, nll="attended", average=True)
 
     return QloraKitORPOTrainer
 
@@ -379,11 +389,95 @@ def orpo_trainer_class() -> type:
 def simpo_trainer_class() -> type:
     from trl.experimental.cpo import CPOTrainer
 
-    class QloraKitCPOTrainer(SharesPairPrefix, CountsPairTokens, CPOTrainer):
+    class QloraKitCPOTrainer(SharesPairPrefix, CountsPairTokens, ChunkedPairLogProbs, CPOTrainer):
         def tokenize_row(self, feature, model=None):
             return pair_columns_for_trl_experimental(feature)
 
+        def pair_log_prob_settings(self) -> PairLogProbSettings:
+            # CPO's NLL (only with cpo_alpha != 0): cross-entropy over the chosen rows' labels (answers only)
+            return PairLogProbSettings(padding_value=self.pad_token_id, nll="labels" if self.cpo_alpha else None,
+                                       average=self.loss_type in ("ipo", "simpo"))
+
     return QloraKitCPOTrainer
+
+
+@dataclasses.dataclass(frozen=True)
+class PairLogProbSettings:
+    """What trl's ORPO / CPO concatenated_forward computes from the logits: the input ids' padding value, which
+    tokens its chosen NLL averages ("attended": input ids where attended, "labels": the answer labels, None: no NLL,
+    a constant 0) and whether the per-row log-prob is the mean (True) or the sum over the answer labels."""
+
+    padding_value: int
+    nll: Literal["attended", "labels"] | None
+    average: bool
+
+
+class ChunkedPairLogProbs:
+    """trl.experimental ORPO / CPO (simpo) without the [2B, L, vocab] logits: one forward through trl's fused LM head
+    (`add_fused_lm_head`, the per-token log-probs trl's DPO and KTO take), from which `concatenated_forward` returns
+    what trl's returns: the per-row log-probs of the answer labels (mean or sum as trl's get_batch_logps), the chosen
+    NLL, the MoE aux loss. The two "logits" it returns feed only trl's logged `logits/chosen|rejected` means: they are
+    the per-token vocabulary means over the scored tokens, so those two logged means leave out padding (and for CPO
+    the prompt), as the shared-prefix path's already did; every other metric and the loss are trl's.
+    Encoder-decoder models keep trl's path (qlora-kit loads causal LMs only). The trainer class says how trl reads
+    the logits in `pair_log_prob_settings()`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.is_encoder_decoder:
+            add_fused_lm_head_once(self.model)
+
+    def concatenated_forward(self, model, batch: dict):
+        # trl offers: concatenated_forward on the model's full logits [2B, L, vocab] (log_softmax and cross-entropy
+        # over them). Why not: at vocab 128k and 2 x 1,536 tokens they are GiBs at the peak. Internal touched:
+        # ORPOTrainer / CPOTrainer.concatenated_forward, concatenated_inputs and aux_loss_enabled (trl 1.16.0).
+        if self.is_encoder_decoder:
+            return super().concatenated_forward(model, batch)
+        settings = self.pair_log_prob_settings()
+        concatenated = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=settings.padding_value,
+                                                device=self.accelerator.device)
+        input_ids = concatenated["concatenated_input_ids"]
+        attention_mask = concatenated["concatenated_attention_mask"]
+        labels = concatenated["concatenated_labels"]
+        chosen_rows = batch["chosen_labels"].shape[0]
+        if settings.nll == "attended":
+            scored = input_ids.masked_fill(attention_mask == 0, -100)
+            answers = labels != -100
+            if not torch.equal(scored[answers], labels[answers]):
+                raise upstream_changed("trl's ORPO batch: answer labels that are not the row's own input ids")
+        else:
+            scored = labels  # nothing reads the prompt's log-probs
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        outputs = model(input_ids, attention_mask=attention_mask, use_cache=False, labels=scored,
+                        fused_lm_head=True, **extra)
+        log_probs, mean_logits, scored_mask = outputs.log_probs, outputs.mean_logits, outputs.label_mask
+        answer_mask = labels[:, 1:] != -100
+        row_log_probs = (log_probs * answer_mask).sum(-1)
+        if settings.average:
+            row_log_probs = row_log_probs / answer_mask.sum(-1)
+        if settings.nll is None:
+            nll = torch.tensor(0.0).to(self.accelerator.device)
+        else:  # nn.CrossEntropyLoss's mean over the tokens it does not ignore
+            nll = -log_probs[:chosen_rows].sum() / scored_mask[:chosen_rows].sum()
+        chosen_logits = mean_logits[:chosen_rows][scored_mask[:chosen_rows]]
+        rejected_logits = mean_logits[chosen_rows:][scored_mask[chosen_rows:]]
+        result = (row_log_probs[:chosen_rows], row_log_probs[chosen_rows:], chosen_logits, rejected_logits, nll)
+        return (*result, outputs.aux_loss) if self.aux_loss_enabled else result
+
+
+FUSED_HEAD_OUTPUTS = ("log_probs", "mean_logits")
+
+
+def add_fused_lm_head_once(model) -> None:
+    """trl's fused LM head on the causal LM under the PEFT wrapper (as trl's DPOTrainer adds it), once per model:
+    `model(..., labels=..., fused_lm_head=True)` then returns per-token log-probs computed in tiles."""
+    from peft import PeftModel
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not base.__dict__.get("_qlora_kit_fused_lm_head", False):
+        add_fused_lm_head(base, outputs=FUSED_HEAD_OUTPUTS)
+        base._qlora_kit_fused_lm_head = True
 
 
 class SharesPairPrefix:

@@ -510,3 +510,75 @@ def test_attention_kernels_are_timed_on_the_gpu_and_flash_switches_cudnn_off() -
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(enabled)
+
+
+def orpo_step_peak_gib(tmp_path: Path, folder: Path, pairs: Path, trl_forward: bool, monkeypatch) -> float:
+    """GiB allocated at the peak of one ORPO loss + backward on the first batch above what was allocated before it:
+    qlora-kit's trainer (fused LM head), or with trl's own concatenated_forward (full logits)."""
+    import gc
+
+    from trl.experimental.orpo import ORPOTrainer
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.model import build_quantized_model, load_tokenizer
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.speed import Machine, decide_speed_plan
+    from qlora_kit.trainers import build_trainer
+
+    recipe = load_recipe(write_recipe(tmp_path, folder, pairs), [
+        "method=orpo", "data.cache=false", "training.batch_size=4", "training.max_length=512",
+        "speed.liger_kernels=false", f"training.output_dir={tmp_path / str(trl_forward)}"])
+    tokenizer = load_tokenizer(recipe, str(folder))
+    model = build_quantized_model(recipe, str(folder), torch.bfloat16)
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
+    trainer = build_trainer(recipe, model, tokenizer, build_datasets(recipe, tokenizer), tmp_path / str(trl_forward),
+                            torch.bfloat16, plan)
+    if trl_forward:
+        monkeypatch.setattr(type(trainer), "concatenated_forward", ORPOTrainer.concatenated_forward)
+    trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+    trainer.callback_handler.on_train_begin(trainer.args, trainer.state, trainer.control)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer.model.train()
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    trainer.compute_loss(trainer.model, batch).backward()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**30
+    trainer.callback_handler.on_train_end(trainer.args, trainer.state, trainer.control)
+    del trainer, model, batch
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak
+
+
+def test_an_orpo_step_through_the_fused_lm_head_peaks_below_trl_s_full_logit_step(
+        tmp_path: Path, tiny_base: Path, monkeypatch) -> None:
+    """A 2-layer Llama with a 65,536-token vocabulary and pairs of ~300 tokens: trl's ORPO keeps [8, ~300, 65,536]
+    logits (bf16, their log-softmax, their gradient); qlora-kit's fused LM head none of them."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    folder = tmp_path / "wide-vocab"
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, vocab_size=65536, hidden_size=256,
+                         intermediate_size=512, num_attention_heads=4, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    rng = random.Random(0)
+    pairs = tmp_path / "pairs.jsonl"
+    with pairs.open("w") as handle:
+        for _ in range(8):
+            words = rng.choices(WORDS, k=200 + rng.randrange(40))
+            handle.write(json.dumps({"prompt": "please repeat the words " + " ".join(words) + " .",
+                                     "chosen": " ".join(w.upper() for w in words[:40]),
+                                     "rejected": " ".join(words[:40 + rng.randrange(20)])}) + "\n")
+    plain = orpo_step_peak_gib(tmp_path, folder, pairs, trl_forward=True, monkeypatch=monkeypatch)
+    monkeypatch.undo()
+    fused = orpo_step_peak_gib(tmp_path, folder, pairs, trl_forward=False, monkeypatch=monkeypatch)
+    bf16_logits = 8 * 280 * 65536 * 2 / 2**30  # about the least trl's path holds: one bf16 copy of the logits
+    print(f"one ORPO step above the model: trl's full logits {plain:.3f} GiB, fused LM head {fused:.3f} GiB")
+    assert fused < plain - bf16_logits

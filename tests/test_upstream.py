@@ -85,6 +85,19 @@ def test_trl_accelerate_and_torch_keep_the_names_qlora_kit_uses():
     source = inspect.getsource(GRPOTrainer)
     for name in ("self.use_vllm =", "self.use_transformers_continuous_batching =", "self._metrics ="):
         assert name in source, f"trl GRPOTrainer: {name}"
+    # trainers.ChunkedPairLogProbs: ORPO's / CPO's concatenated_forward rebuilt over trl's fused LM head
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+    from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
+
+    assert {"log_probs", "mean_logits", "label_mask", "aux_loss"} <= FusedCausalLMOutput.__dataclass_fields__.keys()
+    assert "outputs" in inspect.signature(add_fused_lm_head).parameters
+    for trainer, padding in ((ORPOTrainer, "self.padding_value ="), (CPOTrainer, "self.pad_token_id =")):
+        source = inspect.getsource(trainer)
+        for name in (padding, "self.aux_loss_enabled =", "self.is_encoder_decoder =", "def concatenated_inputs("):
+            assert name in source, f"trl {trainer.__name__}: {name}"
+    assert "self.cpo_alpha =" in inspect.getsource(CPOTrainer)
+    assert "average_log_prob=self.loss_type in [\"ipo\", \"simpo\"]" in inspect.getsource(CPOTrainer)
     assert callable(Accelerator.clip_grad_norm_) and DistributedType.NO and DistributedType.MULTI_GPU
     assert torch._C._current_graph_task_id() == -1  # outside backward
     assert callable(torch.cuda.get_per_process_memory_fraction)

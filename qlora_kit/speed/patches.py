@@ -25,6 +25,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | FSDP adapter keys     | peft tuner._remove_adapter_name_from_key                | peft      | no FSDP            |
 | modeling module names | Liger's process-wide swaps (apply_rotary_pos_emb, ...)  | tf, liger | restored after     |
 | tokens seen (pairs)   | Trainer._track_num_input_tokens                         | tf, trl   | input_ids batches  |
+| pair log-probs        | trl.experimental ORPO, CPO: concatenated_forward        | trl       | encoder-decoder    |
 | pair decoder forward  | the decoder's forward (model.get_decoder())             | tf, trl   | not pairs; outside |
 | pair attention, GPU   | AttentionInterface, AttentionMaskInterface (registered) | tf, torch | no BlockMask: sdpa |
 | GRPO sampling weights | GRPOTrainer._generate_single_turn; LoRA layer forward   | trl, peft | nf4; per layer     |
@@ -47,6 +48,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | trainers.write_peft_adapter                | test_reliability: test_fsdp_adapter_writer_matches_peft_...         |
 | modeling_module_restored                   | test_upstream: test_names_swapped_in_the_modeling_module_are_...    |
 | trainers.CountsPairTokens                  | test_methods: test_tokens_seen_are_every_token_of_the_trained_...   |
+| trainers.ChunkedPairLogProbs               | test_pair_log_probs: test_orpo_and_simpo_give_trl_s_loss_...        |
 | shared_prefix.share_pair_prefixes          | test_shared_prefix: test_shared_prefix_gives_the_unshared_loss_...  |
 | shared_prefix.use_flex_attention_for_pairs | test_shared_prefix: test_flex_attention_gives_the_... (GPU only)    |
 | generation.merged_lora_weights             | test_grpo: test_sampling_on_merged_weights_gives_peft_s_greedy_...  |

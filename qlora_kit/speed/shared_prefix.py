@@ -8,8 +8,7 @@ states in both: here each pair becomes one packed row [prefix | chosen suffix | 
 decoder's own forward runs on the B packed rows and the hidden states are put back in the [2B, L] layout trl reads.
 Exact for any two rows (Wang et al. 2024, "prefix sharing", arXiv 2410.20305); the unchanged forward runs whenever a
 batch is not B right-padded pairs of plain token ids. Padding positions come back as zeros, not as the pad token's
-hidden state: no loss reads them, but trl.experimental ORPO / CPO log `logits/chosen|rejected` as means over every
-position, padding included, so those two logged means differ from the unshared path's (their losses do not).
+hidden state: no loss reads them, nor the logged logit means (trainers.ChunkedPairLogProbs leaves padding out).
 
 The mask is one function over per-row segment ids and positions (`pair_mask_function`): a dense 4D mask for sdpa
 (bool) and eager (additive), or on a GPU a flex attention BlockMask run by `flex_or_sdpa_attention`, so attention

@@ -309,7 +309,8 @@ def test_flex_attention_gives_the_dense_and_the_unshared_loss_and_gradients_on_g
 # ------------------------------------------------------------------------------------------------ plan
 
 
-def plan_for(make_recipe, pairs_file, tiny_model_dir, method: str, attention: str = "sdpa", gpus: int = 1, **speed):
+def plan_for(make_recipe, pairs_file, tiny_model_dir, method: str, attention: str = "sdpa", gpus: int = 1,
+             processes: int = 1, **speed):
     from transformers import AutoConfig
 
     from qlora_kit.speed import Machine, decide_speed_plan
@@ -319,7 +320,7 @@ def plan_for(make_recipe, pairs_file, tiny_model_dir, method: str, attention: st
         sections["data"] = {"cache": False}
     recipe = load_recipe(make_recipe(**sections, speed=speed, model={"attn_implementation": attention}))
     machine = Machine(gpus=gpus, usable_gpu_gib=78.0 if gpus else 0.0, capability=(9, 0) if gpus else None,
-                      processes=1, under_fsdp=False, triton=False, liger=False)
+                      processes=processes, under_fsdp=False, triton=False, liger=False)
     return decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), machine, 0)
 
 
@@ -339,9 +340,11 @@ def test_true_shares_prefixes_for_pair_methods_with_sdpa_or_eager_and_auto_where
     auto = plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method)
     assert auto.shared_prefix and auto.shared_prefix_flex
     assert any(note.startswith("shared_prefix: auto -> on") for note in auto.notes)
-    for off in (plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, gpus=0),
-                plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, attention="eager")):
-        assert not off.shared_prefix and any(note.startswith("shared_prefix: auto -> off") for note in off.notes)
+    for off, why in ((plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, gpus=0), "CPU"),
+                     (plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, attention="eager"), "eager"),
+                     (plan_for(make_recipe, prefix_pairs_file, tiny_model_dir, method, processes=2), "2 processes")):
+        assert not off.shared_prefix and any(note.startswith(f"shared_prefix: auto -> off ({why}")
+                                             for note in off.notes)
 
 
 def test_flash_attention_and_other_methods_stay_unshared(make_recipe, prefix_pairs_file, tiny_model_dir,

@@ -183,16 +183,17 @@ def packed_pair_row(shared_prefix: bool, longest_pair: int | None, notes: list[s
 
 def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> bool:
     """speed.shared_prefix: `true` shares for the pair methods (dpo, orpo, simpo; validation refuses it for the
-    others) with sdpa or eager attention, one process or DDP. `auto` shares where the flex attention path runs (a GPU
-    and sdpa), the one measured faster (DPO, 8B shape, H200: 1.25x at defaults, docs/methods.md); the dense-mask path
-    (CPU, eager) has no such measurement and stays off."""
+    others) with sdpa or eager attention, one process or DDP. `auto` shares where the flex attention path runs in one
+    process (a GPU and sdpa), as measured faster (DPO, 8B shape, H200: 1.25x at defaults, docs/methods.md); the
+    dense-mask path (CPU, eager) and DDP have no such measurement and stay off."""
     wanted = recipe.speed.shared_prefix
     if not wanted or recipe.method not in PAIRED_METHODS:
         return False
     attention = recipe.model.attn_implementation
-    if wanted == "auto" and not (machine.gpus and attention == "sdpa"):
-        notes.append(f"shared_prefix: auto -> off ({'eager attention' if machine.gpus else 'CPU'}: a dense mask, not "
-                     "measured faster; speed.shared_prefix: true turns it on)")
+    if wanted == "auto" and not (machine.gpus and attention == "sdpa" and machine.processes == 1):
+        why = "CPU: a dense mask" if not machine.gpus else f"{attention} attention: a dense mask" \
+            if attention != "sdpa" else f"{machine.processes} processes"
+        notes.append(f"shared_prefix: auto -> off ({why}, not measured faster; speed.shared_prefix: true turns it on)")
         return False
     if attention not in ("sdpa", "eager"):
         notes.append(f"shared_prefix: off with {attention} (its kernels take no arbitrary mask, which the packed pair "

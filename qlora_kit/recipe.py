@@ -392,9 +392,9 @@ class SpeedSection:
         "prompt, and any answer tokens they share) once instead of twice, in one packed row per pair with a mask "
         "that keeps the two answers apart: the same loss and gradients for fewer decoder FLOPs. true: on for those "
         "methods with sdpa or eager attention (flex attention on a GPU), off with flash_attention_2/3 (no arbitrary "
-        "masks) and under FSDP; auto: on where flex attention runs it in one process (a GPU with sdpa: DPO's step 1.25x "
-        "faster on an H200, docs/methods.md; its kernels compile on the first step), off on CPU, with eager and with "
-        "several processes")
+        "masks) and under FSDP; auto: on where flex attention runs it in one process (a GPU with sdpa: DPO's step "
+        "1.25x faster on an H200, docs/methods.md; its kernels compile on the first step), off on CPU, with eager and "
+        "with several processes")
     memory: float | Literal["fastest", "least"] = option(
         "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
         "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "

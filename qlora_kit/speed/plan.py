@@ -250,10 +250,10 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], p
         return 0
     estimate = estimate_memory_for_config(recipe, config, liger=machine.liger, packed_pair_row=packed)
     layers = config.get_text_config().num_hidden_layers
-    keep = kept_layers_that_fit(machine.usable_gpu_gib, allocated_peak_gib(estimate), estimate["each_kept_layer"],
-                                layers)
+    peak = allocated_peak_gib(estimate)
+    keep = kept_layers_that_fit(machine.usable_gpu_gib, peak, estimate["each_kept_layer"], layers)
     notes.append(f"keep_activations_layers: auto -> {keep} of {layers} layers keep their activations "
-                 f"({machine.usable_gpu_gib:.1f} GiB usable on the GPU, estimated peak {estimate['total']:.1f} GiB "
+                 f"({machine.usable_gpu_gib:.1f} GiB usable on the GPU, estimated peak {peak:.1f} GiB "
                  f"with every layer checkpointed, {estimate['each_kept_layer']:.2f} GiB per kept layer, "
                  f"{100 * GPU_MEMORY_SPARE:.0f}% spare)")
     return keep

@@ -27,10 +27,10 @@ def trl_concatenated_forward(method: str):
 
 
 def scoring_trainer(method: str, cpo_alpha: float | None, share: bool, trl_forward: bool, family_folder,
-                    make_recipe, prefix_pairs_file, tokenizer, run_dir, monkeypatch):
-    """qlora-kit's pair trainer on the tiny Llama (fused LoRA, a kept and a checkpointed layer); with `trl_forward`
-    its concatenated_forward is trl's own (full logits), as in trl's unpatched trainer."""
-    trainer = pair_trainer(method, "llama", share, "non-reentrant", family_folder("llama"), make_recipe,
+                    make_recipe, prefix_pairs_file, tokenizer, run_dir, monkeypatch, family: str = "llama"):
+    """qlora-kit's pair trainer on a tiny family model, the Llama by default (fused LoRA, a kept and a checkpointed
+    layer); with `trl_forward` its concatenated_forward is trl's own (full logits), as in trl's unpatched trainer."""
+    trainer = pair_trainer(method, family, share, "non-reentrant", family_folder(family), make_recipe,
                            prefix_pairs_file, tokenizer, run_dir)
     if cpo_alpha is not None:
         trainer.cpo_alpha = cpo_alpha  # CPOConfig.cpo_alpha, read by trl at each loss
@@ -92,6 +92,25 @@ def test_orpo_and_simpo_give_trl_s_loss_gradients_and_metrics_through_the_fused_
             assert metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     expected = logit_means_over_scored_tokens(ours, method, batch)
     assert (metrics["logits/chosen"], metrics["logits/rejected"]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "mistral"])
+def test_orpo_through_the_fused_lm_head_gives_trl_s_loss_and_gradients_on_other_families(
+        family, family_folder, make_recipe, prefix_pairs_file, tiny_tokenizer, tmp_path, monkeypatch):
+    """The fused head applies what each family's own head does (Gemma 2's final logit softcapping, Qwen2's biased
+    projections beneath it, Mistral's sliding windows): ORPO's loss and every LoRA gradient equal trl's full-logit
+    path on the same batch."""
+    args = (family_folder, make_recipe, prefix_pairs_file, tiny_tokenizer)
+    plain = scoring_trainer("orpo", None, False, True, *args, tmp_path / "plain", monkeypatch, family)
+    ours = scoring_trainer("orpo", None, False, False, *args, tmp_path / "ours", monkeypatch, family)
+    batch = first_batch(ours)
+    plain_loss, plain_grads, _ = loss_gradients_and_metrics(plain, batch)
+    loss, grads, _ = loss_gradients_and_metrics(ours, batch)
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert grad.norm() > 0, name
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(("method", "cpo_alpha"), [("orpo", None), ("simpo", 0.5)])

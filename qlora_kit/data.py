@@ -7,6 +7,7 @@ up to that turn, and the tokens inside those spans are the ones trained on.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -695,8 +696,10 @@ def split_validation(rows: list, recipe: Recipe) -> tuple[list, list]:
 
 
 def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
-    """Hash of everything the tokenized data depends on: data section, file contents, tokenizer, template, length."""
+    """Hash of everything the tokenized data depends on: data section, file contents, tokenizer, template, length,
+    and the code that builds it (tokenization_code)."""
     digest = hashlib.sha256()
+    digest.update(tokenization_code().encode())
     digest.update(json.dumps(asdict(recipe.data), sort_keys=True, default=str).encode())
     digest.update(f"{recipe.training.max_length}:{recipe.method}:{recipe.preference.max_prompt_length}".encode())
     digest.update(json.dumps(tokenizer.backend_tokenizer.to_str() if tokenizer.is_fast else "", sort_keys=True)
@@ -711,6 +714,19 @@ def cache_key(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:24]
+
+
+@functools.cache
+def tokenization_code() -> str:
+    """What the cached rows and stats depend on besides the recipe and the data: this module's source (how rows are
+    read, masked and counted) and the tokenizer libraries' versions. A cache built by other code is never read, so an
+    upgrade cannot serve rows or stats of an older format (one from before speed.shared_prefix lacked the packed pair
+    lengths the memory estimate reads)."""
+    import tokenizers
+    import transformers
+
+    source = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    return f"{source}:{transformers.__version__}:{tokenizers.__version__}"
 
 
 def data_cache_dir() -> Path:

@@ -253,6 +253,26 @@ def test_tokenized_cache_is_reused_and_invalidated_by_an_edit(make_recipe, tiny_
     assert "hello there" in tiny_tokenizer.decode(edited.train[0]["input_ids"])
 
 
+def test_a_tokenized_cache_built_by_other_code_is_not_read(make_recipe, tiny_tokenizer, tmp_path, monkeypatch,
+                                                           caplog):
+    """The key covers the code that builds the rows and stats (qlora_kit/data.py, tokenizer library versions): after
+    an upgrade, a cache of the old format is rebuilt, not served."""
+    import qlora_kit.data
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(make_recipe(data={"datasets": [{"path": str(FIXTURES / "messages.jsonl")}]}))
+    build_datasets(recipe, tiny_tokenizer)
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        build_datasets(recipe, tiny_tokenizer)
+    assert "using the tokenized cache" in caplog.text
+    monkeypatch.setattr(qlora_kit.data, "tokenization_code", lambda: "another version of data.py")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlora_kit"):
+        rebuilt = build_datasets(recipe, tiny_tokenizer)
+    assert "using the tokenized cache" not in caplog.text
+    assert len(list((tmp_path / "cache" / "data").iterdir())) == 2 and rebuilt.stats["train"]["rows"] > 0
+
+
 # --------------------------------------------------------------------------------------------------- packing
 
 

@@ -73,6 +73,15 @@ def family_folder(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
     return build
 
 
+def assert_same_loss_and_gradients(loss, grads: dict, plain_loss, plain_grads: dict) -> None:
+    """fp32 on CPU: the loss and every LoRA gradient (each non-zero) equal the plain path's."""
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name, grad in grads.items():
+        assert grad.norm() > 0, name
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def pair_trainer(method: str, family: str, share: bool, checkpointing: str, folder: Path, make_recipe, pairs: Path,
                  tokenizer, run_dir: Path, **training):
     """qlora-kit's trainer for `method` on the family's tiny NF4 model (fused LoRA on), with the speed plan applied
@@ -134,11 +143,7 @@ def compare_shared_with_unshared(method: str, family: str, checkpointing: str, f
     for (rows, length), (packed_rows, packed_length) in zip(plain_shapes, shapes, strict=True):
         assert rows == 2 * BATCH and packed_rows == BATCH  # the packed forward really ran
         assert packed_rows * packed_length < rows * length
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name, grad in grads.items():
-        assert grad.norm() > 0, name
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(loss, grads, plain_loss, plain_grads)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -94,6 +94,7 @@ from bench_common import (  # noqa: E402  (scripts/ is not a package)
     WARMUP,
     attention,
     chat_data,
+    check_model_tokenizer,
     code_version,
     ensure_model,
     error_summary,
@@ -1068,6 +1069,8 @@ def main(argv: list[str]) -> None:
             if remaining() < 30:
                 raise RuntimeError("skipped: --deadline reached")
             model, build = ensure_model(shape, work, remaining(), args.seq)
+            for spec in data.values():
+                check_model_tokenizer(model, Path(spec["path"]))
             results["models"].setdefault(shape, build)
         except RuntimeError as exc:
             results["runs"] += [{**base, "method": method, "path": path, "error": str(exc)} for method in methods

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Real shapes of every family in recipes/, each built with its family's own transformers config class (`config`)
 # and the hyper-parameters of its config.json that change a step's cost or its code path (biases, q/k norms, GELU
-# MLPs, softcapping, sliding windows, fused projections, tied embeddings). The bench tokenizer's ids are small, but
+# MLPs, softcapping, sliding windows, fused projections, tied embeddings). The bench tokenizer has a token per byte, but
 # every shape keeps its real vocab_size: the embedding, lm_head and loss cost what they cost on the real model.
 # Rope scaling and max positions do not change the cost of a 2048-token step.
 LLAMA3_ROPE = {"rope_type": "default", "rope_theta": 500000.0}
@@ -125,7 +125,7 @@ LEARNING_RATE, SCHEDULER, WARMUP, SEED = 2e-4, "cosine", 0.03, 42
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-SPECIALS = ["[UNK]", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 COMMON_WORDS = (  # noqa: SIM905 (a sentence reads better than 150 quoted words)
     "the of and to in a is that for it as was with be by on not he i this are or his from at which but have an they "
     "you were her she there one all we their been has when who will more no if out so said what up its about into "
@@ -141,7 +141,7 @@ COMMON_WORDS = (  # noqa: SIM905 (a sentence reads better than 150 quoted words)
 
 
 def vocabulary(size: int = 2000) -> list[str]:
-    """Common English words plus pronounceable made-up ones: text-like, and one word is always one token."""
+    """Common English words plus pronounceable made-up ones: the rows read like text."""
     rng = random.Random(0)
     onsets = ["b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "br", "cl", "dr", "fr",
               "gr", "pl", "st", "tr"]
@@ -158,45 +158,50 @@ def vocabulary(size: int = 2000) -> list[str]:
 
 
 def build_tokenizer(folder: Path):
-    """A word-level fast tokenizer with a ChatML template; ids stay far below the models' vocab size."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """One token per byte: a byte-level BPE with no merges and a ChatML template. Every family's tokenizer class
+    rebuilds it unchanged from the model folder (transformers 5 loads a Qwen2 folder's tokenizer as Qwen2Tokenizer,
+    which swaps the pre-tokenizer: a word-level vocabulary came out as ~1,830 garbled tokens of a 2,048-token row,
+    so the Qwen2.5 rows were padded to the batch's longest and attention ran with a mask)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = vocabulary()
-    tokens = SPECIALS + words + [w.capitalize() for w in words] + [".", ",", "?", "!", ":", ";"]
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(SPECIALS + alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
     core.add_special_tokens(SPECIALS)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="<|pad|>",
-                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>")
     tokenizer.chat_template = CHATML
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def sentence_tokens(rng: random.Random, words: list[str], weights: list[float], budget: int) -> list[str]:
-    """Exactly `budget` tokens of Zipf-distributed words in sentences (punctuation is a token of its own)."""
-    out: list[str] = []
-    while len(out) < budget:
-        length = min(rng.randint(6, 24), budget - len(out))
-        if length == 1:
-            out.append(rng.choices(words, weights)[0])
-            break
-        sentence = rng.choices(words, weights, k=length - 1)
-        sentence[0] = sentence[0].capitalize()
-        out += sentence + [rng.choice(".....?!")]
-    return out
+def check_model_tokenizer(model: Path, data: Path) -> None:
+    """The model folder's tokenizer, as every path loads it (AutoTokenizer, the family's class), renders the data's
+    first row to the same ids as the bench tokenizer: otherwise rows are not the lengths the bench claims."""
+    from transformers import AutoTokenizer
+
+    row = json.loads(data.read_text().splitlines()[0])
+    messages = row.get("messages") or row["prompt"] + row.get("chosen", [])
+    mine = rendered_ids(AutoTokenizer.from_pretrained(data.parent / "tokenizer"), messages)
+    theirs = rendered_ids(AutoTokenizer.from_pretrained(model), messages)
+    if mine != theirs:
+        raise RuntimeError(f"{model.name}'s tokenizer renders the bench row to {len(theirs)} tokens, not "
+                           f"{len(mine)}: rows would be padded; fix build_tokenizer before timing anything")
 
 
-def join_tokens(tokens: list[str]) -> str:
+def sentence_words(rng: random.Random, words: list[str], weights: list[float], chars: int) -> str:
+    """Sentences of Zipf-distributed words, cut to exactly `chars` characters (one token each)."""
     text = ""
-    for token in tokens:
-        text += token if token in ".,?!:;" or not text else " " + token
-    return text
+    while len(text) < chars:
+        sentence = rng.choices(words, weights, k=rng.randint(6, 24))
+        text += (" " if text else "") + sentence[0].capitalize() + " " + " ".join(sentence[1:]) + rng.choice(".....?!")
+    return text[:chars]
 
 
 class ZipfText:
-    """Sentences of Zipf-distributed words, exactly N tokens each, from one seeded stream: the bench's rows."""
+    """Text of Zipf-distributed words, exactly N tokens (characters) each, from one seeded stream: the bench's rows."""
 
     def __init__(self, seed: int) -> None:
         self.rng = random.Random(seed)
@@ -204,7 +209,7 @@ class ZipfText:
         self.weights = [1.0 / (rank + 10) for rank in range(len(self.words))]
 
     def __call__(self, tokens: int) -> str:
-        return join_tokens(sentence_tokens(self.rng, self.words, self.weights, tokens))
+        return sentence_words(self.rng, self.words, self.weights, tokens)
 
 
 def rendered_ids(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
@@ -216,10 +221,9 @@ def rendered_ids(tokenizer, messages: list[dict], generation_prompt: bool = Fals
 def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
     """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens."""
     text = ZipfText(1234)
-    probe = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello"}]
+    probe = [{"role": "user", "content": "h"}, {"role": "assistant", "content": "h"}]
     overhead = len(rendered_ids(tokenizer, probe)) - 2
-    lengths, unknown = [], 0
-    unk = tokenizer.convert_tokens_to_ids("[UNK]")
+    lengths = []
     with path.open("w") as handle:
         for _ in range(rows):
             user = text.rng.randint(seq // 8, seq // 4)
@@ -227,11 +231,10 @@ def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
                         {"role": "assistant", "content": text(seq - overhead - user)}]
             ids = rendered_ids(tokenizer, messages)
             lengths.append(len(ids))
-            unknown += ids.count(unk)
             handle.write(json.dumps({"messages": messages}) + "\n")
-    if min(lengths) != seq or max(lengths) != seq or unknown:
-        raise SystemExit(f"dataset rows are {min(lengths)}..{max(lengths)} tokens with {unknown} unknown (want "
-                         f"exactly {seq}, none unknown); fix the generator before timing anything")
+    if min(lengths) != seq or max(lengths) != seq:
+        raise SystemExit(f"dataset rows are {min(lengths)}..{max(lengths)} tokens (want exactly {seq}); fix the "
+                         "generator before timing anything")
     return {"path": str(path), "rows": rows, "tokens_per_row": seq}
 
 
@@ -243,10 +246,10 @@ def chat_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
 
 def template_overheads(tokenizer) -> tuple[int, int]:
     """(tokens the chat template adds around a user turn plus the generation prompt, tokens it adds to an assistant
-    turn), from a one-word probe."""
-    user = [{"role": "user", "content": "hello"}]
+    turn), from a one-token probe."""
+    user = [{"role": "user", "content": "h"}]
     prompt_ids = rendered_ids(tokenizer, user, generation_prompt=True)
-    full_ids = rendered_ids(tokenizer, user + [{"role": "assistant", "content": "hello"}])
+    full_ids = rendered_ids(tokenizer, user + [{"role": "assistant", "content": "h"}])
     if full_ids[:len(prompt_ids)] != prompt_ids:
         raise SystemExit("the bench template does not render a prompt as the prefix of its conversation")
     return len(prompt_ids) - 1, len(full_ids) - len(prompt_ids) - 1

@@ -1,6 +1,7 @@
-"""Give a random-weight model folder (bench.py's word-level tokenizer) a byte-level BPE tokenizer with ChatML, so the
-GGUF exporter, which writes BPE vocabularies only, can export it: `python scripts/bpe_tokenizer_for_shape.py FOLDER`.
-Used for the 8B GGUF export measurement on the GPU machine; the weights do not depend on the tokenizer."""
+"""Give a random-weight model folder (bench.py's token-per-byte tokenizer) a trained byte-level BPE tokenizer with
+ChatML, so the GGUF exporter, which writes BPE vocabularies only, can export it:
+`python scripts/bpe_tokenizer_for_shape.py FOLDER`. Used for the 8B GGUF export measurement on the GPU machine; the
+weights do not depend on the tokenizer."""
 
 from __future__ import annotations
 

@@ -145,6 +145,7 @@ def main(argv: list[str]) -> None:
         print(f"sparse {args.fit} checkpoint: {build}", flush=True)
     else:
         model, build = common.ensure_model(args.shape, work, args.run_timeout, args.seq)
+    common.check_model_tokenizer(model, Path(data["path"]))
     recipe = common.qlora_kit_recipe(model, Path(data["path"]), work, args.shape, args.seq, args.batch, args.steps,
                               env["has_gpu"])
     settings = {"shape": args.shape, "label": SHAPES[args.shape]["label"], "seq": args.seq,

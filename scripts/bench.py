@@ -941,10 +941,10 @@ METHOD_DEFAULTS = {
 }
 
 
-def method_data(method: str, work: Path, seq: int, rows: int) -> dict[str, Any]:
+def method_data(method: str, work: Path, seq: int, rows: int, ragged: bool = False) -> dict[str, Any]:
     """The rows a method trains on, built with the bench tokenizer to exact token lengths (bench_common)."""
     if method == "sft":
-        return chat_data(work, seq, rows)
+        return chat_data(work, seq, rows, ragged)
     if method == "grpo":
         return prompt_data(work, seq // 2, rows)
     return preference_data(work, seq, rows)
@@ -1001,6 +1001,9 @@ def main(argv: list[str]) -> None:
                         help="grpo: completions per prompt (num_generations); default 8 (4 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps "
                         "(grpo: tiny:4, seq 64, 4 completions per prompt)")
+    parser.add_argument("--ragged", action="store_true",
+                        help="sft: rows of seq/2..seq tokens (uniform), so batches are padded to their longest row as "
+                        "real data's are; tokens/s counts the tokens that are not padding")
     parser.add_argument("--sync-debug", action="store_true",
                         help="with --gpu-memory-gib: runs warn at every CUDA synchronisation (once per call site, "
                         "torch.cuda.set_sync_debug_mode): where the GPU's queue is drained each step")
@@ -1025,6 +1028,9 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"--paths: unknown {unknown}; choose from {', '.join(PATHS)}")
     if "unsloth" in paths and methods != ["sft"]:
         raise SystemExit(f"--paths unsloth: runs unsloth's SFT recipe only; --method is {args.method}")
+    if args.ragged and (methods != ["sft"] or "unsloth" in paths):
+        raise SystemExit("--ragged: sft on the qlora-kit and reference paths only (the unsloth child counts "
+                         "batch x seq tokens a step)")
     if "unsloth" in paths and (problem := unsloth_site_problem(args.unsloth_site)):
         raise SystemExit(problem)
     if args.steps < WARMUP_STEPS_SKIPPED + 2:
@@ -1043,7 +1049,7 @@ def main(argv: list[str]) -> None:
     env = read_environment()
     gpu = env["has_gpu"]
     rows = args.steps * max(b for _, b in configs) + 8
-    data = {method: method_data(method, work, args.seq, rows) for method in methods}
+    data = {method: method_data(method, work, args.seq, rows, args.ragged) for method in methods}
     settings = {"compute_dtype": "bf16" if gpu else "fp32", "optimizer": "paged_adamw_8bit" if gpu else "adamw_torch",
                 **{f"lora_{k}": v for k, v in LORA.items()}, "learning_rate": LEARNING_RATE, "scheduler": SCHEDULER,
                 "warmup": WARMUP, "seed": SEED, "quantization": "nf4 + double quant",

@@ -218,31 +218,33 @@ def rendered_ids(tokenizer, messages: list[dict], generation_prompt: bool = Fals
                                          return_dict=True)["input_ids"]
 
 
-def write_dataset(tokenizer, path: Path, seq: int, rows: int) -> dict[str, Any]:
-    """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens."""
+def write_dataset(tokenizer, path: Path, seq: int, rows: int, ragged: bool = False) -> dict[str, Any]:
+    """Chat rows (user question, long assistant answer) that each render to exactly `seq` tokens; `ragged`: to a
+    length drawn uniformly from seq/2..seq each, so batches are padded to their longest row as real data's are."""
     text = ZipfText(1234)
     probe = [{"role": "user", "content": "h"}, {"role": "assistant", "content": "h"}]
     overhead = len(rendered_ids(tokenizer, probe)) - 2
-    lengths = []
+    lengths, wanted = [], []
     with path.open("w") as handle:
         for _ in range(rows):
-            user = text.rng.randint(seq // 8, seq // 4)
+            wanted.append(text.rng.randint(seq // 2, seq) if ragged else seq)
+            user = text.rng.randint(wanted[-1] // 8, wanted[-1] // 4)
             messages = [{"role": "user", "content": text(user)},
-                        {"role": "assistant", "content": text(seq - overhead - user)}]
-            ids = rendered_ids(tokenizer, messages)
-            lengths.append(len(ids))
+                        {"role": "assistant", "content": text(wanted[-1] - overhead - user)}]
+            lengths.append(len(rendered_ids(tokenizer, messages)))
             handle.write(json.dumps({"messages": messages}) + "\n")
-    if min(lengths) != seq or max(lengths) != seq:
-        raise SystemExit(f"dataset rows are {min(lengths)}..{max(lengths)} tokens (want exactly {seq}); fix the "
-                         "generator before timing anything")
-    return {"path": str(path), "rows": rows, "tokens_per_row": seq}
+    if lengths != wanted:
+        raise SystemExit(f"dataset rows are {min(lengths)}..{max(lengths)} tokens, not the lengths asked for "
+                         f"({min(wanted)}..{max(wanted)}); fix the generator before timing anything")
+    return {"path": str(path), "rows": rows, "tokens_per_row": None if ragged else seq, "ragged": ragged}
 
 
-
-def chat_data(work: Path, seq: int, rows: int) -> dict[str, Any]:
-    """The tokenizer under work/tokenizer and `rows` chat rows of exactly `seq` tokens (see write_dataset)."""
+def chat_data(work: Path, seq: int, rows: int, ragged: bool = False) -> dict[str, Any]:
+    """The tokenizer under work/tokenizer and `rows` chat rows of exactly `seq` tokens, or of seq/2..seq with
+    `ragged` (see write_dataset)."""
     tokenizer = build_tokenizer(work / "tokenizer")
-    return write_dataset(tokenizer, work / f"chat_s{seq}_r{rows}.jsonl", seq, rows)
+    name = f"chat_s{seq}_r{rows}{'_ragged' if ragged else ''}.jsonl"
+    return write_dataset(tokenizer, work / name, seq, rows, ragged)
 
 def template_overheads(tokenizer) -> tuple[int, int]:
     """(tokens the chat template adds around a user turn plus the generation prompt, tokens it adds to an assistant

@@ -819,6 +819,22 @@ def longest_training_row(data: PreparedData, recipe: Recipe) -> int | None:
     return min(lengths[-1], recipe.training.max_length)
 
 
+def varying_batch_lengths(data: PreparedData, recipe: Recipe) -> str | None:
+    """Why training batches come in more than one sequence length (None: every batch has one shape). A kernel that
+    builds a plan per shape (cuDNN's attention) pays that build again for every new length."""
+    if recipe.method == "grpo":
+        return "GRPO's prompts and completions vary in length"
+    if recipe.method == "sft" and (recipe.training.packing or recipe.training.padding_free):
+        return "rows run without padding: a batch is as long as the rows it holds"
+    lengths = data.stats.get("train", {}).get("lengths")
+    if not lengths:
+        return None
+    shortest, longest = (min(n, recipe.training.max_length) for n in (lengths[0], lengths[-1]))
+    if shortest == longest:
+        return None
+    return f"rows of {shortest:,} to {longest:,} tokens, each batch padded to its longest"
+
+
 def longest_packed_pair(data: PreparedData, recipe: Recipe) -> int | None:
     """Tokens in the longest pair as speed.shared_prefix packs it into one row: prompt + chosen + rejected (an upper
     bound of common prefix + both suffixes). None for the other methods."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import set_seed
 
-from qlora_kit.data import build_datasets, longest_packed_pair, longest_training_row
+from qlora_kit.data import build_datasets, longest_packed_pair, longest_training_row, varying_batch_lengths
 from qlora_kit.evaluate import (
     GenerationScore,
     evaluate_generation,
@@ -93,7 +93,8 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
 
     # decided with the weights loaded, right before the trainer: `auto` kept layers spend the GPU memory left now
     plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0],
-                             longest_training_row(data, recipe), longest_packed_pair(data, recipe))
+                             longest_training_row(data, recipe), longest_packed_pair(data, recipe),
+                             varying_batch_lengths(data, recipe))
     trainer = build_trainer(recipe, model, tokenizer, data, run_dir, compute_dtype, plan)
     if state.is_main_process:
         run.begin(recipe, state.num_processes)  # every check passed: the run's recipe.yaml is (re)written now

@@ -360,8 +360,10 @@ class SpeedSection:
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
     attention_kernel: Literal["auto", "default", "flash"] = option(
         "auto", help="which of PyTorch's kernels runs sdpa attention on a GPU. default: PyTorch's own order (cuDNN's "
-        "attention first on Hopper); flash: cuDNN's attention off, FlashAttention runs it; auto: the speed plan times "
-        "both on the run's shape (one layer's forward + backward, host time included) and logs the faster")
+        "attention first on Hopper); flash: cuDNN's attention off, FlashAttention runs it; auto: flash where batches "
+        "take many lengths (rows padded to each batch's longest, packing, GRPO: cuDNN builds a plan, seconds each, for "
+        "every new length); where every batch has one shape, the speed plan times both on it (one layer's forward + "
+        "backward, host time included) and logs the faster")
     reentrant_checkpointing: bool = option(
         False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
         "checkpointing): less CPU work per step, but torch documents cases only its default kind supports; one "

@@ -91,15 +91,31 @@ def bare_calls(shape_name: str, batch: int, tokens: int) -> dict:
     return results
 
 
-def in_training(shape_name: str, work: Path, layers: int, steps: int, overrides: list[str]) -> dict:
+def ragged_data(work: Path, rows: int) -> dict:
+    """Chat rows of 1,024 to 2,000 tokens: batches padded to their longest row, as real data is."""
+    from bench_common import ZipfText, build_tokenizer
+
+    build_tokenizer(work / "tokenizer")
+    text, path = ZipfText(99), work / f"ragged_r{rows}.jsonl"
+    with path.open("w") as handle:
+        for _ in range(rows):
+            tokens = text.rng.randint(1024, 2000)
+            handle.write(json.dumps({"messages": [{"role": "user", "content": text(tokens // 4)},
+                                                  {"role": "assistant", "content": text(tokens - tokens // 4)}]})
+                         + "\n")
+    return {"path": str(path)}
+
+
+def in_training(shape_name: str, work: Path, layers: int, steps: int, overrides: list[str],
+                ragged: bool = False) -> dict:
     """qlora-kit train on a `layers`-layer model of the shape, every sdpa call traced; the profiler's self CPU time
-    of cuDNN's forward/backward ops over the last steps."""
+    of cuDNN's forward/backward ops over the last steps. `ragged`: rows of varied lengths (padded batches)."""
     import torch
     import yaml
     from bench_common import chat_data, qlora_kit_recipe, shape_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = chat_data(work, 2048, 64)
+    data = ragged_data(work, 64) if ragged else chat_data(work, 2048, 64)
     folder = work / f"{shape_name}_{layers}layers"
     if not (folder / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")
@@ -174,6 +190,7 @@ def main() -> None:
     parser.add_argument("--out", default="sdpa_probe_out")
     parser.add_argument("--variant", action="append", default=[],
                         help="comma-separated overrides for one more in-training run per shape")
+    parser.add_argument("--ragged", action="store_true", help="also train on rows of varied lengths (padded batches)")
     args = parser.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +201,9 @@ def main() -> None:
         results[shape] = {"bare": bare_calls(shape, 2, 2048)}
         for variant in ["", *args.variant]:
             overrides = [o for o in variant.split(",") if o]
-            results[shape][f"train {variant or 'defaults'}"] = in_training(shape, work, args.layers, args.steps,
-                                                                           overrides)
+            for ragged in (False, True) if args.ragged else (False,):
+                results[shape][f"train {'ragged ' if ragged else ''}{variant or 'defaults'}"] = in_training(
+                    shape, work, args.layers, args.steps, overrides, ragged)
         (out / "sdpa_host_probe.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 

@@ -264,3 +264,26 @@ def test_sft_trainer_labels_are_input_ids_where_masked_in_and_minus_100_elsewher
         assert theirs["labels"] == expected
     first = trainer.train_dataset[0]  # "Shout the words apple river." -> "APPLE RIVER"
     assert tiny_tokenizer.decode([t for t in first["labels"] if t != -100]) == "APPLE RIVER<|im_end|>\n"
+
+
+def test_batches_of_many_lengths_are_named_so_the_attention_kernel_can_avoid_per_shape_plans(make_recipe,
+                                                                                             tiny_tokenizer):
+    """data.varying_batch_lengths says why training batches take many sequence lengths (rows of different lengths
+    padded to each batch's longest, packing) and None where every batch has one shape (every row as long as
+    training.max_length after truncation): the speed plan keeps cuDNN's attention, which builds a plan per shape,
+    only then."""
+    from qlora_kit.data import varying_batch_lengths
+
+    recipe = load_recipe(make_recipe(), ["data.cache=false"])
+    data = build_datasets(recipe, tiny_tokenizer)
+    lengths = data.stats["train"]["lengths"]
+    assert lengths[0] < lengths[-1] <= 64  # the shout rows differ in length, none is truncated
+    assert varying_batch_lengths(data, recipe) == (f"rows of {lengths[0]:,} to {lengths[-1]:,} tokens, each batch "
+                                                   "padded to its longest")
+
+    shortest = load_recipe(make_recipe(), ["data.cache=false", f"training.max_length={lengths[0]}",
+                                           "data.overlong=truncate"])
+    assert varying_batch_lengths(build_datasets(shortest, tiny_tokenizer), shortest) is None
+
+    packed = load_recipe(make_recipe(), ["data.cache=false", "training.packing=true"])
+    assert "without padding" in varying_batch_lengths(build_datasets(packed, tiny_tokenizer), packed)

@@ -1130,6 +1130,58 @@ def test_attention_kernel_auto_switches_cudnn_off_only_where_flash_is_measurably
     assert notes == ["attention_kernel: auto -> flash (cuDNN's attention is already off in this process)"]
 
 
+def test_attention_kernel_auto_takes_flash_untimed_where_batches_take_many_lengths(monkeypatch):
+    """cuDNN's attention builds a plan per shape (seconds on an H200): where training batches take many lengths
+    (data.varying_batch_lengths gives why), auto turns it off without timing and says why; a set value, no GPU (no
+    shape) and fixed-shape batches are as before."""
+    from transformers import LlamaConfig
+
+    from qlora_kit.speed.attention import AttentionShape, choose_attention_kernel
+
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    shape = AttentionShape.of(LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8), 2, 2048,
+                              torch.bfloat16)
+    calls = []
+
+    def timed(timed_shape, backend):
+        calls.append(backend)
+        return 0.5e-3 if len(calls) == 1 else 1e-3  # cuDNN twice as fast at one shape
+
+    why = "rows of 812 to 2,048 tokens, each batch padded to its longest"
+    notes: list[str] = []
+    assert choose_attention_kernel("auto", shape, notes, timed, varying_lengths=why) == "flash" and not calls
+    assert notes == [f"attention_kernel: auto -> flash ({why}; cuDNN's attention builds a new plan, seconds each, "
+                     "for every new length)"]
+    assert choose_attention_kernel("default", shape, [], timed, varying_lengths=why) == "default" and not calls
+    assert choose_attention_kernel("auto", None, [], timed, varying_lengths=why) == "default" and not calls
+    assert choose_attention_kernel("auto", shape, [], timed, varying_lengths=None) == "default" and len(calls) == 2
+
+
+def test_the_speed_plan_passes_why_batch_lengths_vary_to_the_attention_choice(monkeypatch, make_recipe,
+                                                                             tiny_model_dir):
+    """decide_speed_plan hands data.varying_batch_lengths' reason to the attention choice: flash, and the note in the
+    plan's block; with none, the timed choice (here cuDNN's faster) stands."""
+    import qlora_kit.speed.plan as plan_module
+    from qlora_kit.speed.attention import AttentionShape, choose_attention_kernel
+
+    monkeypatch.setattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: True)
+    monkeypatch.setattr(plan_module, "timed_attention", lambda recipe, config, machine: AttentionShape.of(
+        config, 2, 64, torch.bfloat16))
+
+    def timed(shape, backend):  # cuDNN twice as fast at the one shape
+        return 1e-3 if "CUDNN" in str(backend) else 2e-3
+
+    monkeypatch.setattr(plan_module, "choose_attention_kernel", lambda setting, shape, notes, varying_lengths=None:
+                        choose_attention_kernel(setting, shape, notes, timed, varying_lengths=varying_lengths))
+    from transformers import AutoConfig
+
+    recipe, config = load_recipe(make_recipe()), AutoConfig.from_pretrained(tiny_model_dir)
+    varied = decide_speed_plan(recipe, config, gpu_machine(), 0, varying_lengths="rows of 5 to 9 tokens")
+    assert varied.attention_kernel == "flash"
+    assert any(n.startswith("attention_kernel: auto -> flash (rows of 5 to 9 tokens;") for n in varied.notes)
+    assert decide_speed_plan(recipe, config, gpu_machine(), 0).attention_kernel == "default"
+
+
 def test_the_attention_kernel_switch_is_undone_when_training_ends(monkeypatch):
     """cuDNN's attention is a process-wide switch: flash turns it off for the run and training's end (or its error)
     puts back what was there, so a second run in the process times the kernels again (a GPU test caught the second

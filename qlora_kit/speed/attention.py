@@ -1,10 +1,13 @@
-"""Which of PyTorch's SDPA kernels runs the model's attention: measured once per run at its own shape.
+"""Which of PyTorch's SDPA kernels runs the model's attention: cuDNN's only where every batch has one shape and it
+is measured faster there.
 
-On Hopper, PyTorch (2.9 to 2.11 at least) tries cuDNN's attention before FlashAttention. At Llama-3-8B's shape cuDNN
-is the faster of the two, at Qwen2.5-7B's (28 query heads over 4 key/value heads) it was twice as slow on the GPU and
-spent 2.7 ms of host time a call (docs/benchmarks.md). No rule by head counts would survive the next cuDNN or torch
-release, so the speed plan times both kernels on the run's own shape, layout and GPU, host time included, and keeps
-cuDNN on only where it is not the slower one.
+On Hopper, PyTorch (2.9 to 2.11 at least) tries cuDNN's attention before FlashAttention. cuDNN builds an execution
+plan for every new set of shapes and strides (torch caches it per thread): seconds per build, so batches padded to
+their longest row, which take a new length almost every step, spent most of their step building plans
+(docs/benchmarks.md); FlashAttention builds nothing. Where every batch has one shape, the plan is built once and
+cuDNN is the faster kernel at the shapes measured, so there the speed plan times both on the run's own shape, layout
+and GPU, host time included, and keeps cuDNN on only where it is not the slower one (no rule by head counts would
+survive the next cuDNN or torch release).
 """
 
 from __future__ import annotations
@@ -92,15 +95,21 @@ def seconds_per_call(shape: AttentionShape, backend) -> float | None:
 
 
 def choose_attention_kernel(setting: str, shape: AttentionShape | None, notes: list[str],
-                            timer: Callable[[AttentionShape, object], float | None] = seconds_per_call) -> str:
+                            timer: Callable[[AttentionShape, object], float | None] = seconds_per_call,
+                            varying_lengths: str | None = None) -> str:
     """speed.attention_kernel resolved: "default" (PyTorch's own order: cuDNN first where it runs) or "flash"
-    (cuDNN's attention off for the run). `shape` None: no GPU or not sdpa attention, nothing to time."""
+    (cuDNN's attention off for the run). `shape` None: no GPU or not sdpa attention, nothing to time.
+    `varying_lengths`: why the training batches take many lengths (data.varying_batch_lengths); then flash, untimed."""
     if setting != "auto":
         return setting
     if shape is None:
         return "default"
     if not torch.backends.cuda.cudnn_sdp_enabled():
         notes.append("attention_kernel: auto -> flash (cuDNN's attention is already off in this process)")
+        return "flash"
+    if varying_lengths:
+        notes.append(f"attention_kernel: auto -> flash ({varying_lengths}; cuDNN's attention builds a new plan, "
+                     "seconds each, for every new length)")
         return "flash"
     from torch.nn.attention import SDPBackend
 

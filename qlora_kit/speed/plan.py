@@ -118,11 +118,13 @@ class SpeedPlan:
 
 
 def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_parameters: int,
-                      longest_row: int | None = None, longest_pair: int | None = None) -> SpeedPlan:
+                      longest_row: int | None = None, longest_pair: int | None = None,
+                      varying_lengths: str | None = None) -> SpeedPlan:
     """Decide every speed choice of this run, log them as one block and return them. `longest_row`: tokens in the
     longest training sequence (data.longest_training_row), which bounds the memory a batch needs; `longest_pair`:
     tokens in the longest pair packed as one row (data.longest_packed_pair), what the decoder runs with
-    speed.shared_prefix on, so that is decided before the memory estimates read it."""
+    speed.shared_prefix on, so that is decided before the memory estimates read it; `varying_lengths`: why batches
+    come in many lengths (data.varying_batch_lengths), None where every batch has one shape."""
     notes: list[str] = []
     shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     recipe = sized_to_rows(recipe, longest_row, notes)
@@ -148,7 +150,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
                      "(transformers would skip it silently)")
         liger = False
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
-                                        notes)
+                                        notes, varying_lengths=varying_lengths)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,

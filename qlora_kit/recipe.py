@@ -397,6 +397,12 @@ class SpeedSection:
         "masks) and under FSDP; auto: on where flex attention runs it in one process (a GPU with sdpa: DPO's step "
         "1.25x faster on an H200, docs/methods.md; its kernels compile on the first step), off on CPU, with eager and "
         "with several processes")
+    skip_padding_mask: bool | Literal["auto"] = option(
+        "auto", help="sft: the model's forward gets no attention mask. trl's SFT batches pad each row on the right and "
+        "keep the padding out of the loss, so a causal mask alone gives every trained token the same attention and "
+        "the same loss and gradients, and attention runs without a mask (causal kernels, no key/value copies for "
+        "grouped heads). Off for the other methods, packed or padding-free rows (no padding) and mixture-of-experts "
+        "models (their router loss reads the mask); evaluation and generation keep the mask. auto: on on a GPU")
     memory: float | Literal["fastest", "least"] = option(
         "fastest", help="what the auto choices aim at. fastest: auto kept layers fill 90% of the GPU; least: every "
         "layer recomputes, checkpoints go to CPU memory where that cuts the estimated peak by 5% or more, an auto "

@@ -29,7 +29,7 @@ from qlora_kit.speed import (
     train_on_one_gpu_without_a_launcher,
 )
 from qlora_kit.speed.generation import merged_lora_weights
-from qlora_kit.speed.patches import upstream_changed
+from qlora_kit.speed.patches import skip_padding_mask, upstream_changed
 from qlora_kit.speed.plan import apply_checkpointing, checkpointing_was_reset
 from qlora_kit.speed.shared_prefix import pairs_share_prefix
 
@@ -250,6 +250,10 @@ def build_trainer(recipe: Recipe, model, tokenizer, data: PreparedData, run_dir:
     if recipe.method in ("dpo", "kto", "grpo"):
         use_reference_adapter_only_for_a_start_adapter(trainer.model, recipe.model.adapter is not None)
     bend_trainer(trainer, plan.machine.under_fsdp, before_trl)
+    if plan.skip_padding_mask:
+        skip_padding_mask(trainer)
+        log.info("speed.skip_padding_mask: SFT batches train without their attention mask (right-padded, padding "
+                 "out of the loss)")
     return trainer
 
 

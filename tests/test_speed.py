@@ -1346,3 +1346,98 @@ def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe
         pairs = pair_recipe(make_recipe, tmp_path, method, memory=12.96, shared_prefix=True)
         assert decide_speed_plan(pairs, config, machine, ADAPTER_8B_R16, longest_row=1536,
                                  longest_pair=2048).kept_layers == 13
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2.5", "tiny-gemma-2"])
+def test_sft_without_the_padding_mask_gives_the_same_loss_and_gradients(shape, make_recipe, family_model_dir,
+                                                                          tmp_path):
+    """speed.skip_padding_mask: a batch of SFT rows of different lengths, padded by trl's collator, gives the same
+    loss and every LoRA gradient with and without its attention mask (right padding, padding out of the loss), on
+    Llama, Qwen2 (q/k/v biases) and Gemma 2 (eager attention, sliding windows); the model's forward really gets no
+    mask in training, and still gets it in evaluation and without gradients (generation pads on the left)."""
+    from test_shared_prefix import assert_same_loss_and_gradients
+    from transformers import AutoTokenizer
+
+    from qlora_kit.data import build_datasets
+    from qlora_kit.speed.patches import skip_padding_mask
+    from qlora_kit.trainers import build_trainer
+
+    folder = family_model_dir(shape)
+    from bench_common import attention  # scripts/ is on sys.path once family_model_dir ran
+
+    recipe = load_recipe(make_recipe(model={"name": str(folder), "attn_implementation": attention(shape)}),
+                         ["data.cache=false", "speed.skip_padding_mask=false"])
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = build_datasets(recipe, tokenizer)
+    model = build_quantized_model(recipe, str(folder), torch.float32)
+    torch.manual_seed(0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.05)
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), 0)
+    assert not plan.skip_padding_mask
+    trainer = build_trainer(recipe, model, tokenizer, data, tmp_path / "run", torch.float32, plan)
+    by_length = sorted(range(len(trainer.train_dataset)), key=lambda i: len(trainer.train_dataset[i]["input_ids"]))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (by_length[0], by_length[len(by_length) // 2],
+                                                                      by_length[-1])])
+    assert not batch["attention_mask"].all() and (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(kwargs.get("attention_mask"))
+
+    spied = model.register_forward_pre_hook(spy, with_kwargs=True)
+
+    def loss_and_gradients():
+        model.train()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    masked = loss_and_gradients()
+    assert seen[-1] is not None and trainer.model is model
+    spied.remove()
+    skip_padding_mask(trainer)
+    model.register_forward_pre_hook(spy, with_kwargs=True)  # after the lever's hook: sees what the model gets
+    unmasked = loss_and_gradients()
+    assert seen[-1] is None
+    assert_same_loss_and_gradients(*unmasked, *masked)
+
+    model.eval()
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert seen[-1] is not None
+    model.train()
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert seen[-1] is not None
+
+
+def test_skip_padding_mask_is_on_for_padded_sft_rows_on_a_gpu_and_off_where_the_mask_matters(make_recipe,
+                                                                                             tiny_model_dir):
+    """auto: on for SFT on a GPU; off on CPU (not measured there), for the other methods and packed or padding-free
+    rows (nothing to skip), and for mixture-of-experts models, whose router loss reads the mask (said in a note);
+    true: on on CPU too."""
+    from transformers import AutoConfig, Qwen2MoeConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+
+    def plan(*overrides, machine=None, model_config=config):
+        recipe = load_recipe(make_recipe(), list(overrides))
+        return decide_speed_plan(recipe, model_config, machine or gpu_machine(), 0)
+
+    on = plan()
+    assert on.skip_padding_mask and any(n.startswith("skip_padding_mask: auto -> on") for n in on.notes)
+    assert not plan(machine=Machine(**{**vars(gpu_machine()), "gpus": 0, "usable_gpu_gib": 0.0})).skip_padding_mask
+    assert plan("speed.skip_padding_mask=true", machine=Machine(**{**vars(gpu_machine()), "gpus": 0,
+                                                                    "usable_gpu_gib": 0.0})).skip_padding_mask
+    assert not plan("training.packing=true").skip_padding_mask
+    assert not plan("training.padding_free=true").skip_padding_mask
+    assert not plan("speed.skip_padding_mask=false").skip_padding_mask
+    moe = plan(model_config=Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                                           shared_expert_intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, num_experts=4))
+    assert not moe.skip_padding_mask
+    assert any("mixture-of-experts" in n for n in moe.notes)

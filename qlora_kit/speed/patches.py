@@ -29,6 +29,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | pair decoder forward  | the decoder's forward (model.get_decoder())             | tf, trl   | not pairs; outside |
 | pair attention, GPU   | AttentionInterface, AttentionMaskInterface (registered) | tf, torch | no BlockMask: sdpa |
 | GRPO sampling weights | GRPOTrainer._generate_single_turn; LoRA layer forward   | trl, peft | nf4; per layer     |
+| SFT padding mask      | the model's forward kwargs (trl's right-padded batches) | trl, tf   | eval, generation   |
 
 | bend (rows as above)                       | test comparing it with upstream                                     |
 | ------------------------------------------ | ------------------------------------------------------------------- |
@@ -52,6 +53,7 @@ bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py)
 | shared_prefix.share_pair_prefixes          | test_shared_prefix: test_shared_prefix_gives_the_unshared_loss_...  |
 | shared_prefix.use_flex_attention_for_pairs | test_shared_prefix: test_flex_attention_gives_the_... (GPU only)    |
 | generation.merged_lora_weights             | test_grpo: test_sampling_on_merged_weights_gives_peft_s_greedy_...  |
+| skip_padding_mask                          | test_speed: test_sft_without_the_padding_mask_gives_the_same_loss...|
 
 model.* lives where the model is loaded (model.py), trainers.* where the trainers are built and the adapter saved
 (trainers.py), shared_prefix.* in shared_prefix.py (the pair forward, its masks and its attention function),
@@ -414,3 +416,26 @@ def modeling_module_restored(model: torch.nn.Module) -> Iterator[None]:
         for name, value in before.items():
             if vars(module).get(name) is not value:
                 setattr(module, name, value)
+
+
+def skip_padding_mask(trainer) -> torch.utils.hooks.RemovableHandle:
+    """speed.skip_padding_mask: the SFT model's training forward gets no attention mask. trl's
+    DataCollatorForLanguageModeling pads input_ids and labels on the right, labels with -100 (trl 1.16), so the mask
+    only hides padding from padding: with the causal mask alone every labelled token attends to what it did, and the
+    loss and gradients are the same. What upstream offers: transformers' sdpa_mask drops a mask only when nothing is
+    padded, after a device-to-host check, and otherwise attention runs with a dense mask (no causal kernel, key/value
+    heads copied for grouped-query attention). Touches: the model's forward keyword `attention_mask`, in training
+    with gradients only (evaluation and generation, which pads on the left, keep it)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    collator = trainer.data_collator
+    if not isinstance(collator, DataCollatorForLanguageModeling) or collator.padding_free:
+        raise upstream_changed("speed.skip_padding_mask: the SFT batches do not come from trl's right-padding "
+                               "DataCollatorForLanguageModeling")
+    return trainer.model.register_forward_pre_hook(without_padding_mask, with_kwargs=True)
+
+
+def without_padding_mask(module: torch.nn.Module, args: tuple, kwargs: dict):
+    if module.training and torch.is_grad_enabled() and kwargs.get("attention_mask") is not None:
+        return args, {**kwargs, "attention_mask": None}
+    return None

@@ -103,6 +103,7 @@ class SpeedPlan:
     machine: Machine
     shared_prefix: bool = False  # dpo / orpo / simpo: each pair's common prefix runs once (shared_prefix.py)
     shared_prefix_flex: bool = False  # ... with flex attention over a BlockMask (a GPU, sdpa) instead of a dense mask
+    skip_padding_mask: bool = False  # sft: the model's training forward gets no attention mask (patches.py)
     notes: tuple[str, ...] = ()  # why a choice differs from what the recipe says
 
     def as_dict(self) -> dict:
@@ -151,6 +152,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         liger = False
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
                                         notes, varying_lengths=varying_lengths)
+    skip_mask = skips_padding_mask(recipe, model_config, machine, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
         triton_dequantize=wants_triton and machine.triton,
@@ -160,6 +162,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         optimizer=optimizer, mlp_chunk_tokens=speed.mlp_chunk_tokens, gc_every_steps=speed.gc_every_steps,
         generation_weights=choose_generation_weights(recipe, model_config, machine, notes),
         memory=memory_goal_name(speed.memory), machine=machine, notes=tuple(notes), shared_prefix=shared_prefix,
+        skip_padding_mask=skip_mask,
         shared_prefix_flex=shared_prefix and machine.gpus > 0 and recipe.model.attn_implementation == "sdpa")
     log.info("%s", plan.describe())
     return plan
@@ -207,6 +210,24 @@ def shares_pair_prefixes(recipe: Recipe, machine: Machine, notes: list[str]) -> 
     if wanted == "auto":
         notes.append("shared_prefix: auto -> on (each pair's common prefix runs once, flex attention on the GPU; "
                      "measured 1.25x on DPO's step; its kernels compile on the first step)")
+    return True
+
+
+def skips_padding_mask(recipe: Recipe, model_config, machine: Machine, notes: list[str]) -> bool:
+    """speed.skip_padding_mask resolved: SFT rows that are padded (not packed, not padding-free), a model without
+    experts, and for `auto` a GPU. Off without a note where there is nothing to skip (other methods, no padding)."""
+    wanted = recipe.speed.skip_padding_mask
+    if not wanted or recipe.method != "sft" or recipe.training.packing or recipe.training.padding_free:
+        return False
+    text = model_config.get_text_config()
+    if any((getattr(text, key, None) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts")):
+        notes.append("skip_padding_mask: off, a mixture-of-experts model (its router loss reads the padding mask)")
+        return False
+    if wanted == "auto" and not machine.gpus:
+        return False
+    if wanted == "auto":
+        notes.append("skip_padding_mask: auto -> on (right-padded SFT rows, padding out of the loss: attention runs "
+                     "causal without a mask)")
     return True
 
 

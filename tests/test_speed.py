@@ -1348,12 +1348,12 @@ def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe
                                  longest_pair=2048).kept_layers == 13
 
 
-@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen2.5", "tiny-gemma-2"])
+@pytest.mark.parametrize("shape", FAMILY_SHAPES)
 def test_sft_without_the_padding_mask_gives_the_same_loss_and_gradients(shape, make_recipe, family_model_dir,
                                                                           tmp_path):
     """speed.skip_padding_mask: a batch of SFT rows of different lengths, padded by trl's collator, gives the same
     loss and every LoRA gradient with and without its attention mask (right padding, padding out of the loss), on
-    Llama, Qwen2 (q/k/v biases) and Gemma 2 (eager attention, sliding windows); the model's forward really gets no
+    every family's tiny shape (Gemma 2: eager attention; Gemma 2 and 3: sliding windows); the model's forward gets no
     mask in training, and still gets it in evaluation and without gradients (generation pads on the left)."""
     from test_shared_prefix import assert_same_loss_and_gradients
     from transformers import AutoTokenizer

@@ -348,3 +348,32 @@ def test_a_bench_variant_matched_to_the_reference_takes_its_measured_peak_as_the
     assert bench.matched_to_reference(["speed.memory=12"], None) == ["speed.memory=12"]
     with pytest.raises(RuntimeError, match="reference run of this shape"):
         bench.matched_to_reference(["speed.memory=reference"], None)
+
+
+def test_every_family_s_tokenizer_class_renders_the_bench_rows_to_their_exact_length(tmp_path):
+    """The bench rows are exactly `seq` tokens under the tokenizer each path loads from a model folder, whatever
+    class transformers picks for the family (Qwen2 folders load as Qwen2Tokenizer, which rebuilt a word-level
+    vocabulary into fewer, garbled tokens); the guard refuses a folder whose tokenizer renders a row differently."""
+    from bench_common import SHAPES, build_tokenizer, chat_data, check_model_tokenizer, shape_config
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    data = Path(chat_data(tmp_path, 256, 4)["path"])
+    tokenizer = build_tokenizer(tmp_path / "tokenizer")
+    for shape in ("tiny", *(s for s in SHAPES if s.startswith("tiny-"))):
+        folder = tmp_path / shape
+        shape_config(shape, tokenizer)[0].save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        check_model_tokenizer(folder, data)
+
+    words = sorted({w.strip(".?!,") for line in data.read_text().splitlines() for m in json.loads(line)["messages"]
+                    for w in m["content"].split()} | {"user", "assistant", ".", "?", "!"})
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    word_level = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    word_level.chat_template = tokenizer.chat_template
+    folder = tmp_path / "word-level-qwen2"
+    shape_config("tiny-qwen2.5", tokenizer)[0].save_pretrained(folder)
+    word_level.save_pretrained(folder)
+    with pytest.raises(RuntimeError, match="renders the bench row to"):
+        check_model_tokenizer(folder, data)

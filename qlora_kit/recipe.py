@@ -899,6 +899,9 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
         raise RecipeError(f"{recipe.source}: speed.shared_prefix: applies to method {' / '.join(PAIRED_METHODS)} only "
                           f"(pairs of chosen and rejected rows); this recipe trains with method: {method}; set it to "
                           "auto or false")
+    if recipe.speed.skip_padding_mask is True and method != "sft":
+        raise RecipeError(f"{recipe.source}: speed.skip_padding_mask: applies to method sft only (trl's right-padded "
+                          f"SFT batches); this recipe trains with method: {method}; set it to auto or false")
     if method == "sft":
         return
     t = recipe.training

@@ -373,6 +373,23 @@ def test_shared_prefix_true_for_a_method_without_pairs_is_a_recipe_error(method,
             f"this recipe trains with method: {method}") in str(caught.value)
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto", "grpo"])
+def test_skip_padding_mask_true_for_a_method_other_than_sft_is_a_recipe_error(method, make_recipe,
+                                                                              prefix_pairs_file):
+    """speed.skip_padding_mask leans on trl's right-padded SFT batches: `true` for another method is refused (auto
+    and false pass)."""
+    sections = method_sections(method, prefix_pairs_file)
+    if method == "grpo":
+        sections["training"]["batch_size"] = 2
+        sections["grpo"] = {"num_generations": 2, "rewards": [{"name": "json_valid"}]}
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(make_recipe(**sections, speed={"skip_padding_mask": True}))
+    assert (f"speed.skip_padding_mask: applies to method sft only (trl's right-padded SFT batches); this recipe "
+            f"trains with method: {method}; set it to auto or false") in str(caught.value)
+    for allowed in ("auto", False):
+        assert load_recipe(make_recipe(**sections, speed={"skip_padding_mask": allowed})).method == method
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 

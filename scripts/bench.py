@@ -881,6 +881,11 @@ def markdown(results: dict[str, Any]) -> str:
                  fmt(r.get("model_load_s"), ".1f"), fmt(r.get("triton_kernels_compiled"), "d"), losses]
         lines.append("| " + " | ".join(cells) + " |")
     builds = "; ".join(f"{shape}: {info}" for shape, info in results["models"].items())
+    if results.get("warm_ups"):
+        lines += ["", "Warm-up runs (3 untimed steps of qlora-kit's defaults before a shape's timed runs): "
+                  + "; ".join(f"{w['shape']} b{w['batch']}: {w['wall_s']} s, {w['triton_kernels_compiled']} Triton "
+                              f"kernels compiled" + (f", error {w['error']}" if w["error"] else "")
+                              for w in results["warm_ups"])]
     lines += ["", f"Model checkpoints (random weights): {builds}",
               f"Total wall time: {results.get('wall_s', '?')} s", ""]
     return "\n".join(lines)
@@ -1001,6 +1006,10 @@ def main(argv: list[str]) -> None:
                         help="grpo: completions per prompt (num_generations); default 8 (4 with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized dry run; defaults tiny:2, seq 128, 4 steps "
                         "(grpo: tiny:4, seq 64, 4 completions per prompt)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="before timing a shape, run qlora-kit's defaults on it for 3 untimed steps, so that every "
+                        "timed run finds its Triton kernels compiled (the first run of a new shape compiles them "
+                        "inside its measured steps otherwise); recorded under warm_ups, not compared")
     parser.add_argument("--ragged", action="store_true",
                         help="sft: rows of seq/2..seq tokens (uniform), so batches are padded to their longest row as "
                         "real data's are; tokens/s counts the tokens that are not padding")
@@ -1059,7 +1068,7 @@ def main(argv: list[str]) -> None:
         settings["grpo"] = grpo_settings({"seq": args.seq, "generations": args.generations})
     results: dict[str, Any] = {"date": env["date"], "env": env, "code": code_version(), "argv": argv,
                                "settings": settings, "data": data["sft"] if methods == ["sft"] else data,
-                               "models": {}, "runs": []}
+                               "models": {}, "runs": [], "warm_ups": []}
 
     for shape, batch in configs:
         base = {"shape": shape, "label": SHAPES[shape]["label"], "seq": args.seq, "batch": batch,
@@ -1083,6 +1092,13 @@ def main(argv: list[str]) -> None:
                                 for path in paths]
             write_outputs(results, out)
             continue
+        if args.warm_up and remaining() >= 30:
+            kernels_before = triton_cache_entries()
+            warm = run_qlora_kit({**base, "steps": 3}, model, Path(data[methods[0]]["path"]), work, gpu,
+                                 args.override + qlora_kit_defaults(), remaining(), "qlora-kit:warm-up")
+            results["warm_ups"].append({"shape": shape, "batch": batch, "wall_s": warm.get("wall_s"),
+                                        "error": warm.get("error"),
+                                        "triton_kernels_compiled": triton_cache_entries() - kernels_before})
         order = [(method, repeat, path) for method in methods for repeat in range(args.repeats)
                  for path in (paths if repeat % 2 == 0 else paths[::-1])]
         order += [(method, args.repeats, "profile " + path) for method in methods

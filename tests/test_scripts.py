@@ -113,11 +113,14 @@ def test_bench_dry_run_compares_variants_with_the_reference(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench.py"), "--tiny", "--out", str(out), "--work", str(tmp_path / "w"),
-         "--variant", "defaults", "--variant", "bf16:quantization.upcast_to_fp32=false"],
+         "--variant", "defaults", "--variant", "bf16:quantization.upcast_to_fp32=false", "--warm-up"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    runs = json.loads((out / "bench.json").read_text())["runs"]
+    results = json.loads((out / "bench.json").read_text())
+    runs = results["runs"]
     assert [r["path"] for r in runs] == ["qlora-kit:defaults", "qlora-kit:bf16", "reference"]
+    (warm,) = results["warm_ups"]  # --warm-up: one untimed run of the shape first, not among the compared runs
+    assert warm["shape"] == "tiny" and warm["error"] is None and warm["wall_s"] > 0
     assert runs[0]["overrides"] == ["training.optimizer=auto", "speed.keep_activations_layers=auto"]
     assert all(r["error"] is None and r["tokens_per_second"] > 0 and r["measured_steps"] == 2 for r in runs)
     assert all(len(r["step_seconds"]) == 2 and min(r["step_seconds"]) > 0 for r in runs)  # each measured step

@@ -361,12 +361,18 @@ def test_flash_attention_and_other_methods_stay_unshared(make_recipe, prefix_pai
     assert not plan_for(make_recipe, shout_files[0], tiny_model_dir, "sft").shared_prefix
 
 
-@pytest.mark.parametrize("method", ["sft", "kto", "grpo"])
-def test_shared_prefix_true_for_a_method_without_pairs_is_a_recipe_error(method, make_recipe, prefix_pairs_file):
-    sections = method_sections(method, prefix_pairs_file)
+def recipe_sections(method: str, pairs: Path) -> dict:
+    """method_sections for any method, with what a GRPO recipe needs to load (a batch of whole groups, a reward)."""
+    sections = method_sections(method, pairs)
     if method == "grpo":
         sections["training"]["batch_size"] = 2
         sections["grpo"] = {"num_generations": 2, "rewards": [{"name": "json_valid"}]}
+    return sections
+
+
+@pytest.mark.parametrize("method", ["sft", "kto", "grpo"])
+def test_shared_prefix_true_for_a_method_without_pairs_is_a_recipe_error(method, make_recipe, prefix_pairs_file):
+    sections = recipe_sections(method, prefix_pairs_file)
     with pytest.raises(RecipeError) as caught:
         load_recipe(make_recipe(**sections, speed={"shared_prefix": True}))
     assert (f"speed.shared_prefix: applies to method dpo / orpo / simpo only (pairs of chosen and rejected rows); "
@@ -378,10 +384,7 @@ def test_skip_padding_mask_true_for_a_method_other_than_sft_is_a_recipe_error(me
                                                                               prefix_pairs_file):
     """speed.skip_padding_mask leans on trl's right-padded SFT batches: `true` for another method is refused (auto
     and false pass)."""
-    sections = method_sections(method, prefix_pairs_file)
-    if method == "grpo":
-        sections["training"]["batch_size"] = 2
-        sections["grpo"] = {"num_generations": 2, "rewards": [{"name": "json_valid"}]}
+    sections = recipe_sections(method, prefix_pairs_file)
     with pytest.raises(RecipeError) as caught:
         load_recipe(make_recipe(**sections, speed={"skip_padding_mask": True}))
     assert (f"speed.skip_padding_mask: applies to method sft only (trl's right-padded SFT batches); this recipe "

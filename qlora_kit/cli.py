@@ -47,7 +47,13 @@ def cmd_data(args: argparse.Namespace) -> None:
 
     import torch
 
-    from qlora_kit.data import build_datasets, describe_data, longest_packed_pair, longest_training_row
+    from qlora_kit.data import (
+        build_datasets,
+        describe_data,
+        longest_packed_pair,
+        longest_training_row,
+        varying_batch_lengths,
+    )
     from qlora_kit.memory import (
         NOT_IN_TOTAL,
         estimate_training_memory,
@@ -56,8 +62,8 @@ def cmd_data(args: argparse.Namespace) -> None:
         memory_warning,
         rows_of_length,
     )
-    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer
-    from qlora_kit.speed.plan import Machine, packed_pair_row, shares_pair_prefixes
+    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer, model_config
+    from qlora_kit.speed.plan import Machine, packed_pair_row, resolve_eager_attention, shares_pair_prefixes
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
@@ -70,6 +76,8 @@ def cmd_data(args: argparse.Namespace) -> None:
     notes: list[str] = []  # the speed plan's reading of the data, as the training run will decide it
     gpu_run = dataclasses.replace(Machine.measure(), gpus=max(1, torch.cuda.device_count()))  # the estimate's GPU run
     packed = packed_pair_row(shares_pair_prefixes(recipe, gpu_run, notes), longest_packed_pair(data, recipe), notes)
+    sized = resolve_eager_attention(sized, model_config(recipe, folder), gpu_run, notes,
+                                    varying_batch_lengths(data, recipe))  # flex keeps no scores
     memory = estimate_training_memory(sized, folder, packed_pair_row=packed)
     rows = f" for rows up to {longest} tokens (the longest; max_length {recipe.training.max_length})" \
         if sized is not recipe else ""

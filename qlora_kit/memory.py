@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 from qlora_kit.model import (
     DTYPES,
     gated_silu_mlp,
-    hub_model_errors,
     liger_kernel_installed,
+    model_config,
     targets_module,
     upcasts_to_fp32,
 )
@@ -39,12 +39,7 @@ def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = N
                              packed_pair_row: int | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
     estimate_memory_for_config."""
-    from transformers import AutoConfig
-
-    with hub_model_errors(recipe, folder):
-        config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
-    return estimate_memory_for_config(recipe, config, liger, packed_pair_row)
+    return estimate_memory_for_config(recipe, model_config(recipe, folder), liger, packed_pair_row)
 
 
 def rows_of_length(recipe: Recipe, longest_row: int | None) -> Recipe:
@@ -188,8 +183,9 @@ def logit_bytes(fused_cross_entropy: bool) -> int:
 def eager_attention_scores(recipe: Recipe, text_config, rows: int, row_length: int) -> int:
     """Attention scores one layer keeps for backward under model.attn_implementation: eager (Gemma 2's recipe: sdpa
     has no softcapping): rows x heads x row_length^2, each saved as the softmax's fp32 output plus two compute-dtype
-    copies (the softcap's tanh, the probabilities the value matmul reads). The fused kernels keep none."""
-    if recipe.model.attn_implementation != "eager":
+    copies (the softcap's tanh, the probabilities the value matmul reads). The fused kernels keep none, nor does
+    flex attention standing in for eager (speed.attention_kernel: flex)."""
+    if recipe.model.attn_implementation != "eager" or recipe.speed.attention_kernel == "flex":
         return 0
     return rows * text_config.num_attention_heads * row_length ** 2
 

@@ -384,17 +384,46 @@ def check_attention(recipe: Recipe, config) -> None:
                               f"(or another kernel the model and this machine support)") from None
 
 
-def check_model_config(recipe: Recipe, folder: str) -> None:
-    """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
+def model_config(recipe: Recipe, folder: str):
+    """The model's full config (config.json in `folder`), with the recipe's errors for a missing or bad one."""
     from transformers import AutoConfig
 
+    with hub_model_errors(recipe, folder):
+        return AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
+                                          trust_remote_code=recipe.model.trust_remote_code)
+
+
+def check_flex_attention(recipe: Recipe, config) -> None:
+    """speed.attention_kernel: flex, asked for by name, on this machine and model: PyTorch's flex attention has no
+    backward on CPU and no dropout, and transformers must have a flex path for the model class."""
+    if recipe.speed.attention_kernel != "flex":
+        return
+    where = at(recipe.source, "speed.attention_kernel")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"{where}: flex trains on a CUDA GPU only (PyTorch's flex attention has no backward on "
+                          f"CPU); set it to auto or default on this machine")
+    if getattr(config.get_text_config(), "attention_dropout", 0) or 0:
+        raise RecipeError(f"{where}: flex attention has no attention dropout, and the model's config sets "
+                          f"attention_dropout: {config.get_text_config().attention_dropout}; set it to default")
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights():
+            AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
+                                             attn_implementation="flex_attention")
+    except (ValueError, ImportError) as exc:
+        raise RecipeError(f"{where}: flex cannot run this model here: {first_sentence(str(exc))}; set it to auto or "
+                          "default") from None
+
+
+def check_model_config(recipe: Recipe, folder: str) -> None:
+    """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
     from qlora_kit.recipe import check_hub_model_reachable
 
     check_hub_model_reachable(recipe)  # one quick look-up instead of transformers' minute of retries
-    with hub_model_errors(recipe, folder):
-        full_config = AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
-                                                 trust_remote_code=recipe.model.trust_remote_code)
+    full_config = model_config(recipe, folder)
     check_attention(recipe, full_config)
+    check_flex_attention(recipe, full_config)
     config = full_config.get_text_config()
     hidden = getattr(config, "hidden_size", None)
     if hidden and recipe.lora.r > hidden:

@@ -358,12 +358,15 @@ class SpeedSection:
     liger_kernels: bool = option(
         True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
         "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
-    attention_kernel: Literal["auto", "default", "flash"] = option(
-        "auto", help="which of PyTorch's kernels runs sdpa attention on a GPU. default: PyTorch's own order (cuDNN's "
-        "attention first on Hopper); flash: cuDNN's attention off, FlashAttention runs it; auto: flash where batches "
-        "take many lengths (rows padded to each batch's longest, packing, GRPO: cuDNN builds a plan, seconds each, for "
-        "every new length); where every batch has one shape, the speed plan times both on it (one layer's forward + "
-        "backward, host time included) and logs the faster")
+    attention_kernel: Literal["auto", "default", "flash", "flex"] = option(
+        "auto", help="which of PyTorch's kernels runs the attention in training on a GPU. sdpa attention: default is "
+        "PyTorch's own order (cuDNN's attention first on Hopper); flash: cuDNN's attention off, FlashAttention runs "
+        "it; auto: flash where batches take many lengths (rows padded to each batch's longest, packing, GRPO: cuDNN "
+        "builds a plan, seconds each, for every new length); where every batch has one shape, the speed plan times "
+        "both on it (one layer's forward + backward, host time included) and logs the faster. eager attention (Gemma "
+        "2's soft-capped scores): flex runs it through PyTorch's flex attention while training (method sft, a GPU): "
+        "the same scores, capped in the kernel, without the rows x heads x length^2 scores eager keeps per layer; "
+        "auto: flex in one process with no attention dropout; default: eager")
     reentrant_checkpointing: bool = option(
         False, help="checkpointed layers run their first forward without an autograd graph (torch's reentrant "
         "checkpointing): less CPU work per step, but torch documents cases only its default kind supports; one "
@@ -899,6 +902,14 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
         raise RecipeError(f"{recipe.source}: speed.shared_prefix: applies to method {' / '.join(PAIRED_METHODS)} only "
                           f"(pairs of chosen and rejected rows); this recipe trains with method: {method}; set it to "
                           "auto or false")
+    if recipe.speed.attention_kernel == "flex" and method != "sft":
+        raise RecipeError(f"{recipe.source}: speed.attention_kernel: flex applies to method sft only (measured there; "
+                          f"GRPO samples and the pair methods share prefixes inside the training window); this recipe "
+                          f"trains with method: {method}; set it to auto or default")
+    if recipe.speed.attention_kernel == "flex" and recipe.model.attn_implementation != "eager":
+        raise RecipeError(f"{at(recipe.source, 'speed.attention_kernel')}: flex runs eager attention (model."
+                          f"attn_implementation: eager, e.g. Gemma 2's soft-capped scores); with "
+                          f"{recipe.model.attn_implementation} attention set it to auto, default or flash")
     if recipe.speed.skip_padding_mask is True and method != "sft":
         raise RecipeError(f"{recipe.source}: speed.skip_padding_mask: applies to method sft only (trl's right-padded "
                           f"SFT batches); this recipe trains with method: {method}; set it to auto or false")

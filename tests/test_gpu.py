@@ -512,6 +512,39 @@ def test_attention_kernels_are_timed_on_the_gpu_and_flash_switches_cudnn_off() -
         torch.backends.cuda.enable_cudnn_sdp(enabled)
 
 
+def test_flex_attention_trains_gemma2_to_eager_attention_s_loss_and_gradients() -> None:
+    """speed.attention_kernel: flex on the GPU: a Gemma 2 model (soft cap 1 and window 8, both biting at 48-token
+    rows, as in test_speed's forward check) gives eager attention's loss and every weight's gradient through flex
+    attention's backward, in fp32."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    from qlora_kit.speed.attention import restore_attention_implementation, use_flex_attention
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                          attn_logit_softcapping=1.0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").cuda().train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+    ids = torch.randint(0, 256, (2, 48), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+
+    def loss_and_gradients():
+        model.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager_grads = loss_and_gradients()
+    before = use_flex_attention(model)
+    flex_loss, flex_grads = loss_and_gradients()
+    restore_attention_implementation(model, before)
+    torch.testing.assert_close(flex_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(flex_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def orpo_step_peak_gib(tmp_path: Path, folder: Path, pairs: Path, trl_forward: bool, monkeypatch) -> float:
     """GiB allocated at the peak of one ORPO loss + backward on the first batch above what was allocated before it:
     qlora-kit's trainer (fused LM head), or with trl's own concatenated_forward (full logits)."""

@@ -1441,3 +1441,120 @@ def test_skip_padding_mask_is_on_for_padded_sft_rows_on_a_gpu_and_off_where_the_
                                            num_attention_heads=4, num_key_value_heads=2, num_experts=4))
     assert not moe.skip_padding_mask
     assert any("mixture-of-experts" in n for n in moe.notes)
+
+
+def gemma2_config(**overrides):
+    """A small Gemma 2 config whose soft cap and sliding window both bite at 24-token rows."""
+    from transformers import Gemma2Config
+
+    return Gemma2Config(**{"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8,
+                           "attn_logit_softcapping": 1.0, **overrides})
+
+
+def test_eager_attention_trains_through_flex_for_sft_on_one_gpu_and_stays_eager_elsewhere(make_recipe):
+    """speed.attention_kernel: auto on an eager-attention model (Gemma 2): flex for SFT on one GPU, said in the
+    plan's notes; default (eager as loaded) on CPU, with several processes or attention dropout (each said on a GPU),
+    and for the pair methods; an explicit setting stands."""
+    def plan(*overrides, machine=None, config=None, **sections):
+        recipe = load_recipe(make_recipe(model={"attn_implementation": "eager"}, **sections),
+                             list(overrides))
+        return decide_speed_plan(recipe, config or gemma2_config(), machine or gpu_machine(), 0)
+
+    flex = plan()
+    assert flex.attention_kernel == "flex"
+    assert any(n.startswith("attention_kernel: auto -> flex (eager attention") for n in flex.notes)
+    cpu = plan(machine=gpu_machine(gpus=0, usable_gpu_gib=0.0))
+    assert cpu.attention_kernel == "default" and not any("flex" in n for n in cpu.notes)
+    two = plan(machine=gpu_machine(processes=2))
+    assert two.attention_kernel == "default"
+    assert "attention_kernel: auto -> default, eager attention (several processes, where it has not been measured)" \
+        in two.notes
+    dropout = plan(config=gemma2_config(attention_dropout=0.1))
+    assert dropout.attention_kernel == "default" and any("attention dropout" in n for n in dropout.notes)
+    ragged = decide_speed_plan(load_recipe(make_recipe(model={"attn_implementation": "eager"})), gemma2_config(),
+                               gpu_machine(), 0, varying_lengths="rows of 5 to 9 tokens")
+    assert ragged.attention_kernel == "default" and "attention_kernel: auto -> default, eager attention (rows of 5 " \
+        "to 9 tokens: flex attention compiles again for new lengths)" in ragged.notes
+    assert plan("speed.attention_kernel=default").attention_kernel == "default"
+    assert plan("method=dpo", preference={"beta": 0.1}).attention_kernel == "default"
+    sdpa = decide_speed_plan(load_recipe(make_recipe()), gemma2_config(), gpu_machine(), 0)
+    assert sdpa.attention_kernel != "flex"
+
+
+def test_flex_attention_frees_the_scores_eager_keeps_in_every_kept_layer(make_recipe):
+    """The memory estimate behind `auto` kept layers: eager attention keeps rows x heads x length^2 scores a layer
+    (fp32 softmax + two bf16 copies), flex none; the plan resolves flex before it estimates, so on the same GPU it
+    keeps more layers (Gemma-2-9B's shape, 2 rows of 2,048 tokens: 1 GiB of scores a layer)."""
+    from qlora_kit.memory import estimate_memory_for_config
+
+    config = gemma2_config(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+                           num_key_value_heads=8, head_dim=256, vocab_size=256000, sliding_window=4096)
+
+    def recipe(*overrides):
+        return load_recipe(make_recipe(model={"attn_implementation": "eager"}), [
+            "training.max_length=2048", "training.batch_size=2", "training.gradient_checkpointing=true",
+            "quantization.compute_dtype=bf16", *overrides])
+
+    kept_eager = estimate_memory_for_config(recipe(), config)["each_kept_layer"]
+    kept_flex = estimate_memory_for_config(recipe("speed.attention_kernel=flex"), config)["each_kept_layer"]
+    assert kept_eager - kept_flex == pytest.approx(2 * 16 * 2048 ** 2 * (4 + 2 * 2) / 2**30) == 1.0
+    machine = gpu_machine(usable_gpu_gib=40.0)
+    auto_plan = decide_speed_plan(recipe(), config, machine, 10**7)
+    eager_plan = decide_speed_plan(recipe("speed.attention_kernel=default"), config, machine, 10**7)
+    assert auto_plan.attention_kernel == "flex" and eager_plan.attention_kernel == "default"
+    assert auto_plan.kept_layers > eager_plan.kept_layers > 0
+
+
+def test_flex_attention_computes_what_eager_does_with_the_soft_cap_and_sliding_window():
+    """use_flex_attention puts a Gemma 2 model on transformers' flex path (a soft cap of 1 and a window of 8 both
+    change these 24-token rows' logits) with the same logits as eager, and restore puts eager back. Forward only:
+    PyTorch's flex attention has no backward on CPU (tests/test_gpu.py compares gradients)."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.speed.attention import restore_attention_implementation, use_flex_attention
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(gemma2_config(), attn_implementation="eager").eval()
+    wide = AutoModelForCausalLM.from_config(gemma2_config(sliding_window=64), attn_implementation="eager").eval()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for layer in model.model.layers:  # scores of a few units, so a cap of 1 bites
+            layer.self_attn.q_proj.weight.mul_(30)
+        wide.load_state_dict(model.state_dict())
+        assert (wide(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-2  # the window bites
+        eager = model(input_ids=ids).logits
+        before = use_flex_attention(model)
+        assert before == "eager" and model.config._attn_implementation == "flex_attention"
+        flex = model(input_ids=ids).logits
+        restore_attention_implementation(model, before)
+        assert model.config._attn_implementation == "eager"
+        again = model(input_ids=ids).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(input_ids=ids).logits
+    torch.testing.assert_close(flex, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, eager)
+    assert (uncapped - eager).abs().max() > 1e-2  # the cap changes these logits: the comparison above sees it
+
+
+def test_flex_attention_asked_for_is_refused_with_the_fix_where_it_cannot_run(make_recipe, monkeypatch):
+    """speed.attention_kernel: flex by name: a recipe error naming the key and fix for another method or sdpa
+    attention (at load), on a machine without CUDA, and for a model with attention dropout (before weights load)."""
+    from qlora_kit.model import check_flex_attention
+    from qlora_kit.recipe import RecipeError
+
+    eager = {"attn_implementation": "eager"}
+    with pytest.raises(RecipeError, match="speed.attention_kernel: flex applies to method sft only"):
+        load_recipe(make_recipe(model=eager, method="dpo", preference={"beta": 0.1}), ["speed.attention_kernel=flex"])
+    with pytest.raises(RecipeError, match="flex runs eager attention .* with sdpa attention set it to auto, default "
+                                          "or flash"):
+        load_recipe(make_recipe(), ["speed.attention_kernel=flex"])
+    recipe = load_recipe(make_recipe(model=eager), ["speed.attention_kernel=flex"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RecipeError, match="flex trains on a CUDA GPU only"):
+        check_flex_attention(recipe, gemma2_config())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_flex_attention(recipe, gemma2_config())
+    with pytest.raises(RecipeError, match="flex attention has no attention dropout"):
+        check_flex_attention(recipe, gemma2_config(attention_dropout=0.1))

@@ -102,7 +102,7 @@ def choose_attention_kernel(setting: str, shape: AttentionShape | None, notes: l
     `varying_lengths`: why the training batches take many lengths (data.varying_batch_lengths); then flash, untimed."""
     if setting != "auto":
         return setting
-    if shape is None:
+    if shape is None:  # eager attention's auto was resolved before the memory estimates (resolve_eager_attention)
         return "default"
     if not torch.backends.cuda.cudnn_sdp_enabled():
         notes.append("attention_kernel: auto -> flash (cuDNN's attention is already off in this process)")
@@ -139,3 +139,42 @@ def apply_attention_kernel(kernel: str) -> bool | None:
 def restore_attention_kernel(before: bool | None) -> None:
     if before is not None:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+# ------------------------------------------------------------------------------------ flex attention for eager models
+
+FLEX_ATTENTION = "flex_attention"  # transformers' name for PyTorch's flex attention (integrations/flex_attention.py)
+
+
+def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | None:
+    """Why `speed.attention_kernel: auto` leaves an eager-attention model on eager, or None when flex attention runs
+    its training. Measured on Gemma 2 (one H200, docs/benchmarks.md): eager keeps rows x heads x length^2 scores a
+    layer, flex none, at the same scores (the soft cap is a score_mod in transformers' flex path)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if not gpus:
+        return "no GPU: PyTorch's flex attention has no backward on CPU"
+    if processes > 1:
+        return "several processes, where it has not been measured"
+    if getattr(model_config.get_text_config(), "attention_dropout", 0) or 0:
+        return "the model's config sets attention dropout, which flex attention has not"
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    if model_class is None or not getattr(model_class, "_supports_flex_attn", False):
+        return f"transformers has no flex attention path for {model_class.__name__ if model_class else 'this model'}"
+    return None
+
+
+def use_flex_attention(model) -> str:
+    """The model's attention through flex attention (transformers' own path: its masks become BlockMasks, a soft cap
+    a score_mod); returns the implementation it replaced, for `restore_attention_implementation`. Training only:
+    generation outside the window keeps the model's own attention."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = base.config._attn_implementation
+    base.set_attn_implementation(FLEX_ATTENTION)
+    log.info("speed.attention_kernel: flex attention runs the model's %s attention while it trains", before)
+    return before
+
+
+def restore_attention_implementation(model, before: str) -> None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(before)

@@ -33,7 +33,10 @@ from qlora_kit.speed.attention import (
     AttentionShape,
     apply_attention_kernel,
     choose_attention_kernel,
+    flex_attention_blocker,
+    restore_attention_implementation,
     restore_attention_kernel,
+    use_flex_attention,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
@@ -90,7 +93,8 @@ class SpeedPlan:
     triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
     cast_adapters_once: bool  # the adapter weights' compute-dtype copies kept between optimizer steps
     liger_kernels: bool  # trl/transformers' use_liger_kernel
-    attention_kernel: str  # default: PyTorch's SDPA kernel order; flash: cuDNN's attention off (speed/attention.py)
+    attention_kernel: str  # default: PyTorch's SDPA kernel order (eager: eager); flash: cuDNN's attention off; flex:
+    # an eager model's attention through flex attention while it trains (speed/attention.py)
     compile_layers: bool
     compile_blocker: str | None  # why the decoder layers are not compiled
     checkpointing: Checkpointing  # none: gradient checkpointing off; non-reentrant: torch's, as the trainer sets it
@@ -129,6 +133,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     notes: list[str] = []
     shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     recipe = sized_to_rows(recipe, longest_row, notes)
+    recipe = resolve_eager_attention(recipe, model_config, machine, notes, varying_lengths)  # before the estimates
     packed = packed_pair_row(shared_prefix, longest_pair, notes)
     recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes, packed)
     speed = recipe.speed
@@ -166,6 +171,28 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         shared_prefix_flex=shared_prefix and machine.gpus > 0 and recipe.model.attn_implementation == "sdpa")
     log.info("%s", plan.describe())
     return plan
+
+
+def resolve_eager_attention(recipe: Recipe, model_config, machine: Machine, notes: list[str],
+                            varying_lengths: str | None = None) -> Recipe:
+    """speed.attention_kernel: auto for eager attention (models without sdpa, as Gemma 2): flex for SFT where every
+    batch has one shape and flex_attention_blocker finds nothing against it, else default (eager as loaded). Batches
+    of many lengths stay eager: flex's compiled kernels compile again for new lengths (a ragged Gemma-2-9B run on an
+    H200 did not finish 8 steps in 90 s, docs/benchmarks.md). Decided before the memory estimates, which count
+    eager's scores and not flex's; sdpa attention's auto is decided later, by timing."""
+    speed = recipe.speed
+    if recipe.model.attn_implementation != "eager" or speed.attention_kernel != "auto" or recipe.method != "sft":
+        return recipe
+    blocker = flex_attention_blocker(model_config, machine.gpus, machine.processes)
+    if not blocker and varying_lengths:
+        blocker = f"{varying_lengths}: flex attention compiles again for new lengths"
+    if blocker:
+        if machine.gpus:
+            notes.append(f"attention_kernel: auto -> default, eager attention ({blocker})")
+        return with_speed(recipe, attention_kernel="default")
+    notes.append("attention_kernel: auto -> flex (eager attention: flex attention computes the same scores without "
+                 "keeping rows x heads x length^2 of them a layer; its kernels compile on the first step)")
+    return with_speed(recipe, attention_kernel="flex")
 
 
 def sized_to_rows(recipe: Recipe, longest_row: int | None, notes: list[str]) -> Recipe:
@@ -584,9 +611,13 @@ class ApplySpeedPlan(TrainerCallback):
         self.plan = plan
         self.gc_scheduled = False
         self.cudnn_attention_before: bool | None = None
+        self.eager_attention: tuple | None = None  # (model, its implementation) while flex attention stands in
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.cudnn_attention_before = apply_attention_kernel(self.plan.attention_kernel)
+        if self.plan.attention_kernel == "flex":
+            persistent_compile_cache()  # flex attention's kernels are compiled: kept for the next run of the shape
+            self.eager_attention = (model, use_flex_attention(model))
         apply_speed_plan(model, self.plan)
         if self.plan.gc_every_steps:
             schedule_python_gc()
@@ -607,6 +638,9 @@ class ApplySpeedPlan(TrainerCallback):
         run when training ends with an error, which skips on_train_end)."""
         restore_attention_kernel(self.cudnn_attention_before)
         self.cudnn_attention_before = None
+        if self.eager_attention is not None:
+            restore_attention_implementation(*self.eager_attention)
+            self.eager_attention = None
         if self.gc_scheduled:
             gc.unfreeze()
             gc.enable()

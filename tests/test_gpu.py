@@ -518,7 +518,7 @@ def test_flex_attention_trains_gemma2_to_eager_attention_s_loss_and_gradients() 
     attention's backward, in fp32."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from qlora_kit.speed.attention import restore_attention_implementation, use_flex_attention
+    from qlora_kit.speed.attention import FLEX, set_attention_implementation
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -537,9 +537,9 @@ def test_flex_attention_trains_gemma2_to_eager_attention_s_loss_and_gradients() 
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     eager_loss, eager_grads = loss_and_gradients()
-    before = use_flex_attention(model)
+    before = set_attention_implementation(model, FLEX)
     flex_loss, flex_grads = loss_and_gradients()
-    restore_attention_implementation(model, before)
+    set_attention_implementation(model, before)
     torch.testing.assert_close(flex_loss, eager_loss, rtol=1e-5, atol=1e-5)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(flex_grads[name], grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -1507,12 +1507,13 @@ def test_flex_attention_frees_the_scores_eager_keeps_in_every_kept_layer(make_re
 
 
 def test_flex_attention_computes_what_eager_does_with_the_soft_cap_and_sliding_window():
-    """use_flex_attention puts a Gemma 2 model on transformers' flex path (a soft cap of 1 and a window of 8 both
-    change these 24-token rows' logits) with the same logits as eager, and restore puts eager back. Forward only:
-    PyTorch's flex attention has no backward on CPU (tests/test_gpu.py compares gradients)."""
+    """set_attention_implementation(model, FLEX) puts a Gemma 2 model on transformers' flex path (a soft cap of 1
+    and a window of 8 both change these 24-token rows' logits) with the same logits as eager, and setting it back
+    restores eager. Forward only: PyTorch's flex attention has no backward on CPU (tests/test_gpu.py compares
+    gradients)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.speed.attention import restore_attention_implementation, use_flex_attention
+    from qlora_kit.speed.attention import FLEX, set_attention_implementation
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(gemma2_config(), attn_implementation="eager").eval()
@@ -1524,10 +1525,10 @@ def test_flex_attention_computes_what_eager_does_with_the_soft_cap_and_sliding_w
         wide.load_state_dict(model.state_dict())
         assert (wide(input_ids=ids).logits - model(input_ids=ids).logits).abs().max() > 1e-2  # the window bites
         eager = model(input_ids=ids).logits
-        before = use_flex_attention(model)
+        before = set_attention_implementation(model, FLEX)
         assert before == "eager" and model.config._attn_implementation == "flex_attention"
         flex = model(input_ids=ids).logits
-        restore_attention_implementation(model, before)
+        set_attention_implementation(model, before)
         assert model.config._attn_implementation == "eager"
         again = model(input_ids=ids).logits
         for layer in model.model.layers:

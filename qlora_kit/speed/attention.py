@@ -143,7 +143,7 @@ def restore_attention_kernel(before: bool | None) -> None:
 
 # ------------------------------------------------------------------------------------ flex attention for eager models
 
-FLEX_ATTENTION = "flex_attention"  # transformers' name for PyTorch's flex attention (integrations/flex_attention.py)
+FLEX = "flex_attention"  # transformers' name for PyTorch's flex attention (integrations/flex_attention.py)
 
 
 def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | None:
@@ -164,17 +164,10 @@ def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | Non
     return None
 
 
-def use_flex_attention(model) -> str:
-    """The model's attention through flex attention (transformers' own path: its masks become BlockMasks, a soft cap
-    a score_mod); returns the implementation it replaced, for `restore_attention_implementation`. Training only:
-    generation outside the window keeps the model's own attention."""
+def set_attention_implementation(model, implementation: str) -> str:
+    """The model's attention implementation switched (transformers' own paths: under flex its masks become
+    BlockMasks, a soft cap a score_mod); returns the one it replaced, which the same call puts back."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
-    base.set_attn_implementation(FLEX_ATTENTION)
-    log.info("speed.attention_kernel: flex attention runs the model's %s attention while it trains", before)
+    base.set_attn_implementation(implementation)
     return before
-
-
-def restore_attention_implementation(model, before: str) -> None:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(before)

@@ -30,13 +30,13 @@ from qlora_kit.memory import (
 from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 from qlora_kit.speed.attention import (
+    FLEX,
     AttentionShape,
     apply_attention_kernel,
     choose_attention_kernel,
     flex_attention_blocker,
-    restore_attention_implementation,
     restore_attention_kernel,
-    use_flex_attention,
+    set_attention_implementation,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.lora_autograd import forget_compute_copies
@@ -617,7 +617,9 @@ class ApplySpeedPlan(TrainerCallback):
         self.cudnn_attention_before = apply_attention_kernel(self.plan.attention_kernel)
         if self.plan.attention_kernel == "flex":
             persistent_compile_cache()  # flex attention's kernels are compiled: kept for the next run of the shape
-            self.eager_attention = (model, use_flex_attention(model))
+            self.eager_attention = (model, set_attention_implementation(model, FLEX))
+            log.info("speed.attention_kernel: flex attention runs the model's %s attention while it trains",
+                     self.eager_attention[1])
         apply_speed_plan(model, self.plan)
         if self.plan.gc_every_steps:
             schedule_python_gc()
@@ -639,7 +641,7 @@ class ApplySpeedPlan(TrainerCallback):
         restore_attention_kernel(self.cudnn_attention_before)
         self.cudnn_attention_before = None
         if self.eager_attention is not None:
-            restore_attention_implementation(*self.eager_attention)
+            set_attention_implementation(*self.eager_attention)
             self.eager_attention = None
         if self.gc_scheduled:
             gc.unfreeze()

@@ -621,40 +621,59 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.parametrize(("speed", "processes", "every_layer_kept", "reason"), [
-    ({}, 1, False, "switched off"),
-    ({"compile_layers": "auto"}, 1, False, None),
-    ({"compile_layers": "auto"}, 1, True, "auto: off, no layer is recomputed"),
-    ({"compile_layers": True}, 1, True, None),
-    ({"compile_layers": False}, 1, False, "switched off"),
-    ({"compile_layers": True, "offload_checkpoints": True}, 1, False, "off with offload_checkpoints"),
-    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, 1, False, "off with offload_checkpoints, reentrant"),
-    ({"compile_layers": True}, 2, False, "off with several processes"),
+def test_compiled_layers_on_rows_of_many_lengths_compile_once_more_not_per_length(make_recipe, family_model_dir):
+    """auto compiles on ragged rows because dynamo compiles a second length with the length dynamic and reuses that
+    graph for every later length: two graphs per kind of layer (sliding/full x checkpointed/kept), not per length."""
+    from torch._dynamo.utils import counters
+
+    model = adapted_model(make_recipe, family_model_dir("tiny-gemma-3"))  # a sliding layer, then a full one
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_decoder_layers(model)
+    graphs = []
+    for length in (100, 90, 77, 120, 65):  # longer than the window (64): rows inside it run the sliding layer unmasked
+        ids = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(length))
+        model(input_ids=ids, labels=ids).loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4, 4, 4, 4]
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize(("speed", "processes", "method", "fused_mlp", "reason"), [
+    ({"compile_layers": False}, 1, "sft", False, "switched off"),
+    ({}, 1, "sft", False, None),  # the default is auto
+    ({}, 1, "sft", True, "auto: off, the MLPs are fused"),
+    ({}, 1, "dpo", False, "auto: off for dpo"),
+    ({"compile_layers": True}, 1, "dpo", True, None),
+    ({"compile_layers": True, "offload_checkpoints": True}, 1, "sft", False, "off with offload_checkpoints"),
+    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, 1, "sft", False, "off with offload_checkpoints, "),
+    ({}, 2, "sft", False, "off with several processes"),
 ])
-def test_layers_compile_on_one_gpu_where_layers_recompute(make_recipe, speed, processes, every_layer_kept, reason):
+def test_layers_compile_where_measured_faster(make_recipe, speed, processes, method, fused_mlp, reason):
     from qlora_kit.speed.plan import layer_compile_blocker
 
     blocker = layer_compile_blocker(load_recipe(make_recipe(speed=speed)).speed, gpu_machine(processes=processes),
-                                    every_layer_kept)
+                                    method, fused_mlp)
     assert blocker is None if reason is None else blocker.startswith(reason)
 
 
-@pytest.mark.parametrize(("training", "kept", "every_layer_kept"), [
-    ({"gradient_checkpointing": False}, 0, True),
-    ({"gradient_checkpointing": True}, 0, False),
-    ({"gradient_checkpointing": True}, 1, False),
-    ({"gradient_checkpointing": True}, 2, True),  # the tiny model has 2 layers
-])
-def test_auto_compiled_layers_stay_off_without_checkpointing_or_when_every_layer_keeps_its_activations(
-        make_recipe, tiny_model_dir, training, kept, every_layer_kept):
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gemma-3"])
+def test_auto_compiles_the_layers_whose_mlp_is_not_fused(make_recipe, family_model_dir, shape):
+    """SwiGLU (the tiny Llama): the fused MLP runs, nothing compiles, Liger's kernels do; Gemma 3's GELU-gated MLP is
+    not fused: its layers compile and Liger's layer kernels are left out, whatever the row lengths."""
     from transformers import AutoConfig
 
-    speed = {"compile_layers": "auto", "keep_activations_layers": kept}
-    recipe = load_recipe(make_recipe(training=training, speed=speed))
-    plan = decide_speed_plan(recipe, AutoConfig.from_pretrained(tiny_model_dir), gpu_machine(), 0)
-    assert plan.kept_layers == (kept if training["gradient_checkpointing"] else 0)
-    assert plan.compile_layers is not every_layer_kept
-    assert (plan.compile_blocker or "").startswith("auto: off, no layer is recomputed") is every_layer_kept
+    config = AutoConfig.from_pretrained(family_model_dir(shape))
+    plan = decide_speed_plan(load_recipe(make_recipe()), config, gpu_machine(), 0,
+                             varying_lengths="rows of many lengths")
+    compiled = shape == "tiny-gemma-3"
+    assert plan.compile_layers is compiled and plan.fused_mlp is not compiled
+    assert plan.liger_kernels is not compiled
+    assert plan.compile_blocker == (None if compiled else
+                                    "auto: off, the MLPs are fused (compiled layers measured no faster there)")
 
 
 def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, tiny_model_dir):

@@ -144,12 +144,12 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     if wants_triton and not machine.triton:
         notes.append("triton_dequantize: Triton is not installed; bitsandbytes' kernels")
     checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes, packed)
-    every_layer_kept = checkpointing == "none" or kept >= model_config.get_text_config().num_hidden_layers
-    blocker = layer_compile_blocker(speed, machine, every_layer_kept)
     optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
     mlp_blocker = fused_mlp_blocker(model_config) if fused_lora and speed.fused_mlp else None
     if mlp_blocker:
         notes.append(f"fused_mlp: off, {mlp_blocker}; its projections still take the fused LoRA path")
+    fused_mlp = fused_lora and speed.fused_mlp and mlp_blocker is None
+    blocker = layer_compile_blocker(speed, machine, recipe.method, fused_mlp)
     liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
     if liger and model_config.model_type not in liger_model_types():
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
@@ -159,7 +159,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
                                         notes, varying_lengths=varying_lengths)
     skip_mask = skips_padding_mask(recipe, model_config, machine, notes)
     plan = SpeedPlan(
-        fused_lora=fused_lora, fused_mlp=fused_lora and speed.fused_mlp and mlp_blocker is None,
+        fused_lora=fused_lora, fused_mlp=fused_mlp,
         triton_dequantize=wants_triton and machine.triton,
         cast_adapters_once=not long_context_settings(speed),
         liger_kernels=liger, attention_kernel=attention,
@@ -415,13 +415,18 @@ def with_speed(recipe: Recipe, **changes) -> Recipe:
     return dataclasses.replace(recipe, speed=dataclasses.replace(recipe.speed, **changes))
 
 
-def layer_compile_blocker(speed: SpeedSection, machine: Machine, every_layer_kept: bool = False) -> str | None:
-    """Why speed.compile_layers does not apply in this process, or None when it does. `every_layer_kept`: no layer
-    recomputes (no gradient checkpointing, or all layers keep their activations)."""
+def layer_compile_blocker(speed: SpeedSection, machine: Machine, method: str = "sft",
+                          fused_mlp: bool = False) -> str | None:
+    """Why speed.compile_layers does not apply in this process, or None when it does. `auto` compiles where it was
+    measured faster (H200, docs/benchmarks.md): SFT layers whose MLP qlora-kit does not fuse (Gemma's GELU-gated
+    MLPs), rows of one length or many (a second length compiles once more, with the length dynamic). Not where the
+    MLP is fused (SwiGLU: no faster, more memory), nor for the other methods (not measured)."""
     if not speed.compile_layers:
         return "switched off"
-    if speed.compile_layers == "auto" and every_layer_kept:
-        return "auto: off, no layer is recomputed (compiled layers measured no faster there)"
+    if speed.compile_layers == "auto" and method != "sft":
+        return f"auto: off for {method} (measured on SFT only; speed.compile_layers: true compiles)"
+    if speed.compile_layers == "auto" and fused_mlp:
+        return "auto: off, the MLPs are fused (compiled layers measured no faster there)"
     if not machine.gpus:
         return "off on CPU (no GPU here)"
     if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:

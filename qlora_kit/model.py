@@ -364,24 +364,33 @@ def gated_silu_mlp(module) -> bool:
     return projections and hasattr(module, "down_proj") and silu and not hasattr(module, "experts")
 
 
-def check_attention(recipe: Recipe, config) -> None:
-    """model.attn_implementation against the model class and this machine's packages, as transformers checks it when
-    it builds the model (Gemma 2 has no sdpa; flash_attention_2 needs flash-attn): before the weights load, not as a
-    traceback after. Built on the meta device: no memory."""
+def attention_build_error(recipe: Recipe, config, implementation: str) -> str | None:
+    """Why transformers refuses to build this model class with `implementation` on this machine (Gemma 2 has no
+    sdpa; flash_attention_2 needs flash-attn), as it checks when it builds the model: its first sentence, or None.
+    Built on the meta device: no memory. Errors that are not about attention are raised as they are."""
     from accelerate import init_empty_weights
 
-    m = recipe.model
     with init_empty_weights():
         try:
-            AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code,
-                                             attn_implementation=m.attn_implementation)
+            AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
+                                             attn_implementation=implementation)
         except (ValueError, ImportError) as exc:
             text = str(exc)
-            if m.attn_implementation not in text and "attention" not in text.lower():
+            if implementation not in text and "attention" not in text.lower():
                 raise
-            raise RecipeError(f"{at(recipe.source, 'model.attn_implementation')}: {m.attn_implementation!r} cannot "
-                              f"run this model here: {first_sentence(text)}; set model.attn_implementation: eager "
-                              f"(or another kernel the model and this machine support)") from None
+            return first_sentence(text)
+    return None
+
+
+def check_attention(recipe: Recipe, config) -> None:
+    """model.attn_implementation against the model class and this machine's packages: before the weights load, not
+    as a traceback after."""
+    m = recipe.model
+    error = attention_build_error(recipe, config, m.attn_implementation)
+    if error:
+        raise RecipeError(f"{at(recipe.source, 'model.attn_implementation')}: {m.attn_implementation!r} cannot run "
+                          f"this model here: {error}; set model.attn_implementation: eager (or another kernel the "
+                          f"model and this machine support)")
 
 
 def model_config(recipe: Recipe, folder: str):
@@ -393,6 +402,14 @@ def model_config(recipe: Recipe, folder: str):
                                           trust_remote_code=recipe.model.trust_remote_code)
 
 
+FLEX = "flex_attention"  # transformers' name for PyTorch's flex attention (integrations/flex_attention.py)
+
+
+def attention_dropout(config) -> float:
+    """The model's attention dropout (0 where its config has none): flex attention has no dropout."""
+    return getattr(config.get_text_config(), "attention_dropout", 0) or 0
+
+
 def check_flex_attention(recipe: Recipe, config) -> None:
     """speed.attention_kernel: flex, asked for by name, on this machine and model: PyTorch's flex attention has no
     backward on CPU and no dropout, and transformers must have a flex path for the model class."""
@@ -402,18 +419,12 @@ def check_flex_attention(recipe: Recipe, config) -> None:
     if not torch.cuda.is_available():
         raise RecipeError(f"{where}: flex trains on a CUDA GPU only (PyTorch's flex attention has no backward on "
                           f"CPU); set it to auto or default on this machine")
-    if getattr(config.get_text_config(), "attention_dropout", 0) or 0:
+    if attention_dropout(config):
         raise RecipeError(f"{where}: flex attention has no attention dropout, and the model's config sets "
-                          f"attention_dropout: {config.get_text_config().attention_dropout}; set it to default")
-    from accelerate import init_empty_weights
-
-    try:
-        with init_empty_weights():
-            AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code,
-                                             attn_implementation="flex_attention")
-    except (ValueError, ImportError) as exc:
-        raise RecipeError(f"{where}: flex cannot run this model here: {first_sentence(str(exc))}; set it to auto or "
-                          "default") from None
+                          f"attention_dropout: {attention_dropout(config)}; set it to default")
+    error = attention_build_error(recipe, config, FLEX)
+    if error:
+        raise RecipeError(f"{where}: flex cannot run this model here: {error}; set it to auto or default")
 
 
 def check_model_config(recipe: Recipe, folder: str) -> None:

@@ -518,7 +518,8 @@ def test_flex_attention_trains_gemma2_to_eager_attention_s_loss_and_gradients() 
     attention's backward, in fp32."""
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from qlora_kit.speed.attention import FLEX, set_attention_implementation
+    from qlora_kit.model import FLEX
+    from qlora_kit.speed.attention import set_attention_implementation
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -642,21 +642,21 @@ def test_compiled_layers_on_rows_of_many_lengths_compile_once_more_not_per_lengt
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize(("speed", "processes", "method", "fused_mlp", "reason"), [
-    ({"compile_layers": False}, 1, "sft", False, "switched off"),
-    ({}, 1, "sft", False, None),  # the default is auto
-    ({}, 1, "sft", True, "auto: off, the MLPs are fused"),
-    ({}, 1, "dpo", False, "auto: off for dpo"),
-    ({"compile_layers": True}, 1, "dpo", True, None),
-    ({"compile_layers": True, "offload_checkpoints": True}, 1, "sft", False, "off with offload_checkpoints"),
-    ({"compile_layers": True, "mlp_chunk_tokens": 4096}, 1, "sft", False, "off with offload_checkpoints, "),
-    ({}, 2, "sft", False, "off with several processes"),
+@pytest.mark.parametrize(("sections", "processes", "fused_mlp", "reason"), [
+    ({"speed": {"compile_layers": False}}, 1, False, "switched off"),
+    ({}, 1, False, None),  # the default is auto
+    ({}, 1, True, "auto: off, the MLPs are fused"),
+    ({"method": "dpo"}, 1, False, "auto: off for dpo"),
+    ({"lora": {"dropout": 0.05}}, 1, False, "auto: off with lora.dropout"),
+    ({"method": "dpo", "lora": {"dropout": 0.05}, "speed": {"compile_layers": True}}, 1, True, None),
+    ({"speed": {"compile_layers": True, "offload_checkpoints": True}}, 1, False, "off with offload_checkpoints"),
+    ({"speed": {"compile_layers": True, "mlp_chunk_tokens": 4096}}, 1, False, "off with offload_checkpoints, "),
+    ({}, 2, False, "off with several processes"),
 ])
-def test_layers_compile_where_measured_faster(make_recipe, speed, processes, method, fused_mlp, reason):
+def test_layers_compile_where_measured_faster(make_recipe, sections, processes, fused_mlp, reason):
     from qlora_kit.speed.plan import layer_compile_blocker
 
-    blocker = layer_compile_blocker(load_recipe(make_recipe(speed=speed)).speed, gpu_machine(processes=processes),
-                                    method, fused_mlp)
+    blocker = layer_compile_blocker(load_recipe(make_recipe(**sections)), gpu_machine(processes=processes), fused_mlp)
     assert blocker is None if reason is None else blocker.startswith(reason)
 
 
@@ -696,7 +696,7 @@ def test_layers_are_not_compiled_on_cpu(make_recipe):
     if torch.cuda.is_available():
         pytest.skip("a GPU is here")
     recipe = load_recipe(make_recipe(speed={"compile_layers": True}))
-    assert layer_compile_blocker(recipe.speed, Machine.measure()) == "off on CPU (no GPU here)"
+    assert layer_compile_blocker(recipe, Machine.measure()) == "off on CPU (no GPU here)"
 
 
 def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_dir):
@@ -1532,7 +1532,8 @@ def test_flex_attention_computes_what_eager_does_with_the_soft_cap_and_sliding_w
     gradients)."""
     from transformers import AutoModelForCausalLM
 
-    from qlora_kit.speed.attention import FLEX, set_attention_implementation
+    from qlora_kit.model import FLEX
+    from qlora_kit.speed.attention import set_attention_implementation
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(gemma2_config(), attn_implementation="eager").eval()

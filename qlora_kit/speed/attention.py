@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_kit.model import attention_dropout
+
 log = logging.getLogger("qlora_kit")
 
 MEASURED_CALLS = 6  # forward + backward pairs timed per kernel, after two untimed ones (cuDNN builds its graph)
@@ -143,7 +145,6 @@ def restore_attention_kernel(before: bool | None) -> None:
 
 # ------------------------------------------------------------------------------------ flex attention for eager models
 
-FLEX = "flex_attention"  # transformers' name for PyTorch's flex attention (integrations/flex_attention.py)
 
 
 def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | None:
@@ -156,7 +157,7 @@ def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | Non
         return "no GPU: PyTorch's flex attention has no backward on CPU"
     if processes > 1:
         return "several processes, where it has not been measured"
-    if getattr(model_config.get_text_config(), "attention_dropout", 0) or 0:
+    if attention_dropout(model_config):
         return "the model's config sets attention dropout, which flex attention has not"
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
     if model_class is None or not getattr(model_class, "_supports_flex_attn", False):

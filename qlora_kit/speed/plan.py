@@ -27,10 +27,9 @@ from qlora_kit.memory import (
     long_context_settings,
     rows_of_length,
 )
-from qlora_kit.model import cache_root, liger_kernel_installed, under_fsdp
+from qlora_kit.model import FLEX, cache_root, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 from qlora_kit.speed.attention import (
-    FLEX,
     AttentionShape,
     apply_attention_kernel,
     choose_attention_kernel,
@@ -149,7 +148,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     if mlp_blocker:
         notes.append(f"fused_mlp: off, {mlp_blocker}; its projections still take the fused LoRA path")
     fused_mlp = fused_lora and speed.fused_mlp and mlp_blocker is None
-    blocker = layer_compile_blocker(speed, machine, recipe.method, fused_mlp)
+    blocker = layer_compile_blocker(recipe, machine, fused_mlp)
     liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
     if liger and model_config.model_type not in liger_model_types():
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
@@ -415,18 +414,21 @@ def with_speed(recipe: Recipe, **changes) -> Recipe:
     return dataclasses.replace(recipe, speed=dataclasses.replace(recipe.speed, **changes))
 
 
-def layer_compile_blocker(speed: SpeedSection, machine: Machine, method: str = "sft",
-                          fused_mlp: bool = False) -> str | None:
+def layer_compile_blocker(recipe: Recipe, machine: Machine, fused_mlp: bool = False) -> str | None:
     """Why speed.compile_layers does not apply in this process, or None when it does. `auto` compiles where it was
     measured faster (H200, docs/benchmarks.md): SFT layers whose MLP qlora-kit does not fuse (Gemma's GELU-gated
     MLPs), rows of one length or many (a second length compiles once more, with the length dynamic). Not where the
-    MLP is fused (SwiGLU: no faster, more memory), nor for the other methods (not measured)."""
+    MLP is fused (SwiGLU: no faster, more memory), for the other methods (not measured), or with LoRA dropout (its
+    masks in compiled, recomputed layers not checked on a GPU)."""
+    speed = recipe.speed
     if not speed.compile_layers:
         return "switched off"
-    if speed.compile_layers == "auto" and method != "sft":
-        return f"auto: off for {method} (measured on SFT only; speed.compile_layers: true compiles)"
+    if speed.compile_layers == "auto" and recipe.method != "sft":
+        return f"auto: off for {recipe.method} (measured on SFT only; speed.compile_layers: true compiles)"
     if speed.compile_layers == "auto" and fused_mlp:
         return "auto: off, the MLPs are fused (compiled layers measured no faster there)"
+    if speed.compile_layers == "auto" and recipe.lora.dropout:
+        return "auto: off with lora.dropout (not checked in compiled layers; speed.compile_layers: true compiles)"
     if not machine.gpus:
         return "off on CPU (no GPU here)"
     if speed.offload_checkpoints or speed.reentrant_checkpointing or speed.mlp_chunk_tokens:

@@ -154,17 +154,20 @@ def test_fused_lora_and_mlp_match_peft_on_every_family(make_recipe, family_model
 @pytest.mark.parametrize("shape", FAMILY_SHAPES)
 def test_the_speed_plan_says_which_levers_skip_a_family(make_recipe, family_model_dir, shape, monkeypatch):
     """fused_mlp on a GELU-gated family, and Liger on a model type liger-kernel does not patch, are off in the plan
-    with a note, not silently skipped by the code that would apply them."""
+    with a note, not silently skipped by the code that would apply them; the GELU-gated families compile their
+    layers instead (which leaves Liger's layer kernels out)."""
     from transformers import AutoConfig
 
     import qlora_kit.speed.plan as plan_module
 
     config = AutoConfig.from_pretrained(family_model_dir(shape))
-    recipe = load_recipe(make_recipe())
-    plan = decide_speed_plan(recipe, config, gpu_machine(), 0)
+    plan = decide_speed_plan(load_recipe(make_recipe()), config, gpu_machine(), 0)
     gelu = FUSED_PER_FAMILY[shape][1] == 0
-    assert plan.fused_lora and plan.fused_mlp is not gelu and plan.liger_kernels
+    assert plan.fused_lora and plan.fused_mlp is not gelu
+    assert plan.compile_layers is gelu and plan.liger_kernels is not gelu
     assert any(note.startswith("fused_mlp: off") and "gelu_pytorch_tanh" in note for note in plan.notes) is gelu
+    recipe = load_recipe(make_recipe(speed={"compile_layers": False}))
+    assert decide_speed_plan(recipe, config, gpu_machine(), 0).liger_kernels
     monkeypatch.setattr(plan_module, "liger_model_types", lambda: frozenset({"some_other_model"}))
     plan = decide_speed_plan(recipe, config, gpu_machine(), 0)
     assert not plan.liger_kernels
@@ -619,6 +622,24 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     with torch.no_grad():
         model(input_ids=IDS[:, :5])  # evaluation and generation run eager: nothing new to compile
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compiled_layers_recompute_the_same_lora_dropout_masks(make_recipe, family_model_dir):
+    """speed.compile_layers: true with LoRA dropout: a compiled layer that checkpoints draws the same dropout masks
+    when backward recomputes it, so its loss and gradients equal those of the compiled layer that keeps its
+    activations (same seed); another seed draws other masks, so the comparison sees them."""
+    model = adapted_model(make_recipe, family_model_dir("tiny-gemma-3"), dropout=0.3)
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    compile_decoder_layers(model)
+    ids = torch.randint(3, 300, (2, 80), generator=torch.Generator().manual_seed(1))
+    keep_activations(model, 2)  # both layers keep their activations
+    kept = loss_and_gradients(model, ids, seed=5)
+    assert not torch.equal(loss_and_gradients(model, ids, seed=6)[0], kept[0])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # both recompute
+    assert keep_activations(model, 0) == 2
+    assert_same_training_signal(kept, loss_and_gradients(model, ids, seed=5))
 
 
 def test_compiled_layers_on_rows_of_many_lengths_compile_once_more_not_per_length(make_recipe, family_model_dir):

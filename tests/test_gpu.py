@@ -436,6 +436,13 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     print(f"{shape}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)}); bf16 residual alone {floor:.2e}")
     assert max(errors.values()) < max(3e-2, 2 * floor), errors
+    if FAMILY_FUSED[shape][1] == 0:  # no fused MLP: speed.compile_layers: auto compiles these layers instead of Liger
+        compiled_loss, compiled = one_step_gradients(fast_recipe, folder, liger=False, fused=True, compiled=True,
+                                                     fused_counts=FAMILY_FUSED[shape])
+        errors = relative(compiled)
+        print(f"{shape} compiled: loss {compiled_loss:.5f}, max relative gradient error {max(errors.values()):.2e}")
+        assert abs(compiled_loss - plain_loss) / plain_loss < 1e-2
+        assert max(errors.values()) < max(3e-2, 2 * floor), errors
 
 
 def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:
@@ -585,6 +592,48 @@ def orpo_step_peak_gib(tmp_path: Path, folder: Path, pairs: Path, trl_forward: b
     gc.collect()
     torch.cuda.empty_cache()
     return peak
+
+
+def test_compiled_layers_recompute_the_same_lora_dropout_masks_on_cuda(tmp_path: Path, tiny_base: Path,
+                                                                       chat_file: Path) -> None:
+    """tests/test_speed.py's dropout-mask check on the GPU, where inductor draws its masks from the CUDA generator
+    (philox): a compiled layer that checkpoints recomputes the masks it drew, so loss and gradients equal those of
+    the compiled layer that keeps its activations, at the same seed."""
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.speed.patches import compile_decoder_layers, keep_activations, use_fused_lora
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file), ["lora.dropout=0.3"])
+    model = build_quantized_model(recipe, str(tiny_base), torch.bfloat16)
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch._dynamo.reset()
+    compile_decoder_layers(model)
+    model.train()
+    ids = torch.randint(4, 30, (2, 128), generator=torch.Generator().manual_seed(1)).cuda()
+
+    def loss_and_gradients(seed: int):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+        return max(((grads[n] - g).norm() / g.norm()).item() for n, g in reference.items())
+
+    keep_activations(model, 2)
+    kept_loss, kept = loss_and_gradients(5)
+    other_masks = error(loss_and_gradients(6)[1], kept)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert keep_activations(model, 0) == 2
+    loss, grads = loss_and_gradients(5)
+    print(f"recomputed: loss {kept_loss.item():.5f} -> {loss.item():.5f}, max relative gradient error "
+          f"{error(grads, kept):.2e}; other masks {other_masks:.2e}")
+    # the two compiled graphs may round differently in bf16; other masks move the gradients far more
+    assert abs(loss - kept_loss).item() / kept_loss.item() < 1e-3
+    assert error(grads, kept) < min(2e-2, other_masks / 10)
 
 
 def test_an_orpo_step_through_the_fused_lm_head_peaks_below_trl_s_full_logit_step(

@@ -146,7 +146,6 @@ def restore_attention_kernel(before: bool | None) -> None:
 # ------------------------------------------------------------------------------------ flex attention for eager models
 
 
-
 def flex_attention_blocker(model_config, gpus: int, processes: int) -> str | None:
     """Why `speed.attention_kernel: auto` leaves an eager-attention model on eager, or None when flex attention runs
     its training. Measured on Gemma 2 (one H200, docs/benchmarks.md): eager keeps rows x heads x length^2 scores a

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from qlora_kit.model import (
     DTYPES,
     gated_silu_mlp,
-    liger_kernel_installed,
     model_config,
     targets_module,
     upcasts_to_fp32,
@@ -35,11 +34,10 @@ LAYER_HIDDEN_WIDE = 6
 NOT_IN_TOTAL = ("cpu_offloaded_checkpoints", "each_kept_layer", "generation_kv_cache", "generation_copy")
 
 
-def estimate_training_memory(recipe: Recipe, folder: str, liger: bool | None = None,
-                             packed_pair_row: int | None = None) -> dict[str, float]:
+def estimate_training_memory(recipe: Recipe, folder: str, packed_pair_row: int | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) of training `recipe` on the model whose config.json is in `folder`; see
     estimate_memory_for_config."""
-    return estimate_memory_for_config(recipe, model_config(recipe, folder), liger, packed_pair_row)
+    return estimate_memory_for_config(recipe, model_config(recipe, folder), packed_pair_row)
 
 
 def rows_of_length(recipe: Recipe, longest_row: int | None) -> Recipe:
@@ -69,25 +67,23 @@ def memory_warning(total_gib: float) -> str | None:
             "(FSDP)")
 
 
-def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None,
-                               packed_pair_row: int | None = None) -> dict[str, float]:
+def estimate_memory_for_config(recipe: Recipe, config, packed_pair_row: int | None = None) -> dict[str, float]:
     """Rough peak GPU memory (GiB) from the model config alone: no weights are read.
 
     4-bit linears at ~0.52 byte/param (NF4 + double-quantized absmax); other params in fp32, as
     prepare_model_for_kbit_training casts them (compute dtype with quantization.upcast_to_fp32: false); LoRA weights +
     grads in fp32, 8-bit Adam states and (fused LoRA) the weights' compute-dtype copies; activations with checkpointing
-    = each layer's input plus one layer's recomputation; the logits at LOGIT_BYTES per value (one fp32 copy alive at the
-    peak: with it the estimate lands within 1% of the measured 8B-shape peak on an H100, and ~2 GiB over the 1B one); ~1
-    GiB of CUDA context (not in torch's allocated peak: allocated_peak_gib) and allocator slack. Full max_length rows:
-    the worst case. With speed.offload_checkpoints the layer inputs are host memory, returned as
-    `cpu_offloaded_checkpoints` and left out of the total; `each_kept_layer`
-    is what one more layer under speed.keep_activations_layers would add (`auto` counts as none here). At very long rows
-    the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB (scripts/bench_results), where this says 38.7.
-    `liger`: whether liger-kernel is there (default: installed here); with it and speed.liger_kernels, no logits are
-    held (dpo, kto: trl's chunked log-probs; orpo, simpo: the same fused LM head, trainers.ChunkedPairLogProbs).
-    Pair methods (dpo, orpo, simpo) count chosen and rejected rows: twice the batch. `packed_pair_row`: with
-    speed.shared_prefix on, tokens of the longest packed pair (prompt + chosen + rejected); the decoder then runs one
-    such row per pair (activations), while the logits stay on the two unpacked rows.
+    = each layer's input plus one layer's recomputation; the full logits only where training holds them
+    (full_logits_held), at LOGIT_BYTES per value (one fp32 copy alive at the peak, calibrated on H100 runs when trl
+    still held them: within 1% of the measured 8B-shape peak, ~2 GiB over the 1B one); ~1 GiB of CUDA context (not in
+    torch's allocated peak: allocated_peak_gib) and allocator slack. Full max_length rows: the worst case. With
+    speed.offload_checkpoints the layer inputs are host memory, returned as `cpu_offloaded_checkpoints` and left out
+    of the total; `each_kept_layer` is what one more layer under speed.keep_activations_layers would add (`auto`
+    counts as none here). At very long rows the one-layer term is low: the 350k-token 8B step peaked at 68.85 GiB
+    (scripts/bench_results), where this says 38.7. Pair methods (dpo, orpo, simpo) count chosen and rejected rows:
+    twice the batch. `packed_pair_row`: with speed.shared_prefix on, tokens of the longest packed pair (prompt + chosen
+    + rejected); the decoder then runs one such row per pair (activations), while the logits stay on the two unpacked
+    rows.
     """
     from accelerate import init_empty_weights
 
@@ -111,9 +107,6 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
     if packed_pair_row and recipe.method in PAIRED_METHODS:  # never longer than the two rows it packs
         rows, row_length = t.batch_size, min(packed_pair_row, 2 * t.max_length)
         tokens = rows * row_length
-    if liger is None:  # what a GPU run of this recipe on this installation would do
-        liger = liger_kernel_installed()
-    fused_cross_entropy = recipe.speed.liger_kernels and liger
     compute_dtype = ESTIMATE_DTYPES[recipe.quantization.compute_dtype]
     bytes_act = compute_dtype.itemsize
     layer_input = tokens * text.hidden_size * bytes_act
@@ -139,7 +132,7 @@ def estimate_memory_for_config(recipe: Recipe, config, liger: bool | None = None
         "other_weights": (total - quantized) * (4 if upcasts_to_fp32(recipe, compute_dtype) else bytes_act) / gib,
         "lora_weights_grads_optimizer": lora * (4 + 4 + 2 + compute_copy_bytes(recipe, compute_dtype)) / gib,
         "activations": activations / gib,
-        "logits": logit_tokens * text.vocab_size * logit_bytes(fused_cross_entropy) / gib,
+        "logits": logit_tokens * text.vocab_size * (LOGIT_BYTES if full_logits_held(recipe) else 0) / gib,
         "cuda_context": CUDA_CONTEXT_GIB,
         "allocator_slack": ALLOCATOR_SLACK_GIB,
     }
@@ -173,11 +166,11 @@ def generation_peak_gib(parts: dict[str, float], with_copy: bool) -> float:
     return sum(parts[key] for key in held) + (parts["generation_copy"] if with_copy else 0.0)
 
 
-def logit_bytes(fused_cross_entropy: bool) -> int:
-    """Bytes per full-vocabulary logit value alive at the peak: none where Liger's fused linear cross-entropy (sft)
-    or trl's chunked log-probs (dpo, kto, and orpo / simpo through ChunkedPairLogProbs, with Liger on) replace
-    them."""
-    return 0 if fused_cross_entropy else LOGIT_BYTES
+def full_logits_held(recipe: Recipe) -> bool:
+    """Whether training holds the [rows, length, vocabulary] logits. trl 1.16's trainers take every method's
+    log-probs from their fused LM head, in tiles (SFT, DPO, KTO, GRPO; ORPO and SimPO through
+    trainers.ChunkedPairLogProbs), with or without Liger; only SFT's label smoother reads the full logits."""
+    return recipe.method == "sft" and bool(recipe.training.sft_args.get("label_smoothing_factor"))
 
 
 def eager_attention_scores(recipe: Recipe, text_config, rows: int, row_length: int) -> int:

@@ -356,8 +356,9 @@ class SpeedSection:
         True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: "
         "bitsandbytes' bits in one kernel instead of three; off: bitsandbytes' kernels")
     liger_kernels: bool = option(
-        True, help="Liger's Triton kernels on GPU (fused linear cross-entropy: no full-vocabulary logits; RMSNorm, "
-        "RoPE, SwiGLU); needs `pip install liger-kernel`; off on CPU")
+        True, help="Liger's Triton layer kernels on GPU (RMSNorm, RoPE, SwiGLU; not its fused cross-entropy: trl's "
+        "fused LM head already keeps the full logits out); needs `pip install liger-kernel`; off on CPU and where "
+        "the layers compile")
     attention_kernel: Literal["auto", "default", "flash", "flex"] = option(
         "auto", help="which of PyTorch's kernels runs the attention in training on a GPU. sdpa attention: default is "
         "PyTorch's own order (cuDNN's attention first on Hopper); flash: cuDNN's attention off, FlashAttention runs "

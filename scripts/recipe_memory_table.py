@@ -5,9 +5,9 @@ published config alone (no weights, no network), at the recipe's own batch size 
 
 Each row is qlora_kit.memory.estimate_training_memory, what `qlora-kit data` prints: NF4 linears at ~0.52 byte/param,
 the other weights in the compute dtype (fp32 with quantization.upcast_to_fp32), LoRA weights + grads in fp32 with
-8-bit Adam states, checkpointed activations, the logits (none with Liger's fused cross-entropy, the GPU default;
-else batch x max_length x vocabulary values at LOGIT_BYTES each) and ~1 GiB of CUDA context and allocator slack
-(qlora_kit.memory.LOGIT_BYTES, CUDA_CONTEXT_GIB and ALLOCATOR_SLACK_GIB). Padding-free or short
+8-bit Adam states, checkpointed activations, the logits (none: trl's fused LM head computes the log-probs in tiles;
+batch x max_length x vocabulary values at LOGIT_BYTES each only with SFT label smoothing) and ~1 GiB of CUDA context
+and allocator slack (qlora_kit.memory.LOGIT_BYTES, CUDA_CONTEXT_GIB and ALLOCATOR_SLACK_GIB). Padding-free or short
 rows need less; packing to full max_length rows is the worst case shown here.
 
 LOGIT_BYTES is calibrated on two runs measured on an H100 with the same pipeline (random weights, real shapes, seq
@@ -60,7 +60,6 @@ REAL_CONFIGS: dict[str, tuple[str, str, dict]] = {
         num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True)),
 }
 GPUS_GIB = (8, 12, 16, 24, 40, 48, 80)
-LOGIT_BYTES = 4
 
 
 def estimate(recipe_file: str) -> dict[str, float]:
@@ -75,7 +74,7 @@ def estimate(recipe_file: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as folder:
         AutoConfig.for_model(model_type, **sizes).save_pretrained(folder)
         recipe = load_recipe(ROOT / "recipes" / recipe_file, [f"model.name={folder}"])
-        parts = estimate_training_memory(recipe, folder, liger=True)  # the GPU install: pip install .[gpu]
+        parts = estimate_training_memory(recipe, folder)
     parts["batch_size"], parts["max_length"] = recipe.training.batch_size, recipe.training.max_length
     return parts
 

@@ -386,9 +386,9 @@ def test_the_memory_estimate_counts_chosen_and_rejected_rows_for_pair_methods(ma
     from qlora_kit.memory import estimate_memory_for_config
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
-    sft = estimate_memory_for_config(load_recipe(make_recipe(training={"batch_size": 4})), config, liger=False)
+    sft = estimate_memory_for_config(load_recipe(make_recipe(training={"batch_size": 4})), config)
     dpo = load_recipe(make_recipe(**method_sections("dpo", pairs_file, batch_size=2)))
-    assert estimate_memory_for_config(dpo, config, liger=False)["total"] == pytest.approx(sft["total"])
+    assert estimate_memory_for_config(dpo, config)["total"] == pytest.approx(sft["total"])
 
 
 def test_the_report_draws_the_reward_curves_of_a_preference_run(tmp_path):

@@ -733,6 +733,21 @@ def test_kept_activations_show_in_the_memory_estimate(make_recipe, tiny_model_di
     assert every_layer["activations"] < one_kept["activations"] <= none["activations"] + every_layer["activations"]
 
 
+def test_the_memory_estimate_holds_full_logits_only_for_sft_label_smoothing(make_recipe, tiny_model_dir):
+    """trl's fused LM head takes the log-probs in tiles whether Liger runs or not: no logits in the estimate, Liger
+    on or off; SFT's label smoother reads the full logits, one fp32 copy."""
+    from transformers import AutoConfig
+
+    from qlora_kit.memory import LOGIT_BYTES, estimate_training_memory
+
+    for speed in ({}, {"liger_kernels": False}):
+        assert estimate_training_memory(load_recipe(make_recipe(speed=speed)), str(tiny_model_dir))["logits"] == 0
+    smoothed = load_recipe(make_recipe(training={"sft_args": {"label_smoothing_factor": 0.1}}))
+    vocab = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
+    tokens = smoothed.training.batch_size * smoothed.training.max_length
+    assert estimate_training_memory(smoothed, str(tiny_model_dir))["logits"] == tokens * vocab * LOGIT_BYTES / 2**30
+
+
 def test_eager_attention_s_saved_scores_show_in_the_memory_estimate(make_recipe, family_model_dir):
     """Gemma 2 trains with eager attention (its recipe: sdpa has no softcapping), which keeps every layer's score
     matrices for backward. The estimate's cost of a kept layer counts exactly what a bf16 Gemma 2 layer saves."""
@@ -746,7 +761,7 @@ def test_eager_attention_s_saved_scores_show_in_the_memory_estimate(make_recipe,
     def kept_layer_gib(attention: str) -> float:
         recipe = make_recipe(model={"name": str(folder), "attn_implementation": attention}, training=training,
                              quantization={"compute_dtype": "bf16"})
-        return estimate_training_memory(load_recipe(recipe), str(folder), liger=True)["each_kept_layer"]
+        return estimate_training_memory(load_recipe(recipe), str(folder))["each_kept_layer"]
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, attn_implementation="eager")
     saved: dict[int, int] = {}
@@ -923,7 +938,7 @@ def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(
         return decide_speed_plan(recipe, config, gpu_machine(usable_gpu_gib=usable_gib, **machine), 0).kept_layers
 
     assert kept(gpus=0) == 0  # CPU: checkpointing as configured
-    estimate = estimate_memory_for_config(recipe, config, liger=True)
+    estimate = estimate_memory_for_config(recipe, config)
 
     def gib_for(kept_layers: float) -> float:  # the peak with every layer checkpointed, the kept layers, 10% spare
         return (allocated_peak_gib(estimate) + kept_layers * estimate["each_kept_layer"]) / 0.9
@@ -992,7 +1007,7 @@ def test_memory_least_recomputes_every_layer_offloads_where_that_pays_and_takes_
     assert (plan.memory, plan.kept_layers, plan.checkpointing, plan.optimizer) == (
         "least", 0, "offloaded", "paged_adamw_8bit")
     assert not plan.cast_adapters_once  # as with speed.offload_checkpoints: true
-    on_gpu = allocated_peak_gib(estimate_memory_for_config(least, llama_8b, liger=True))
+    on_gpu = allocated_peak_gib(estimate_memory_for_config(least, llama_8b))
     assert any(note.startswith(f"offload_checkpoints: speed.memory: least -> on (estimated peak {on_gpu:.2f} GiB")
                for note in plan.notes)
     fastest = decide_speed_plan(load_recipe(make_recipe(training=training)), llama_8b, gpu_machine(), 42_000_000)
@@ -1021,7 +1036,7 @@ def test_memory_target_keeps_as_many_layers_as_the_estimate_fits_under_it(make_r
 
     config = AutoConfig.from_pretrained(tiny_model_dir)  # 2 layers
     training = {"gradient_checkpointing": True, "max_length": 1024, "batch_size": 8}
-    estimate = estimate_memory_for_config(load_recipe(make_recipe(training=training)), config, liger=True)
+    estimate = estimate_memory_for_config(load_recipe(make_recipe(training=training)), config)
 
     def plan_for(target_gib: float, usable_gib: float = 78.0, adapter_parameters: int = 0, config=config):
         recipe = load_recipe(make_recipe(training=training, speed={"memory": target_gib}))
@@ -1308,7 +1323,7 @@ def pair_estimate(make_recipe, tmp_path, method, kept, packed, fused_adamw):
     from qlora_kit.speed.plan import EIGHT_BIT_STATE_BYTES, FP32_STATE_BYTES
 
     recipe = rows_of_length(pair_recipe(make_recipe, tmp_path, method, keep_activations_layers=kept), 1536)
-    estimate = estimate_memory_for_config(recipe, bench_8b_config(), liger=True, packed_pair_row=packed)
+    estimate = estimate_memory_for_config(recipe, bench_8b_config(), packed_pair_row=packed)
     states = ADAPTER_8B_R16 * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30 if fused_adamw else 0.0
     return estimate, allocated_peak_gib(estimate) + states
 
@@ -1353,11 +1368,11 @@ def test_a_packed_pair_row_changes_nothing_for_sft_or_kto_and_is_capped_at_two_r
     for method in ("sft", "kto"):
         recipe = pair_recipe(make_recipe, tmp_path, method) if method == "kto" else load_recipe(make_recipe(
             training={"gradient_checkpointing": True, "max_length": 2048, "batch_size": 2}))
-        assert estimate_memory_for_config(recipe, config, liger=True, packed_pair_row=3000) == \
-            estimate_memory_for_config(recipe, config, liger=True)
+        assert estimate_memory_for_config(recipe, config, packed_pair_row=3000) == \
+            estimate_memory_for_config(recipe, config)
     dpo = pair_recipe(make_recipe, tmp_path, "dpo")
-    assert estimate_memory_for_config(dpo, config, liger=True, packed_pair_row=10_000) == \
-        estimate_memory_for_config(dpo, config, liger=True)  # never more than prompt + answer twice
+    assert estimate_memory_for_config(dpo, config, packed_pair_row=10_000) == \
+        estimate_memory_for_config(dpo, config)  # never more than prompt + answer twice
 
 
 def test_a_memory_target_keeps_more_dpo_layers_once_pairs_are_packed(make_recipe, tmp_path):

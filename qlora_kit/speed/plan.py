@@ -297,7 +297,7 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], p
         return speed.keep_activations_layers
     if not machine.gpus or long_context_settings(speed):
         return 0
-    estimate = estimate_memory_for_config(recipe, config, liger=machine.liger, packed_pair_row=packed)
+    estimate = estimate_memory_for_config(recipe, config, packed_pair_row=packed)
     layers = config.get_text_config().num_hidden_layers
     peak = allocated_peak_gib(estimate)
     keep = kept_layers_that_fit(machine.usable_gpu_gib, peak, estimate["each_kept_layer"], layers)
@@ -361,10 +361,9 @@ def offload_pays(recipe: Recipe, config, machine: Machine, notes: list[str], pac
     if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):
         return False
     on_gpu = allocated_peak_gib(estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config,
-                                                           liger=machine.liger, packed_pair_row=packed))
+                                                           packed_pair_row=packed))
     offloaded = allocated_peak_gib(estimate_memory_for_config(
-        with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True), config, liger=machine.liger,
-        packed_pair_row=packed))
+        with_speed(recipe, keep_activations_layers=0, offload_checkpoints=True), config, packed_pair_row=packed))
     pays = on_gpu - offloaded >= OFFLOAD_PAYS_SHARE * on_gpu
     notes.append(f"offload_checkpoints: speed.memory: {memory_goal_name(recipe.speed.memory)} -> "
                  f"{'on' if pays else 'off'} (estimated peak {on_gpu:.2f} GiB, {offloaded:.2f} GiB offloaded; on "
@@ -385,8 +384,7 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
     budget = min(target, machine.usable_gpu_gib * (1 - GPU_MEMORY_SPARE))
     chosen = choose_optimizer(recipe, trainable_parameters, machine, [])
     states_gib = 0.0 if "8bit" in chosen else trainable_parameters * (FP32_STATE_BYTES - EIGHT_BIT_STATE_BYTES) / 2**30
-    estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, liger=machine.liger,
-                                          packed_pair_row=packed)
+    estimate = estimate_memory_for_config(with_speed(recipe, keep_activations_layers=0), config, packed_pair_row=packed)
     peak = allocated_peak_gib(estimate) + states_gib
     if peak > budget and optimizer == "auto" and states_gib:
         optimizer, peak = "paged_adamw_8bit", peak - states_gib
@@ -403,7 +401,7 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
     if offload_pays(recipe, config, machine, notes, packed):
         changes["offload_checkpoints"] = True
         peak = allocated_peak_gib(estimate_memory_for_config(with_speed(recipe, **changes), config,
-                                                             liger=machine.liger, packed_pair_row=packed))
+                                                             packed_pair_row=packed))
     if peak > budget:
         notes.append(f"speed.memory: {target:g} GiB: the estimated peak is {peak:.1f} GiB even with every layer "
                      "checkpointed; training goes on, but lower training.batch_size or training.max_length to fit")
@@ -500,7 +498,7 @@ def choose_generation_weights(recipe: Recipe, config, machine: Machine, notes: l
     if why:
         notes.append(f"generation_weights: auto -> nf4 ({why})")
         return "nf4"
-    parts = estimate_memory_for_config(recipe, config, liger=machine.liger)
+    parts = estimate_memory_for_config(recipe, config)
     peak = generation_peak_gib(parts, with_copy=True)
     budget = machine.usable_gpu_gib * (1 - GPU_MEMORY_SPARE)
     if recipe.speed.memory != "fastest":

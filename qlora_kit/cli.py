@@ -56,18 +56,18 @@ def cmd_data(args: argparse.Namespace) -> None:
     )
     from qlora_kit.memory import (
         NOT_IN_TOTAL,
-        estimate_training_memory,
+        estimate_memory_for_config,
         generation_peak_gib,
         long_context_settings,
         memory_warning,
         rows_of_length,
     )
-    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer, model_config
+    from qlora_kit.model import base_model_folder, check_model_config, load_tokenizer
     from qlora_kit.speed.plan import Machine, packed_pair_row, resolve_eager_attention, shares_pair_prefixes
 
     recipe = load_recipe(args.recipe, args.overrides)
     folder = base_model_folder(recipe.model)
-    check_model_config(recipe, folder)
+    config = check_model_config(recipe, folder)
     tokenizer = load_tokenizer(recipe, folder)
     data = build_datasets(recipe, tokenizer)
     print(describe_data(data, tokenizer, recipe, color=sys.stdout.isatty()))
@@ -76,9 +76,9 @@ def cmd_data(args: argparse.Namespace) -> None:
     notes: list[str] = []  # the speed plan's reading of the data, as the training run will decide it
     gpu_run = dataclasses.replace(Machine.measure(), gpus=max(1, torch.cuda.device_count()))  # the estimate's GPU run
     packed = packed_pair_row(shares_pair_prefixes(recipe, gpu_run, notes), longest_packed_pair(data, recipe), notes)
-    sized = resolve_eager_attention(sized, model_config(recipe, folder), gpu_run, notes,
-                                    varying_batch_lengths(data, recipe))  # flex keeps no scores
-    memory = estimate_training_memory(sized, folder, packed_pair_row=packed)
+    # decided before the estimate, as in the run: flex attention keeps no eager scores
+    sized = resolve_eager_attention(sized, config, gpu_run, notes, varying_batch_lengths(data, recipe))
+    memory = estimate_memory_for_config(sized, config, packed_pair_row=packed)
     rows = f" for rows up to {longest} tokens (the longest; max_length {recipe.training.max_length})" \
         if sized is not recipe else ""
     rows += f", pairs packed into rows up to {packed} tokens (speed.shared_prefix)" if packed else ""

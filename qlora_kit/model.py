@@ -427,8 +427,9 @@ def check_flex_attention(recipe: Recipe, config) -> None:
         raise RecipeError(f"{where}: flex cannot run this model here: {error}; set it to auto or default")
 
 
-def check_model_config(recipe: Recipe, folder: str) -> None:
-    """Recipe checks that need the model's config, not its weights: run before anything heavy loads."""
+def check_model_config(recipe: Recipe, folder: str):
+    """Recipe checks that need the model's config, not its weights: run before anything heavy loads. Returns the
+    config it checked (the model's full config) for callers that read it next."""
     from qlora_kit.recipe import check_hub_model_reachable
 
     check_hub_model_reachable(recipe)  # one quick look-up instead of transformers' minute of retries
@@ -454,3 +455,4 @@ def check_model_config(recipe: Recipe, folder: str) -> None:
             f"{recipe.source}: training.max_length: {recipe.training.max_length} is longer than the model's "
             f"max_position_embeddings ({limit}) and its config sets no RoPE scaling; lower training.max_length "
             f"to {limit}, or use a long-context variant of the model")
+    return full_config

@@ -506,13 +506,13 @@ def test_the_dry_run_estimates_pair_memory_for_the_packed_pairs_the_speed_plan_u
     from qlora_kit.cli import main
     from qlora_kit.data import build_datasets, longest_packed_pair
 
-    estimate, asked = qlora_kit.memory.estimate_training_memory, []
+    estimate, asked = qlora_kit.memory.estimate_memory_for_config, []
 
     def recorded(*args, **kwargs):  # the tiny model's packed and unpacked totals are equal to the printed 0.1 GiB
         asked.append(kwargs.get("packed_pair_row"))
         return estimate(*args, **kwargs)
 
-    monkeypatch.setattr(qlora_kit.memory, "estimate_training_memory", recorded)
+    monkeypatch.setattr(qlora_kit.memory, "estimate_memory_for_config", recorded)
     sections = method_sections("dpo", pairs_file, gradient_checkpointing=True)
     recipe = load_recipe(make_recipe(**sections, speed={"shared_prefix": True}))
     packed = longest_packed_pair(build_datasets(recipe, tiny_tokenizer), recipe)

@@ -91,21 +91,6 @@ def bare_calls(shape_name: str, batch: int, tokens: int) -> dict:
     return results
 
 
-def ragged_data(work: Path, rows: int) -> dict:
-    """Chat rows of 1,024 to 2,000 tokens: batches padded to their longest row, as real data is."""
-    from bench_common import ZipfText, build_tokenizer
-
-    build_tokenizer(work / "tokenizer")
-    text, path = ZipfText(99), work / f"ragged_r{rows}.jsonl"
-    with path.open("w") as handle:
-        for _ in range(rows):
-            tokens = text.rng.randint(1024, 2000)
-            handle.write(json.dumps({"messages": [{"role": "user", "content": text(tokens // 4)},
-                                                  {"role": "assistant", "content": text(tokens - tokens // 4)}]})
-                         + "\n")
-    return {"path": str(path)}
-
-
 def in_training(shape_name: str, work: Path, layers: int, steps: int, overrides: list[str],
                 ragged: bool = False) -> dict:
     """qlora-kit train on a `layers`-layer model of the shape, every sdpa call traced; the profiler's self CPU time
@@ -115,7 +100,7 @@ def in_training(shape_name: str, work: Path, layers: int, steps: int, overrides:
     from bench_common import chat_data, qlora_kit_recipe, shape_config
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data = ragged_data(work, 64) if ragged else chat_data(work, 2048, 64)
+    data = chat_data(work, 2048, 64, ragged)  # ragged: 1,024..2,048 tokens a row (bench_common.write_dataset)
     folder = work / f"{shape_name}_{layers}layers"
     if not (folder / "config.json").exists():
         tokenizer = AutoTokenizer.from_pretrained(work / "tokenizer")

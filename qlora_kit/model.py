@@ -419,9 +419,9 @@ def check_flex_attention(recipe: Recipe, config) -> None:
     if not torch.cuda.is_available():
         raise RecipeError(f"{where}: flex trains on a CUDA GPU only (PyTorch's flex attention has no backward on "
                           f"CPU); set it to auto or default on this machine")
-    if attention_dropout(config):
+    if dropout := attention_dropout(config):
         raise RecipeError(f"{where}: flex attention has no attention dropout, and the model's config sets "
-                          f"attention_dropout: {attention_dropout(config)}; set it to default")
+                          f"attention_dropout: {dropout}; set it to default")
     error = attention_build_error(recipe, config, FLEX)
     if error:
         raise RecipeError(f"{where}: flex cannot run this model here: {error}; set it to auto or default")

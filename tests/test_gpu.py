@@ -436,14 +436,13 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     print(f"{shape}: loss {plain_loss:.5f} -> {fast_loss:.5f}, max relative gradient error "
           f"{max(errors.values()):.2e} ({max(errors, key=errors.get)}); bf16 residual alone {floor:.2e}")
     assert max(errors.values()) < max(3e-2, 2 * floor), errors
-    # speed.compile_layers: compiled layers instead of Liger's layer kernels, the fused MLP (where it applies) run
-    # eager between each layer's two graphs
-    compiled_loss, compiled = one_step_gradients(fast_recipe, folder, liger=False, fused=True, compiled=True,
-                                                 mlp=FAMILY_FUSED[shape][1] > 0, fused_counts=FAMILY_FUSED[shape])
-    errors = relative(compiled)
-    print(f"{shape} compiled: loss {compiled_loss:.5f}, max relative gradient error {max(errors.values()):.2e}")
-    assert abs(compiled_loss - plain_loss) / plain_loss < 1e-2
-    assert max(errors.values()) < max(3e-2, 2 * floor), errors
+    if FAMILY_FUSED[shape][1] == 0:  # no fused MLP: speed.compile_layers: auto compiles these layers instead of Liger
+        compiled_loss, compiled = one_step_gradients(fast_recipe, folder, liger=False, fused=True, compiled=True,
+                                                     fused_counts=FAMILY_FUSED[shape])
+        errors = relative(compiled)
+        print(f"{shape} compiled: loss {compiled_loss:.5f}, max relative gradient error {max(errors.values()):.2e}")
+        assert abs(compiled_loss - plain_loss) / plain_loss < 1e-2
+        assert max(errors.values()) < max(3e-2, 2 * floor), errors
 
 
 def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:

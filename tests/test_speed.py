@@ -624,36 +624,6 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
-def test_compiled_layers_run_the_fused_mlp_eager_between_their_graphs(make_recipe, tiny_model_dir, monkeypatch):
-    """Compiled SwiGLU layers keep the fused MLP (traced, inductor would save silu(gate) * up and could not skip the
-    recompute's down projection): dynamo breaks the graph around it, so each kind of layer makes two graphs and the
-    recompute still skips the matmul nobody reads; loss and gradients stay eager's."""
-    from torch._dynamo.utils import counters
-
-    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
-
-    model = adapted_model(make_recipe, tiny_model_dir)
-    use_fused_lora(model)
-    assert use_fused_mlp(model) == 2
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    keep_activations(model, 1)
-    eager = loss_and_gradients(model, IDS)
-    output_read = []
-    forward = SwigluDownOver4bit.forward
-    monkeypatch.setattr(SwigluDownOver4bit, "forward",
-                        staticmethod(lambda *args: output_read.append(args[-1]) or forward(*args)))
-    torch._dynamo.reset()
-    counters.clear()
-    assert compile_decoder_layers(model) == 2
-    assert_same_training_signal(eager, loss_and_gradients(model, IDS))
-    # forward of the checkpointed layer, of the kept one, then the checkpointed layer's recompute
-    assert output_read == [True, True, False]
-    # a graph before the MLP per kind of layer, one after it (the residual sum) shared by both; the only break is
-    # the fused MLP's
-    assert counters["stats"]["unique_graphs"] == 3
-    assert all("swiglu_down" in reason for reason in counters["graph_break"])
-
-
 def test_compiled_layers_recompute_the_same_lora_dropout_masks(make_recipe, family_model_dir):
     """speed.compile_layers: true with LoRA dropout: a compiled layer that checkpoints draws the same dropout masks
     when backward recomputes it, so its loss and gradients equal those of the compiled layer that keeps its

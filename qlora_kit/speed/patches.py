@@ -175,29 +175,18 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
     training = self.training and torch.is_grad_enabled() and hasattr(down, "_peft_forward")
     name = fusable_adapter(down) if training else None
-    if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity):
+    if name is None or not isinstance(down.lora_dropout[name], torch.nn.Identity) or torch.compiler.is_compiling():
         return self._unfused_mlp_forward(x)
+    # Run inside backward, this forward is a checkpointed layer's recompute: autograd needs what the MLP saves, never
+    # its output, when the layer only adds that output to the residual (a 481 GFLOP matmul per 8B layer and step).
+    unread = self._output_only_summed and torch._C._current_graph_task_id() != -1
     if hasattr(self, "gate_up_proj"):  # Phi-3's one projection for both, gate first (Phi3MLP.forward)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = self.gate_proj(x), self.up_proj(x)
-    if torch.compiler.is_compiling():  # compiled layers: the graph breaks around it (swiglu_down_outside_graph)
-        return swiglu_down_outside_graph(gate, up, down, name, self._output_only_summed)
-    return swiglu_down(gate, up, down, name, self._output_only_summed)
-
-
-def swiglu_down(gate: torch.Tensor, up: torch.Tensor, down, name: str, output_only_summed: bool) -> torch.Tensor:
-    # Run inside backward, this forward is a checkpointed layer's recompute: autograd needs what the MLP saves, never
-    # its output, when the layer only adds that output to the residual (a 481 GFLOP matmul per 8B layer and step).
-    unread = output_only_summed and torch._C._current_graph_task_id() != -1
-    return SwigluDownOver4bit.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight,
-                                    down.get_base_layer(), down.scaling[name], down._cast_adapters_once, not unread)
-
-
-# Traced by dynamo, the fused MLP would lose what it is for: inductor chooses what to save (it kept silu(gate) * up
-# and the down projection's output, +3.5 GiB on Mistral-7B) and cannot tell a recompute from a forward. Run eager,
-# between the layer's two compiled graphs, it keeps both.
-swiglu_down_outside_graph = torch._dynamo.disable(swiglu_down)
+    return SwigluDownOver4bit.apply(gate, up, down.lora_A[name].weight,
+                                    down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
+                                    down._cast_adapters_once, not unread)
 
 
 def use_fused_mlp(model) -> int:

@@ -605,6 +605,10 @@ def test_compiled_layers_recompute_the_same_lora_dropout_masks_on_cuda(tmp_path:
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file), ["lora.dropout=0.3"])
     model = build_quantized_model(recipe, str(tiny_base), torch.bfloat16)
+    with torch.no_grad():  # B non-zero: with B = 0 every lora_A gradient is 0 whatever the masks
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
     use_fused_lora(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch._dynamo.reset()

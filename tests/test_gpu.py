@@ -355,7 +355,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
         keep_activations(model, 1)
         assert compile_decoder_layers(model) == 2
     model.train()
-    ids = torch.randint(4, 30, (4, 128), generator=torch.Generator().manual_seed(1)).cuda()
+    ids = torch.randint(4, 30, (3, 128), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

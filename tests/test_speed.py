@@ -624,6 +624,21 @@ def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_re
     assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.parametrize("shape", ["tiny-gemma-2", "tiny-gemma-3"])
+def test_compiled_layers_of_the_families_auto_compiles_train_as_eager_ones(make_recipe, family_model_dir, shape):
+    """What speed.compile_layers: auto compiles (Gemma 2 and 3, fused LoRA, one layer checkpointed and one keeping
+    its activations) gives the eager layers' loss and every LoRA gradient."""
+    model = family_model(make_recipe, family_model_dir, shape)
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    ids = torch.randint(3, 300, (3, 96), generator=torch.Generator().manual_seed(1))  # longer than the window (64)
+    eager = loss_and_gradients(model, ids)
+    torch._dynamo.reset()
+    assert compile_decoder_layers(model) == 2
+    assert_same_training_signal(eager, loss_and_gradients(model, ids), rtol=1e-4, atol=1e-5)
+
+
 def test_compiled_layers_recompute_the_same_lora_dropout_masks(make_recipe, family_model_dir):
     """speed.compile_layers: true with LoRA dropout: a compiled layer that checkpoints draws the same dropout masks
     when backward recomputes it, so its loss and gradients equal those of the compiled layer that keeps its

@@ -128,7 +128,7 @@ def fusable_adapter(layer) -> str | None:
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # in eval mode (generation, evaluation) bitsandbytes' own inference kernels are the fast path
     name = fusable_adapter(self) if self.training and not args and not kwargs else None
-    if name is None:
+    if name is None or torch.compiler.is_compiling():  # compiled layers: peft's ops, see compile_decoder_layers
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)

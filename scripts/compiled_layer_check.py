@@ -66,6 +66,10 @@ def step(model, ids: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def ids(rows: tuple[int, int]) -> torch.Tensor:
+    return torch.randint(4, 500, rows, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="tiny-gemma-3")
@@ -95,12 +99,11 @@ def main() -> None:
             keep_activations(model, 1)
             model.train()
             batches = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
-            eager = {b: step(model, torch.randint(4, 500, b, generator=torch.Generator().manual_seed(1)).to(DEVICE))
-                     for b in batches}
+            eager = {b: step(model, ids(b)) for b in batches}
             torch._dynamo.reset()
             compile_decoder_layers(model)
             for b in batches:
-                loss, grads = step(model, torch.randint(4, 500, b, generator=torch.Generator().manual_seed(1)).to(DEVICE))
+                loss, grads = step(model, ids(b))
                 ref_loss, ref = eager[b]
                 errors = {n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref.items()}
                 worst = max(errors, key=errors.get)

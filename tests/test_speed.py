@@ -602,20 +602,29 @@ def test_layers_that_keep_their_activations_train_the_same(make_recipe, tiny_mod
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
 
 
-def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_recipe, tiny_model_dir):
+def test_compiled_layers_train_the_same_with_one_graph_per_kind_of_layer(make_recipe, tiny_model_dir, monkeypatch):
+    """Compiled layers run peft's LoRA ops, not the fused LoRA functions (traced by inductor, those gave wrong
+    gradients at some shapes on CUDA), and train as the eager fused layers do."""
     from torch._dynamo.utils import counters
+
+    from qlora_kit.speed.lora_autograd import LoraOver4bit
 
     model = adapted_model(make_recipe, tiny_model_dir)
     use_fused_lora(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     keep_activations(model, 1)
+    fused_calls = []
+    forward = LoraOver4bit.forward
+    monkeypatch.setattr(LoraOver4bit, "forward", staticmethod(lambda *args: fused_calls.append(1) or forward(*args)))
     eager = loss_and_gradients(model, IDS)
+    assert len(fused_calls) == 21  # 7 linears in each of 2 layers, and the checkpointed layer's 7 again
     torch._dynamo.reset()
     counters.clear()
     assert compile_decoder_layers(model) == 2
     assert_same_training_signal(eager, loss_and_gradients(model, IDS))
-    # the whole layer, fused LoRA functions and checkpoint included, is one graph: one for the checkpointed layer,
-    # one for the layer that keeps its activations
+    assert len(fused_calls) == 21  # none while compiled
+    # the whole layer, LoRA and checkpoint included, is one graph: one for the checkpointed layer, one for the layer
+    # that keeps its activations
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
     model.eval()
@@ -792,6 +801,62 @@ def test_eager_attention_s_saved_scores_show_in_the_memory_estimate(make_recipe,
     scores = rows * model.config.num_attention_heads * seq * seq
     assert sum(saved.values()) == scores * 8  # the softcap's tanh (bf16), softmax out (fp32), its bf16 cast
     assert (kept_layer_gib("eager") - kept_layer_gib("sdpa")) * 2**30 == pytest.approx(scores * 8)
+
+
+def test_lora_dropout_keeps_the_mlps_unfused_and_the_plan_says_why(make_recipe, tiny_model_dir):
+    """The fused MLP feeds the down projection's adapter the undropped product: with lora.dropout the plan leaves
+    the MLPs alone (they would fall back call by call) and the estimate counts the unfused MLP's tensors."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    plan = decide_speed_plan(load_recipe(make_recipe(lora={"dropout": 0.05})), config, gpu_machine(), 0)
+    assert plan.fused_lora and not plan.fused_mlp
+    assert "fused_mlp: off, lora.dropout is 0.05" in "\n".join(plan.notes)
+    assert decide_speed_plan(load_recipe(make_recipe()), config, gpu_machine(), 0).fused_mlp
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gemma-3", "tiny-phi-4-mini", "tiny-qwen2.5"])
+def test_lora_dropout_s_saved_copies_and_masks_show_in_the_memory_estimate(make_recipe, family_model_dir, shape):
+    """With lora.dropout each adapted linear of the fused path saves its own dropped input and dropout's mask: the
+    estimate's cost of a kept layer grows by what the layers' forward saves more (distinct storages). On CPU dropout
+    keeps its masks in the input's dtype, on CUDA in a byte an element: the test counts them at CUDA's size."""
+    from transformers import AutoConfig
+
+    from qlora_kit.memory import estimate_training_memory
+
+    folder = family_model_dir(shape)
+    rows, seq = 2, 40
+    training = {"gradient_checkpointing": True, "batch_size": rows, "max_length": seq}
+
+    def saved_bytes(dropout: float) -> int:
+        model = adapted_model(make_recipe, folder, dropout=dropout)
+        use_fused_lora(model)
+        use_fused_mlp(model)  # SwiGLU MLPs run fused without dropout, their own forward with it
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        ids = torch.randint(3, 300, (rows, seq), generator=torch.Generator().manual_seed(1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids)
+        return sum(storages.values())
+
+    def kept_layer_bytes(dropout: float) -> float:
+        recipe = make_recipe(model={"name": str(folder)}, training=training, quantization={"compute_dtype": "fp32"},
+                             lora={"r": 4, "alpha": 8, "dropout": dropout})
+        return estimate_training_memory(load_recipe(recipe), str(folder))["each_kept_layer"] * 2**30
+
+    from peft.tuners.lora import LoraLayer
+
+    model = adapted_model(make_recipe, folder)
+    mask_elements = rows * seq * sum(m.in_features for m in model.modules() if isinstance(m, LoraLayer))
+    layers = AutoConfig.from_pretrained(folder).num_hidden_layers
+    measured = saved_bytes(0.1) - saved_bytes(0.0) - mask_elements * (4 - 1)  # fp32 masks on CPU, bool on CUDA
+    estimated = (kept_layer_bytes(0.1) - kept_layer_bytes(0.0)) * layers
+    # exact for the Llama, Qwen2.5 and Gemma 3 layouts; Phi-3's (fused qkv and gate_up) one hidden-wide copy over
+    assert measured > 0 and measured <= estimated <= 1.2 * measured
 
 
 def test_offloaded_checkpoints_and_mlp_chunks_move_memory_off_the_gpu_in_the_estimate(make_recipe, tiny_model_dir):

@@ -71,20 +71,9 @@ class LoraOver4bit(torch.autograd.Function):
 def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
     """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
     and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
-    compiling = torch.compiler.is_compiling()
-    if compiling:  # an opaque op: inductor must not merge it with backward's dequantize
-        import bitsandbytes as bnb
-
-        out = bnb.matmul_4bit(x, layer.weight.t(), bias=bias, quant_state=layer.weight.quant_state)
-    else:  # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
-        out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
+    # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
+    out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
     xa = torch.mm(x_lora2d, a.t())
-    if compiling:
-        # Under torch.compile the returned tensor must be no other value of this forward (no in-place sum, no
-        # same-dtype .to()): torch 2.11 routes its gradient to the wrong output otherwise, and every LoRA
-        # gradient upstream of it comes out zero (pytorch/pytorch#180642).
-        y = torch.addmm(out.view(-1, out.shape[-1]), xa, b.t(), alpha=scaling).view(out.shape)
-        return (y if y.dtype == out_dtype else y.to(out_dtype)), xa
     # The adapter lands on the base output in place. Writing it first and letting the big matmul accumulate onto it
     # (beta=1) gained for gate/up in one H100 run of three and lost for k/v (scripts/adapter_add_bench.py).
     out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
@@ -109,7 +98,7 @@ def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype, cast_once: bool =
     counter). It costs 2 bytes per adapter parameter, so the long-context settings (memory first) cast in every call
     instead (`cast_once` false).
     """
-    if weight.dtype == dtype or not cast_once or torch.compiler.is_compiling():
+    if weight.dtype == dtype or not cast_once:
         return weight.to(dtype)
     key = (weight._version, weight.data_ptr(), dtype, _copies_generation[0])
     cached = getattr(weight, "_qlora_kit_compute_copy", None)
@@ -135,8 +124,7 @@ MM_OUT_DTYPE = torch.__version__ >= "2.8"  # torch.mm(..., out_dtype=torch.float
 def matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """a @ b in `dtype`. An fp32 adapter weight's gradient from bf16/fp16 inputs comes out of the GEMM in fp32 on
     CUDA (torch >= 2.8): one kernel instead of a matmul and a cast, and the result is not rounded to bf16 first."""
-    if (MM_OUT_DTYPE and dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16)
-            and not torch.compiler.is_compiling()):
+    if MM_OUT_DTYPE and dtype == torch.float32 and a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).to(dtype)
 
@@ -253,6 +241,6 @@ def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     import bitsandbytes as bnb
 
     packed, state = layer.weight.data, layer.weight.quant_state
-    if getattr(layer, "_triton_dequantize", False) and state.dtype == dtype and not torch.compiler.is_compiling():
+    if getattr(layer, "_triton_dequantize", False) and state.dtype == dtype:
         return nf4_dequantize(packed, state)
     return bnb.functional.dequantize_4bit(packed, state).to(dtype)

@@ -128,7 +128,7 @@ def fusable_adapter(layer) -> str | None:
 def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # in eval mode (generation, evaluation) bitsandbytes' own inference kernels are the fast path
     name = fusable_adapter(self) if self.training and not args and not kwargs else None
-    if name is None or torch.compiler.is_compiling():  # compiled layers: peft's ops, see compile_decoder_layers
+    if name is None or torch.compiler.is_compiling():  # compiled layers run peft's ops (see compiled_training_forward)
         return self._peft_forward(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(x)
@@ -269,6 +269,10 @@ def keep_activations(model, layers: int) -> int:
 # torch offers: torch.compile(model), which would also compile evaluation and generation (KV caches, one-token
 # steps). Why not: each decoder layer's training forward alone compiles to one graph shared by its kind.
 # Internal touched: each GradientCheckpointingLayer's forward.
+# Inside a compiled layer the LoRA linears run peft's own ops (bitsandbytes' 4-bit matmul, lora_A, lora_B), which
+# inductor fuses, and the fused MLP steps aside: traced by inductor, the fused LoRA functions gave wrong LoRA gradients
+# or NaN at some shapes on CUDA (torch 2.11, H200: Gemma 2/3 at 3 x 128 tokens, 512 wide; right at 4 x 128 and
+# 2 x 2048), where peft's ops compiled matched eager at every shape (scripts/compiled_layer_check.py).
 
 
 def compiled_training_forward(self, *args, **kwargs):

@@ -144,7 +144,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         notes.append("triton_dequantize: Triton is not installed; bitsandbytes' kernels")
     checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes, packed)
     optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
-    mlp_blocker = fused_mlp_blocker(model_config) if fused_lora and speed.fused_mlp else None
+    mlp_blocker = fused_mlp_blocker(model_config, recipe.lora.dropout) if fused_lora and speed.fused_mlp else None
     if mlp_blocker:
         notes.append(f"fused_mlp: off, {mlp_blocker}; its projections still take the fused LoRA path")
     fused_mlp = fused_lora and speed.fused_mlp and mlp_blocker is None
@@ -451,9 +451,12 @@ def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers:
 SILU_ACTIVATIONS = ("silu", "swish")
 
 
-def fused_mlp_blocker(model_config) -> str | None:
+def fused_mlp_blocker(model_config, lora_dropout: float = 0.0) -> str | None:
     """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: SwigluDownOver4bit computes
-    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward."""
+    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward, and it feeds the down projection's adapter
+    the undropped product, so LoRA dropout keeps it out too."""
+    if lora_dropout:
+        return f"lora.dropout is {lora_dropout:g} (the fused MLP has no dropout before the down projection's adapter)"
     text = model_config.get_text_config()
     # the activation's key differs by family: hidden_activation (Gemma 2 and 3), hidden_act (the others, Gemma 1)
     activation = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)

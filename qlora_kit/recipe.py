@@ -348,7 +348,8 @@ class SpeedSection:
         True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
         "(DoRA and several active adapters keep peft's path)")
     fused_mlp: bool = option(
-        True, help="with fused_lora, a gated-SiLU MLP (Llama, Mistral, Qwen, Phi-3; not Gemma's GELU) recomputes "
+        True, help="with fused_lora and no LoRA dropout, a gated-SiLU MLP (Llama, Mistral, Qwen, Phi-3; not Gemma's "
+        "GELU) recomputes "
         "silu(gate) * up in backward instead of saving it: one intermediate-sized tensor less per kept layer, for one "
         "elementwise kernel more; a checkpointed layer's recompute also skips the down projection, whose output "
         "nothing reads")
@@ -383,8 +384,8 @@ class SpeedSection:
         "checkpointing; one process only")
     compile_layers: bool | Literal["auto"] = option(
         "auto", help="torch.compile each decoder layer's training forward on GPU: fewer kernels and less Python per "
-        "step (Liger's layer kernels left out), for a compile on the first step that later runs of the shape read "
-        "from the cache. auto: on for SFT without LoRA dropout where the MLPs are not fused (Gemma's GELU-gated "
+        "step (Liger's layer kernels left out; the LoRA linears run peft's ops, which inductor fuses, not "
+        "fused_lora's), for a compile on the first step that later runs of the shape read from the cache. auto: on for SFT without LoRA dropout where the MLPs are not fused (Gemma's GELU-gated "
         "ones; a second row length compiles once more, then lengths are dynamic); never on CPU, with "
         "offload_checkpoints, reentrant_checkpointing, mlp_chunk_tokens or several processes; true: on wherever "
         "those allow")

@@ -719,6 +719,7 @@ def test_auto_compiles_the_layers_whose_mlp_is_not_fused(make_recipe, family_mod
     assert plan.liger_kernels is not compiled
     assert plan.compile_blocker == (None if compiled else
                                     "auto: off, the MLPs are fused (compiled layers measured no faster there)")
+    assert any(note.startswith("fused_lora: inside the compiled layers") for note in plan.notes) is compiled
 
 
 def test_compiled_layers_replace_liger_s_layer_kernels(make_recipe, tiny_model_dir):

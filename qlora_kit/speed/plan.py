@@ -149,6 +149,9 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
         notes.append(f"fused_mlp: off, {mlp_blocker}; its projections still take the fused LoRA path")
     fused_mlp = fused_lora and speed.fused_mlp and mlp_blocker is None
     blocker = layer_compile_blocker(recipe, machine, fused_mlp)
+    if blocker is None and fused_lora:
+        notes.append("fused_lora: inside the compiled layers the LoRA linears run peft's ops, which inductor fuses "
+                     "(speed/patches.py, above compiled_training_forward, says why)")
     liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
     if liger and model_config.model_type not in liger_model_types():
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "

@@ -2,8 +2,10 @@
 
 For a bench shape shrunk to test size (bench_common.SHAPES, the family's own config class), builds the model in NF4
 with r=8 LoRA on every linear (B non-zero), one layer checkpointed and one keeping its activations, and prints per
-row shape the loss and the largest relative LoRA-gradient error of the compiled layers against eager ones, with and
-without qlora-kit's fused LoRA layers, in a JSON line each. Used to find where compiled layers go wrong:
+row shape the loss and the largest relative LoRA-gradient error of the compiled layers (as qlora-kit runs them: peft's
+LoRA ops inside the graph) against eager ones, peft's and qlora-kit's fused LoRA layers, a JSON line each. It found
+the fused LoRA functions going wrong inside compiled graphs on CUDA at some row shapes (2026-12-01, scripts/
+bench_results/h200_2026-12-01_compile_swiglu/); the bf16 floor is ~0.015-0.04 there:
 
   source scripts/device_prelude.sh; python3 scripts/compiled_layer_check.py --shape tiny-gemma-3 --rows 3x128,4x128
 """
@@ -107,7 +109,7 @@ def main() -> None:
                 ref_loss, ref = eager[b]
                 errors = {n: ((grads[n] - g).norm() / g.norm().clamp_min(1e-30)).item() for n, g in ref.items()}
                 worst = max(errors, key=errors.get)
-                print(json.dumps({"shape": args.shape, "fused_lora": fused, "rows": b, "eager_loss": ref_loss,
+                print(json.dumps({"shape": args.shape, "eager_fused_lora": fused, "rows": b, "eager_loss": ref_loss,
                                   "compiled_loss": loss, "max_error": errors[worst], "worst": worst,
                                   "errors_over_0.05": sum(e > 0.05 for e in errors.values())}), flush=True)
             del model

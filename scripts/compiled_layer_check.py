@@ -89,6 +89,7 @@ def main() -> None:
     if "head_dim" in spec:
         sizes["head_dim"] = 64
     config, _ = shape_config(args.shape, None, **sizes)
+    batches = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         torch.manual_seed(0)
@@ -100,7 +101,6 @@ def main() -> None:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             keep_activations(model, 1)
             model.train()
-            batches = [tuple(int(v) for v in r.split("x")) for r in args.rows.split(",")]
             eager = {b: step(model, ids(b)) for b in batches}
             torch._dynamo.reset()
             compile_decoder_layers(model)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import nonzero_lora_b
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -338,10 +339,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
     torch.manual_seed(0)
     model = build_quantized_model(recipe, str(folder), torch.bfloat16)
     keep_adapter_weights_in_fp32(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    nonzero_lora_b(model, 0.02)
     if liger:
         import sys
 
@@ -615,11 +613,7 @@ def test_compiled_layers_recompute_the_same_lora_dropout_masks_on_cuda(tmp_path:
     from qlora_kit.speed.patches import compile_decoder_layers, keep_activations, use_fused_lora
 
     recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file), ["lora.dropout=0.3"])
-    model = build_quantized_model(recipe, str(tiny_base), torch.bfloat16)
-    with torch.no_grad():  # B non-zero: with B = 0 every lora_A gradient is 0 whatever the masks
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
+    model = nonzero_lora_b(build_quantized_model(recipe, str(tiny_base), torch.bfloat16), 0.02)
     use_fused_lora(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch._dynamo.reset()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import shout_conversations, write_jsonl
+from conftest import nonzero_lora_b, shout_conversations, write_jsonl
 
 from qlora_kit.data import DataError, build_datasets
 from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
@@ -304,12 +304,7 @@ def test_grpo_loss_and_gradients_with_the_speed_levers_match_plain_trl_on_the_sa
 
     def model():
         torch.manual_seed(0)
-        built = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
-        with torch.no_grad():
-            for name, param in built.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)  # a fresh adapter has B = 0: no gradient would reach A
-        return built
+        return nonzero_lora_b(build_quantized_model(recipe, str(tiny_model_dir), torch.float32), 0.05)
 
     ours_model = model()
     plan = decide_speed_plan(recipe, ours_model.config, Machine.measure(), ours_model.get_nb_trainable_parameters()[0])
@@ -366,12 +361,7 @@ def adapted_tiny_model(recipe, folder: Path, compute_dtype: torch.dtype = torch.
     from qlora_kit.model import build_quantized_model
 
     torch.manual_seed(0)
-    model = build_quantized_model(recipe, str(folder), compute_dtype)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    return model.train()
+    return nonzero_lora_b(build_quantized_model(recipe, str(folder), compute_dtype), 0.05).train()
 
 
 def lora_layers(model) -> list[torch.nn.Module]:

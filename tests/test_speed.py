@@ -10,7 +10,7 @@ from copy import deepcopy
 
 import pytest
 import torch
-from conftest import FAMILY_SHAPES
+from conftest import FAMILY_SHAPES, nonzero_lora_b
 
 from qlora_kit.memory import allocated_peak_gib
 from qlora_kit.model import build_quantized_model
@@ -33,11 +33,7 @@ def adapted_model(make_recipe, tiny_model_dir, attn_implementation: str = "sdpa"
     recipe = load_recipe(make_recipe(model={"name": str(tiny_model_dir), "attn_implementation": attn_implementation},
                                      lora={"r": 4, "alpha": 8, **lora}))
     torch.manual_seed(0)
-    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
+    model = nonzero_lora_b(build_quantized_model(recipe, str(tiny_model_dir), torch.float32), 0.05)
     model.train()
     return model
 
@@ -821,6 +817,7 @@ def test_lora_dropout_s_saved_copies_and_masks_show_in_the_memory_estimate(make_
     """With lora.dropout each adapted linear of the fused path saves its own dropped input and dropout's mask: the
     estimate's cost of a kept layer grows by what the layers' forward saves more (distinct storages). On CPU dropout
     keeps its masks in the input's dtype, on CUDA in a byte an element: the test counts them at CUDA's size."""
+    from peft.tuners.lora import LoraLayer
     from transformers import AutoConfig
 
     from qlora_kit.memory import estimate_training_memory
@@ -829,7 +826,8 @@ def test_lora_dropout_s_saved_copies_and_masks_show_in_the_memory_estimate(make_
     rows, seq = 2, 40
     training = {"gradient_checkpointing": True, "batch_size": rows, "max_length": seq}
 
-    def saved_bytes(dropout: float) -> int:
+    def saved_bytes(dropout: float) -> tuple[int, int]:
+        """(bytes the forward saves, elements of the adapters' inputs: a dropout mask's size)"""
         model = adapted_model(make_recipe, folder, dropout=dropout)
         use_fused_lora(model)
         use_fused_mlp(model)  # SwiGLU MLPs run fused without dropout, their own forward with it
@@ -842,19 +840,17 @@ def test_lora_dropout_s_saved_copies_and_masks_show_in_the_memory_estimate(make_
         ids = torch.randint(3, 300, (rows, seq), generator=torch.Generator().manual_seed(1))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             model(input_ids=ids)
-        return sum(storages.values())
+        return sum(storages.values()), rows * seq * sum(m.in_features for m in model.modules()
+                                                        if isinstance(m, LoraLayer))
 
     def kept_layer_bytes(dropout: float) -> float:
         recipe = make_recipe(model={"name": str(folder)}, training=training, quantization={"compute_dtype": "fp32"},
                              lora={"r": 4, "alpha": 8, "dropout": dropout})
         return estimate_training_memory(load_recipe(recipe), str(folder))["each_kept_layer"] * 2**30
 
-    from peft.tuners.lora import LoraLayer
-
-    model = adapted_model(make_recipe, folder)
-    mask_elements = rows * seq * sum(m.in_features for m in model.modules() if isinstance(m, LoraLayer))
     layers = AutoConfig.from_pretrained(folder).num_hidden_layers
-    measured = saved_bytes(0.1) - saved_bytes(0.0) - mask_elements * (4 - 1)  # fp32 masks on CPU, bool on CUDA
+    (dropped, mask_elements), (undropped, _) = saved_bytes(0.1), saved_bytes(0.0)
+    measured = dropped - undropped - mask_elements * (4 - 1)  # fp32 masks on CPU, bool on CUDA
     estimated = (kept_layer_bytes(0.1) - kept_layer_bytes(0.0)) * layers
     # exact for the Llama, Qwen2.5 and Gemma 3 layouts; Phi-3's (fused qkv and gate_up) one hidden-wide copy over
     assert measured > 0 and measured <= estimated <= 1.2 * measured
@@ -1507,9 +1503,7 @@ def test_sft_without_the_padding_mask_gives_the_same_loss_and_gradients(shape, m
     data = build_datasets(recipe, tokenizer)
     model = build_quantized_model(recipe, str(folder), torch.float32)
     torch.manual_seed(0)
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            param.data.normal_(0, 0.05)
+    nonzero_lora_b(model, 0.05)
     plan = decide_speed_plan(recipe, model.config, Machine.measure(), 0)
     assert not plan.skip_padding_mask
     trainer = build_trainer(recipe, model, tokenizer, data, tmp_path / "run", torch.float32, plan)

@@ -162,8 +162,8 @@ class LoraSection:
                           min_exclusive=True)
     dropout: float = option(
         0.0, help="dropout on the adapter input. Above 0 it costs speed and memory on a GPU: each adapted linear "
-        "saves its own dropped input and mask, speed.fused_mlp steps aside and speed.compile_layers: auto compiles "
-        "nothing", min=0, max=1)
+        "saves its own dropped input and mask, and speed.fused_mlp steps aside (speed.compile_layers: auto "
+        "then compiles the layers instead)", min=0, max=1)
     target_modules: str | list[str] = option(
         "all-linear", check=target_modules_value, help="'all-linear', a list of module names such as [q_proj, v_proj] "
         "(one name alone counts as a list of one), or a regular expression over full module names")
@@ -389,8 +389,8 @@ class SpeedSection:
         "auto", help="torch.compile each decoder layer's training forward on GPU: fewer kernels and less Python per "
         "step (Liger's layer kernels left out; the LoRA linears run peft's ops, which inductor fuses, not "
         "fused_lora's), for a compile on the first step that later runs of the shape read from the cache. auto: "
-        "on for SFT without LoRA dropout where the MLPs are not fused (Gemma's GELU-gated ones; a second row length "
-        "compiles once more, then lengths are dynamic); never on CPU, with offload_checkpoints, "
+        "on for SFT where the MLPs are not fused (Gemma's GELU-gated ones, and every family with LoRA dropout, "
+        "which the fused MLP does not apply; a second row length compiles once more, then lengths are dynamic); never on CPU, with offload_checkpoints, "
         "reentrant_checkpointing, mlp_chunk_tokens or several processes; true: on wherever those allow")
     gc_every_steps: int = option(
         0, help="run Python's garbage collector every N optimizer steps (young objects only) instead of when "

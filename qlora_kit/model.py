@@ -354,6 +354,24 @@ def liger_kernel_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
+SILU_ACTIVATIONS = ("silu", "swish")
+
+
+def fused_mlp_blocker(model_config, lora_dropout: float = 0.0) -> str | None:
+    """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: SwigluDownOver4bit computes
+    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward, and it feeds the down projection's adapter
+    the undropped product, so LoRA dropout keeps it out too. Here, not in speed/, because the speed plan and the
+    memory estimate (which cannot import speed/) both read it."""
+    if lora_dropout:
+        return f"lora.dropout is {lora_dropout:g} (the fused MLP has no dropout before the down projection's adapter)"
+    text = model_config.get_text_config()
+    # the activation's key differs by family: hidden_activation (Gemma 2 and 3), hidden_act (the others, Gemma 1)
+    activation = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
+    if activation not in SILU_ACTIVATIONS:
+        return f"{text.model_type}'s MLP is gated by {activation}, and only SiLU-gated MLPs are fused"
+    return None
+
+
 def gated_silu_mlp(module) -> bool:
     """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen), or Phi-3's with one
     gate_up_proj for both; not Gemma's GELU. Probes any module: transformers' MLP classes differ by architecture."""

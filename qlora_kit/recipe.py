@@ -390,8 +390,9 @@ class SpeedSection:
         "step (Liger's layer kernels left out; the LoRA linears run peft's ops, which inductor fuses, not "
         "fused_lora's), for a compile on the first step that later runs of the shape read from the cache. auto: "
         "on for SFT where the MLPs are not fused (Gemma's GELU-gated ones, and every family with LoRA dropout, "
-        "which the fused MLP does not apply; a second row length compiles once more, then lengths are dynamic); never on CPU, with offload_checkpoints, "
-        "reentrant_checkpointing, mlp_chunk_tokens or several processes; true: on wherever those allow")
+        "which the fused MLP does not apply; a second row length compiles once more, then lengths are dynamic); "
+        "never on CPU, with offload_checkpoints, reentrant_checkpointing, mlp_chunk_tokens or several processes; "
+        "true: on wherever those allow")
     gc_every_steps: int = option(
         0, help="run Python's garbage collector every N optimizer steps (young objects only) instead of when "
         "allocations trigger it: no random pauses in a host-bound step, for a longer pause every N; 0: Python's own "

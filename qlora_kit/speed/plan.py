@@ -27,7 +27,7 @@ from qlora_kit.memory import (
     long_context_settings,
     rows_of_length,
 )
-from qlora_kit.model import FLEX, cache_root, liger_kernel_installed, under_fsdp
+from qlora_kit.model import FLEX, cache_root, fused_mlp_blocker, liger_kernel_installed, under_fsdp
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 from qlora_kit.speed.attention import (
     AttentionShape,
@@ -448,23 +448,6 @@ def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers:
                     "liger-kernel, or set speed.liger_kernels: false to silence this)")
         return False
     return True
-
-
-SILU_ACTIVATIONS = ("silu", "swish")
-
-
-def fused_mlp_blocker(model_config, lora_dropout: float = 0.0) -> str | None:
-    """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: SwigluDownOver4bit computes
-    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward, and it feeds the down projection's adapter
-    the undropped product, so LoRA dropout keeps it out too."""
-    if lora_dropout:
-        return f"lora.dropout is {lora_dropout:g} (the fused MLP has no dropout before the down projection's adapter)"
-    text = model_config.get_text_config()
-    # the activation's key differs by family: hidden_activation (Gemma 2 and 3), hidden_act (the others, Gemma 1)
-    activation = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
-    if activation not in SILU_ACTIVATIONS:
-        return f"{text.model_type}'s MLP is gated by {activation}, and only SiLU-gated MLPs are fused"
-    return None
 
 
 @functools.cache

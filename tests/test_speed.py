@@ -683,6 +683,40 @@ def test_compiled_layers_on_rows_of_many_lengths_compile_once_more_not_per_lengt
     assert not counters["graph_break"]
 
 
+def test_compiled_layers_train_packed_rows_the_same_and_compile_once_more(make_recipe, family_model_dir):
+    """training.packing / padding_free: one row of several examples, position ids restarting at each (transformers
+    turns them into a block-diagonal mask outside the layers). Auto compiles every family with LoRA dropout, so packed
+    batches of new lengths must neither break the graph nor compile per batch, and must train as eager layers do."""
+    from torch._dynamo.utils import counters
+
+    model = adapted_model(make_recipe, family_model_dir("tiny-mistral"))
+    use_fused_lora(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    batches = []
+    for total, cuts in ((100, (30, 70)), (90, (50,)), (120, (10, 40, 80)), (77, (20,))):
+        ids = torch.randint(3, 300, (1, total), generator=torch.Generator().manual_seed(total))
+        starts, ends = (0, *cuts), (*cuts, total)
+        batches.append((ids, torch.cat([torch.arange(end - start) for start, end in zip(starts, ends, strict=True)])[None]))
+
+    def packed_step(ids, positions):
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    eager = [packed_step(ids, positions) for ids, positions in batches]
+    torch._dynamo.reset()
+    counters.clear()
+    assert compile_decoder_layers(model) == 2
+    graphs = []
+    for (ids, positions), expected in zip(batches, eager, strict=True):
+        assert_same_training_signal(expected, packed_step(ids, positions), rtol=1e-4, atol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4, 4, 4]  # checkpointed and kept layers, then once more with the length dynamic
+    assert not counters["graph_break"]
+
+
 @pytest.mark.parametrize(("sections", "processes", "fused_mlp", "reason"), [
     ({"speed": {"compile_layers": False}}, 1, False, "switched off"),
     ({}, 1, False, None),  # the default is auto

@@ -696,8 +696,8 @@ def test_compiled_layers_train_packed_rows_the_same_and_compile_once_more(make_r
     batches = []
     for total, cuts in ((100, (30, 70)), (90, (50,)), (120, (10, 40, 80)), (77, (20,))):
         ids = torch.randint(3, 300, (1, total), generator=torch.Generator().manual_seed(total))
-        starts, ends = (0, *cuts), (*cuts, total)
-        batches.append((ids, torch.cat([torch.arange(end - start) for start, end in zip(starts, ends, strict=True)])[None]))
+        lengths = [end - start for start, end in zip((0, *cuts), (*cuts, total), strict=True)]
+        batches.append((ids, torch.cat([torch.arange(length) for length in lengths])[None]))
 
     def packed_step(ids, positions):
         model.zero_grad(set_to_none=True)

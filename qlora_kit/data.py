@@ -972,10 +972,8 @@ def prompt_dataset(rows: list[Row]) -> Dataset:
                         "in every row (e.g. a reference always as a string)") from None
 
 
-def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
-    """GRPO data: prompts as conversations (the chat template is applied at generation, as SFT renders its prompts)
-    plus the columns the rewards read; mixed, split and length-checked like SFT rows, never tokenized or cached."""
-    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+def split_prompt_rows(recipe: Recipe, bad: BadRows | None) -> tuple[list[Row], list[Row]]:
+    """GRPO's prompt rows, mixed by weight as mix_sources mixes SFT rows, and split from the held-out ones."""
     rng = random.Random(recipe.data.seed)
     rows: list[Row] = []
     for source in recipe.data.datasets:
@@ -985,9 +983,15 @@ def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) ->
             some = some * whole + rng.sample(some, part)
         rows += some
     if isinstance(recipe.data.validation, str):
-        train_rows, eval_rows = rows, load_prompt_rows(DatasetSource(path=recipe.data.validation), recipe)
-    else:
-        train_rows, eval_rows = split_validation(rows, recipe)
+        return rows, load_prompt_rows(DatasetSource(path=recipe.data.validation), recipe)
+    return split_validation(rows, recipe)
+
+
+def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
+    """GRPO data: prompts as conversations (the chat template is applied at generation, as SFT renders its prompts)
+    plus the columns the rewards read; mixed, split and length-checked like SFT rows, never tokenized or cached."""
+    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
+    train_rows, eval_rows = split_prompt_rows(recipe, bad)
     stats: dict[str, Any] = {}
     if bad is not None:
         stats["skipped_bad_rows"] = {"count": bad.count, "first_reasons": bad.reasons}
@@ -999,10 +1003,13 @@ def build_prompt_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def training_rows(recipe: Recipe) -> int:
-    """How many training rows the recipe's sources hold (every row checked, no tokenizer needed)."""
+    """How many rows training reads, as training gets them: every source read and checked, mixed by weight, split
+    from the held-out rows (a held-out file read and checked too); no tokenizer needed. So `validate` refuses what
+    `train` would refuse before its first row: a held-out share that leaves nothing to train on, a bad held-out file."""
+    bad = BadRows() if recipe.data.on_bad_rows == "skip" else None
     if recipe.method == "grpo":
-        return sum(len(load_prompt_rows(s, recipe)) for s in recipe.data.datasets)
-    return sum(len(load_rows(s, recipe.data.system_prompt, method=recipe.method)) for s in recipe.data.datasets)
+        return len(split_prompt_rows(recipe, bad)[0])
+    return len(split_validation(mix_sources(recipe, bad), recipe)[0])
 
 
 # ------------------------------------------------------------------------------------------------ dry run

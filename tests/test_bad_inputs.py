@@ -505,6 +505,22 @@ def test_a_utf8_file_with_a_byte_order_mark_is_read(make_recipe, tmp_path, cli):
     assert "valid (1 training rows" in out
 
 
+def test_validate_counts_the_rows_training_reads_and_refuses_a_split_that_leaves_none(make_recipe, tmp_path, cli):
+    """validate reads the rows as training does: mixed, the held-out share split off, bad rows skipped where the
+    recipe says so; a held-out count as large as the data is refused there, not after the model loads."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(ROW) + "\n" for _ in range(10)) + '{"neither": "field"}\n')
+    data = {"datasets": [{"path": str(path)}], "on_bad_rows": "skip"}
+
+    status, out, err = cli("validate", str(make_recipe(data={**data, "validation": 3})))
+    assert status == 0, err
+    assert "valid (7 training rows" in out
+
+    status, _, err = cli("validate", str(make_recipe(data={**data, "validation": 10})))
+    assert status == 2 and "Traceback" not in err
+    assert "data.validation: 10 leaves no training rows out of 10" in err
+
+
 def test_a_data_file_whose_name_has_glob_characters_is_read_as_itself(make_recipe, tmp_path, cli):
     path = tmp_path / "rows [v2].jsonl"
     path.write_text(json.dumps(ROW) + "\n")

@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("train", cmd_train, "fine-tune (same as `accelerate launch train.py RECIPE`)")]:
         p = sub.add_parser(name, help=text)
         p.add_argument("recipe", help="recipe YAML file")
-        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.learning_rate=1e-4 lora.r=32")
+        p.add_argument("overrides", nargs="*", default=[],
+                       help="dotted overrides, e.g. training.learning_rate=1e-4 lora.r=32")
         p.set_defaults(func=func)
     p = sub.add_parser("merge", help="merge a run's adapter into its base (fp32 arithmetic), checked before writing")
     p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")

@@ -129,7 +129,7 @@ def read_records(path: str) -> list[tuple[str, Any]]:
             records = next(iter(records.values()))  # {"data": [...]} layout
         if not isinstance(records, list):
             raise DataError(f"{path}: a .json dataset must be a list of rows, got {type(records).__name__}")
-        return [(f"{path}: row {i}", r) for i, r in enumerate(records)]
+        return [(f"{path}: row {i}", r) for i, r in enumerate(records, start=1)]
     return read_table(path, suffix)
 
 
@@ -142,13 +142,19 @@ def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
     if suffix == ".csv":
         read_utf8(path)  # pandas' own decode error names no line and no fix
     kind = suffix.lstrip(".").upper()
+    # datasets logs a damaged file at ERROR before it raises; the DataError below says it once, with the fix
+    datasets_log = logging.getLogger("datasets")
+    level = datasets_log.level
+    datasets_log.setLevel(logging.CRITICAL)
     try:
         table = load_dataset(LOCAL_SUFFIXES[suffix], data_files=path, split="train")
     except Exception as exc:  # datasets wraps pyarrow / pandas errors of every kind in DatasetGenerationError
         cause = root_cause(exc)
         raise DataError(f"{path}: cannot be read as {kind} ({type(cause).__name__}: {str(cause)[:200]}); the file is "
                         f"damaged or not {kind}: export it again") from None
-    return [(f"{path}: row {i}", r) for i, r in enumerate(table)]
+    finally:
+        datasets_log.setLevel(level)
+    return [(f"{path}: row {i}", r) for i, r in enumerate(table, start=1)]
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -200,7 +206,7 @@ def read_hub(source: DatasetSource) -> list[tuple[str, Any]]:
         raise DataError(f"data: hub dataset '{source.hub}' could not be loaded ({type(exc).__name__}: "
                         f"{str(exc)[:200]}). Offline? Download it once with network, or point `path` at local "
                         "files") from None
-    return [(f"{source.hub}[{source.split}]: row {i}", r) for i, r in enumerate(table)]
+    return [(f"{source.hub}[{source.split}][{i}]", r) for i, r in enumerate(table)]  # as the dataset indexes it
 
 
 def read_source(source: DatasetSource) -> Iterator[tuple[str, Any]]:
@@ -343,10 +349,26 @@ def clean_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversat
         if role not in ROLES:
             raise DataError(f"turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}, or map it "
                             f"with {role_suggestion(turn['role'])} in the dataset's entry")
-        if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise DataError(f"turn {i} ({role}): content is empty or not a string")
-        turns.append({"role": role, "content": turn["content"]})
+        turns.append({"role": role, "content": turn_text(turn["content"], f"turn {i} ({role})")})
     return turns
+
+
+def turn_text(content: Any, where: str) -> str:
+    """A turn's text: a string, or OpenAI's list of content parts ([{"type": "text", "text": ...}], what its chat and
+    fine-tuning formats write), joined as OpenAI joins them. Parts of another type (images, audio) are refused: the
+    models trained here read text only."""
+    if isinstance(content, list) and content:
+        texts = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{where}: content part {part!r:.60} is not a text part ({{\"type\": \"text\", "
+                                "\"text\": ...}); qlora-kit trains text models, so only text parts can be read")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str) or not content.strip():
+        raise DataError(f"{where}: content is empty or not a string (or a list of text parts)")
+    return content
 
 
 def check_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversation:
@@ -914,9 +936,7 @@ def prompt_turns(value: Any) -> Conversation:
             raise DataError(f"prompt turn {i}: expected {{role, content}}, got {turn!r:.80}")
         if turn["role"] not in ROLES:
             raise DataError(f"prompt turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}")
-        if not isinstance(turn["content"], str) or not turn["content"].strip():
-            raise DataError(f"prompt turn {i} ({turn['role']}): content is empty or not a string")
-        turns.append({"role": turn["role"], "content": turn["content"]})
+        turns.append({"role": turn["role"], "content": turn_text(turn["content"], f"prompt turn {i} ({turn['role']})")})
     if turns[-1]["role"] != "user":
         raise DataError(f"the prompt ends on a {turns[-1]['role']} turn; it must end on a user turn, which the model "
                         "answers")

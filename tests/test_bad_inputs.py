@@ -703,6 +703,22 @@ def test_library_noise_stays_out_of_the_terminal_unless_verbose(make_recipe):
     assert noise == [], noise  # no "Failed to load CPU gemm_4bit_forward", no library warnings or progress bars
 
 
+def test_a_damaged_table_file_is_one_line_in_the_terminal(make_recipe, tmp_path):
+    """datasets logs a damaged Parquet file at ERROR through its own handler before raising; the terminal shows only
+    qlora-kit's message. (In-process, the `cli` fixture cannot see that handler's stream: a real process can.)"""
+    import subprocess
+    import sys
+
+    path = write_bytes(tmp_path / "rows.parquet", b"PAR1 this is not a parquet file PAR1")
+    recipe = make_recipe(data={"datasets": [{"path": str(path)}]})
+    result = subprocess.run([sys.executable, "-m", "qlora_kit", "validate", str(recipe)], capture_output=True,
+                            text=True, timeout=600)
+
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [next(line for line in result.stderr.splitlines()
+                                               if line.startswith(f"qlora-kit: error: {path}: cannot be read"))]
+
+
 def test_verbose_leaves_the_library_loggers_alone(cli, make_recipe):
     import logging
 

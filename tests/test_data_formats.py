@@ -52,6 +52,26 @@ def test_sharegpt_custom_role_names_come_from_the_recipe(tmp_path):
     assert row["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
 
 
+def test_openai_text_parts_read_as_their_text_and_other_parts_are_refused(tmp_path):
+    """OpenAI's chat and fine-tuning files may give a turn's content as a list of parts: text parts are joined as
+    OpenAI joins them; an image part is named in the message, not dropped silently."""
+    path = tmp_path / "parts.jsonl"
+    parts = [{"type": "text", "text": "Capital of "}, {"type": "text", "text": "Spain?"}]
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": parts},
+                                             {"role": "assistant", "content": [{"type": "text", "text": "Madrid."}]}]})
+                    + "\n")
+    (row,) = rows_of(path)
+    assert row["messages"] == [{"role": "user", "content": "Capital of Spain?"},
+                               {"role": "assistant", "content": "Madrid."}]
+
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": [image, parts[0]]},
+                                             {"role": "assistant", "content": "Madrid."}]}) + "\n")
+    with pytest.raises(DataError, match=r"line 1: turn 0 \(user\): content part \{'type': 'image_url'.* is not a "
+                                        r"text part .*only text parts can be read"):
+        rows_of(path)
+
+
 def test_csv_columns_are_mapped_to_prompt_and_completion_by_fields():
     rows = rows_of(FIXTURES / "qa.csv", format="prompt_completion",
                    fields={"prompt": "question", "completion": "answer"})
@@ -63,7 +83,7 @@ def test_a_wrong_field_name_lists_the_columns_the_file_has():
     with pytest.raises(DataError) as error:
         rows_of(FIXTURES / "qa.csv", format="prompt_completion", fields={"prompt": "questoin", "completion": "answer"})
     message = str(error.value)
-    assert "qa.csv: row 0: missing field 'questoin'" in message
+    assert "qa.csv: row 1: missing field 'questoin'" in message
     assert "['answer', 'question']" in message
 
 

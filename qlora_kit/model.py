@@ -47,16 +47,27 @@ def resolve_dtype(name: str, what: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def hub_model_errors(recipe: Recipe, folder: str) -> Iterator[None]:
-    """transformers raises OSError when a Hub base cannot be fetched (offline, no network, unknown or gated id); for a
-    Hub id that is the one message with the fix, the same in `validate`, `data` and `train`."""
+def hub_model_errors(recipe: Recipe, folder: str, what: str = "the model",
+                     errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> Iterator[None]:
+    """The base model's files as the recipe's error, the same in `validate`, `data` and `train`. A Hub id that cannot
+    be fetched (transformers' OSError: offline, no network, unknown or gated id): the one message with the fix. A
+    local folder whose `what` (config.json, tokenizer, weights) transformers cannot read (its OSError without an errno,
+    ValueError: missing files, bad JSON, no model_type, no tokenizer.json; `errors` for the weights: a missing or
+    truncated safetensors file): that folder named, with what it must hold. Real file-system errors (an errno:
+    permissions, a full disk) go on to the CLI's own messages."""
     try:
         yield
-    except OSError as exc:
-        if Path(folder).expanduser().exists():  # a local folder: a real file-system error, not the Hub's
+    except errors as exc:
+        why = str(exc).strip().splitlines()[0].rstrip(".: ") if str(exc).strip() else type(exc).__name__
+        if not Path(folder).expanduser().exists():
+            if not isinstance(exc, OSError):
+                raise
+            raise RecipeError(hub_model_unavailable(recipe, why)) from None
+        if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        why = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
-        raise RecipeError(hub_model_unavailable(recipe, why)) from None
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: cannot read {what} in {folder} ({why}); a local model "
+                          "folder must hold what save_pretrained writes: config.json with its model_type, the "
+                          "tokenizer (tokenizer.json) and the weights (*.safetensors)") from None
 
 
 def cache_root() -> Path:
@@ -114,7 +125,7 @@ def first_id(ids: int | list[int] | None) -> int | None:
 def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token and a chat template; training on chat rows needs both."""
     m = recipe.model
-    with hub_model_errors(recipe, folder):
+    with hub_model_errors(recipe, folder, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if not tokenizer.is_fast:
         raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
@@ -162,7 +173,9 @@ def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
     """The frozen base, quantized as the recipe says."""
     m = recipe.model
     quantization = build_quantization_config(recipe, compute_dtype)
-    with hub_model_errors(recipe, folder):
+    from safetensors import SafetensorError
+
+    with hub_model_errors(recipe, folder, "the weights", (OSError, SafetensorError)):
         return AutoModelForCausalLM.from_pretrained(
             folder,
             revision=m.revision,
@@ -296,11 +309,10 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
     failing in peft after the weights load. Returns the names of the layers LoRA can adapt.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
     m = recipe.model
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=m.trust_remote_code)
+    config = model_config(recipe, folder)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
     arch = type(model).__name__
@@ -415,7 +427,7 @@ def model_config(recipe: Recipe, folder: str):
     """The model's full config (config.json in `folder`), with the recipe's errors for a missing or bad one."""
     from transformers import AutoConfig
 
-    with hub_model_errors(recipe, folder):
+    with hub_model_errors(recipe, folder, "config.json"):
         return AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
                                           trust_remote_code=recipe.model.trust_remote_code)
 

@@ -1184,6 +1184,12 @@ def check_model_location(recipe: Recipe) -> None:
     looks_local = m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists()
     if looks_local and not Path(m.name).expanduser().is_dir():
         raise RecipeError(f"{at(recipe.source, 'model.name')}: local model folder not found: {m.name}")
+    if looks_local and m.gguf_file is None and not (Path(m.name).expanduser() / "config.json").is_file():
+        ggufs = sorted(path.name for path in Path(m.name).expanduser().glob("*.gguf"))
+        fix = (f"set model.gguf_file to the GGUF file in it ({', '.join(ggufs[:3])})" if ggufs else
+               "point model.name at the folder that holds config.json and the weights (save_pretrained's layout)")
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: {m.name} has no config.json, so it is not a model "
+                          f"folder; {fix}")
     if m.gguf_file is not None:
         if not looks_local:
             raise RecipeError(f"{at(recipe.source, 'model.gguf_file')}: GGUF bases must be local; model.name must "

@@ -486,6 +486,51 @@ def test_an_unreadable_data_file_is_one_message_and_exit_2(name, data, message, 
     assert err.startswith(f"qlora-kit: error: {path}") and re.search(message, err), err
 
 
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:50])
+
+
+# (what is wrong with a local model folder, the command that first reads that part, what the message says)
+BROKEN_MODEL_FOLDERS = [
+    (lambda folder: (folder / "config.json").unlink(), "validate",
+     r"model.name: .* has no config.json, so it is not a model folder; point model.name at the folder that holds"),
+    (lambda folder: ((folder / "config.json").unlink(), (folder / "model.Q4_0.gguf").write_bytes(b"GGUF")),
+     "validate", r"has no config.json, so it is not a model folder; set model.gguf_file to the GGUF file in it "
+                 r"\(model.Q4_0.gguf\)"),
+    (lambda folder: (folder / "config.json").write_text("{not json"), "validate",
+     r"model.name: cannot read config.json in .* \(It looks like the config file .* is not a valid JSON file\); a "
+     r"local model folder must hold what save_pretrained writes"),
+    (lambda folder: (folder / "config.json").write_text('{"hidden_size": 64}'), "validate",
+     r"cannot read config.json in .*Should have a `model_type` key"),
+    (lambda folder: (folder / "tokenizer.json").unlink(), "data", r"model.name: cannot read the tokenizer in "),
+    (lambda folder: (folder / "model.safetensors").unlink(), "train",
+     r"model.name: cannot read the weights in .*no file named model.safetensors"),
+    (lambda folder: truncate(folder / "model.safetensors"), "train",
+     r"model.name: cannot read the weights in .*\(Error while deserializing header"),
+]
+
+
+@pytest.mark.parametrize(("damage", "command", "message"), BROKEN_MODEL_FOLDERS,
+                         ids=["no-config", "gguf-without-gguf_file", "config-not-json", "no-model_type",
+                              "no-tokenizer", "no-weights", "truncated-weights"])
+def test_a_broken_local_model_folder_is_named_with_what_it_must_hold(damage, command, message, tiny_model_dir,
+                                                                     make_recipe, tmp_path, cli):
+    """The first command that reads the broken part says so, exit 2; not transformers' traceback as a qlora-kit bug.
+    Nothing is left behind for the next run."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    damage(folder)
+    recipe = make_recipe(model={"name": str(folder)}, data={"cache": False})
+
+    status, _, err = cli(command, str(recipe))
+
+    assert status == 2 and "Traceback" not in err and "bug in qlora-kit" not in err, err
+    assert re.search(message, err), err
+    assert not (tmp_path / "outputs" / "tiny").exists()
+
+
 def test_a_folder_named_like_a_data_file_is_one_message(make_recipe, tmp_path, cli):
     folder = tmp_path / "rows.jsonl"
     folder.mkdir()

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from qlora_kit.data import load_conversations, render, tokenize_conversation
 from qlora_kit.model import base_model_folder, end_of_turn_token_ids, load_tokenizer
@@ -61,7 +62,8 @@ def test_quickstart_recipe_validates():
 
     assert result.returncode == 0, result.stderr
     rows = len((REPO / "recipes/data/quickstart/people.jsonl").read_text().splitlines())
-    assert f"valid ({rows} training rows" in result.stdout
+    held_out = yaml.safe_load((REPO / "recipes/quickstart.yaml").read_text())["data"]["validation"]
+    assert f"valid ({rows - held_out} training rows" in result.stdout
 
 
 def test_quickstart_base_is_the_converted_smollm2(smollm2_folder, smollm2_tokenizer):

@@ -25,16 +25,21 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from qlora_kit.model import check_model_config, check_target_modules, local_config_folder
     from qlora_kit.publish import check_push_settings
     from qlora_kit.recipe import check_hub_model_reachable
+    from qlora_kit.rundir import check_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     rows = training_rows(recipe)
+    earlier = check_run_dir(recipe)
     check_push_settings(recipe)
     check_hub_model_reachable(recipe)
     folder = local_config_folder(recipe.model)
     if folder:
         check_model_config(recipe, folder)
     layers = check_target_modules(recipe, folder) if folder else None
-    print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir})")
+    fate = ("continued, training.resume=auto" if recipe.training.resume == "auto" else
+            "replaced, training.overwrite=true")
+    print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir}"
+          f"{f': an earlier run there is {fate}' if earlier else ''})")
     if layers is None:
         print("lora.target_modules: not checked, the model's config is not on this machine (training will check it)")
     else:

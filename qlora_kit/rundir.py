@@ -204,6 +204,7 @@ def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
     run_dir, t = recipe.run_dir, recipe.training
     if not main:
         return RunFolder(run_dir, "run")  # only the main process creates or removes anything
+    check_output_dir(recipe)
     lock = RunLock(run_dir.with_name(f".{run_dir.name}.lock"))
     try:
         lock.acquire(run_dir)
@@ -217,7 +218,26 @@ def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
         raise
 
 
-def claim_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool, lock: RunLock) -> RunFolder:
+def check_output_dir(recipe: Recipe) -> None:
+    """training.output_dir can hold the run folder: its nearest existing folder is a folder this user can write.
+    Read-only: `validate` runs it, `train` before its lock."""
+    where = f"{recipe.source}: training.output_dir"
+    existing = recipe.run_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RecipeError(f"{where}: {existing} is a file, not a folder; point training.output_dir at a folder (it is "
+                          "created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RecipeError(f"{where}: cannot write in {existing} (permission denied); pick a folder you can write to")
+
+
+def check_run_dir(recipe: Recipe) -> bool:
+    """The run folder's refusals, read-only (what `validate` reports and `train` enforces before writing anything):
+    a file in its place, a folder qlora-kit did not create, an earlier run with neither resume nor overwrite, a resume
+    whose recipe changes make the checkpoints meaningless. Returns whether an earlier run's folder is there."""
+    run_dir, t = recipe.run_dir, recipe.training
+    check_output_dir(recipe)
     where = f"{recipe.source}: training.run_name"
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"{where}: {run_dir} is a file, not a folder; pick another training.run_name")
@@ -226,11 +246,16 @@ def claim_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool, 
         raise RecipeError(f"{where}: {run_dir} exists and is not a qlora-kit run folder (no {RUN_MARKER}); "
                           "qlora-kit never replaces or writes into a folder it did not create. Pick another "
                           "training.run_name or training.output_dir, or move that folder away yourself")
-    if existing and not overwrite and not resume:
+    if existing and not t.overwrite and t.resume != "auto":
         raise RecipeError(f"{where}: run folder {run_dir} already exists. Continue it with training.resume=auto, "
                           "replace it with training.overwrite=true, or pick another training.run_name")
-    if existing and resume:
+    if existing and t.resume == "auto":
         check_resume_compatible(recipe, run_dir)
+    return existing
+
+
+def claim_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool, lock: RunLock) -> RunFolder:
+    existing = check_run_dir(recipe)
     try:
         if existing and overwrite:
             aside = run_dir.with_name(f".{run_dir.name}.replaced-{int(time.time())}")

@@ -196,7 +196,8 @@ CASES = [
          DataError, r"line 1: the conversation ends on a user turn"),
     Case("every row longer than max_length", data_file([GOOD_ROW], training={"max_length": 8}, overlong="drop"),
          DataError, r"no rows left after applying training.max_length=\d+"),
-    Case("output folder not writable", unwritable_output, RecipeError, r"training.output_dir: cannot write"),
+    Case("output folder under a file", unwritable_output, RecipeError,
+         r"training.output_dir: .*a-file is a file, not a folder; point training.output_dir at a folder"),
     Case("existing run folder", existing_run, RecipeError,
          r"already exists. Continue it with training.resume=auto, replace it with training.overwrite=true"),
     Case("overwrite of a folder qlora-kit did not create", overwrite_of_a_folder_qlora_kit_did_not_create,
@@ -564,6 +565,29 @@ def test_validate_counts_the_rows_training_reads_and_refuses_a_split_that_leaves
     status, _, err = cli("validate", str(make_recipe(data={**data, "validation": 10})))
     assert status == 2 and "Traceback" not in err
     assert "data.validation: 10 leaves no training rows out of 10" in err
+
+
+def test_validate_refuses_the_run_folder_train_would_refuse(make_recipe, tmp_path, cli):
+    """validate says before any training what train would refuse about the run folder, and says what happens to an
+    earlier run it may continue or replace."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    status, _, err = cli("validate", str(make_recipe(training={"output_dir": str(blocker / "outputs")})))
+    assert status == 2 and "a-file is a file, not a folder" in err, err
+
+    recipe = make_recipe()
+    run_dir = load_recipe(recipe).run_dir
+    run_dir.mkdir(parents=True)
+    (run_dir / "notes.txt").write_text("mine")
+    status, _, err = cli("validate", str(recipe))
+    assert status == 2 and "is not a qlora-kit run folder" in err, err
+
+    (run_dir / "qlora_kit_run.json").write_text("{}\n")
+    status, _, err = cli("validate", str(recipe))
+    assert status == 2 and "already exists. Continue it with training.resume=auto" in err, err
+    status, out, err = cli("validate", str(recipe), "training.overwrite=true")
+    assert status == 0 and "an earlier run there is replaced, training.overwrite=true" in out, err
+    assert (run_dir / "notes.txt").read_text() == "mine"  # validate changes nothing
 
 
 def test_a_data_file_whose_name_has_glob_characters_is_read_as_itself(make_recipe, tmp_path, cli):

@@ -112,11 +112,22 @@ def hub_model_id(name: str) -> str:
 
 
 def target_modules_value(targets: str | list[str]) -> str | list[str]:
-    """A bare module name is a one-element list: peft reads a string as a regular expression over full names
-    (model.layers.0.self_attn.q_proj), which a bare name never matches."""
-    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[A-Za-z_]\w*", targets):
-        return [targets]
+    """A bare module name is a one-element list, and bare names between commas (`q_proj,v_proj`, as an override
+    writes a list) a list of them: peft reads a string as a regular expression over full names
+    (model.layers.0.self_attn.q_proj), which neither ever matches."""
+    names = r"\s*[A-Za-z_]\w*(\s*,\s*[A-Za-z_]\w*)*\s*"
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(names, targets):
+        return [name.strip() for name in targets.split(",")]
+    if isinstance(targets, list) and not targets:
+        raise ValueError("an empty list adapts nothing; name at least one module, or use all-linear")
     return targets
+
+
+def lora_dropout_value(dropout: float) -> float:
+    if dropout >= 1:
+        raise ValueError(f"{dropout:g} drops every input of the adapter, so it never trains; use a value below 1 "
+                         "(0 to 0.1 is usual)")
+    return dropout
 
 
 @dataclass
@@ -163,7 +174,7 @@ class LoraSection:
     dropout: float = option(
         0.0, help="dropout on the adapter input. Above 0 it costs speed and memory on a GPU: each adapted linear "
         "saves its own dropped input and mask, and speed.fused_mlp steps aside (speed.compile_layers: auto "
-        "then compiles the layers instead)", min=0, max=1)
+        "then compiles the layers instead)", min=0, max=1, check=lora_dropout_value)
     target_modules: str | list[str] = option(
         "all-linear", check=target_modules_value, help="'all-linear', a list of module names such as [q_proj, v_proj] "
         "(one name alone counts as a list of one), or a regular expression over full module names")
@@ -251,7 +262,7 @@ class DataSection:
     on_bad_rows: Literal["error", "skip"] = option(
         "error", help="a malformed row stops with its file and line, or is skipped and counted")
     cache: bool = option(True, help="cache tokenized data on disk, keyed by data, files, tokenizer and template")
-    seed: int = option(42, help="seed of the validation split and of weighted mixing")
+    seed: int = option(42, help="seed of the validation split and of weighted mixing", min=0, max=2**32 - 1)
 
 
 @dataclass
@@ -281,7 +292,7 @@ class TrainingSection:
     packing: bool = option(False, help="pack examples into max_length rows (best fit; position ids restart, so "
                                        "packed examples never attend to each other)")
     padding_free: bool = option(False, help="without packing: concatenate each batch into one row, no padding")
-    seed: int = option(42, help="seed of initialisation and data order")
+    seed: int = option(42, help="seed of initialisation and data order", min=0, max=2**32 - 1)
     logging_steps: int = option(10, help="log metrics every N optimizer steps", min=1)
     eval_steps: int | None = option(None, help="evaluate held-out loss every N steps (default: at the end only)",
                                     min=1)

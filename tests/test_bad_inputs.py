@@ -142,6 +142,14 @@ CASES = [
     Case("unknown section", recipe_with(trainer={"lr": 1}), RecipeError,
          r"trainer: unknown key \(did you mean 'training'\?\)"),
     Case("misspelt key", recipe_with(lora={"rank": 8}), RecipeError, r"lora.rank: unknown key \(did you mean 'lora.r'"),
+    Case("LoRA dropout of 1", recipe_with(lora={"dropout": 1.0}), RecipeError,
+         r"lora.dropout: 1 drops every input of the adapter, so it never trains; use a value below 1"),
+    Case("no target modules", recipe_with(lora={"target_modules": []}), RecipeError,
+         r"lora.target_modules: an empty list adapts nothing; name at least one module, or use all-linear"),
+    Case("negative seed", recipe_with(training={"seed": -1}), RecipeError,
+         r"training.seed: -1 is out of range; it must be >= 0"),
+    Case("seed past numpy's range", recipe_with(data={"seed": 2**32}), RecipeError,
+         r"data.seed: 4294967296 is out of range; it must be <= 4294967295"),
     Case("misspelt nested key", recipe_with(training={"learnig_rate": 1e-4}), RecipeError,
          r"training.learnig_rate: unknown key \(did you mean 'training.learning_rate'"),
     Case("wrong type", recipe_with(training={"batch_size": "four"}), RecipeError,
@@ -395,6 +403,7 @@ def test_a_run_name_from_an_override_is_blamed_on_the_override(make_recipe):
 
 @pytest.mark.parametrize(("section", "key", "value", "expected"), [
     ("lora", "target_modules", "q_proj", ["q_proj"]),
+    ("lora", "target_modules", "q_proj, v_proj", ["q_proj", "v_proj"]),  # an override's way to write a list
     ("lora", "modules_to_save", "lm_head", ["lm_head"]),
     ("training", "report_to", "tensorboard", ["tensorboard"]),
 ])

@@ -71,7 +71,7 @@ def export_run(run_dir: str | Path, fmt: str, quant: str | None = None, out: str
         if quant not in LORA_QUANT_TYPES:
             raise QloraKitError(f"--quant {quant}: a LoRA GGUF is written as {', '.join(LORA_QUANT_TYPES)}")
         target = Path(out) if out else run_dir / "gguf" / f"adapter-{quant}.gguf"
-        refuse_existing(target, force)
+        refuse_existing(target, force, folder=False)
         return export_lora(run_dir, target, quant)
     quant = quant or "q8_0"
     if quant not in QUANT_TYPES:
@@ -79,7 +79,7 @@ def export_run(run_dir: str | Path, fmt: str, quant: str | None = None, out: str
                             "llama.cpp's llama-quantize, run on the f16 file)")
     default = run_dir / "ollama" if fmt == "ollama" else run_dir / "gguf" / f"model-{quant}.gguf"
     target = Path(out) if out else default
-    refuse_existing(target, force)
+    refuse_existing(target, force, folder=fmt == "ollama")
     with merged_model(run_dir) as merged:
         if fmt == "gguf":
             return export_gguf(merged, target, quant)
@@ -94,9 +94,23 @@ def export_after_training(run_dir: Path, export: ExportSection) -> None:
         export_run(run_dir, "ollama", export.gguf.quant if export.gguf else None, force=True)
 
 
-def refuse_existing(target: Path, force: bool) -> None:
-    if target.exists() and not force:
+def refuse_existing(target: Path, force: bool, folder: bool) -> None:
+    """An existing output is replaced only with --force, and only where it is a qlora-kit export: a GGUF file with
+    the `<stem>.check.json` its check wrote beside it, an Ollama folder with its gguf_check.json (or an empty
+    folder). Anything else at `--out` is the user's, and stays."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not force:
         raise QloraKitError(f"{target} already exists; pass --force to replace it, or --out for another path")
+    if folder and not target.is_dir():
+        raise QloraKitError(f"{target} is a file; --out names the folder the Ollama files go in")
+    if not folder and target.is_dir():
+        raise QloraKitError(f"{target} is a folder; --out names the .gguf file to write")
+    signature = target / "gguf_check.json" if folder else target.with_name(f"{target.stem}.check.json")
+    if not signature.is_file() and not (folder and not any(target.iterdir())):
+        raise QloraKitError(f"{target} is not an export qlora-kit wrote (no {signature.name} "
+                            f"{'in it' if folder else 'beside it'}); --force replaces only qlora-kit's own exports. "
+                            "Pass another --out, or move it away yourself")
 
 
 @contextlib.contextmanager

@@ -371,6 +371,28 @@ def test_export_gguf_writes_a_checked_file_and_refuses_to_overwrite_it(finished_
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
 
 
+def test_force_replaces_only_qlora_kit_s_own_exports(finished_run, tmp_path):
+    """--force replaces a GGUF with its check beside it, an Ollama folder with its gguf_check.json; the user's own
+    folder or file at --out is refused and left as it was, before anything is merged or written."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    with pytest.raises(QloraKitError, match=r"mine is not an export qlora-kit wrote \(no gguf_check.json in it\); "
+                                            r"--force replaces only qlora-kit's own exports"):
+        export.export_run(finished_run, "ollama", "f16", mine, force=True)
+    with pytest.raises(QloraKitError, match=r"mine is a folder; --out names the .gguf file to write"):
+        export.export_run(finished_run, "gguf", "f16", mine, force=True)
+    with pytest.raises(QloraKitError, match=r"notes.txt is not an export qlora-kit wrote \(no notes.check.json "):
+        export.export_run(finished_run, "gguf-lora", "f16", mine / "notes.txt", force=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "precious"
+
+    out = tmp_path / "adapter.gguf"
+    export.export_run(finished_run, "gguf-lora", "f16", out)
+    first = out.stat().st_mtime_ns
+    assert export.export_run(finished_run, "gguf-lora", "f16", out, force=True) == out
+    assert out.stat().st_mtime_ns != first and (tmp_path / "adapter.check.json").is_file()
+
+
 def test_export_ollama_writes_gguf_modelfile_with_template_stops_and_system_prompt(finished_run, tmp_path):
     out = tmp_path / "ollama"
     assert export.export_run(finished_run, "ollama", "f16", out) == out

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gguf: the merged model; gguf-lora: the adapter for llama-cli --lora; ollama: GGUF + Modelfile")
     p.add_argument("--quant", help="f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (default q8_0; gguf-lora: f16)")
     p.add_argument("--out", help="output file (gguf, gguf-lora) or folder (ollama); default under RUN_DIR")
-    p.add_argument("--force", action="store_true", help="replace an existing export qlora-kit wrote (never anything else)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing export qlora-kit wrote (never anything else)")
     p.set_defaults(func=cmd_export)
     add_after_training_commands(sub)
     return parser

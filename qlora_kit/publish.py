@@ -124,6 +124,8 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
     if not merged and not (source / "adapter_config.json").is_file():
         raise QloraKitError(f"{run_dir}: no trained adapter in {source}; train the recipe first")
     if target.exists():
+        if not target.is_dir():
+            raise QloraKitError(f"{target} is a file; --out names the folder to write the upload into")
         if any(target.iterdir()):
             raise QloraKitError(f"{target} already exists and is not empty; delete it or pass another --out")
         target.rmdir()

@@ -332,3 +332,17 @@ def test_a_push_removes_upload_folders_left_by_killed_pushes_but_not_live_ones(t
     remove_stale_upload_folders(tmp_path)
     assert not dead.parent.exists()
     assert live.is_dir()
+
+
+def test_a_dry_run_never_writes_into_or_over_what_is_at_out(finished_run, tmp_path):
+    """--out is the user's path: a file there, or a folder with anything in it, is refused and left as it was."""
+    from qlora_kit.publish import push_run
+    from qlora_kit.recipe import QloraKitError
+
+    note = tmp_path / "note.txt"
+    note.write_text("mine")
+    with pytest.raises(QloraKitError, match=r"note.txt is a file; --out names the folder to write the upload into"):
+        push_run(finished_run, "alice/shout", dry_run=True, out=note)
+    with pytest.raises(QloraKitError, match=r"already exists and is not empty; delete it or pass another --out"):
+        push_run(finished_run, "alice/shout", dry_run=True, out=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt"] and note.read_text() == "mine"

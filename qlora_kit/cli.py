@@ -179,6 +179,13 @@ def temperature(text: str) -> float:
     return value
 
 
+def message(text: str) -> str:
+    """argparse type: a chat message with some text in it (an empty one would sample from the template alone)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the message is empty; write the message the model should answer")
+    return text
+
+
 def add_after_training_commands(sub) -> None:
     """push / chat / eval / report: everything that reads a finished run folder."""
     p = sub.add_parser("push", help="upload a run's adapter (or merged model) with a model card to the Hub")
@@ -195,7 +202,7 @@ def add_after_training_commands(sub) -> None:
     p.set_defaults(func=cmd_push)
     p = sub.add_parser("chat", help="chat with a trained run (streaming; --prompt for one answer)")
     p.add_argument("run_dir", help="run folder, e.g. outputs/quickstart")
-    p.add_argument("--prompt", help="answer this one message and exit")
+    p.add_argument("--prompt", type=message, help="answer this one message and exit")
     p.add_argument("--system", help="system prompt (default: the recipe's data.system_prompt; '' for none)")
     p.add_argument("--max-new-tokens", type=positive_int, default=256, help="longest answer, in tokens (default 256)")
     p.add_argument("--temperature", type=temperature, help="0 = greedy; default: the run's generation config")

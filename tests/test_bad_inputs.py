@@ -621,6 +621,7 @@ def test_a_data_file_whose_name_has_glob_characters_is_read_as_itself(make_recip
     (["eval", "RUN", "--batch-size", "0"], r"argument --batch-size: 0 must be 1 or more"),
     (["eval", "RUN", "--batch-size", "many"], r"argument --batch-size: 'many' is not a whole number"),
     (["train"], r"the following arguments are required: recipe$"),  # overrides are optional: not named
+    (["chat", "RUN", "--prompt", " "], r"argument --prompt: the message is empty; write the message the model"),
 ])
 def test_numeric_flags_are_refused_before_anything_loads(args, message, cli, monkeypatch):
     from qlora_kit import evaluate

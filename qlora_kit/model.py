@@ -47,7 +47,7 @@ def resolve_dtype(name: str, what: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def hub_model_errors(recipe: Recipe, folder: str, what: str = "the model",
+def model_file_errors(recipe: Recipe, folder: str, what: str = "the model",
                      errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> Iterator[None]:
     """The base model's files as the recipe's error, the same in `validate`, `data` and `train`. A Hub id that cannot
     be fetched (transformers' OSError: offline, no network, unknown or gated id): the one message with the fix. A
@@ -125,7 +125,7 @@ def first_id(ids: int | list[int] | None) -> int | None:
 def load_tokenizer(recipe: Recipe, folder: str) -> PreTrainedTokenizerBase:
     """Tokenizer with a pad token and a chat template; training on chat rows needs both."""
     m = recipe.model
-    with hub_model_errors(recipe, folder, "the tokenizer"):
+    with model_file_errors(recipe, folder, "the tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(folder, revision=m.revision, trust_remote_code=m.trust_remote_code)
     if not tokenizer.is_fast:
         raise QloraKitError(f"{m.name}: only fast tokenizers are supported (loss masks need token offsets)")
@@ -175,7 +175,7 @@ def load_base_model(recipe: Recipe, folder: str, compute_dtype: torch.dtype):
     quantization = build_quantization_config(recipe, compute_dtype)
     from safetensors import SafetensorError
 
-    with hub_model_errors(recipe, folder, "the weights", (OSError, SafetensorError)):
+    with model_file_errors(recipe, folder, "the weights", (OSError, SafetensorError)):
         return AutoModelForCausalLM.from_pretrained(
             folder,
             revision=m.revision,
@@ -427,7 +427,7 @@ def model_config(recipe: Recipe, folder: str):
     """The model's full config (config.json in `folder`), with the recipe's errors for a missing or bad one."""
     from transformers import AutoConfig
 
-    with hub_model_errors(recipe, folder, "config.json"):
+    with model_file_errors(recipe, folder, "config.json"):
         return AutoConfig.from_pretrained(folder, revision=recipe.model.revision,
                                           trust_remote_code=recipe.model.trust_remote_code)
 

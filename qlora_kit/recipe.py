@@ -250,7 +250,8 @@ class DataSection:
 
     datasets: list[DatasetSource] = option(default_factory=list, help="training sources, concatenated or weighted")
     validation: float | int | str | None = option(
-        None, help="held-out split: a fraction (0.1), a row count (50) or a file with the same format")
+        None, help="held-out split: a fraction (0.1), a row count (50), or held-out rows in the same format (a file, "
+        "a folder of files or a glob, as data.datasets' paths)")
     system_prompt: str | None = option(None, help="system message added to conversations that have none")
     chat_template: str | None = option(
         None, check=chat_template_value,
@@ -978,8 +979,8 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"{at(src, 'data.validation')}: a fraction must be between 0 and 1, got {d.validation}")
     if isinstance(d.validation, int) and d.validation < 1:
         raise RecipeError(f"{at(src, 'data.validation')}: a row count must be >= 1, got {d.validation}")
-    if isinstance(d.validation, str) and not Path(d.validation).is_file():
-        raise RecipeError(f"{at(src, 'data.validation')}: file not found: {d.validation}")
+    if isinstance(d.validation, str):  # read as data.datasets' paths are
+        check_data_path(src, "data.validation", d.validation)
     if recipe.evaluation.metric != "none" and d.validation is None:
         raise RecipeError(f"{src}: evaluation.metric: needs a held-out split; set data.validation (e.g. 0.1)")
     if t.eval_steps is not None and d.validation is None:
@@ -1099,13 +1100,17 @@ def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:
     if (ds.path is None) == (ds.hub is None):
         raise RecipeError(f"{at(src, key)}: give exactly one of `path` (local files) or `hub` (a Hub dataset id)")
     check_field_mapping(src, key, ds)
-    if ds.path is None:
-        return
-    if any(ch in ds.path for ch in "*?[") and not Path(ds.path).expanduser().exists():
-        if not glob.glob(ds.path, recursive=True):
-            raise RecipeError(f"{at(src, f'{key}.path')}: the pattern {ds.path} matches no file")
-    elif not Path(ds.path).expanduser().exists():
-        raise RecipeError(f"{at(src, f'{key}.path')}: file not found: {ds.path} "
+    if ds.path is not None:
+        check_data_path(src, f"{key}.path", ds.path)
+
+
+def check_data_path(src: str, key: str, path: str) -> None:
+    """A local data path (a file, a folder of files, a glob) that names something here."""
+    if any(ch in path for ch in "*?[") and not Path(path).expanduser().exists():
+        if not glob.glob(path, recursive=True):
+            raise RecipeError(f"{at(src, key)}: the pattern {path} matches no file")
+    elif not Path(path).expanduser().exists():
+        raise RecipeError(f"{at(src, key)}: file not found: {path} "
                           f"(relative paths are read from the current folder, {os.getcwd()})")
 
 

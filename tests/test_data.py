@@ -18,7 +18,7 @@ from qlora_kit.data import (
     split_validation,
     tokenize_conversation,
 )
-from qlora_kit.recipe import DatasetSource, load_recipe
+from qlora_kit.recipe import DatasetSource, RecipeError, load_recipe
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -223,6 +223,23 @@ def test_validation_count_that_leaves_no_training_rows_is_refused(make_recipe):
 
     with pytest.raises(DataError, match="data.validation: 40 leaves no training rows out of 40"):
         split_validation([f"row {i}" for i in range(40)], recipe)
+
+
+def test_held_out_rows_are_read_from_a_file_a_folder_or_a_glob_as_training_paths_are(make_recipe, shout_files,
+                                                                                      tmp_path):
+    """data.validation takes what data.datasets' paths take; a path that names nothing is refused with the folder
+    relative paths are read from."""
+    folder = tmp_path / "held_out"
+    folder.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (folder / name).write_text(shout_files[0].read_text())
+    for held_out, rows in ((folder / "a.jsonl", 20), (folder, 40), (folder / "*.jsonl", 40)):
+        recipe = load_recipe(make_recipe(data={"validation": str(held_out)}))
+        train, held = split_validation([f"row {i}" for i in range(20)], recipe)
+        assert len(train) == 20 and len(held) == rows
+    with pytest.raises(RecipeError, match=r"data.validation: file not found: nothere.jsonl \(relative paths are read "
+                                          r"from the current folder"):
+        load_recipe(make_recipe(data={"validation": "nothere.jsonl"}))
 
 
 def test_build_datasets_tokenizes_train_and_held_out_rows(make_recipe, tiny_tokenizer):

@@ -190,13 +190,15 @@ def merge_layerwise(recipe: Recipe, folder: str, adapter: Path, dtype: torch.dty
     adapted = {name.removeprefix("base_model.model."): module for name, module in peft_model.named_modules()
                if isinstance(module, LoraLayer)}
     for name, module in adapted.items():
-        weight = dequantized.weight(name) if dequantized and name in dequantized.layers else None
+        quantized = dequantized is not None and name in dequantized.layers
+        weight = dequantized.weight(name, module.get_base_layer()) if quantized else None
         merge_layer(module, dtype, device, weight)
     unmerged = [name for name, module in adapted.items() if not module.merged]
     merged = peft_model.unload()
     if dequantized is not None:  # layers the 4-bit base quantized but LoRA did not adapt
         for name in sorted(dequantized.layers.keys() - adapted.keys()):
-            merged.get_submodule(name).weight.data = dequantized.weight(name).to(dtype)
+            layer = merged.get_submodule(name)
+            layer.weight.data = dequantized.weight(name, layer).to(dtype)
     merged.to(dtype)
     overflowed = [name for name, p in merged.named_parameters() if not torch.isfinite(p).all()]
     return merged, overflowed, unmerged
@@ -207,20 +209,24 @@ def merge_layer(module, dtype: torch.dtype, device: str, weight: torch.Tensor | 
 
     peft offers merge_and_unload(safe_merge=True), which adds the delta in the weight's own dtype for the whole model
     at once; we want fp32 arithmetic with one fp32 layer alive, so we call LoraLayer.merge(safe_merge=True) (which
-    also does DoRA's and rslora's math) on one upcast layer at a time, then unload(). Checked against peft 0.21.2.
+    also does DoRA's and rslora's math) on one upcast layer at a time, then unload(). A LoRA on a parameter (peft's
+    ParamWrapper: MoE experts' 3-D weights, which peft's all-linear adapts through target_parameters) merges into the
+    parameter it names, not `weight`. Checked against peft 0.21.2.
     """
     layer = module.get_base_layer()
-    layer.weight.data = (layer.weight.data if weight is None else weight).to(device=device, dtype=torch.float32)
-    if getattr(layer, "bias", None) is not None:
-        layer.bias.data = layer.bias.data.to(device=device, dtype=torch.float32)
+    merged_into = [getattr(module, "parameter_name", None) or "weight", "bias"]
+    parameters = [getattr(layer, name) for name in merged_into if getattr(layer, name, None) is not None]
+    if weight is not None:
+        parameters[0].data = weight
+    for parameter in parameters:
+        parameter.data = parameter.data.to(device=device, dtype=torch.float32)
     module.to(device)
     try:
         module.merge(safe_merge=True)
     except ValueError as exc:  # safe_merge found NaN/inf in the fp32 result: the adapter itself is broken
         raise QloraKitError(f"merge: {exc}") from None
-    layer.weight.data = layer.weight.data.to(dtype).cpu()
-    if getattr(layer, "bias", None) is not None:
-        layer.bias.data = layer.bias.data.to(dtype).cpu()
+    for parameter in parameters:
+        parameter.data = parameter.data.to(dtype).cpu()
     module.to("cpu")
 
 
@@ -240,12 +246,16 @@ class QuantizedBase:
         # only the packed 4-bit layers are kept: the embeddings and norms it also holds are the original ones
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
-    def weight(self, name: str) -> torch.Tensor:
-        """dequantize(NF4(W)) of one layer in fp32 on the CPU: the weight the 4-bit layer multiplied by in training."""
+    def weight(self, name: str, layer: torch.nn.Module) -> torch.Tensor:
+        """dequantize(NF4(W)) of one layer in fp32 on the CPU: the weight the 4-bit layer multiplied by in training,
+        in the layout of `layer`, the full-precision model's own: bitsandbytes stores every layer [out, in], GPT-2's
+        Conv1D keeps [in, out]."""
         import bitsandbytes.functional as bnbf
+        from transformers.pytorch_utils import Conv1D
 
         weight = self.layers[name].weight
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+        weight = bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+        return weight.t().contiguous() if isinstance(layer, Conv1D) else weight
 
 
 def load_trained_quantized_base(recipe: Recipe, folder: str) -> QuantizedBase | None:
@@ -292,7 +302,7 @@ def reference_logits(recipe: Recipe, folder: str, adapter: Path, quantized: Quan
         for name in quantized.layers:
             layer = plain.get_submodule(name)
             layer = layer.get_base_layer() if isinstance(layer, LoraLayer) else layer
-            layer.weight.data = quantized.weight(name)
+            layer.weight.data = quantized.weight(name, layer)
         trained = logits_on(peft_model, inputs, device)
     del peft_model, model
     release_memory()

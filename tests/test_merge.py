@@ -332,3 +332,42 @@ def test_smollm2_with_a_doubled_lora_scale_fails(smollm2_run: Path, tmp_path: Pa
         merge_adapter(smollm2_run, out=tmp_path / "broken", dtype="bf16")
 
     assert not (tmp_path / "broken").exists()
+
+
+# ------------------------------------------------------------------------------- layouts other than Llama's
+
+
+def other_layout_model(kind: str, folder: Path, tiny_model_dir: Path) -> Path:
+    """GPT-2 (Conv1D layers: weights stored [in, out], which bitsandbytes quantizes as [out, in]) or Mixtral (MoE
+    experts as 3-D parameters, adapted by peft's all-linear through target_parameters), 2 layers, 64 wide."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, MixtralConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256) if kind == "gpt2" else \
+        MixtralConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+                      max_position_embeddings=256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "mixtral"])
+def test_conv1d_and_moe_expert_adapters_merge_and_pass_the_check(kind, tmp_path, tiny_model_dir, recipe_writer):
+    """The merge upcasts and merges the parameter each LoRA layer adapts: a Conv1D's weight in its own [in, out]
+    layout (the dequantized 4-bit one transposed back), an MoE experts module's 3-D parameters (no `weight`)."""
+    model = other_layout_model(kind, tmp_path / kind, tiny_model_dir)
+    recipe = recipe_writer(tmp_path, kind, model={"name": str(model)}, data={"validation": 4, "cache": False},
+                           training={"max_steps": 4, "learning_rate": 2e-2}, export={"merge": False, "report": False})
+    run_training(load_recipe(recipe))
+    run = tmp_path / "outputs" / kind
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert bool(config.get("target_parameters")) is (kind == "mixtral")  # the experts' 3-D weights are adapted
+
+    for base in ("original", "dequantized"):
+        out = merge_adapter(run, out=tmp_path / f"merged-{base}", dtype="fp32", base=base)
+        check = merge_check(out)
+        assert check["passed"] and not check["failures"], check

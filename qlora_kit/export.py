@@ -246,10 +246,10 @@ class QuantizedBase:
         # only the packed 4-bit layers are kept: the embeddings and norms it also holds are the original ones
         self.layers = {name: m for name, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
 
-    def weight(self, name: str, layer: torch.nn.Module) -> torch.Tensor:
+    def weight(self, name: str, layer: torch.nn.Module | None = None) -> torch.Tensor:
         """dequantize(NF4(W)) of one layer in fp32 on the CPU: the weight the 4-bit layer multiplied by in training,
-        in the layout of `layer`, the full-precision model's own: bitsandbytes stores every layer [out, in], GPT-2's
-        Conv1D keeps [in, out]."""
+        [out, in] as bitsandbytes stores every layer, or in the layout of `layer` (the full-precision model's own:
+        GPT-2's Conv1D keeps [in, out])."""
         import bitsandbytes.functional as bnbf
         from transformers.pytorch_utils import Conv1D
 

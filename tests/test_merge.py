@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_random_model
 from safetensors.torch import load_file, save_file
 
 from qlora_kit import export
@@ -340,19 +341,14 @@ def test_smollm2_with_a_doubled_lora_scale_fails(smollm2_run: Path, tmp_path: Pa
 def other_layout_model(kind: str, folder: Path, tiny_model_dir: Path) -> Path:
     """GPT-2 (Conv1D layers: weights stored [in, out], which bitsandbytes quantizes as [out, in]) or Mixtral (MoE
     experts as 3-D parameters, adapted by peft's all-linear through target_parameters), 2 layers, 64 wide."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, MixtralConfig
+    from transformers import AutoTokenizer, GPT2Config, MixtralConfig
 
     vocab = len(AutoTokenizer.from_pretrained(tiny_model_dir))
     config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256) if kind == "gpt2" else \
         MixtralConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
                       max_position_embeddings=256)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tiny_model_dir / name).is_file():
-            shutil.copy(tiny_model_dir / name, folder / name)
-    return folder
+    return save_random_model(config, folder, tiny_model_dir)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "mixtral"])

@@ -25,10 +25,11 @@ def cmd_validate(args: argparse.Namespace) -> None:
     from qlora_kit.model import check_model_config, check_target_modules, local_config_folder
     from qlora_kit.publish import check_push_settings
     from qlora_kit.recipe import check_hub_model_reachable
-    from qlora_kit.rundir import check_run_dir
+    from qlora_kit.rundir import check_output_dir, check_run_dir
 
     recipe = load_recipe(args.recipe, args.overrides)
     rows = training_rows(recipe)
+    check_output_dir(recipe)
     earlier = check_run_dir(recipe)
     check_push_settings(recipe)
     check_hub_model_reachable(recipe)

@@ -47,8 +47,8 @@ def resolve_dtype(name: str, what: str) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def model_file_errors(recipe: Recipe, folder: str, what: str = "the model",
-                     errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> Iterator[None]:
+def model_file_errors(recipe: Recipe, folder: str, what: str,
+                      errors: tuple[type[Exception], ...] = (OSError, ValueError)) -> Iterator[None]:
     """The base model's files as the recipe's error, the same in `validate`, `data` and `train`. A Hub id that cannot
     be fetched (transformers' OSError: offline, no network, unknown or gated id): the one message with the fix. A
     local folder whose `what` (config.json, tokenizer, weights) transformers cannot read (its OSError without an errno,
@@ -388,7 +388,7 @@ def gated_silu_mlp(module) -> bool:
     """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen), or Phi-3's with one
     gate_up_proj for both; not Gemma's GELU. Probes any module: transformers' MLP classes differ by architecture."""
     config = getattr(module, "config", None)  # transformers' MLPs keep it; their act_fn class varies by version
-    silu = getattr(config, "hidden_act", None) in ("silu", "swish") or isinstance(getattr(module, "act_fn", None),
+    silu = getattr(config, "hidden_act", None) in SILU_ACTIVATIONS or isinstance(getattr(module, "act_fn", None),
                                                                                   torch.nn.SiLU)
     projections = hasattr(module, "gate_up_proj") or (hasattr(module, "gate_proj") and hasattr(module, "up_proj"))
     return projections and hasattr(module, "down_proj") and silu and not hasattr(module, "experts")

@@ -201,7 +201,7 @@ def open_run_folder(recipe: Recipe, state=None) -> Iterator[RunFolder]:
 
 def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
     """Decide what to do with the run folder before any data or weights load; refuse what would lose work."""
-    run_dir, t = recipe.run_dir, recipe.training
+    run_dir = recipe.run_dir
     if not main:
         return RunFolder(run_dir, "run")  # only the main process creates or removes anything
     check_output_dir(recipe)
@@ -212,7 +212,7 @@ def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
         raise RecipeError(f"{recipe.source}: training.output_dir: cannot write {run_dir.parent}: "
                           f"{exc.strerror}") from None
     try:
-        return claim_run_dir(recipe, run_dir, t.overwrite, t.resume == "auto", lock)
+        return claim_run_dir(recipe, lock)
     except BaseException:
         lock.release()
         raise
@@ -220,7 +220,7 @@ def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
 
 def check_output_dir(recipe: Recipe) -> None:
     """training.output_dir can hold the run folder: its nearest existing folder is a folder this user can write.
-    Read-only: `validate` runs it, `train` before its lock."""
+    Read-only: `validate` runs it, `train` before its lock (which is written next to the run folder)."""
     where = f"{recipe.source}: training.output_dir"
     existing = recipe.run_dir.parent
     while not existing.exists() and existing != existing.parent:
@@ -235,9 +235,9 @@ def check_output_dir(recipe: Recipe) -> None:
 def check_run_dir(recipe: Recipe) -> bool:
     """The run folder's refusals, read-only (what `validate` reports and `train` enforces before writing anything):
     a file in its place, a folder qlora-kit did not create, an earlier run with neither resume nor overwrite, a resume
-    whose recipe changes make the checkpoints meaningless. Returns whether an earlier run's folder is there."""
+    whose recipe changes make the checkpoints meaningless. Returns whether an earlier run's folder is there. Run
+    after check_output_dir."""
     run_dir, t = recipe.run_dir, recipe.training
-    check_output_dir(recipe)
     where = f"{recipe.source}: training.run_name"
     if run_dir.exists() and not run_dir.is_dir():
         raise RecipeError(f"{where}: {run_dir} is a file, not a folder; pick another training.run_name")
@@ -254,10 +254,11 @@ def check_run_dir(recipe: Recipe) -> bool:
     return existing
 
 
-def claim_run_dir(recipe: Recipe, run_dir: Path, overwrite: bool, resume: bool, lock: RunLock) -> RunFolder:
+def claim_run_dir(recipe: Recipe, lock: RunLock) -> RunFolder:
+    run_dir = recipe.run_dir
     existing = check_run_dir(recipe)
     try:
-        if existing and overwrite:
+        if existing and recipe.training.overwrite:
             aside = run_dir.with_name(f".{run_dir.name}.replaced-{int(time.time())}")
             os.replace(run_dir, aside)
             log.warning("training.overwrite=true: the earlier run in %s is moved aside to %s and deleted once this "

@@ -674,3 +674,113 @@ def test_an_orpo_step_through_the_fused_lm_head_peaks_below_trl_s_full_logit_ste
     bf16_logits = 8 * 280 * 65536 * 2 / 2**30  # about the least trl's path holds: one bf16 copy of the logits
     print(f"one ORPO step above the model: trl's full logits {plain:.3f} GiB, fused LM head {fused:.3f} GiB")
     assert fused < plain - bf16_logits
+
+
+@pytest.mark.parametrize("shape", [(256, 4096), (1040, 2064)])  # the second: no whole tiles either way
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_fp8_kernels_give_torch_s_float8_bits(shape: tuple[int, int], double_quant: bool) -> None:
+    """The NF4 -> float8 kernel writes what torch's ops make of bitsandbytes' fp32 values (times the tensor's inverse
+    scale, clamped, cast), in both layouts; the row cast scales each row to +-448 and rounds as torch does."""
+    import bitsandbytes as bnb
+
+    from qlora_kit.speed import fp8
+    from qlora_kit.speed.nf4_triton import nf4_dequantize
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.bfloat16,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.weight.data.normal_(0, 0.02)
+    layer = layer.cuda()
+    layer._triton_dequantize = True
+    weight = fp8.fp8_weight(layer)
+    dense = nf4_dequantize(layer.weight.data, layer.weight.quant_state,
+                           out=torch.empty(shape, device="cuda", dtype=torch.float32))
+    assert weight.scale.item() == pytest.approx(dense.abs().max().item() / fp8.FP8_MAX, rel=1e-6)
+    expected = (dense * weight.inverse).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8).view(torch.uint8)
+    assert torch.equal(fp8.nf4_to_fp8(layer, weight.inverse, transpose=False).view(torch.uint8), expected)
+    assert torch.equal(fp8.nf4_to_fp8(layer, weight.inverse, transpose=True).view(torch.uint8),
+                       expected.t().contiguous())
+
+    rows = torch.randn(300, shape[1], device="cuda", dtype=torch.bfloat16)
+    rows[7] = 0  # a zero row stays zero, no NaN from a zero scale
+    rows[:, 5] *= 1000  # an outlier channel sets every row's scale
+    cast, scale = fp8.rows_to_fp8(rows)
+    largest = rows.float().abs().amax(1, keepdim=True)
+    assert torch.allclose(scale, largest.clamp(min=1e-30) / fp8.FP8_MAX, rtol=1e-6, atol=0)
+    torch_cast = (rows.float() / scale).clamp(-fp8.FP8_MAX, fp8.FP8_MAX).to(fp8.FP8).view(torch.uint8)
+    assert (cast.view(torch.uint8) == torch_cast).float().mean() > 0.9999  # a last-bit tie may round apart
+    assert torch.equal(cast[7].float(), torch.zeros(shape[1], device="cuda"))
+    assert ((cast.float() * scale - rows.float()).abs() <= rows.float().abs() / 16 + 1e-30).all()
+
+
+@pytest.mark.parametrize("fused_mlp", [False, True])
+def test_fp8_lora_layers_stay_within_float8_rounding_of_bf16(fused_mlp: bool) -> None:
+    """One LoRA layer over an NF4 weight, forward and backward, with an outlier channel in its input: in float8
+    the output and the input gradients stay within float8's rounding (a few percent) of the bf16 path's; the
+    adapter's gradients, bf16 matmuls of the same dY and input, are the same bits."""
+    import bitsandbytes as bnb
+
+    from qlora_kit.speed.lora_autograd import LoraOver4bit, SwigluDownOver4bit
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(2048, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight.data.normal_(0, 0.02)
+    layer = layer.cuda()
+    layer._triton_dequantize = True
+    a = (torch.randn(16, 2048, device="cuda") * 0.02).requires_grad_()
+    b = (torch.randn(4096, 16, device="cuda") * 0.02).requires_grad_()
+    x = torch.randn(2, 512, 2048, device="cuda", dtype=torch.bfloat16)
+    x[..., 3] *= 50
+    up = torch.randn_like(x)
+    grad_out = torch.randn(2, 512, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def run(fp8: bool) -> list[torch.Tensor]:
+        layer._fp8_matmul = fp8
+        inputs = [t.detach().clone().requires_grad_() for t in (x, up, a, b)]
+        if fused_mlp:
+            out = SwigluDownOver4bit.apply(inputs[0], inputs[1], inputs[2], inputs[3], layer, 2.0, False)
+        else:
+            out = LoraOver4bit.apply(inputs[0], None, inputs[2], inputs[3], layer, 2.0, False)
+        out.backward(grad_out)
+        return [out.detach().float()] + [t.grad.float() for t in inputs if t.grad is not None]
+
+    bf16, fp8 = run(False), run(True)
+    names = ["out", "x", "up", "a", "b"] if fused_mlp else ["out", "x", "a", "b"]
+    assert len(bf16) == len(fp8) == len(names)
+    for name, got, want in zip(names, fp8, bf16, strict=True):
+        if name in ("a", "b"):  # dY and the layer's input are the same; the frozen matmul does not enter
+            assert torch.equal(got, want), name
+            continue
+        error = ((got - want).norm() / want.norm()).item()
+        assert 0.005 < error < 0.06, (name, error)  # float8's rounding: there, and small
+
+
+def test_fp8_training_follows_the_bf16_loss_curve(tmp_path: Path, tiny_base: Path, chat_file: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose every projection multiplies in float8 (the width floor lowered for the tiny model) trains to
+    the bf16 run's losses within 2%, and speed.fp8_matmul: false runs no float8 matmul."""
+    import qlora_kit.speed.fp8
+    import qlora_kit.speed.lora_autograd
+    from qlora_kit.pipeline import run_training
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(qlora_kit.speed.fp8, "FP8_MIN_WIDTH", 16)
+    calls: list[int] = []
+    real = qlora_kit.speed.lora_autograd.fp8_linear
+    monkeypatch.setattr(qlora_kit.speed.lora_autograd, "fp8_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def losses(run_name: str, *overrides: str) -> list[float]:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
+                             [f"training.run_name={run_name}", "export.merge=false", "training.learning_rate=0.01",
+                              "lora.dropout=0", "speed.compile_layers=false", "training.max_steps=8", *overrides])
+        run_training(recipe)
+        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row]
+
+    bf16 = losses("bf16", "speed.fp8_matmul=false")
+    assert not calls
+    fp8 = losses("fp8")
+    assert len(calls) >= 8 * 2 * 6  # steps x layers x the projections outside the fused MLP's down projection
+    assert len(fp8) == 8 and bf16[-1] < bf16[0] - 0.1
+    assert fp8 == pytest.approx(bf16, rel=0.02)

@@ -1725,3 +1725,93 @@ def test_flex_attention_asked_for_is_refused_with_the_fix_where_it_cannot_run(ma
     check_flex_attention(recipe, gemma2_config())
     with pytest.raises(RecipeError, match="flex attention has no attention dropout"):
         check_flex_attention(recipe, gemma2_config(attention_dropout=0.1))
+
+
+def test_fp8_matmul_runs_on_float8_gpus_outside_compiled_layers_and_says_why_not_elsewhere(make_recipe,
+                                                                                          tiny_model_dir):
+    """auto: on where it runs (a GPU of compute capability 8.9+, bf16 compute, the fused layers with qlora-kit's
+    dequantize, layers not compiled); off elsewhere, silently for auto and with the reason for true."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+
+    def plan(*overrides, machine=None):
+        return decide_speed_plan(load_recipe(make_recipe(lora={"dropout": 0.0}), list(overrides)), config,
+                                 machine or gpu_machine(), 0)
+
+    def why_not(result) -> list[str]:
+        return [note for note in result.notes if note.startswith("fp8_matmul: off")]
+
+    on = plan()
+    assert on.fp8_matmul and not on.compile_layers
+    assert any(note.startswith("fp8_matmul: the frozen weights' matmuls run in float8") for note in on.notes)
+    assert not plan("speed.fp8_matmul=false").fp8_matmul
+    cases = {  # overrides, machine -> the reason `true` gives
+        ("quantization.compute_dtype=fp16",): "needs bf16 compute",
+        ("speed.triton_dequantize=false",): "needs fused_lora and triton_dequantize",
+        ("speed.fused_lora=false",): "needs fused_lora and triton_dequantize",
+        ("speed.compile_layers=true",): "the decoder layers compile",
+    }
+    for overrides, reason in cases.items():
+        assert not plan(*overrides).fp8_matmul and not why_not(plan(*overrides))
+        forced = plan(*overrides, "speed.fp8_matmul=true")
+        assert not forced.fp8_matmul and why_not(forced)[0].startswith(f"fp8_matmul: off, {reason}"), overrides
+    for machine in (gpu_machine(capability=(8, 0)), gpu_machine(triton=False)):  # A100: no float8 matmuls
+        assert not plan("speed.fp8_matmul=true", machine=machine).fp8_matmul
+        assert why_not(plan("speed.fp8_matmul=true", machine=machine))
+    assert not plan("speed.fp8_matmul=true", machine=gpu_machine(gpus=0, usable_gpu_gib=0.0)).fp8_matmul
+    assert plan(machine=gpu_machine(capability=(8, 9))).fp8_matmul  # Ada
+
+
+def test_fp8_matmul_takes_only_wide_bf16_weights_in_multiples_of_16() -> None:
+    """Narrow weights (Llama-3-8B's 1,024-wide k/v projections) ran slower in float8 once their casts are counted;
+    float8 matmuls need widths in multiples of 16; only bf16 compute through qlora-kit's dequantize kernel."""
+    from types import SimpleNamespace
+
+    from qlora_kit.speed.fp8 import FP8_MIN_WIDTH, fp8_applies
+
+    def layer(out_features: int, in_features: int, dtype=torch.bfloat16, triton=True):
+        return SimpleNamespace(in_features=in_features, out_features=out_features, compute_dtype=dtype,
+                               _triton_dequantize=triton)
+
+    assert FP8_MIN_WIDTH == 2048
+    assert fp8_applies(layer(4096, 4096)) and fp8_applies(layer(14336, 4096)) and fp8_applies(layer(3584, 18944))
+    assert not fp8_applies(layer(1024, 4096))  # Llama-3-8B k/v
+    assert not fp8_applies(layer(512, 3584))  # Qwen2.5-7B k/v
+    assert not fp8_applies(layer(4096, 4104))  # not a multiple of 16
+    assert not fp8_applies(layer(4096, 4096, dtype=torch.float16))
+    assert not fp8_applies(layer(4096, 4096, triton=False))
+
+
+def test_projections_reading_one_input_share_its_float8_cast_and_never_a_stale_one(monkeypatch) -> None:
+    """q/k/v (gate/up) read the same tensor: it is cast once. A cast is reused only for that very tensor object at
+    the same version: not after an in-place change, not for another tensor with the same values or a new tensor
+    allocated where a freed one was."""
+    import gc
+
+    import qlora_kit.speed.fp8 as fp8
+
+    casts: list[torch.Tensor] = []
+
+    def fake_cast(x2d):
+        casts.append(x2d.clone())
+        return x2d.clone(), torch.ones(x2d.shape[0], 1)
+
+    monkeypatch.setattr(fp8, "rows_to_fp8", fake_cast)
+    monkeypatch.setattr(fp8, "_last_input", [None])
+    x = torch.randn(2, 3, 8)
+    first = fp8.input_in_fp8(x.reshape(-1, 8), x)
+    again = fp8.input_in_fp8(x.reshape(-1, 8), x)
+    assert len(casts) == 1 and again[0] is first[0]
+    fp8.input_in_fp8(x.clone().reshape(-1, 8), x.clone())  # same values, another tensor
+    assert len(casts) == 2
+    fp8.input_in_fp8(x.reshape(-1, 8), x)
+    x.mul_(2)  # in place: its version moves
+    cast, _ = fp8.input_in_fp8(x.reshape(-1, 8), x)
+    assert len(casts) == 4 and torch.equal(cast, x.reshape(-1, 8))
+    address = x.data_ptr()
+    del x
+    gc.collect()
+    y = torch.zeros(2, 3, 8)  # may land on the freed memory, at version 0 like a fresh tensor
+    cast, _ = fp8.input_in_fp8(y.reshape(-1, 8), y)
+    assert len(casts) == 5 and torch.equal(cast, torch.zeros(6, 8)), address == y.data_ptr()

@@ -14,6 +14,7 @@ import functools
 
 import torch
 
+from qlora_kit.speed.fp8 import fp8_grad_input, fp8_linear
 from qlora_kit.speed.nf4_triton import nf4_dequantize
 
 
@@ -37,7 +38,7 @@ class LoraOver4bit(torch.autograd.Function):
         xl2 = (xc if x_lora is None else x_lora.to(dtype)).reshape(-1, x.shape[-1])
         bias = None if layer.bias is None else layer.bias.to(dtype)
         a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
-        out, xa = frozen_matmul_plus_adapter(xc, xl2, a, b, layer, scaling, x.dtype, bias)
+        out, xa = frozen_matmul_plus_adapter(xc, xl2, a, b, layer, scaling, x.dtype, bias, source=x)
         ctx.layer, ctx.scaling, ctx.same_input = layer, scaling, x_lora is None
         ctx.dtypes = (x.dtype, (x if x_lora is None else x_lora).dtype, lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(xl2, xa, a, b)
@@ -55,7 +56,7 @@ class LoraOver4bit(torch.autograd.Function):
         grad_xa = adapter_output_grad(g, b, s)
         grad_x = grad_xl = grad_a = grad_b = None
         if need_x:
-            grad_x = torch.mm(g, dequantized_weight(layer, dtype))
+            grad_x = frozen_grad_input(g, layer, dtype)
             if ctx.same_input:
                 grad_x.addmm_(grad_xa, a)
             grad_x = grad_x.view(*batch_shape, -1).to(x_dtype)
@@ -68,16 +69,34 @@ class LoraOver4bit(torch.autograd.Function):
         return grad_x, grad_xl, grad_a, grad_b, None, None, None
 
 
-def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None):
+def frozen_matmul_plus_adapter(x, x_lora2d, a, b, layer, scaling, out_dtype, bias=None, source=None):
     """x W^T (+ bias) + s (x' A^T) B^T in the compute dtype of x (that of `a` and `b` too), returned in `out_dtype`,
-    and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D."""
-    # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
-    out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
+    and x' A^T (rank r, what backward keeps). `x_lora2d` is the adapter's input x' flattened to 2-D; `source` the
+    tensor x was cast from, whose float8 cast the next layer reading it may share (fp8.input_in_fp8)."""
+    if runs_in_fp8(layer, x):
+        out = fp8_linear(x.reshape(-1, x.shape[-1]), layer, source).view(*x.shape[:-1], layer.out_features)
+        if bias is not None:
+            out.add_(bias)
+    else:  # what bitsandbytes does for a batch this size (dequantize, then one matmul), with our dequantize
+        out = torch.nn.functional.linear(x, dequantized_weight(layer, x.dtype), bias)
     xa = torch.mm(x_lora2d, a.t())
     # The adapter lands on the base output in place. Writing it first and letting the big matmul accumulate onto it
     # (beta=1) gained for gate/up in one H100 run of three and lost for k/v (scripts/adapter_add_bench.py).
     out.view(-1, out.shape[-1]).addmm_(xa, b.t(), alpha=scaling)
     return out.to(out_dtype), xa
+
+
+def frozen_grad_input(g: torch.Tensor, layer, dtype: torch.dtype) -> torch.Tensor:
+    """dY W for the output gradient `g` (2-D, compute dtype): the one big matmul of backward, in float8 where the
+    layer takes that path."""
+    if runs_in_fp8(layer, g):
+        return fp8_grad_input(g, layer)
+    return torch.mm(g, dequantized_weight(layer, dtype))
+
+
+def runs_in_fp8(layer, x: torch.Tensor) -> bool:
+    """speed.fp8_matmul put this layer on the float8 path (patches.use_fused_lora) and x is bf16 with rows."""
+    return getattr(layer, "_fp8_matmul", False) and x.dtype == torch.bfloat16 and x.numel() > 0
 
 
 def adapter_output_grad(g: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -176,9 +195,12 @@ class SwigluDownOver4bit(torch.autograd.Function):
         h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
         grad_a = matmul_into(grad_xa.t(), h2, a_dtype)
         del h2
-        # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as the
-        # MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).
-        grad_h = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
+        if runs_in_fp8(layer, g):
+            grad_h = fp8_grad_input(g, layer).addmm_(grad_xa, a)
+        else:
+            # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as
+            # the MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).
+            grad_h = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
         grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
         return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
 

@@ -71,6 +71,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from qlora_kit.recipe import QloraKitError
+from qlora_kit.speed.fp8 import fp8_applies
 from qlora_kit.speed.lora_autograd import LoraOver4bit, SwigluDownOver4bit
 from qlora_kit.speed.nf4_triton import nf4_dequantize_applies
 
@@ -136,11 +137,12 @@ def fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
                               self.scaling[name], self._cast_adapters_once)
 
 
-def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bool = True) -> int:
+def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bool = True,
+                   fp8_matmul: bool = False) -> int:
     """Route every peft LoRA layer over a bitsandbytes 4-bit linear through LoraOver4bit; returns how many.
     `cast_adapters_once`: keep each adapter weight's compute-dtype copy until it changes (see in_compute_dtype);
     `triton_dequantize`: dequantize NF4 weights with qlora-kit's Triton kernel where it applies (dequantized_weight;
-    the model must sit on its GPU already)."""
+    the model must sit on its GPU already); `fp8_matmul`: their big matmuls in float8 where fp8.fp8_applies."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
     count = 0
@@ -154,6 +156,7 @@ def use_fused_lora(model, cast_adapters_once: bool = True, triton_dequantize: bo
         triton = triton_dequantize and nf4_dequantize_applies(base.weight.data, base.weight.quant_state)
         if rebind_forward(module, fused_lora_forward, "_peft_forward", _cast_adapters_once=cast_adapters_once):
             base._triton_dequantize = triton
+            base._fp8_matmul = fp8_matmul and fp8_applies(base)
             count += 1
     return count
 

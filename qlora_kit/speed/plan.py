@@ -38,6 +38,7 @@ from qlora_kit.speed.attention import (
     set_attention_implementation,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
+from qlora_kit.speed.fp8 import FP8_MIN_WIDTH
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
 from qlora_kit.speed.patches import (
@@ -90,6 +91,7 @@ class SpeedPlan:
     fused_lora: bool  # LoRA over 4-bit weights through LoraOver4bit
     fused_mlp: bool  # gated-SiLU MLPs through SwigluDownOver4bit
     triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
+    fp8_matmul: bool  # ... and their big matmuls run in float8 (speed/fp8.py; where fp8_applies)
     cast_adapters_once: bool  # the adapter weights' compute-dtype copies kept between optimizer steps
     liger_kernels: bool  # trl/transformers' use_liger_kernel
     attention_kernel: str  # default: PyTorch's SDPA kernel order (eager: eager); flash: cuDNN's attention off; flex:
@@ -152,6 +154,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     if blocker is None and fused_lora:
         notes.append("fused_lora: inside the compiled layers the LoRA linears run peft's ops, which inductor fuses "
                      "(speed/patches.py, above compiled_training_forward, says why)")
+    fp8 = choose_fp8_matmul(recipe, machine, wants_triton and machine.triton, blocker is None, notes)
     liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
     if liger and model_config.model_type not in liger_model_types():
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
@@ -162,7 +165,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     skip_mask = skips_padding_mask(recipe, model_config, machine, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_mlp,
-        triton_dequantize=wants_triton and machine.triton,
+        triton_dequantize=wants_triton and machine.triton, fp8_matmul=fp8,
         cast_adapters_once=not long_context_settings(speed),
         liger_kernels=liger, attention_kernel=attention,
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
@@ -438,6 +441,33 @@ def layer_compile_blocker(recipe: Recipe, machine: Machine, fused_mlp: bool = Fa
     return None
 
 
+def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool, compiled_layers: bool,
+                      notes: list[str]) -> bool:
+    """speed.fp8_matmul for this run: the fused layers' big matmuls in float8 (speed/fp8.py). They run where the
+    fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU of compute capability 8.9+ with
+    torch._scaled_mm, and outside compiled layers (those run peft's ops). `auto` takes it wherever it runs; `true`
+    where it cannot says why in the notes."""
+    setting = recipe.speed.fp8_matmul
+    if not setting or not machine.gpus:
+        return False
+    if not triton_dequantize:
+        blocker = "needs fused_lora and triton_dequantize (Triton installed)"
+    elif recipe.quantization.compute_dtype not in ("auto", "bf16"):  # auto: bf16 on every GPU with float8
+        blocker = f"needs bf16 compute (quantization.compute_dtype: {recipe.quantization.compute_dtype})"
+    elif machine.capability is None or tuple(machine.capability) < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        blocker = f"the GPU (compute capability {machine.capability}) has no float8 matmuls (8.9+: Ada, Hopper)"
+    elif compiled_layers:
+        blocker = "the decoder layers compile, and compiled layers run peft's ops (speed.compile_layers: false to " \
+                  "take float8 instead)"
+    else:
+        notes.append("fp8_matmul: the frozen weights' matmuls run in float8 (rowwise-scaled e4m3, fp32 "
+                     "accumulation); speed.fp8_matmul: false keeps them in bf16")
+        return True
+    if setting is True:
+        notes.append(f"fp8_matmul: off, {blocker}")
+    return False
+
+
 def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers: bool = False) -> bool:
     """speed.liger_kernels on a GPU with liger-kernel installed (its Triton kernels have no CPU path), unless the
     decoder layers are compiled: the compiled graph fuses norms, RoPE and SwiGLU itself."""
@@ -533,7 +563,11 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
     process-wide attention kernel is ApplySpeedPlan's: it is undone when training ends.)"""
     if plan.fused_lora:
         log.info("speed.fused_lora: %d LoRA layers over 4-bit weights fused", use_fused_lora(
-            model, cast_adapters_once=plan.cast_adapters_once, triton_dequantize=plan.triton_dequantize))
+            model, cast_adapters_once=plan.cast_adapters_once, triton_dequantize=plan.triton_dequantize,
+            fp8_matmul=plan.fp8_matmul))
+        if plan.fp8_matmul:
+            log.info("speed.fp8_matmul: %d of them multiply their frozen weight in float8 (the rest are narrower "
+                     "than %d)", sum(getattr(m, "_fp8_matmul", False) for m in model.modules()), FP8_MIN_WIDTH)
         if plan.triton_dequantize:
             log.info("speed.triton_dequantize: NF4 weights dequantize through qlora-kit's Triton kernel")
         if plan.fused_mlp:

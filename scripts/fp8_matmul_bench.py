@@ -30,7 +30,7 @@ def weight_layer(out_features: int, in_features: int):
 
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
                               compress_statistics=True, quant_type="nf4")
-    layer.weight.data.normal_(0, 0.02)
+    layer.weight.data = torch.randn(out_features, in_features, dtype=torch.bfloat16) * 0.02  # a bf16 checkpoint's
     layer = layer.cuda()
     layer._triton_dequantize = True
     return layer

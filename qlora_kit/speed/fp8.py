@@ -18,12 +18,12 @@ import weakref
 
 import torch
 
-from qlora_kit.speed.nf4_triton import nf4_dequantize, nf4_dequantize_kernel
+from qlora_kit.speed.nf4_triton import nf4_dequantize, nf4_dequantize_kernel, on_device
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
 ROW_BLOCK = 1024  # columns per loop step of the row-cast kernel
-TILE_ROWS, TILE_BYTES = 64, 32  # the NF4 -> fp8 kernel's tile: 64 rows x 64 weights
+TILE_ROWS, TILE_BYTES = 128, 64  # the transposing NF4 -> fp8 kernel's tile: 128 rows x 128 weights
 FP8_MIN_WIDTH = 2048  # narrower weights stay in bf16 (fp8_applies)
 
 
@@ -54,7 +54,7 @@ def fp8_applies(layer) -> bool:
 
 @functools.cache
 def fp8_kernels():
-    """(rows_to_fp8, nf4_to_fp8): the Triton kernels, compiled on first use; None where Triton is not installed."""
+    """(rows_to_fp8, nf4_to_fp8_transposed): the Triton kernels, compiled on first use; None without Triton."""
     try:
         import triton
         import triton.language as tl
@@ -80,11 +80,11 @@ def fp8_kernels():
             tl.store(out_ptr + row * cols + index, value.to(out_ptr.dtype.element_ty), mask=index < cols)
 
     @triton.jit
-    def nf4_to_fp8(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, inverse_ptr, out_ptr, rows,
-                   cols, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                   TRANSPOSE: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.constexpr):
-        # a tile of W [rows, cols]: ROWS rows x 2 * BYTES columns, from the packed bytes (two weights a byte, high
-        # nibble first, row-major: bitsandbytes' layout), absmax decoded as nf4_triton's kernel does
+    def nf4_to_fp8_transposed(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, inverse_ptr,
+                              out_ptr, rows, cols, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                              BLOCKSIZE2: tl.constexpr, ROWS: tl.constexpr, BYTES: tl.constexpr):
+        # W^T [cols, rows] from a tile of W [rows, cols]: ROWS rows x 2 * BYTES columns, from the packed bytes (two
+        # weights a byte, high nibble first, row-major: bitsandbytes' layout), absmax decoded as in nf4_triton
         row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         byte_col = tl.program_id(1) * BYTES + tl.arange(0, BYTES)
         half = cols // 2
@@ -104,28 +104,22 @@ def fp8_kernels():
         values = tl.interleave(high, low) * tl.load(inverse_ptr)
         values = tl.minimum(tl.maximum(values, -448.0), 448.0).to(out_ptr.dtype.element_ty)
         col = tl.program_id(1) * 2 * BYTES + tl.arange(0, 2 * BYTES)
-        if TRANSPOSE:
-            target = out_ptr + col[:, None].to(tl.int64) * rows + row[None, :]
-            tl.store(target, tl.trans(values), mask=(col[:, None] < cols) & (row[None, :] < rows))
-        else:
-            target = out_ptr + row[:, None].to(tl.int64) * cols + col[None, :]
-            tl.store(target, values, mask=(row[:, None] < rows) & (col[None, :] < cols))
+        target = out_ptr + col[:, None].to(tl.int64) * rows + row[None, :]
+        tl.store(target, tl.trans(values), mask=(col[:, None] < cols) & (row[None, :] < rows))
 
-    return rows_to_fp8, nf4_to_fp8
+    return rows_to_fp8, nf4_to_fp8_transposed
 
 
 def rows_to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A 2-D bf16 tensor (rows contiguous) as float8 and its fp32 scale per row, [rows, 1]: x ~ out * scale."""
-    import triton
-
     rows, cols = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
     out = torch.empty((rows, cols), dtype=FP8, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
-        with torch.cuda.device(x.device):
-            block = min(ROW_BLOCK, triton.next_power_of_2(cols))
+        with on_device(x):
+            block = min(ROW_BLOCK, 1 << (cols - 1).bit_length())
             fp8_kernels()[0][(rows,)](x, out, scale, cols, x.stride(0), BLOCK=block, num_warps=4)
     return out, scale
 
@@ -155,22 +149,23 @@ def fp8_weight(layer) -> Fp8Weight:
 
 def nf4_to_fp8(layer, inverse: torch.Tensor, transpose: bool) -> torch.Tensor:
     """The layer's NF4 weight times `inverse` (a 1-element fp32 tensor) in float8: [out, in], or [in, out] with
-    `transpose`. Each value is bitsandbytes' fp32 product code * absmax, times `inverse`, rounded once."""
-    import triton
-
+    `transpose`. Each value is bitsandbytes' fp32 product code * absmax, times `inverse`, rounded once. [out, in]
+    comes from nf4_triton's kernel (flat, the fastest layout); the transposed copy from 2-D tiles here."""
     packed, state = layer.weight.data, layer.weight.quant_state
+    if not transpose:
+        return nf4_dequantize(packed, state, fp8_inverse=inverse)
     rows, cols = state.shape
-    out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=FP8, device=packed.device)
+    out = torch.empty((cols, rows), dtype=FP8, device=packed.device)
     nested = bool(state.nested)
     absmax2 = state.state2.absmax if nested else state.absmax
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
-    grid = (triton.cdiv(rows, TILE_ROWS), triton.cdiv(cols // 2, TILE_BYTES))
-    with torch.cuda.device(packed.device):
+    grid = (-(-rows // TILE_ROWS), -(-(cols // 2) // TILE_BYTES))
+    with on_device(packed):
         fp8_kernels()[1][grid](packed, state.absmax, state.code, absmax2, code2, offset, inverse, out, rows, cols,
                                NESTED=nested, BLOCKSIZE=state.blocksize,
-                               BLOCKSIZE2=state.state2.blocksize if nested else 1, TRANSPOSE=transpose,
-                               ROWS=TILE_ROWS, BYTES=TILE_BYTES, num_warps=4)
+                               BLOCKSIZE2=state.state2.blocksize if nested else 1, ROWS=TILE_ROWS, BYTES=TILE_BYTES,
+                               num_warps=8)
     return out
 
 

@@ -10,6 +10,7 @@ result is the same bits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -30,7 +31,8 @@ def nf4_dequantize_kernel():
 
     @triton.jit
     def dequantize(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, n_bytes, n_values,
-                   NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, BYTES: tl.constexpr):
+                   inverse_ptr, NESTED: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                   BYTES: tl.constexpr, FP8: tl.constexpr):
         start = tl.program_id(0).to(tl.int64) * BYTES
         index = start + tl.arange(0, BYTES)
         inside = index < n_bytes
@@ -46,31 +48,43 @@ def nf4_dequantize_kernel():
         high = tl.load(code_ptr + (byte >> 4)) * absmax
         low = tl.load(code_ptr + (byte & 15)) * absmax
         values = tl.interleave(high, low)
+        if FP8:  # speed/fp8.py: times the tensor's inverse scale, within e4m3's range
+            values = tl.minimum(tl.maximum(values * tl.load(inverse_ptr), -448.0), 448.0)
         out_index = 2 * start + tl.arange(0, 2 * BYTES)
         tl.store(out_ptr + out_index, values.to(out_ptr.dtype.element_ty), mask=out_index < n_values)
 
     return dequantize
 
 
-def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None,
+                   fp8_inverse: torch.Tensor | None = None) -> torch.Tensor:
     """The dense [out, in] weight of a bitsandbytes NF4 weight (`packed` and its QuantState) in state.dtype, written
-    into `out` (contiguous, that shape and dtype) when given. CUDA tensors; see nf4_dequantize_applies."""
-    import triton  # present wherever the kernel is (nf4_dequantize_applies)
-
+    into `out` (contiguous, that shape and dtype) when given. CUDA tensors; see nf4_dequantize_applies. With
+    `fp8_inverse` (1 element, fp32): the weight times it, in float8 e4m3 (speed/fp8.py)."""
     kernel = nf4_dequantize_kernel()
     if out is None:
-        out = torch.empty(state.shape, dtype=state.dtype, device=packed.device)
+        dtype = state.dtype if fp8_inverse is None else torch.float8_e4m3fn
+        out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n_bytes = packed.numel()
     nested = bool(state.nested)
     absmax2 = state.state2.absmax if nested else state.absmax  # unused pointers when not nested
     code2 = state.state2.code if nested else state.code
     offset = state.offset if nested else state.absmax
-    grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
-    with torch.cuda.device(packed.device):
-        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, out.numel(), NESTED=nested,
-                     BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.state2.blocksize if nested else 1,
-                     BYTES=BYTES_PER_PROGRAM, num_warps=WARPS)
+    grid = (-(-n_bytes // BYTES_PER_PROGRAM),)
+    with on_device(packed):
+        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, out.numel(),
+                     offset if fp8_inverse is None else fp8_inverse, NESTED=nested, BLOCKSIZE=state.blocksize,
+                     BLOCKSIZE2=state.state2.blocksize if nested else 1, BYTES=BYTES_PER_PROGRAM,
+                     FP8=fp8_inverse is not None, num_warps=WARPS)
     return out
+
+
+def on_device(tensor: torch.Tensor):
+    """The tensor's GPU as the current device for a kernel launch: a no-op (no device switch each way, host time
+    on every call) where it is current already, as it is with one GPU per process."""
+    if tensor.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(tensor.device)
 
 
 def nf4_dequantize_applies(packed: torch.Tensor, state) -> bool:

@@ -1730,14 +1730,16 @@ def test_flex_attention_asked_for_is_refused_with_the_fix_where_it_cannot_run(ma
 def test_fp8_matmul_runs_on_float8_gpus_outside_compiled_layers_and_says_why_not_elsewhere(make_recipe,
                                                                                           tiny_model_dir):
     """auto: on where it runs (a GPU of compute capability 8.9+, bf16 compute, the fused layers with qlora-kit's
-    dequantize, layers not compiled); off elsewhere, silently for auto and with the reason for true."""
+    dequantize, layers not compiled) for micro-batches of 8,192 tokens or more; off elsewhere, silently for auto
+    except below the token floor, and with the reason for true."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
 
     def plan(*overrides, machine=None):
-        return decide_speed_plan(load_recipe(make_recipe(lora={"dropout": 0.0}), list(overrides)), config,
-                                 machine or gpu_machine(), 0)
+        recipe = load_recipe(make_recipe(lora={"dropout": 0.0}, training={"batch_size": 4, "max_length": 2048}),
+                             list(overrides))
+        return decide_speed_plan(recipe, config, machine or gpu_machine(), 0)
 
     def why_not(result) -> list[str]:
         return [note for note in result.notes if note.startswith("fp8_matmul: off")]
@@ -1746,6 +1748,13 @@ def test_fp8_matmul_runs_on_float8_gpus_outside_compiled_layers_and_says_why_not
     assert on.fp8_matmul and not on.compile_layers
     assert any(note.startswith("fp8_matmul: the frozen weights' matmuls run in float8") for note in on.notes)
     assert not plan("speed.fp8_matmul=false").fp8_matmul
+    few = plan("training.batch_size=2")  # 4,096 tokens: the host sets the pace there
+    assert not few.fp8_matmul
+    assert "fp8_matmul: auto -> off, 4,096 tokens a micro-batch (float8 measured faster from 8,192; " \
+           "speed.fp8_matmul: true takes it)" in few.notes
+    assert plan("training.batch_size=2", "speed.fp8_matmul=true").fp8_matmul
+    assert plan("training.batch_size=1", "method=dpo", "speed.shared_prefix=false").fp8_matmul is False
+    assert plan("training.batch_size=2", "method=dpo", "speed.shared_prefix=false").fp8_matmul  # chosen + rejected
     cases = {  # overrides, machine -> the reason `true` gives
         ("quantization.compute_dtype=fp16",): "needs bf16 compute",
         ("speed.triton_dequantize=false",): "needs fused_lora and triton_dequantize",

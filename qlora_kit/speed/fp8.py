@@ -25,6 +25,7 @@ FP8_MAX = 448.0  # largest finite e4m3fn value
 ROW_BLOCK = 1024  # columns per loop step of the row-cast kernel
 TILE_ROWS, TILE_BYTES = 128, 64  # the transposing NF4 -> fp8 kernel's tile: 128 rows x 128 weights
 FP8_MIN_WIDTH = 2048  # narrower weights stay in bf16 (fp8_applies)
+FP8_MIN_TOKENS = 8192  # speed.fp8_matmul auto: micro-batches of fewer tokens stay in bf16 (plan.choose_fp8_matmul)
 
 
 def fp8_matmul_blocker(device: torch.device | None = None) -> str | None:

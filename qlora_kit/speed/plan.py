@@ -38,7 +38,7 @@ from qlora_kit.speed.attention import (
     set_attention_implementation,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
-from qlora_kit.speed.fp8 import FP8_MIN_WIDTH
+from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_WIDTH
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
 from qlora_kit.speed.patches import (
@@ -445,8 +445,10 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
                       notes: list[str]) -> bool:
     """speed.fp8_matmul for this run: the fused layers' big matmuls in float8 (speed/fp8.py). They run where the
     fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU of compute capability 8.9+ with
-    torch._scaled_mm, and outside compiled layers (those run peft's ops). `auto` takes it wherever it runs; `true`
-    where it cannot says why in the notes."""
+    torch._scaled_mm, and outside compiled layers (those run peft's ops). `auto` takes it where it runs and a
+    micro-batch holds at least FP8_MIN_TOKENS tokens: below that the host's launches set the step's pace and the
+    casts' launches cost more than the faster matmuls give back (docs/benchmarks.md); `true` wherever it runs, and
+    says why where it cannot."""
     setting = recipe.speed.fp8_matmul
     if not setting or not machine.gpus:
         return False
@@ -459,6 +461,10 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     elif compiled_layers:
         blocker = "the decoder layers compile, and compiled layers run peft's ops (speed.compile_layers: false to " \
                   "take float8 instead)"
+    elif setting == "auto" and micro_batch_tokens(recipe) < FP8_MIN_TOKENS:
+        notes.append(f"fp8_matmul: auto -> off, {micro_batch_tokens(recipe):,} tokens a micro-batch (float8 "
+                     f"measured faster from {FP8_MIN_TOKENS:,}; speed.fp8_matmul: true takes it)")
+        return False
     else:
         notes.append("fp8_matmul: the frozen weights' matmuls run in float8 (rowwise-scaled e4m3, fp32 "
                      "accumulation); speed.fp8_matmul: false keeps them in bf16")
@@ -466,6 +472,13 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     if setting is True:
         notes.append(f"fp8_matmul: off, {blocker}")
     return False
+
+
+def micro_batch_tokens(recipe: Recipe) -> int:
+    """Tokens one micro-batch runs through the decoder at most: batch x the longest row (the recipe sized to the
+    rows, sized_to_rows), twice over for the pair methods (chosen and rejected)."""
+    rows = recipe.training.batch_size * (2 if recipe.method in PAIRED_METHODS else 1)
+    return rows * recipe.training.max_length
 
 
 def liger_kernels_usable(speed: SpeedSection, machine: Machine, compiled_layers: bool = False) -> bool:

@@ -67,7 +67,7 @@ def test_bitsandbytes_4bit_layers_have_what_the_fused_path_and_the_cpu_layout_re
     assert base.support_avx512bf16_for_cpu is False  # set by model.keep_4bit_weights_in_training_layout
     assert base.compute_dtype is not None
     state = base.weight.quant_state
-    for name in ("absmax", "code", "blocksize", "nested", "quant_type", "dtype", "shape"):
+    for name in ("absmax", "code", "blocksize", "nested", "quant_type", "dtype", "shape", "offset", "state2"):
         assert hasattr(state, name), f"bitsandbytes QuantState.{name}"
     assert callable(bnb.functional.dequantize_4bit) and callable(bnb.matmul_4bit)
 
@@ -102,6 +102,10 @@ def test_trl_accelerate_and_torch_keep_the_names_qlora_kit_uses():
     assert torch._C._current_graph_task_id() == -1  # outside backward
     assert callable(torch.cuda.get_per_process_memory_fraction)
     assert callable(torch.compiler.is_compiling)
+    # speed.fp8_matmul: float8 e4m3 and rowwise-scaled _scaled_mm (scale_a [M, 1], scale_b [1, N], bf16 out)
+    assert torch.float8_e4m3fn.itemsize == 1 and torch.finfo(torch.float8_e4m3fn).max == 448.0
+    arguments = [argument.name for argument in torch.ops.aten._scaled_mm.default._schema.arguments]
+    assert arguments[:4] == ["self", "mat2", "scale_a", "scale_b"] and "out_dtype" in arguments
 
 
 def test_a_peft_layer_without_lora_variant_stops_the_fused_path_instead_of_hiding_dora(make_recipe, tiny_model_dir):

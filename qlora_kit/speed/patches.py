@@ -5,7 +5,8 @@ Verified against transformers 5.17 and 5.24 (tf), trl 1.16.0, peft 0.21.2, bitsa
 a guard fails loudly where one is gone; the tests in the second table compare each bend with upstream's own result.
 Each bend's comment says what upstream offers, why not, and which internal it touches. Internals read, not
 replaced: torch._C._current_graph_task_id (fused MLP), peft's LoRA layer attributes (PEFT_LAYER_ATTRIBUTES),
-bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py).
+bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py, nf4_triton.py, fp8.py), and torch's
+private torch._scaled_mm with rowwise scales (fp8.py; torch 2.11 on an H200, 2.13's signature in test_upstream).
 
 | what is replaced      | upstream name                                           | verified  | fallback: upstream |
 | --------------------- | ------------------------------------------------------- | --------- | ------------------ |

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.data import Conversation, render
 from qlora_kit.recipe import EvaluationSection, QloraKitError, Recipe, read_run_recipe
-from qlora_kit.rundir import write_atomically
+from qlora_kit.rundir import damaged_adapter, damaged_merged, saved_part_errors, write_atomically
 
 log = logging.getLogger("qlora_kit")
 
@@ -251,23 +251,29 @@ def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedMode
         raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; {fix}")
     # merge_adapter saves the training tokenizer and generation config next to the merged weights too
     source = merged_folder if merged else adapter
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    what, remedy = (("the merged model", damaged_merged(run_dir)) if merged else
+                    ("the trained adapter", damaged_adapter(run_dir)))
+    with saved_part_errors(source, f"{what}'s tokenizer", remedy):
+        tokenizer = AutoTokenizer.from_pretrained(source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if merged:
         folder = merged_folder
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=resolve_dtype(recipe.model.dtype, "model.dtype"),
-                                                     device_map=device)
+        with saved_part_errors(folder, what, remedy):
+            model = AutoModelForCausalLM.from_pretrained(
+                folder, dtype=resolve_dtype(recipe.model.dtype, "model.dtype"), device_map=device)
     else:
         from peft import PeftModel
 
         compute_dtype = resolve_dtype(recipe.quantization.compute_dtype, "quantization.compute_dtype")
         base = load_base_model(recipe, base_model_folder(recipe.model), compute_dtype)
-        model = PeftModel.from_pretrained(base, adapter)
+        with saved_part_errors(adapter, what, remedy):
+            model = PeftModel.from_pretrained(base, str(adapter))
     model.eval()
     has_config = (source / "generation_config.json").is_file()
-    generation_config = GenerationConfig.from_pretrained(source) if has_config else model.generation_config
+    with saved_part_errors(source, f"{what}'s generation config", remedy):
+        generation_config = GenerationConfig.from_pretrained(source) if has_config else model.generation_config
     stop_ids = end_of_turn_token_ids(tokenizer, generation_config.eos_token_id)
     return TrainedModel(model, tokenizer, stop_ids, generation_config, recipe, run_dir, merged)
 

@@ -28,6 +28,7 @@ import torch
 
 from qlora_kit.export import CHECK_PROMPTS, merge_adapter
 from qlora_kit.recipe import ExportSection, QloraKitError, read_run_recipe
+from qlora_kit.rundir import damaged_merged, saved_part_errors
 
 log = logging.getLogger("qlora_kit")
 
@@ -115,8 +116,10 @@ def refuse_existing(target: Path, force: bool, folder: bool) -> None:
 
 @contextlib.contextmanager
 def merged_model(run_dir: Path) -> Iterator[Path]:
-    """RUN_DIR/merged if it exists, else a merge into a temporary folder inside the run, removed afterwards."""
+    """RUN_DIR/merged if it exists (read through first: a damaged one is the user's message, not a traceback from
+    the writer), else a merge into a temporary folder inside the run, removed afterwards."""
     if (run_dir / "merged" / "config.json").is_file():
+        check_merged_folder(run_dir / "merged", run_dir)
         yield run_dir / "merged"
         return
     log.info("no merged model in %s; merging into a temporary folder first", run_dir)
@@ -125,6 +128,19 @@ def merged_model(run_dir: Path) -> Iterator[Path]:
         yield Path(merge_adapter(run_dir, out=temporary / "merged"))
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
+
+
+def check_merged_folder(merged: Path, run_dir: Path) -> None:
+    """The merged folder's config, tokenizer and safetensors headers read as the writer will read them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    with saved_part_errors(merged, "the merged model", damaged_merged(run_dir)):
+        AutoConfig.from_pretrained(merged)
+        AutoTokenizer.from_pretrained(merged)
+        if not (merged / "tokenizer.json").is_file():
+            raise ValueError("no tokenizer.json")
+        if not parameter_count(merged):
+            raise ValueError("no weights (*.safetensors)")
 
 
 # --------------------------------------------------------------------------------------------- model -> GGUF

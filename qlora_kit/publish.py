@@ -35,6 +35,7 @@ from qlora_kit.report import (
     render_markdown,
     run_facts,
 )
+from qlora_kit.rundir import atomic_folder, damaged_adapter, saved_part_errors
 
 log = logging.getLogger("qlora_kit")
 
@@ -129,31 +130,33 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
         if any(target.iterdir()):
             raise QloraKitError(f"{target} already exists and is not empty; delete it or pass another --out")
         target.rmdir()
-    target.mkdir(parents=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file() and path.name not in SKIPPED_FILES:
-            link_or_copy(path, target / path.name)
-    if not merged:
-        # peft (AutoPeftModelForCausalLM, the Hub widget) finds the base through this field; training wrote the
-        # local path it loaded from, which must not be published.
-        config = json.loads((target / "adapter_config.json").read_text())
-        config["base_model_name_or_path"] = base.hub_id
-        (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    record = target / "training"
-    record.mkdir()
-    (record / "recipe.yaml").write_text(redacted_recipe_text(run_dir, base))
-    for name in ("summary.json", "metrics.jsonl"):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, record / name)
-    if (run_dir / "eval.json").is_file():
-        evaluation = json.loads((run_dir / "eval.json").read_text())
-        if Path(str(evaluation.get("data", ""))).is_absolute():  # `--data FILE`: its name, not where it lives
-            evaluation["data"] = Path(evaluation["data"]).name
-        (record / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
-    plots = plot_metrics(read_metrics(run_dir), record)
-    ggufs = add_gguf_files(run_dir, target, recipe) if gguf else []
-    (target / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots, ggufs))
-    assert_no_local_paths(target, run_dir)
+    # written under a temporary name and renamed: a failure half-way leaves no partial upload folder behind
+    with atomic_folder(target) as folder:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and path.name not in SKIPPED_FILES:
+                link_or_copy(path, folder / path.name)
+        if not merged:
+            # peft (AutoPeftModelForCausalLM, the Hub widget) finds the base through this field; training wrote the
+            # local path it loaded from, which must not be published.
+            with saved_part_errors(source, "the trained adapter's config", damaged_adapter(run_dir)):
+                config = json.loads((folder / "adapter_config.json").read_text())
+            config["base_model_name_or_path"] = base.hub_id
+            (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        record = folder / "training"
+        record.mkdir()
+        (record / "recipe.yaml").write_text(redacted_recipe_text(run_dir, base))
+        for name in ("summary.json", "metrics.jsonl"):
+            if (run_dir / name).is_file():
+                shutil.copy2(run_dir / name, record / name)
+        if (run_dir / "eval.json").is_file():
+            evaluation = read_json(run_dir / "eval.json")
+            if Path(str(evaluation.get("data", ""))).is_absolute():  # `--data FILE`: its name, not where it lives
+                evaluation["data"] = Path(evaluation["data"]).name
+            (record / "eval.json").write_text(json.dumps(evaluation, indent=2) + "\n")
+        plots = plot_metrics(read_metrics(run_dir), record)
+        ggufs = add_gguf_files(run_dir, folder, recipe) if gguf else []
+        (folder / "README.md").write_text(model_card(run_dir, recipe, repo_id, base, merged, plots, ggufs))
+        assert_no_local_paths(folder, run_dir)
     return target
 
 

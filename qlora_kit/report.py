@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from qlora_kit.recipe import QloraKitError
-from qlora_kit.rundir import atomic_folder
+from qlora_kit.rundir import atomic_folder, damaged_adapter, saved_part_errors
 
 log = logging.getLogger("qlora_kit")
 
@@ -74,15 +74,24 @@ def series(records: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
     return sorted(points.items())
 
 
+WRITTEN_BY = {"summary.json": "training writes it when it ends", "eval.json": "`qlora-kit eval RUN_DIR` writes it"}
+
+
 def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON record the run wrote (summary.json, eval.json, an export's check), or {} where there is none."""
+    if not path.is_file():
+        return {}
+    fix = WRITTEN_BY.get(path.name, "qlora-kit wrote it")
+    with saved_part_errors(path, "it as JSON", f"{fix}; the copy here is damaged: move it away to go on without it"):
+        return json.loads(path.read_text())
 
 
 def read_recipe_dict(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise QloraKitError(f"{run_dir}: not a qlora-kit run folder (no recipe.yaml); pass outputs/<run_name>")
-    return yaml.safe_load(path.read_text()) or {}
+    with saved_part_errors(path, "the run's recipe", damaged_adapter(run_dir)):
+        return yaml.safe_load(path.read_text()) or {}
 
 
 def adapter_parameter_count(run_dir: Path) -> int | None:

@@ -7,6 +7,7 @@ killed mid-write) sees the old version or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qlora_kit.recipe import Recipe, RecipeError, recipe_to_dict
+from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
 
 log = logging.getLogger("qlora_kit")
 
@@ -77,6 +78,39 @@ def publish_dir(partial: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(partial, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ saved parts
+
+
+@contextlib.contextmanager
+def saved_part_errors(folder: Path, what: str, remedy: str) -> Iterator[None]:
+    """Reading a part a run saved (its adapter, merged model, summary, recipe) that is not what qlora-kit wrote
+    there: a damaged, truncated or half-copied run folder is one message naming the folder and the fix, not a
+    traceback. What the readers raise for that (transformers 5.17-5.24, peft 0.21, safetensors, json, yaml): OSError
+    without an errno or "no such file", ValueError (bad JSON, no model_type, a missing local file peft takes for a Hub
+    id), safetensors' SafetensorError, YAMLError. Other file-system errors (permissions, a full disk) go on to the
+    CLI's own messages."""
+    try:
+        yield
+    except Exception as exc:
+        damaged = (isinstance(exc, (ValueError, yaml.YAMLError)) or type(exc).__name__ == "SafetensorError"
+                   or (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT)))
+        if not damaged:
+            raise
+        why = str(exc).strip().splitlines()[0].rstrip(".: ") if str(exc).strip() else type(exc).__name__
+        raise QloraKitError(f"{folder}: cannot read {what} ({why}); {remedy}") from None
+
+
+def damaged_adapter(run_dir: Path) -> str:
+    """The fix for a run whose adapter folder cannot be read."""
+    return (f"the run folder is damaged or incomplete (a partial copy?): copy {run_dir} again from where it was "
+            "trained, or train again (training.overwrite=true)")
+
+
+def damaged_merged(run_dir: Path) -> str:
+    """The fix for a run whose merged model cannot be read."""
+    return f"`qlora-kit merge {run_dir}` writes it again from the adapter"
 
 
 # ------------------------------------------------------------------------------------------------ run folder

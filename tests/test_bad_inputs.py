@@ -994,3 +994,53 @@ def test_progress_estimates_the_time_left_from_the_pace_so_far(monkeypatch, capl
         progress.step("adapter loss")
     assert [r.getMessage() for r in caplog.records] == ["eval: 1/10 batches (adapter loss), about 4m30s left",
                                                         "eval: 2/10 batches (adapter loss), about 4m00s left"]
+
+
+# A run folder damaged after training (a half copy, a full disk while syncing, a hand edit): what is broken, the
+# command that reads it, and the fix its message must give. Each once was an internal error ("a bug in qlora-kit").
+DAMAGED_RUNS = [
+    ("adapter tokenizer gone", lambda run: [p.unlink() for p in (run / "adapter").glob("tokenizer*")],
+     ["chat", "RUN", "--prompt", "hi"], r"adapter: cannot read the trained adapter's tokenizer .*copy .* again"),
+    ("adapter weights truncated", lambda run: truncate(run / "adapter" / "adapter_model.safetensors"),
+     ["eval", "RUN"], r"adapter: cannot read the trained adapter \(.*\); the run folder is damaged"),
+    ("adapter weights gone", lambda run: (run / "adapter" / "adapter_model.safetensors").unlink(),
+     ["chat", "RUN", "--prompt", "hi"], r"adapter: cannot read the trained adapter \("),
+    ("adapter config not JSON", lambda run: (run / "adapter" / "adapter_config.json").write_text("{"),
+     ["push", "RUN", "--repo-id", "u/n", "--base-model", "a/b", "--dry-run", "--out", "OUT"],
+     r"adapter: cannot read the trained adapter's config \(Expecting"),
+    ("generation config not JSON", lambda run: (run / "adapter" / "generation_config.json").write_text("{"),
+     ["eval", "RUN"], r"adapter: cannot read the trained adapter's generation config"),
+    ("merged tokenizer gone", lambda run: [p.unlink() for p in (run / "merged").glob("tokenizer*")],
+     ["export", "RUN", "--format", "gguf", "--out", "OUT.gguf"], r"merged: cannot read the merged model .*"
+                                                                   r"`qlora-kit merge .*` writes it again"),
+    ("merged config without model_type", lambda run: (run / "merged" / "config.json").write_text("{}"),
+     ["chat", "RUN", "--merged", "--prompt", "hi"], r"merged: cannot read the merged model \(Unrecognized model"),
+    ("merged weights truncated", lambda run: [truncate(p) for p in (run / "merged").glob("*.safetensors")],
+     ["export", "RUN", "--format", "gguf", "--out", "OUT.gguf"], r"merged: cannot read the merged model \("),
+    ("recipe not YAML", lambda run: (run / "recipe.yaml").write_text("model: [\n"),
+     ["report", "RUN"], r"recipe.yaml: cannot read the run's recipe"),
+    ("summary not JSON", lambda run: (run / "summary.json").write_text("{"),
+     ["report", "RUN"], r"summary.json: cannot read it as JSON .*training writes it when it ends; .*move it away"),
+    ("eval record not JSON", lambda run: (run / "eval.json").write_text("{"),
+     ["push", "RUN", "--repo-id", "u/n", "--base-model", "a/b", "--dry-run", "--out", "OUT"],
+     r"eval.json: cannot read it as JSON .*`qlora-kit eval RUN_DIR` writes it"),
+]
+
+
+@pytest.mark.parametrize(("damage", "command", "message"), [case[1:] for case in DAMAGED_RUNS],
+                         ids=[case[0] for case in DAMAGED_RUNS])
+def test_a_damaged_run_folder_is_named_with_its_fix_not_a_crash(damage, command, message, finished_run, tmp_path,
+                                                                cli):
+    import shutil
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    damage(run)
+    out = tmp_path / "upload"
+    args = [str(run) if a == "RUN" else str(out) if a == "OUT" else str(tmp_path / "m.gguf") if a == "OUT.gguf"
+            else a for a in command]
+    status, _, err = cli(*args)
+    assert status == 2, err
+    assert re.search(message, err), err
+    assert "bug in qlora-kit" not in err and not list(run.glob("qlora-kit-crash-*"))
+    assert not out.exists() and not (tmp_path / "m.gguf").exists()  # nothing half-written left behind
+    assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from qlora_kit.data import Conversation, render
 from qlora_kit.recipe import EvaluationSection, QloraKitError, Recipe, read_run_recipe
-from qlora_kit.rundir import damaged_adapter, damaged_merged, saved_part_errors, write_atomically
+from qlora_kit.rundir import damaged_adapter, damaged_merged, saved_part_errors, trained_adapter, write_atomically
 
 log = logging.getLogger("qlora_kit")
 
@@ -245,10 +245,9 @@ def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedMode
     if merged and not has_merged:
         fix = f"run `qlora-kit merge {run_dir}` first" if has_adapter else "train the recipe first"
         raise QloraKitError(f"{run_dir}: no merged model in {merged_folder}; {fix}")
-    if not merged and not has_adapter:
-        fix = (f"only the merged model is left ({merged_folder}): `qlora-kit chat --merged {run_dir}` uses it"
-               if has_merged else "train the recipe first")
-        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; {fix}")
+    if not merged:
+        trained_adapter(run_dir, f"only the merged model is left ({merged_folder}): `qlora-kit chat --merged "
+                                 f"{run_dir}` uses it" if has_merged else "train the recipe first")
     # merge_adapter saves the training tokenizer and generation config next to the merged weights too
     source = merged_folder if merged else adapter
     what, remedy = (("the merged model", damaged_merged(run_dir)) if merged else

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from qlora_kit.model import base_model_folder, resolve_dtype
 from qlora_kit.recipe import QloraKitError, Recipe, read_run_recipe
-from qlora_kit.rundir import atomic_folder, write_atomically
+from qlora_kit.rundir import atomic_folder, trained_adapter, write_atomically
 
 log = logging.getLogger("qlora_kit")
 
@@ -89,10 +89,8 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
     """
     start = time.perf_counter()
     run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
     recipe = read_run_recipe(run_dir)
+    adapter = trained_adapter(run_dir)
     target = Path(out) if out else run_dir / "merged"
     if target.exists() and out is not None:
         raise QloraKitError(f"{target} already exists; pass another --out or delete it first")

@@ -28,7 +28,7 @@ import torch
 
 from qlora_kit.export import CHECK_PROMPTS, merge_adapter
 from qlora_kit.recipe import ExportSection, QloraKitError, read_run_recipe
-from qlora_kit.rundir import damaged_merged, saved_part_errors
+from qlora_kit.rundir import damaged_merged, saved_part_errors, trained_adapter
 
 log = logging.getLogger("qlora_kit")
 
@@ -744,9 +744,8 @@ def export_lora(run_dir: Path, target: Path, quant: str) -> Path:
 
     from qlora_kit.model import base_model_folder
 
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; train the recipe first")
+    recipe = read_run_recipe(run_dir)
+    adapter = trained_adapter(run_dir)
     settings = json.loads((adapter / "adapter_config.json").read_text())
     if settings.get("use_dora") or settings.get("rank_pattern") or settings.get("alpha_pattern") \
             or settings.get("modules_to_save"):
@@ -755,7 +754,6 @@ def export_lora(run_dir: Path, target: Path, quant: str) -> Path:
     rank, alpha = settings["r"], float(settings["lora_alpha"])
     if settings.get("use_rslora"):
         alpha *= rank ** 0.5  # rsLoRA scales by alpha / sqrt(r); llama.cpp by alpha / r
-    recipe = read_run_recipe(run_dir)
     arch = architecture_of(AutoConfig.from_pretrained(base_model_folder(recipe.model)))
     weights = load_file(adapter / "adapter_model.safetensors")
     name_map = gguf.get_tensor_name_map(arch.arch, arch.config.num_hidden_layers)

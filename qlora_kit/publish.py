@@ -35,7 +35,7 @@ from qlora_kit.report import (
     render_markdown,
     run_facts,
 )
-from qlora_kit.rundir import atomic_folder, damaged_adapter, saved_part_errors
+from qlora_kit.rundir import atomic_folder, trained_adapter
 
 log = logging.getLogger("qlora_kit")
 
@@ -122,8 +122,8 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
 
         log.info("no merged model in %s yet; merging first", run_dir)
         merge_adapter(run_dir)
-    if not merged and not (source / "adapter_config.json").is_file():
-        raise QloraKitError(f"{run_dir}: no trained adapter in {source}; train the recipe first")
+    if not merged:
+        trained_adapter(run_dir)
     if target.exists():
         if not target.is_dir():
             raise QloraKitError(f"{target} is a file; --out names the folder to write the upload into")
@@ -138,8 +138,7 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
         if not merged:
             # peft (AutoPeftModelForCausalLM, the Hub widget) finds the base through this field; training wrote the
             # local path it loaded from, which must not be published.
-            with saved_part_errors(source, "the trained adapter's config", damaged_adapter(run_dir)):
-                config = json.loads((folder / "adapter_config.json").read_text())
+            config = json.loads((folder / "adapter_config.json").read_text())  # read through by trained_adapter
             config["base_model_name_or_path"] = base.hub_id
             (folder / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         record = folder / "training"

@@ -102,6 +102,25 @@ def saved_part_errors(folder: Path, what: str, remedy: str) -> Iterator[None]:
         raise QloraKitError(f"{folder}: cannot read {what} ({why}); {remedy}") from None
 
 
+def trained_adapter(run_dir: Path, missing_fix: str = "train the recipe first") -> Path:
+    """RUN_DIR/adapter, read through as peft and transformers will read it (its config, its weights' headers, the
+    tokenizer saved beside it) before any model loads: a missing one says `missing_fix`, a damaged one names the
+    part (saved_part_errors)."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise QloraKitError(f"{run_dir}: no trained adapter in {adapter}; {missing_fix}")
+    with saved_part_errors(adapter, "the trained adapter", damaged_adapter(run_dir)):
+        json.loads((adapter / "adapter_config.json").read_text())
+        with safe_open(str(adapter / "adapter_model.safetensors"), "np") as handle:
+            list(handle.keys())  # noqa: SIM118 (safe_open is not a dict)
+    with saved_part_errors(adapter, "the trained adapter's tokenizer", damaged_adapter(run_dir)):
+        AutoTokenizer.from_pretrained(adapter)
+    return adapter
+
+
 def damaged_adapter(run_dir: Path) -> str:
     """The fix for a run whose adapter folder cannot be read."""
     return (f"the run folder is damaged or incomplete (a partial copy?): copy {run_dir} again from where it was "

@@ -24,6 +24,7 @@ ORDER = [
     "qlora_kit.model",
     "qlora_kit.memory",
     "qlora_kit.speed.nf4_triton",
+    "qlora_kit.speed.fp8",  # float8 matmuls over the NF4 kernel: read by the fused LoRA layers
     "qlora_kit.speed.lora_autograd",
     "qlora_kit.speed.checkpointing",
     "qlora_kit.speed.attention",

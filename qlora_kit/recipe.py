@@ -378,10 +378,11 @@ class SpeedSection:
         "products accumulate in fp32 (torch._scaled_mm), as vLLM's and torchao's float8 recipes do; the adapter's "
         "matmuls, evaluation and generation stay in the compute dtype. Weights narrower than 2,048 stay bf16 (no "
         "faster there). Rounds each operand to 3 mantissa bits: a layer's output moves by ~4% RMS (bf16: 0.2%); "
-        "losses over 50 steps within 0.35% of bf16's on average. auto: on where it runs (bf16 compute, a GPU that "
-        "has it, layers not compiled: compiled layers run peft's ops) and a micro-batch holds 8,192 tokens or more "
-        "(batch x longest row; H200: 1.21-1.26x at 8,192, slower at 4,096, where the step waits on kernel "
-        "launches); false: every matmul in the compute dtype")
+        "losses over 50 steps within 0.35% of bf16's on average. auto: on a Hopper GPU (where it was measured) "
+        "where it runs (bf16 compute, torch's rowwise float8 matmul works there, layers not compiled: compiled "
+        "layers run peft's ops) and a micro-batch holds 8,192 tokens or more (batch x longest row; H200: "
+        "1.21-1.26x at 8,192, slower at 4,096, where the step waits on kernel launches); true: wherever it runs; "
+        "false: every matmul in the compute dtype")
     liger_kernels: bool = option(
         True, help="Liger's Triton layer kernels on GPU (RMSNorm, RoPE, SwiGLU; not its fused cross-entropy: trl's "
         "fused LM head already keeps the full logits out); needs `pip install liger-kernel`; off on CPU and where "

@@ -786,3 +786,17 @@ def test_fp8_training_follows_the_bf16_loss_curve(tmp_path: Path, tiny_base: Pat
     assert len(calls) >= 8 * 2 * 6  # steps x layers x the projections outside the fused MLP's down projection
     assert len(fp8) == 8 and bf16[-1] < bf16[0] - 0.1
     assert fp8 == pytest.approx(bf16, rel=0.02)
+
+
+def test_float8_matmul_is_found_where_the_gpu_has_it() -> None:
+    """The plan's one try of torch's rowwise float8 matmul says yes on Hopper (where auto takes float8) and on any
+    GPU of compute capability 8.9+ whose torch build runs it; no below 8.9."""
+    from qlora_kit.speed.fp8 import float8_matmul_works
+    from qlora_kit.speed.plan import Machine
+
+    capability = torch.cuda.get_device_capability()
+    assert Machine.measure().float8 is float8_matmul_works()
+    if capability[0] == 9:
+        assert float8_matmul_works()
+    elif capability < (8, 9):
+        assert not float8_matmul_works()

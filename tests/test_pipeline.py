@@ -326,7 +326,7 @@ def test_merge_on_a_folder_that_is_not_a_run_exits_2(tmp_path, cli):
     status, _, err = cli("merge", str(tmp_path))
 
     assert status == 2
-    assert err.startswith(f"qlora-kit: error: {tmp_path}: no trained adapter")
+    assert err.startswith(f"qlora-kit: error: {tmp_path}: not a qlora-kit run folder (no recipe.yaml)")
 
 
 def test_an_eval_forward_on_cpu_leaves_4bit_layers_trainable(make_recipe, tiny_model_dir):

@@ -53,7 +53,7 @@ def tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, run_dir, **section
 def gpu_machine(**facts) -> Machine:
     """A machine with one 80 GiB GPU free for training, Triton and liger-kernel, one process; `facts` differ."""
     return Machine(**{"gpus": 1, "usable_gpu_gib": 78.0, "capability": (9, 0), "processes": 1, "under_fsdp": False,
-                      "triton": True, "liger": True, **facts})
+                      "triton": True, "liger": True, "float8": True, **facts})
 
 
 @pytest.fixture(autouse=True)
@@ -1765,11 +1765,17 @@ def test_fp8_matmul_runs_on_float8_gpus_outside_compiled_layers_and_says_why_not
         assert not plan(*overrides).fp8_matmul and not why_not(plan(*overrides))
         forced = plan(*overrides, "speed.fp8_matmul=true")
         assert not forced.fp8_matmul and why_not(forced)[0].startswith(f"fp8_matmul: off, {reason}"), overrides
-    for machine in (gpu_machine(capability=(8, 0)), gpu_machine(triton=False)):  # A100: no float8 matmuls
+    a100 = gpu_machine(capability=(8, 0), float8=False)
+    for machine in (a100, gpu_machine(triton=False)):
         assert not plan("speed.fp8_matmul=true", machine=machine).fp8_matmul
         assert why_not(plan("speed.fp8_matmul=true", machine=machine))
+    assert why_not(plan("speed.fp8_matmul=true", machine=a100))[0].startswith(
+        "fp8_matmul: off, this GPU (compute capability (8, 0)) or torch")
     assert not plan("speed.fp8_matmul=true", machine=gpu_machine(gpus=0, usable_gpu_gib=0.0)).fp8_matmul
-    assert plan(machine=gpu_machine(capability=(8, 9))).fp8_matmul  # Ada
+    for capability in ((8, 9), (10, 0), (12, 0)):  # Ada, Blackwell: float8 runs there, auto was measured on Hopper
+        other = gpu_machine(capability=capability)
+        assert not plan(machine=other).fp8_matmul and plan("speed.fp8_matmul=true", machine=other).fp8_matmul
+        assert any(note.startswith("fp8_matmul: auto -> off, measured on Hopper") for note in plan(machine=other).notes)
 
 
 def test_fp8_matmul_takes_only_wide_bf16_weights_in_multiples_of_16() -> None:

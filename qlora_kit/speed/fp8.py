@@ -18,7 +18,7 @@ import weakref
 
 import torch
 
-from qlora_kit.speed.nf4_triton import nf4_dequantize, nf4_dequantize_kernel, on_device
+from qlora_kit.speed.nf4_triton import nf4_dequantize, on_device
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -28,19 +28,20 @@ FP8_MIN_WIDTH = 2048  # narrower weights stay in bf16 (fp8_applies)
 FP8_MIN_TOKENS = 8192  # speed.fp8_matmul auto: micro-batches of fewer tokens stay in bf16 (plan.choose_fp8_matmul)
 
 
-def fp8_matmul_blocker(device: torch.device | None = None) -> str | None:
-    """Why float8 matmuls cannot run on this machine, or None: a CUDA GPU of compute capability 8.9 or newer (Ada,
-    Hopper, Blackwell), Triton, and torch's rowwise-scaled float8 matmul."""
-    if not torch.cuda.is_available():
-        return "no CUDA GPU"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < (8, 9):
-        return f"the GPU (compute capability {major}.{minor}) has no float8 matmuls (8.9 or newer: Ada, Hopper)"
-    if nf4_dequantize_kernel() is None or fp8_kernels() is None:
-        return "Triton is not installed"
-    if not hasattr(torch, "_scaled_mm"):
-        return f"torch {torch.__version__} has no torch._scaled_mm"
-    return None
+@functools.cache
+def float8_matmul_works() -> bool:
+    """This GPU and torch build run the rowwise-scaled float8 matmul the fused layers call: tried once on a tiny
+    product. Compute capability 8.9+ has float8, but rowwise scaling needed Hopper in torch builds before 2.7, and
+    cuBLAS refused it on a Blackwell workstation card (pytorch#192707): a try says more than a version table."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9) or not hasattr(torch, "_scaled_mm"):
+        return False
+    try:
+        ones = torch.ones(32, 32, device="cuda").to(FP8)
+        out = torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(32, 1, device="cuda"),
+                               scale_b=torch.full((1, 32), 0.5, device="cuda"), out_dtype=torch.bfloat16)
+        return bool((out == 16).all())
+    except RuntimeError:
+        return False
 
 
 def fp8_applies(layer) -> bool:

@@ -38,7 +38,7 @@ from qlora_kit.speed.attention import (
     set_attention_implementation,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
-from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_WIDTH
+from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_WIDTH, float8_matmul_works
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
 from qlora_kit.speed.patches import (
@@ -67,6 +67,7 @@ class Machine:
     under_fsdp: bool
     triton: bool  # qlora-kit's Triton kernel can be built (a GPU and Triton)
     liger: bool  # liger-kernel is installed
+    float8: bool = False  # the GPU runs torch's rowwise-scaled float8 matmul (fp8.float8_matmul_works)
 
     @classmethod
     def measure(cls) -> Machine:
@@ -81,7 +82,8 @@ class Machine:
             capability = torch.cuda.get_device_capability(device)
         return cls(gpus=gpus, usable_gpu_gib=usable, capability=capability,
                    processes=int(os.environ.get("WORLD_SIZE", "1")), under_fsdp=under_fsdp(),
-                   triton=gpus > 0 and nf4_dequantize_kernel() is not None, liger=liger_kernel_installed())
+                   triton=gpus > 0 and nf4_dequantize_kernel() is not None, liger=liger_kernel_installed(),
+                   float8=gpus > 0 and float8_matmul_works())
 
 
 @dataclass(frozen=True)
@@ -444,11 +446,11 @@ def layer_compile_blocker(recipe: Recipe, machine: Machine, fused_mlp: bool = Fa
 def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool, compiled_layers: bool,
                       notes: list[str]) -> bool:
     """speed.fp8_matmul for this run: the fused layers' big matmuls in float8 (speed/fp8.py). They run where the
-    fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU of compute capability 8.9+ with
-    torch._scaled_mm, and outside compiled layers (those run peft's ops). `auto` takes it where it runs and a
-    micro-batch holds at least FP8_MIN_TOKENS tokens: below that the host's launches set the step's pace and the
-    casts' launches cost more than the faster matmuls give back (docs/benchmarks.md); `true` wherever it runs, and
-    says why where it cannot."""
+    fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU that runs torch's rowwise-scaled float8
+    matmul (Machine.float8), and outside compiled layers (those run peft's ops). `auto` takes it on Hopper GPUs
+    (where it was measured) for micro-batches of FP8_MIN_TOKENS tokens or more: below that the host's launches set
+    the step's pace and the casts' launches cost more than the faster matmuls give back (docs/benchmarks.md);
+    `true` wherever it runs, and says why where it cannot."""
     setting = recipe.speed.fp8_matmul
     if not setting or not machine.gpus:
         return False
@@ -456,8 +458,13 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
         blocker = "needs fused_lora and triton_dequantize (Triton installed)"
     elif recipe.quantization.compute_dtype not in ("auto", "bf16"):  # auto: bf16 on every GPU with float8
         blocker = f"needs bf16 compute (quantization.compute_dtype: {recipe.quantization.compute_dtype})"
-    elif machine.capability is None or tuple(machine.capability) < (8, 9) or not hasattr(torch, "_scaled_mm"):
-        blocker = f"the GPU (compute capability {machine.capability}) has no float8 matmuls (8.9+: Ada, Hopper)"
+    elif not machine.float8:
+        blocker = (f"this GPU (compute capability {machine.capability}) or torch {torch.__version__} does not run "
+                   "rowwise-scaled float8 matmuls (tried when training starts)")
+    elif setting == "auto" and machine.capability[0] != 9:
+        notes.append(f"fp8_matmul: auto -> off, measured on Hopper GPUs only (compute capability "
+                     f"{machine.capability}; speed.fp8_matmul: true takes it)")
+        return False
     elif compiled_layers:
         blocker = "the decoder layers compile, and compiled layers run peft's ops (speed.compile_layers: false to " \
                   "take float8 instead)"

@@ -51,16 +51,25 @@ LABELS = {"loss": "train loss", "eval_loss": "eval loss", "reward": "mean", "rew
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every record of <run>/metrics.jsonl (one per trainer log call); a torn last line is skipped."""
+    """Every record of <run>/metrics.jsonl (one per trainer log call). A torn last line (a killed run) is skipped
+    quietly; any other line that is not a JSON object is skipped with a warning that counts them."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    records = []
-    for line in path.read_text().splitlines():
+    records, skipped = [], []
+    lines = path.read_text(errors="replace").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            continue
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif line.strip() and number < len(lines):
+            skipped.append(number)
+    if skipped:
+        log.warning("%s: %d line(s) are not metric records and were left out (line %s%s)", path, len(skipped),
+                    ", ".join(map(str, skipped[:5])), ", ..." if len(skipped) > 5 else "")
     return records
 
 

@@ -132,6 +132,25 @@ def test_report_of_an_interrupted_run_plots_what_was_logged(finished_run, tmp_pa
     assert f"| final train loss | {logged[-1]['loss']:.4g} (step 15," in text
 
 
+def test_lines_of_metrics_that_are_not_records_are_left_out_with_one_warning(finished_run, tmp_path, caplog):
+    """A hand-edited or merged metrics.jsonl: a line that is not JSON, or JSON that is not an object (a number, a
+    list), is left out of the plots with one warning that counts them; a torn last line stays quiet."""
+    from qlora_kit.report import write_report
+
+    run = shutil.copytree(finished_run, tmp_path / "run", ignore=shutil.ignore_patterns("report"))
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "5", "[1, 2]", "<<<<<<< HEAD", *lines[1:], '{"st']))
+
+    with caplog.at_level("WARNING", logger="qlora_kit"):
+        records = read_metrics(run)
+        text = (write_report(run) / "report.md").read_text()
+
+    assert records == [json.loads(line) for line in lines]
+    warnings = [r.getMessage() for r in caplog.records if "not metric records" in r.getMessage()]
+    assert warnings and warnings[0].endswith("3 line(s) are not metric records and were left out (line 2, 3, 4)")
+    assert "final train loss" in text
+
+
 @pytest.fixture(scope="module")
 def tensorboard_run(tmp_path_factory, recipe_writer) -> Path:
     pytest.importorskip("tensorboard")

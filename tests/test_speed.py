@@ -1024,6 +1024,9 @@ class FakeGpu:
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * gib), int(total_gib * gib)))
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: int(reserved_gib * gib))
         monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: fraction)
+        import qlora_kit.speed.plan as plan_module
+
+        monkeypatch.setattr(plan_module, "float8_matmul_works", lambda: True)  # a Hopper GPU: no product to try
 
 
 def test_the_machine_counts_this_process_s_cached_memory_and_its_memory_fraction_cap(monkeypatch):
@@ -1034,6 +1037,7 @@ def test_the_machine_counts_this_process_s_cached_memory_and_its_memory_fraction
     FakeGpu(monkeypatch, total_gib=80, free_gib=78, fraction=0.25)  # a memory-fraction cap counts, not just free
     machine = Machine.measure()
     assert machine.usable_gpu_gib == pytest.approx(20) and machine.gpus == 1 and machine.capability == (9, 0)
+    assert machine.float8
 
 
 def test_auto_kept_layers_fill_the_gpu_s_headroom_and_stay_off_for_long_context(make_recipe, tiny_model_dir):

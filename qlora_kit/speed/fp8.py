@@ -40,7 +40,7 @@ def float8_matmul_works() -> bool:
         out = torch._scaled_mm(ones, ones.t(), scale_a=torch.ones(32, 1, device="cuda"),
                                scale_b=torch.full((1, 32), 0.5, device="cuda"), out_dtype=torch.bfloat16)
         return bool((out == 16).all())
-    except RuntimeError:
+    except Exception:  # whatever refuses the product (a RuntimeError from cuBLAS or CUTLASS, an unbuilt kernel)
         return False
 
 

@@ -3,6 +3,7 @@
 peft's path clones every base output, scales and adds the adapter output in separate kernels, and lets autograd save
 and replay all of it; here the adapter lands in the base output through one addmm, and backward needs one big matmul
 (grad input through the re-dequantized weight) plus rank-r ones. Nothing larger than the layer input is saved.
+With speed.fp8_matmul the two big matmuls (X W^T and dY W) run in float8 where the layer takes that path (fp8.py).
 
 Notation: W the frozen weight [out, in] (dequantized when needed), A [r, in] and B [out, r] the adapter, s its
 scaling, X the layer input, X' = dropout(X) the adapter's input, dY the output gradient.

@@ -3,12 +3,14 @@
 A QLoRA step spends about three quarters of its GPU time in two matmuls per layer: X W^T forward (and again in a
 checkpointed layer's recompute) and dY W backward, with W the dequantized frozen weight. An H100/H200 runs float8
 matmuls at twice the bf16 rate, and W is frozen and already 4-bit: here it is dequantized straight to float8 (e4m3,
-one scale for the whole tensor: NF4 values span 2^4 of range inside a tensor, e4m3 covers 2^17), and X and dY are
-cast to float8 with one scale per row (a token's activations or gradient), as torchao's rowwise float8 recipe does.
+one scale for the whole tensor: e4m3's 2^17 of range holds every NF4 level times every block scale of a weight), and
+X and dY are cast to float8 with one scale per row (a token's activations or gradient), as torchao's rowwise float8
+recipe does.
 The products accumulate in fp32 and come out in bf16, scaled back. The adapter's matmuls stay in bf16.
 
 The cost is rounding: e4m3 keeps 3 mantissa bits, so each operand element moves by up to 1/16 of itself, about a
-quarter of NF4's own step; over a K-long dot product the errors mostly cancel (docs/benchmarks.md has the loss curves).
+quarter of NF4's own step; over a K-long dot product the errors mostly cancel (docs/benchmarks.md: a projection's
+output moves by 3.7% RMS, training losses by 0.35% on average).
 """
 
 from __future__ import annotations

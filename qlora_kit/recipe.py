@@ -1218,6 +1218,12 @@ def check_model_location(recipe: Recipe) -> None:
     resolve_package_folder(recipe)
     m = recipe.model
     looks_local = m.name.startswith((".", "/", "~")) or Path(m.name).expanduser().exists()
+    if looks_local and Path(m.name).expanduser().is_file():
+        path = Path(m.name).expanduser()
+        fix = (f"set model.name: {path.parent} and model.gguf_file: {path.name}" if path.suffix == ".gguf" else
+               f"point it at the folder that holds it ({path.parent})")
+        raise RecipeError(f"{at(recipe.source, 'model.name')}: {m.name} is a file; model.name names a model "
+                          f"folder: {fix}")
     if looks_local and not Path(m.name).expanduser().is_dir():
         raise RecipeError(f"{at(recipe.source, 'model.name')}: local model folder not found: {m.name}")
     if looks_local and m.gguf_file is None and not (Path(m.name).expanduser() / "config.json").is_file():

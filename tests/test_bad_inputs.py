@@ -166,6 +166,14 @@ CASES = [
          RecipeError, r"load_in_4bit and load_in_8bit are both true; pick one"),
     Case("missing model folder", recipe_with(model={"name": "./no/such/model"}), RecipeError,
          r"model.name: local model folder not found: ./no/such/model"),
+    Case("a GGUF file as model.name", lambda mr, tmp: load_recipe(mr(model={"name": str(
+        write_bytes(tmp / "m.Q4_0.gguf", b"GGUF"))})), RecipeError,
+         r"model.name: .*/m.Q4_0.gguf is a file; model.name names a model folder: set model.name: .* and "
+         r"model.gguf_file: m.Q4_0.gguf"),
+    Case("a weights file as model.name", lambda mr, tmp: load_recipe(mr(model={"name": str(
+        write_bytes(tmp / "model.safetensors", b"{}"))})), RecipeError,
+         r"model.name: .*/model.safetensors is a file; model.name names a model folder: point it at the folder "
+         r"that holds it"),
     Case("missing GGUF file", lambda mr, tmp: load_recipe(mr(model={"name": str(tmp), "gguf_file": "x.gguf"})),
          RecipeError, r"model.gguf_file: x.gguf not found in"),
     Case("package model not installed", recipe_with(model={"name": "package:no_such_pkg_xyz"}), RecipeError,

@@ -301,7 +301,8 @@ class TrainingSection:
     save_total_limit: int | None = option(3, help="keep at most N checkpoints", min=1)
     report_to: list[str] = option(default_factory=list, help="logging integrations, e.g. [tensorboard]")
     resume: Literal["auto", "never"] = option(
-        "never", help="auto: continue from the run folder's last checkpoint (fresh start if none)")
+        "never", help="auto: continue from the run folder's last complete checkpoint (a fresh start if there is none, "
+        "unless the folder holds a trained adapter, which a fresh start would replace: refused)")
     overwrite: bool = option(False, help="delete an existing run folder instead of refusing to start")
     sft_args: dict[str, Any] = option(
         default_factory=dict, help="extra trl SFTConfig arguments, e.g. {neftune_noise_alpha: 5}")

@@ -304,7 +304,26 @@ def check_run_dir(recipe: Recipe) -> bool:
                           "replace it with training.overwrite=true, or pick another training.run_name")
     if existing and t.resume == "auto":
         check_resume_compatible(recipe, run_dir)
+        if not any((folder / COMPLETE_MARKER).is_file() for folder in checkpoint_folders(run_dir)):
+            refuse_to_retrain_over_adapter(recipe, run_dir, "none was saved, or they were deleted")
     return existing
+
+
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    checkpoints = run_dir / "checkpoints"
+    return [p for p in checkpoints.glob("checkpoint-*") if p.is_dir()] if checkpoints.is_dir() else []
+
+
+def refuse_to_retrain_over_adapter(recipe: Recipe, run_dir: Path, why: str) -> None:
+    """resume=auto with no checkpoint to resume from starts over, and that run's save replaces the adapter: refused
+    where a trained adapter is there (a finished run whose checkpoints were deleted to save disk, say)."""
+    adapter = run_dir / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        raise RecipeError(
+            f"{recipe.source}: training.resume=auto: {run_dir} holds a trained adapter ({adapter}) but no checkpoint "
+            f"to resume from ({why}; a checkpoint holds the optimizer and the data position, the adapter alone does "
+            "not), so training would start over and replace that adapter. Pass training.overwrite=true to start over "
+            "(the earlier run is replaced), or pick another training.run_name")
 
 
 def claim_run_dir(recipe: Recipe, lock: RunLock) -> RunFolder:
@@ -456,5 +475,6 @@ def find_resume_checkpoint(recipe: Recipe, run_dir: Path) -> str | None:
                     "damaged (its files no longer match what was saved)" if damaged
                     else "incomplete (the run stopped while saving it)", aside.name)
         os.replace(last, aside)
+    refuse_to_retrain_over_adapter(recipe, run_dir, "the ones there were damaged and are moved aside")
     log.info("training.resume=auto: no checkpoint in %s yet; starting from scratch", checkpoints)
     return None

@@ -1056,3 +1056,33 @@ def test_a_damaged_run_folder_is_named_with_its_fix_not_a_crash(damage, command,
     assert "bug in qlora-kit" not in err and not list(run.glob("qlora-kit-crash-*"))
     assert not out.exists() and not (tmp_path / "m.gguf").exists()  # nothing half-written left behind
     assert not [p for p in tmp_path.iterdir() if ".partial." in p.name]
+
+
+def test_resume_without_a_checkpoint_never_retrains_over_a_trained_adapter(make_recipe, cli, tmp_path):
+    """resume=auto with no checkpoint to resume from starts over, and that run's save would replace the adapter: a
+    finished run whose checkpoints were deleted (to save disk), or whose every checkpoint is damaged, is refused in
+    validate and train with the two ways on, and its adapter stays as it was."""
+    import shutil
+
+    recipe = make_recipe(training={"max_steps": 2, "save_steps": 1}, export={"merge": False})
+    assert cli("train", str(recipe))[0] == 0
+    run = tmp_path / "outputs" / "tiny"
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    checkpoints = sorted(p for p in (run / "checkpoints").iterdir() if p.is_dir())
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:  # damaged after they were saved
+        (checkpoint / "trainer_state.json").write_text("{")
+
+    status, _, err = cli("train", str(recipe), "training.resume=auto", "training.max_steps=4")
+    assert status == 2
+    assert "holds a trained adapter" in err and "the ones there were damaged and are moved aside" in err
+    assert "training.overwrite=true to start over" in err
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith("checkpoint-") and "." not in p.name]
+
+    shutil.rmtree(run / "checkpoints")  # deleted to save disk
+    for command in ("validate", "train"):
+        status, _, err = cli(command, str(recipe), "training.resume=auto", "training.max_steps=4")
+        assert status == 2 and "none was saved, or they were deleted" in err, (command, err)
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert cli("train", str(recipe), "training.overwrite=true", "training.max_steps=1")[0] == 0  # the way on

@@ -311,7 +311,11 @@ def setup_logging(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", module=r"(" + "|".join(LIBRARIES) + r")(\.|$)")
 
 
-USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
+# File-system errors about the user's machine or the paths they gave (a full disk, permissions, an --out under a
+# file, a name too long): the user's to fix, said in one line; any other OSError is a bug.
+USER_OS_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                  errno.ENAMETOOLONG}
+OS_ERROR_HINTS = {errno.ENOTDIR: "a part of that path is a file, not a folder: pick another path"}
 
 
 def write_crash_log(args: argparse.Namespace) -> Path:
@@ -351,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in USER_OS_ERRORS:
             return report_bug(args, exc)
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"qlora-kit: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        hint = f" ({OS_ERROR_HINTS[exc.errno]})" if exc.errno in OS_ERROR_HINTS else ""
+        print(f"qlora-kit: error: {exc.strerror or exc}{where}{hint}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the one place every other failure is turned into a bug report
         return report_bug(args, exc)

@@ -28,7 +28,7 @@ import torch
 
 from qlora_kit.export import CHECK_PROMPTS, merge_adapter
 from qlora_kit.recipe import ExportSection, QloraKitError, read_run_recipe
-from qlora_kit.rundir import damaged_merged, saved_part_errors, trained_adapter
+from qlora_kit.rundir import damaged_merged, make_parent_folder, saved_part_errors, trained_adapter
 
 log = logging.getLogger("qlora_kit")
 
@@ -640,7 +640,7 @@ def not_read_by_transformers(arch: Architecture) -> list[str]:
 
 def export_gguf(merged: Path, target: Path, quant: str) -> Path:
     """Write `target` (a .gguf file) and `<target stem>.check.json` next to it, after a passing check."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(target)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         check = write_and_check(merged, partial / target.name, quant)
@@ -759,7 +759,7 @@ def export_lora(run_dir: Path, target: Path, quant: str) -> Path:
     name_map = gguf.get_tensor_name_map(arch.arch, arch.config.num_hidden_layers)
     qtype = QUANT_TYPES[quant][0]
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(target)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         path = partial / target.name

@@ -50,13 +50,25 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+def make_parent_folder(target: Path) -> None:
+    """Create the folders above `target`; a file where one of them should be is the user's path to fix (mkdir says
+    only "File exists" or "Not a directory")."""
+    for parent in (target.parent, *target.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise QloraKitError(f"{target}: {parent} is a file, so nothing can be written under it; pick another "
+                                    "path")
+            break
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(target: Path, replace: bool = True) -> Iterator[Path]:
     """Yield an empty hidden folder next to `target`; when the block ends without an error it becomes `target`.
 
     On an error the partial folder is removed and `target` is untouched. With `replace=False` an existing `target`
     (another process finished first, e.g. a shared cache entry) is kept and the new copy dropped."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(target)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=target.parent))
     try:
         yield partial

@@ -701,6 +701,41 @@ def test_a_full_disk_is_a_user_error_not_a_bug(cli, tmp_path, monkeypatch):
     assert err.strip() == f"qlora-kit: error: No space left on device: {tmp_path / 'report'}"
 
 
+def test_a_path_through_a_file_is_a_user_error_with_a_hint(cli, tmp_path, monkeypatch):
+    """Not a directory (a part of a path the user gave is a file), wherever it is raised: one line, exit 2."""
+    import errno
+    import os
+
+    from qlora_kit import report
+
+    def under_a_file(run_dir):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(tmp_path / "notes.txt" / "report"))
+
+    monkeypatch.setattr(report, "write_report", under_a_file)
+    status, _, err = cli("report", str(tmp_path))
+
+    assert status == 2
+    assert err.strip() == (f"qlora-kit: error: Not a directory: {tmp_path / 'notes.txt' / 'report'} (a part of that "
+                           "path is a file, not a folder: pick another path)")
+
+
+@pytest.mark.parametrize("command", [["merge", "RUN", "--out", "FILE/merged"],
+                                     ["export", "RUN", "--format", "gguf", "--out", "FILE/model.gguf"],
+                                     ["export", "RUN", "--format", "gguf-lora", "--out", "FILE/sub/lora.gguf"],
+                                     ["push", "RUN", "--repo-id", "u/n", "--base-model", "a/b", "--dry-run", "--out",
+                                      "FILE/upload"]], ids=["merge", "gguf", "gguf-lora", "push"])
+def test_an_output_under_a_file_is_named_and_the_file_kept(command, finished_run, cli, tmp_path):
+    import shutil
+
+    run = shutil.copytree(finished_run, tmp_path / "run")
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    status, _, err = cli(*[str(run) if a == "RUN" else a.replace("FILE", str(mine)) for a in command])
+    assert status == 2, err
+    assert f"{mine} is a file, so nothing can be written under it; pick another path" in err
+    assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
+
+
 @pytest.mark.parametrize("command", ["validate", "data", "train"])
 def test_a_hub_model_offline_and_not_cached_is_the_same_message_in_every_command(command, make_recipe, cli):
     recipe = make_recipe(model={"name": "no-such-org/no-such-model"})

@@ -805,6 +805,8 @@ def suggest(key: str, known: dict[str, Any], prefix: str) -> str:
 
 
 def describe(value: Any) -> str:
+    if value is None:  # `key:` with nothing after it in YAML, or an override `key=`
+        return "nothing (the key is there with an empty value)"
     return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
 
 

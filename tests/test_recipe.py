@@ -158,7 +158,8 @@ def test_recipe_that_is_not_a_mapping_is_refused(tmp_path):
 
 
 def test_null_model_name_is_a_type_error(make_recipe):
-    assert "model.name: expected a string, got NoneType None" in recipe_error(make_recipe(model={"name": None}))
+    assert ("model.name: expected a string, got nothing (the key is there with an empty value)"
+            in recipe_error(make_recipe(model={"name": None})))
 
 
 def test_recipe_without_model_section_says_model_name_is_required(tmp_path, shout_files):

@@ -346,6 +346,10 @@ def clean_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversat
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"turn {i}: expected {{role, content}}, got {turn!r:.80}")
         role = (roles or {}).get(turn["role"], turn["role"])
+        if turn.get("tool_calls") or role in ("tool", "function", "ipython"):
+            raise DataError(f"turn {i} ({turn['role']}): a tool call or tool result; qlora-kit trains on text "
+                            "turns only, so tool-calling conversations are not read (drop these rows, or skip them "
+                            "with data.on_bad_rows: skip)")
         if role not in ROLES:
             raise DataError(f"turn {i}: unknown role {turn['role']!r}; use one of {', '.join(ROLES)}, or map it "
                             f"with {role_suggestion(turn['role'])} in the dataset's entry")

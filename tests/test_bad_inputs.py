@@ -205,6 +205,13 @@ CASES = [
          r"rows.jsonl: line 2: invalid JSON"),
     Case("row with a misspelt field", data_file(['{"prompt": "a", "complation": "b"}']), DataError,
          r"cannot tell the row format from its fields \['complation', 'prompt'\]"),
+    Case("a tool-calling conversation", data_file(['{"messages": [{"role": "user", "content": "What time is it?"}, '
+                                                   '{"role": "assistant", "content": null, "tool_calls": [{"type": '
+                                                   '"function", "function": {"name": "now", "arguments": "{}"}}]}, '
+                                                   '{"role": "tool", "content": "12:00"}, '
+                                                   '{"role": "assistant", "content": "Noon."}]}']), DataError,
+         r"line 1: turn 1 \(assistant\): a tool call or tool result; qlora-kit trains on text turns only.*"
+         r"data.on_bad_rows: skip"),
     Case("unknown role", data_file(['{"messages": [{"role": "bot", "content": "x"}, '
                                     '{"role": "assistant", "content": "y"}]}']), DataError,
          r"line 1: turn 0: unknown role 'bot'"),

@@ -28,7 +28,13 @@ import torch
 
 from qlora_kit.export import CHECK_PROMPTS, merge_adapter
 from qlora_kit.recipe import ExportSection, QloraKitError, read_run_recipe
-from qlora_kit.rundir import damaged_merged, make_parent_folder, saved_part_errors, trained_adapter
+from qlora_kit.rundir import (
+    damaged_merged,
+    make_parent_folder,
+    refuse_path_under_file,
+    saved_part_errors,
+    trained_adapter,
+)
 
 log = logging.getLogger("qlora_kit")
 
@@ -98,7 +104,9 @@ def export_after_training(run_dir: Path, export: ExportSection) -> None:
 def refuse_existing(target: Path, force: bool, folder: bool) -> None:
     """An existing output is replaced only with --force, and only where it is a qlora-kit export: a GGUF file with
     the `<stem>.check.json` its check wrote beside it, an Ollama folder with its gguf_check.json (or an empty
-    folder). Anything else at `--out` is the user's, and stays."""
+    folder). Anything else at `--out` is the user's, and stays. An --out under a file is refused here too, before
+    the merge and the export run."""
+    refuse_path_under_file(target)
     if not target.exists() and not target.is_symlink():
         return
     if not force:

@@ -35,7 +35,7 @@ from qlora_kit.report import (
     render_markdown,
     run_facts,
 )
-from qlora_kit.rundir import atomic_folder, trained_adapter
+from qlora_kit.rundir import atomic_folder, refuse_path_under_file, trained_adapter
 
 log = logging.getLogger("qlora_kit")
 
@@ -109,6 +109,7 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
     """
     run_dir, target = Path(run_dir), Path(target)
     recipe = read_run_recipe(run_dir)
+    refuse_path_under_file(target)  # before a merge or an export runs for it
     base = find_base_model(recipe, base_model)
     if base.hub_id is None and not merged:
         ask = (f"the Hub id of the base model is unknown (training used {base.described}); pass --base-model HUB_ID "

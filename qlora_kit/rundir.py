@@ -50,15 +50,20 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def make_parent_folder(target: Path) -> None:
-    """Create the folders above `target`; a file where one of them should be is the user's path to fix (mkdir says
-    only "File exists" or "Not a directory")."""
+def refuse_path_under_file(target: Path) -> None:
+    """A file where a folder above `target` should be is the user's path to fix (mkdir would say only "File exists"
+    or "Not a directory"); read-only, so commands check their output path before the work that writes it."""
     for parent in (target.parent, *target.parent.parents):
         if parent.exists():
             if not parent.is_dir():
                 raise QloraKitError(f"{target}: {parent} is a file, so nothing can be written under it; pick another "
                                     "path")
-            break
+            return
+
+
+def make_parent_folder(target: Path) -> None:
+    """Create the folders above `target` (refuse_path_under_file first)."""
+    refuse_path_under_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
 
 

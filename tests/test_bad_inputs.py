@@ -740,6 +740,7 @@ def test_an_output_under_a_file_is_named_and_the_file_kept(command, finished_run
     status, _, err = cli(*[str(run) if a == "RUN" else a.replace("FILE", str(mine)) for a in command])
     assert status == 2, err
     assert f"{mine} is a file, so nothing can be written under it; pick another path" in err
+    assert "merging" not in err  # refused before the work, not after it
     assert mine.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "run"]
 
 

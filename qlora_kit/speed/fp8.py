@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from qlora_kit.speed.nf4_triton import nf4_dequantize, on_device
+from qlora_kit.speed.nf4_triton import nf4_dequantize, on_device, quant_state_arguments
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -160,16 +160,11 @@ def nf4_to_fp8(layer, inverse: torch.Tensor, transpose: bool) -> torch.Tensor:
         return nf4_dequantize(packed, state, fp8_inverse=inverse)
     rows, cols = state.shape
     out = torch.empty((cols, rows), dtype=FP8, device=packed.device)
-    nested = bool(state.nested)
-    absmax2 = state.state2.absmax if nested else state.absmax
-    code2 = state.state2.code if nested else state.code
-    offset = state.offset if nested else state.absmax
+    pointers, constants = quant_state_arguments(state)
     grid = (-(-rows // TILE_ROWS), -(-(cols // 2) // TILE_BYTES))
     with on_device(packed):
-        fp8_kernels()[1][grid](packed, state.absmax, state.code, absmax2, code2, offset, inverse, out, rows, cols,
-                               NESTED=nested, BLOCKSIZE=state.blocksize,
-                               BLOCKSIZE2=state.state2.blocksize if nested else 1, ROWS=TILE_ROWS, BYTES=TILE_BYTES,
-                               num_warps=8)
+        fp8_kernels()[1][grid](packed, *pointers, inverse, out, rows, cols, ROWS=TILE_ROWS, BYTES=TILE_BYTES,
+                               num_warps=8, **constants)
     return out
 
 

@@ -66,17 +66,23 @@ def nf4_dequantize(packed: torch.Tensor, state, out: torch.Tensor | None = None,
         dtype = state.dtype if fp8_inverse is None else torch.float8_e4m3fn
         out = torch.empty(state.shape, dtype=dtype, device=packed.device)
     n_bytes = packed.numel()
-    nested = bool(state.nested)
-    absmax2 = state.state2.absmax if nested else state.absmax  # unused pointers when not nested
-    code2 = state.state2.code if nested else state.code
-    offset = state.offset if nested else state.absmax
+    pointers, constants = quant_state_arguments(state)
     grid = (-(-n_bytes // BYTES_PER_PROGRAM),)
     with on_device(packed):
-        kernel[grid](packed, state.absmax, state.code, absmax2, code2, offset, out, n_bytes, out.numel(),
-                     offset if fp8_inverse is None else fp8_inverse, NESTED=nested, BLOCKSIZE=state.blocksize,
-                     BLOCKSIZE2=state.state2.blocksize if nested else 1, BYTES=BYTES_PER_PROGRAM,
-                     FP8=fp8_inverse is not None, num_warps=WARPS)
+        kernel[grid](packed, *pointers, out, n_bytes, out.numel(), pointers[-1] if fp8_inverse is None else fp8_inverse,
+                     BYTES=BYTES_PER_PROGRAM, FP8=fp8_inverse is not None, num_warps=WARPS, **constants)
     return out
+
+
+def quant_state_arguments(state) -> tuple[tuple[torch.Tensor, ...], dict[str, int | bool]]:
+    """What the NF4 kernels (this one, fp8.py's transposing one) read of a QuantState: the pointers absmax, code,
+    absmax2, code2, offset (the last three unused without double quantization, so any valid pointer), and the
+    constexprs NESTED, BLOCKSIZE, BLOCKSIZE2."""
+    nested = bool(state.nested)
+    pointers = (state.absmax, state.code, state.state2.absmax if nested else state.absmax,
+                state.state2.code if nested else state.code, state.offset if nested else state.absmax)
+    return pointers, {"NESTED": nested, "BLOCKSIZE": state.blocksize,
+                      "BLOCKSIZE2": state.state2.blocksize if nested else 1}
 
 
 def on_device(tensor: torch.Tensor):

@@ -245,15 +245,17 @@ def load_trained_model(run_dir: str | Path, merged: bool = False) -> TrainedMode
     if merged and not has_merged:
         fix = f"run `qlora-kit merge {run_dir}` first" if has_adapter else "train the recipe first"
         raise QloraKitError(f"{run_dir}: no merged model in {merged_folder}; {fix}")
-    if not merged:
-        trained_adapter(run_dir, f"only the merged model is left ({merged_folder}): `qlora-kit chat --merged "
-                                 f"{run_dir}` uses it" if has_merged else "train the recipe first")
     # merge_adapter saves the training tokenizer and generation config next to the merged weights too
     source = merged_folder if merged else adapter
     what, remedy = (("the merged model", damaged_merged(run_dir)) if merged else
                     ("the trained adapter", damaged_adapter(run_dir)))
-    with saved_part_errors(source, f"{what}'s tokenizer", remedy):
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    if merged:
+        with saved_part_errors(source, f"{what}'s tokenizer", remedy):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+    else:
+        missing = (f"only the merged model is left ({merged_folder}): `qlora-kit chat --merged {run_dir}` uses it"
+                   if has_merged else "train the recipe first")
+        _, tokenizer = trained_adapter(run_dir, missing)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if merged:

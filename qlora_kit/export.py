@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from qlora_kit.model import base_model_folder, resolve_dtype
 from qlora_kit.recipe import QloraKitError, Recipe, read_run_recipe
@@ -90,7 +90,7 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
     start = time.perf_counter()
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
-    adapter = trained_adapter(run_dir)
+    adapter, tokenizer = trained_adapter(run_dir)
     target = Path(out) if out else run_dir / "merged"
     if out is not None and target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise QloraKitError(f"{target} already exists; pass another --out or delete it first")  # an empty folder: ok
@@ -106,7 +106,6 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
     dtype_name = dtype_label(merge_dtype)
     log.info("merging %s into %s: fp32 arithmetic layer by layer on %s, written in %s, %s base", adapter, folder,
              device, dtype_name, base)
-    tokenizer = AutoTokenizer.from_pretrained(adapter)
     inputs, counts = check_inputs(tokenizer, recipe)
     quantized = load_trained_quantized_base(recipe, folder)
     references = reference_logits(recipe, folder, adapter, quantized, inputs, device)

@@ -753,7 +753,7 @@ def export_lora(run_dir: Path, target: Path, quant: str) -> Path:
     from qlora_kit.model import base_model_folder
 
     recipe = read_run_recipe(run_dir)
-    adapter = trained_adapter(run_dir)
+    adapter, _ = trained_adapter(run_dir)
     settings = json.loads((adapter / "adapter_config.json").read_text())
     if settings.get("use_dora") or settings.get("rank_pattern") or settings.get("alpha_pattern") \
             or settings.get("modules_to_save"):

@@ -21,6 +21,7 @@ from qlora_kit.recipe import (
     RecipeError,
     at,
     did_you_mean,
+    error_summary,
     hub_model_unavailable,
     start_adapter_folder,
 )
@@ -58,7 +59,7 @@ def model_file_errors(recipe: Recipe, folder: str, what: str,
     try:
         yield
     except errors as exc:
-        why = str(exc).strip().splitlines()[0].rstrip(".: ") if str(exc).strip() else type(exc).__name__
+        why = error_summary(exc)
         if not Path(folder).expanduser().exists():
             if not isinstance(exc, OSError):
                 raise

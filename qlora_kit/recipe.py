@@ -32,6 +32,13 @@ class RecipeError(QloraKitError):
     """A recipe that is malformed, inconsistent or points at something that does not exist."""
 
 
+def error_summary(exc: BaseException) -> str:
+    """A library's exception as the reason inside one of our messages: its first line, without a trailing period
+    or colon; its type where it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".: ") if text else type(exc).__name__
+
+
 def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
            min: float | None = None, max: float | None = None, min_exclusive: bool = False,
            check: Callable[[Any], Any] | None = None, methods: tuple[str, ...] | None = None) -> Any:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, recipe_to_dict
+from qlora_kit.recipe import QloraKitError, Recipe, RecipeError, error_summary, recipe_to_dict
 
 log = logging.getLogger("qlora_kit")
 
@@ -115,14 +115,14 @@ def saved_part_errors(folder: Path, what: str, remedy: str) -> Iterator[None]:
                    or (isinstance(exc, OSError) and exc.errno in (None, errno.ENOENT)))
         if not damaged:
             raise
-        why = str(exc).strip().splitlines()[0].rstrip(".: ") if str(exc).strip() else type(exc).__name__
+        why = error_summary(exc)
         raise QloraKitError(f"{folder}: cannot read {what} ({why}); {remedy}") from None
 
 
-def trained_adapter(run_dir: Path, missing_fix: str = "train the recipe first") -> Path:
-    """RUN_DIR/adapter, read through as peft and transformers will read it (its config, its weights' headers, the
-    tokenizer saved beside it) before any model loads: a missing one says `missing_fix`, a damaged one names the
-    part (saved_part_errors)."""
+def trained_adapter(run_dir: Path, missing_fix: str = "train the recipe first") -> tuple[Path, Any]:
+    """RUN_DIR/adapter and the tokenizer saved beside it, read through as peft and transformers will read them (its
+    config, its weights' headers, the tokenizer) before any model loads: a missing one says `missing_fix`, a damaged
+    one names the part (saved_part_errors). The tokenizer is returned for the callers that use it."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -134,8 +134,8 @@ def trained_adapter(run_dir: Path, missing_fix: str = "train the recipe first") 
         with safe_open(str(adapter / "adapter_model.safetensors"), "np") as handle:
             list(handle.keys())  # noqa: SIM118 (safe_open is not a dict)
     with saved_part_errors(adapter, "the trained adapter's tokenizer", damaged_adapter(run_dir)):
-        AutoTokenizer.from_pretrained(adapter)
-    return adapter
+        tokenizer = AutoTokenizer.from_pretrained(adapter)
+    return adapter, tokenizer
 
 
 def damaged_adapter(run_dir: Path) -> str:

@@ -391,6 +391,14 @@ class SpeedSection:
         "layers run peft's ops) and a micro-batch holds 8,192 tokens or more (batch x longest row; H200: "
         "1.21-1.26x at 8,192, slower at 4,096, where the step waits on kernel launches); true: wherever it runs; "
         "false: every matmul in the compute dtype")
+    cuda_graphs: bool | Literal["auto"] = option(
+        "auto", help="sft on a GPU: each decoder layer's training forward and backward replay as CUDA graphs (one "
+        "launch each instead of the layer's hundreds of kernel launches and its Python), where every training "
+        "batch has one shape (rows of one length: the plan reads the data). A shape's first micro-batch runs "
+        "eagerly, its second captures the graphs, later ones replay them; a batch of another shape runs without "
+        "them and frees them. Costs one layer-input-sized gradient buffer per layer. Off with several processes, "
+        "compiled layers, offload_checkpoints, mlp_chunk_tokens, and LoRA dropout in layers that recompute (the "
+        "recompute would draw another mask). auto and true: on wherever it applies; false: off")
     liger_kernels: bool = option(
         True, help="Liger's Triton layer kernels on GPU (RMSNorm, RoPE, SwiGLU; not its fused cross-entropy: trl's "
         "fused LM head already keeps the full logits out); needs `pip install liger-kernel`; off on CPU and where "

@@ -285,6 +285,15 @@ def plain_4bit_model(spec: dict[str, Any]):
     return tokenizer, model, lora, cuda
 
 
+def reserved_peak_gib() -> float | None:
+    """torch.cuda.max_memory_reserved in GiB: what the allocator held at most. The peak column is allocated memory;
+    CUDA graphs (speed.cuda_graphs) keep their pool's freed blocks for their replays, which allocated memory does
+    not count, so graph runs are compared on this one."""
+    import torch
+
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 def cmd_reference(spec_path: str) -> None:
     """The plain path: transformers + bitsandbytes + peft + trl glued by hand, as their docs show."""
     spec = json.loads(Path(spec_path).read_text())
@@ -313,6 +322,7 @@ def cmd_reference(spec_path: str) -> None:
     row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
     print("BENCH_JSON " + json.dumps({
         **step_measurements(steps, spec["batch"], row_lengths), "peak_gpu_memory_gib": peak,
+        "peak_reserved_gib": reserved_peak_gib(),
         "setup_s": round(loaded - start, 1), "model_load_s": round(model_loaded - start, 1),
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
 
@@ -381,7 +391,8 @@ def cmd_reference_preference(spec: dict[str, Any]) -> None:
     print("BENCH_JSON " + json.dumps({
         "tokens_per_second": sum(tokens_per_step[s0:s1]) / (t1 - t0) if s1 > s0 else None,
         "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None, "measured_steps": s1 - s0,
-        "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak, "losses": steps.losses,
+        "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
+        "peak_reserved_gib": reserved_peak_gib(), "losses": steps.losses,
         "tokens_per_step": tokens_per_step, "setup_s": round(loaded - start, 1),
         "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
@@ -455,6 +466,7 @@ def cmd_reference_grpo(spec: dict[str, Any]) -> None:
     print("BENCH_JSON " + json.dumps({
         **timer.measurements(), "seconds_per_step": (t1 - t0) / (s1 - s0) if s1 > s0 else None,
         "measured_steps": s1 - s0, "step_seconds": step_durations(marks), "peak_gpu_memory_gib": peak,
+        "peak_reserved_gib": reserved_peak_gib(),
         "losses": steps.losses, "setup_s": round(loaded - start, 1),
         "model_load_s": round(model_loaded - start, 1), "first_step_s": steps.first_step_s,
         "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0]}))
@@ -540,6 +552,7 @@ def cmd_unsloth(spec_path: str) -> None:
     row_lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
     print("BENCH_JSON " + json.dumps({
         **step_measurements(steps, spec["batch"], row_lengths), "peak_gpu_memory_gib": peak,
+        "peak_reserved_gib": reserved_peak_gib(),
         "setup_s": round(loaded - start, 1), "model_load_s": round(model_loaded - start, 1),
         "trainable_parameters": model.get_nb_trainable_parameters()[0],
         "padding_free": getattr(trainer.args, "padding_free", None),
@@ -794,6 +807,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "tokens_per_second_min": min(speeds) if speeds else None,
                      "tokens_per_second_max": max(speeds) if speeds else None,
                      "peak_gpu_memory_gib": max(peaks) if peaks else None,
+                     "peak_reserved_gib": max((r["peak_reserved_gib"] for r in group
+                                               if r.get("peak_reserved_gib") is not None), default=None),
                      "first_step_s": min((r["first_step_s"] for r in group if r.get("first_step_s")), default=None),
                      "model_load_s": min((r["model_load_s"] for r in group if r.get("model_load_s")), default=None)})
     for row in rows:
@@ -843,21 +858,23 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings.get('attention', 'sdpa')}, lr 2e-4 cosine, loss on all tokens, every row exactly `seq` tokens "
         "(no padding). tokens/s: qlora-kit's own `train_tokens_per_second`, "
         f"and the same marks for the reference (step ends after the first {WARMUP_STEPS_SKIPPED} dropped); peak: "
-        "torch.cuda.max_memory_allocated after training, each path in its own process. unsloth (--paths unsloth): "
+        "torch.cuda.max_memory_allocated after training, each path in its own process (reserved: "
+        "max_memory_reserved, what CUDA graph runs are compared on). unsloth (--paths unsloth): "
         "its own recipe (FastLanguageModel, its offloaded checkpointing, adamw_8bit) on the same model, data, LoRA, "
         "batch and schedule. First step: seconds from the process's start to the end of the first optimizer step "
         "(the shortest of the runs: later runs reuse compiled kernels); load: from the start of loading to the "
         "quantized model with its adapters.", "",
         *(f"- {method}: {TOKENS_PER_SECOND[method]}" for method in dict.fromkeys(
             r.get("method", "sft") for r in results["runs"])), "",
-        "| method | path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB "
+        "| method | path | shape | seq | batch | runs | tokens/s (median) | tokens/s range | peak GiB | reserved GiB "
         "| speed vs reference | memory vs reference | speed vs unsloth | memory vs unsloth | s/step (median) "
         "| step time vs reference | first step s | load s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *("| " + " | ".join([r["method"], r["path"], r["label"], str(r["seq"]), str(r["batch"]), str(r["runs"]),
                             fmt(r["tokens_per_second_median"], ",.0f"),
                             f"{fmt(r['tokens_per_second_min'], ',.0f')}–{fmt(r['tokens_per_second_max'], ',.0f')}",
-                            fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r["speed_vs_reference"], ".3f"),
+                            fmt(r["peak_gpu_memory_gib"], ".2f"), fmt(r.get("peak_reserved_gib"), ".2f"),
+                            fmt(r["speed_vs_reference"], ".3f"),
                             fmt(r["memory_vs_reference"], ".3f"), fmt(r["speed_vs_unsloth"], ".3f"),
                             fmt(r["memory_vs_unsloth"], ".3f"), fmt(r["seconds_per_step_median"], ".3f"),
                             fmt(r["step_time_vs_reference"], ".3f"), fmt(r["first_step_s"], ".1f"),

@@ -800,3 +800,120 @@ def test_float8_matmul_is_found_where_the_gpu_has_it() -> None:
         assert float8_matmul_works()
     elif capability < (8, 9):
         assert not float8_matmul_works()
+
+
+def graphs_model(recipe, folder: Path, kept_layers: int):
+    """wide_base trained the way the plan sets it up on a GPU: Liger, fused LoRA and MLP, fp32 adapter weights,
+    checkpointing with the last `kept_layers` layers keeping their activations."""
+    import sys
+
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed.patches import keep_activations, keep_adapter_weights_in_fp32, use_fused_lora, use_fused_mlp
+
+    torch.manual_seed(0)
+    model = build_quantized_model(recipe, str(folder), torch.bfloat16)
+    keep_adapter_weights_in_fp32(model)
+    nonzero_lora_b(model, 0.02)
+    modeling = sys.modules[type(model.get_base_model()).__module__]
+    module_before = dict(vars(modeling))
+    _apply_liger_kernel_to_instance(model=model.get_base_model())
+    for name, value in module_before.items():  # Liger's module-wide swaps undone for later tests (see above)
+        setattr(modeling, name, value)
+    use_fused_lora(model)
+    use_fused_mlp(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, kept_layers)
+    model.train()
+    return model
+
+
+def graph_training_run(model, batches: list[torch.Tensor], accumulate: int) -> list[dict[str, torch.Tensor]]:
+    """Gradients after each optimizer step (SGD, lr 0.05, over `accumulate` micro-batches), as the trainer runs it:
+    bf16 autocast, grads set to None after the step, the adapter casts forgotten."""
+    from qlora_kit.speed.lora_autograd import forget_compute_copies
+
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    steps = []
+    for start in range(0, len(batches), accumulate):
+        for ids in batches[start:start + accumulate]:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # as trl calls it
+            loss.backward()
+        steps.append({n: p.grad.float().clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in params.values():
+                p.add_(p.grad, alpha=-0.05)
+                p.grad = None
+        forget_compute_copies()
+    return steps
+
+
+@pytest.mark.parametrize("kept_layers", [2, 1, 0])  # every layer kept; one recomputes; both recompute
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_cuda_graph_layers_train_to_eager_gradients(kept_layers: int, accumulate: int, tmp_path: Path,
+                                                    wide_base: Path, chat_file: Path) -> None:
+    """The same micro-batches through the layers' own code and through their CUDA graphs (eager on a shape's first
+    micro-batch, captured on its second, replayed after; the weights change every step) give the same gradients.
+    A stale adapter cast inside a graph, gradients handed out in the graph's own buffers (accumulation doubling
+    them) or an input not copied in would each show as a large difference. A batch of another shape runs eagerly
+    and frees the graphs; the next repeat of a shape captures again."""
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.speed.cuda_graphs import use_cuda_graphs
+
+    recipe = load_recipe(write_recipe(tmp_path, wide_base, chat_file))
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randint(4, 30, (2, 96), generator=generator).cuda() for _ in range(6 * accumulate)]
+    batches += [torch.randint(4, 30, (3, 64), generator=generator).cuda() for _ in range(accumulate)]
+    batches += [torch.randint(4, 30, (2, 96), generator=generator).cuda() for _ in range(3 * accumulate)]
+
+    eager = graph_training_run(graphs_model(recipe, wide_base, kept_layers), batches, accumulate)
+    model = graphs_model(recipe, wide_base, kept_layers)
+    graphs = use_cuda_graphs(model)
+    replays = []
+    real_replay = torch.cuda.CUDAGraph.replay
+
+    def counted_replay(graph):
+        replays.append(1)
+        return real_replay(graph)
+
+    torch.cuda.CUDAGraph.replay = counted_replay
+    try:
+        graphed = graph_training_run(model, batches, accumulate)
+    finally:
+        torch.cuda.CUDAGraph.replay = real_replay
+    # shape A, B, A again: each run's first micro-batch eager, its second captures (a lone B does not)
+    assert graphs.broken is None and graphs.captures == (2 if accumulate == 1 else 3) and len(graphs.entries) == 2
+    assert len(replays) == 2 * 2 * (len(batches) - 3)  # 2 layers x (forward + backward), from each capture on
+    for step, (want, got) in enumerate(zip(eager, graphed, strict=True)):
+        for name in want:
+            error = ((got[name] - want[name]).norm() / want[name].norm()).item()
+            assert error < 1e-2, (step, name, error)  # attention's backward is not bitwise; a bug is O(1)
+
+
+def test_cuda_graphs_train_the_eager_loss_curve_through_the_pipeline(tmp_path: Path, tiny_base: Path,
+                                                                     chat_file: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """speed.cuda_graphs on (auto: rows of one length) trains the losses of the run without graphs, and says it
+    captured; the plan turns it off where rows differ in length."""
+    from qlora_kit.pipeline import run_training
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+
+    def losses(run_name: str, *overrides: str) -> tuple[list[float], list[str]]:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
+                             [f"training.run_name={run_name}", "export.merge=false", "training.learning_rate=0.01",
+                              "lora.dropout=0", "speed.compile_layers=false", "training.max_steps=8", *overrides])
+        with qlora_kit_log() as messages:
+            run_training(recipe)
+        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row], messages
+
+    eager, eager_log = losses("eager", "speed.cuda_graphs=false")
+    graphed, graphed_log = losses("graphs")
+    assert not any("capturing" in m for m in eager_log)
+    assert sum("speed.cuda_graphs: capturing" in m for m in graphed_log) == 1, graphed_log
+    assert len(graphed) == 8 and eager[-1] < eager[0] - 0.1
+    assert graphed == pytest.approx(eager, rel=1e-3)

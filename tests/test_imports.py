@@ -31,6 +31,7 @@ ORDER = [
     "qlora_kit.speed.patches",
     "qlora_kit.speed.shared_prefix",  # the pair forward: a bend (patches.rebind_forward) the plan applies
     "qlora_kit.speed.generation",  # GRPO's sampling weights: entered by the GRPO trainer, decided by the plan
+    "qlora_kit.speed.cuda_graphs",  # decoder layers replayed as CUDA graphs: a bend (rebind_forward) the plan applies
     "qlora_kit.speed.plan",
     "qlora_kit.speed",
     "qlora_kit.trainers",

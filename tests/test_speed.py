@@ -1834,3 +1834,80 @@ def test_projections_reading_one_input_share_its_float8_cast_and_never_a_stale_o
     y = torch.zeros(2, 3, 8)  # may land on the freed memory, at version 0 like a fresh tensor
     cast, _ = fp8.input_in_fp8(y.reshape(-1, 8), y)
     assert len(casts) == 5 and torch.equal(cast, torch.zeros(6, 8)), address == y.data_ptr()
+
+
+def test_cuda_graphs_apply_to_sft_batches_of_one_shape_and_say_why_not_elsewhere(make_recipe, tiny_model_dir):
+    """auto and true: on for SFT on a GPU where every batch has one shape, layers not compiled, checkpoints on the
+    GPU, no dropout in a layer that recomputes; elsewhere off with the reason."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+
+    def plan(*overrides, machine=None, varying=None, lora_dropout=0.0):
+        recipe = load_recipe(make_recipe(lora={"dropout": lora_dropout}, training={
+            "batch_size": 2, "max_length": 512, "gradient_checkpointing": True}),
+                             list(overrides))
+        return decide_speed_plan(recipe, config, machine or gpu_machine(), 0, varying_lengths=varying)
+
+    def reason(result) -> str:
+        return next(note for note in result.notes if note.startswith("cuda_graphs:"))
+
+    on = plan()
+    assert on.cuda_graphs and reason(on).startswith("cuda_graphs: decoder layers replay CUDA graphs")
+    assert plan("speed.cuda_graphs=true").cuda_graphs
+    assert not plan("speed.cuda_graphs=false").cuda_graphs
+    assert not plan(machine=gpu_machine(gpus=0, usable_gpu_gib=0.0)).cuda_graphs
+    cases = {
+        "varying": ("training batches come in many shapes (rows of 10 to 90 tokens",
+                    plan(varying="rows of 10 to 90 tokens, each batch padded to its longest")),
+        "dpo": ("SFT only", plan("method=dpo", "speed.shared_prefix=false")),
+        "ddp": ("several processes", plan(machine=gpu_machine(processes=2))),
+        "compiled": ("the decoder layers compile", plan("speed.compile_layers=true")),
+        "offloaded": ("offload_checkpoints", plan("speed.offload_checkpoints=true")),
+        "chunked": ("mlp_chunk_tokens", plan("speed.mlp_chunk_tokens=256")),
+        "dropout": ("dropout in layers that recompute", plan("speed.keep_activations_layers=0",
+                                                             "speed.compile_layers=false", lora_dropout=0.1)),
+    }
+    for name, (why, result) in cases.items():
+        assert not result.cuda_graphs and reason(result).startswith(f"cuda_graphs: off, {why}"), (name, result.notes)
+    kept = plan("speed.keep_activations_layers=2", "speed.compile_layers=false", lora_dropout=0.1)
+    assert kept.kept_layers == 2 and kept.cuda_graphs  # every layer keeps its activations: one mask, drawn once
+
+
+def test_graphed_layers_run_their_own_code_off_the_gpu_and_still_checkpoint(make_recipe, tiny_model_dir) -> None:
+    """Where graphs cannot serve a call (CPU tensors here; evaluation; a cache object) the layers run their own
+    forward, and a layer the plan recomputes still checkpoints: same loss and gradients as before, and its forward
+    runs again in backward."""
+    from qlora_kit.speed.cuda_graphs import call_key, use_cuda_graphs
+    from qlora_kit.speed.patches import keep_activations
+
+    recipe = load_recipe(make_recipe())
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    nonzero_lora_b(model, 0.02)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    keep_activations(model, 1)
+    model.train()
+    ids = torch.randint(4, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+    want_loss, want = loss_and_gradients(model, ids)
+
+    graphs = use_cuda_graphs(model)
+    layers = graphs.layers
+    assert len(layers) == 2 and [layer._graph_recompute for layer in layers] == [True, False]
+    assert not any(layer.gradient_checkpointing for layer in layers)  # transformers no longer checkpoints them
+    calls: list[int] = []
+    real = layers[0]._ungraphed_forward
+    layers[0]._ungraphed_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    got_loss, got = loss_and_gradients(model, ids)
+    assert len(calls) == 2  # forward, and the recompute in backward
+    assert torch.equal(got_loss, want_loss) and all(torch.equal(got[n], want[n]) for n in want)
+    assert not graphs.entries and graphs.mode == "eager"
+    assert use_cuda_graphs(model).layers == layers and layers[0]._layer_graphs is graphs  # applied once
+
+    hidden = torch.zeros(1, 3, 8)
+    assert call_key((hidden,), {}) is None  # a CPU tensor
+    if torch.cuda.is_available():
+        hidden = hidden.cuda()
+        key = call_key((hidden,), {"attention_mask": None, "position_embeddings": (hidden, hidden), "use_cache": False})
+        assert key is not None and len(key[3]) == 3
+        assert call_key((hidden,), {"cache": object()}) is None
+        assert call_key((hidden,), {"position_embeddings": (hidden.requires_grad_(), hidden)}) is None

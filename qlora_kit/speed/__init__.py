@@ -5,6 +5,7 @@ lora_autograd.py  the fused LoRA layers' autograd functions (forward equation an
 nf4_triton.py     bitsandbytes' NF4 dequantize as one Triton kernel
 checkpointing.py  reentrant and CPU-offloaded checkpoint functions
 generation.py     GRPO's sampling on merged compute-dtype copies of the 4-bit LoRA layers (generation_weights: bf16)
+cuda_graphs.py    decoder layers' training forward and backward replayed as CUDA graphs (batches of one shape)
 shared_prefix.py  DPO / ORPO / SimPO pairs with their common prefix run once (packed rows, pair masks)
 patches.py        every bend of transformers / trl / peft / bitsandbytes / accelerate, with its table
 """

@@ -116,9 +116,10 @@ def in_compute_dtype(weight: torch.Tensor, dtype: torch.dtype, cast_once: bool =
     torch: optimizers, checkpoint loads) and storage stay the same, and until the trainer's next optimizer step (the
     speed plan's callback forgets them all then: an optimizer writing through its own kernels may not bump the
     counter). It costs 2 bytes per adapter parameter, so the long-context settings (memory first) cast in every call
-    instead (`cast_once` false).
+    instead (`cast_once` false). A CUDA graph capture (speed.cuda_graphs) casts too: the graph reads its copy at
+    every replay, so a copy kept from outside it would never see the weight change.
     """
-    if weight.dtype == dtype or not cast_once:
+    if weight.dtype == dtype or not cast_once or weight.is_cuda and torch.cuda.is_current_stream_capturing():
         return weight.to(dtype)
     key = (weight._version, weight.data_ptr(), dtype, _copies_generation[0])
     cached = getattr(weight, "_qlora_kit_compute_copy", None)

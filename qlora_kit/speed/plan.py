@@ -38,6 +38,7 @@ from qlora_kit.speed.attention import (
     set_attention_implementation,
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
+from qlora_kit.speed.cuda_graphs import model_graphs, use_cuda_graphs
 from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_WIDTH, float8_matmul_works
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
@@ -94,6 +95,7 @@ class SpeedPlan:
     fused_mlp: bool  # gated-SiLU MLPs through SwigluDownOver4bit
     triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
     fp8_matmul: bool  # ... and their big matmuls run in float8 (speed/fp8.py; where fp8_applies)
+    cuda_graphs: bool  # decoder layers replay CUDA graphs of their training forward and backward (cuda_graphs.py)
     cast_adapters_once: bool  # the adapter weights' compute-dtype copies kept between optimizer steps
     liger_kernels: bool  # trl/transformers' use_liger_kernel
     attention_kernel: str  # default: PyTorch's SDPA kernel order (eager: eager); flash: cuDNN's attention off; flex:
@@ -165,9 +167,11 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
                                         notes, varying_lengths=varying_lengths)
     skip_mask = skips_padding_mask(recipe, model_config, machine, notes)
+    graphs = choose_cuda_graphs(recipe, model_config, machine, checkpointing, kept, blocker is None,
+                                varying_lengths, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_mlp,
-        triton_dequantize=wants_triton and machine.triton, fp8_matmul=fp8,
+        triton_dequantize=wants_triton and machine.triton, fp8_matmul=fp8, cuda_graphs=graphs,
         cast_adapters_once=not long_context_settings(speed),
         liger_kernels=liger, attention_kernel=attention,
         compile_layers=blocker is None, compile_blocker=blocker, checkpointing=checkpointing, kept_layers=kept,
@@ -481,6 +485,39 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     return False
 
 
+def choose_cuda_graphs(recipe: Recipe, config, machine: Machine, checkpointing: Checkpointing, kept: int,
+                       compiled_layers: bool, varying_lengths: str | None, notes: list[str]) -> bool:
+    """speed.cuda_graphs for this run (speed/cuda_graphs.py): SFT on one GPU where every batch has one shape, the
+    layers run eagerly (not compiled), checkpointed layers keep their inputs on the GPU, and no layer that
+    recomputes draws random numbers (LoRA or attention dropout: the backward graph's recompute would draw another
+    mask than the forward graph did). `auto` and `true` alike; a note says why where it cannot."""
+    if not recipe.speed.cuda_graphs or not machine.gpus:
+        return False
+    layers = config.get_text_config().num_hidden_layers
+    recomputes = checkpointing != "none" and kept < layers
+    dropout = recipe.lora.dropout > 0 or (getattr(config.get_text_config(), "attention_dropout", 0) or 0) > 0
+    if recipe.method != "sft":
+        blocker = f"SFT only ({recipe.method}'s batches change shape: pairs and completions padded to their longest)"
+    elif varying_lengths:
+        blocker = f"training batches come in many shapes ({varying_lengths})"
+    elif machine.processes > 1:
+        blocker = "several processes (measured in one)"
+    elif compiled_layers:
+        blocker = "the decoder layers compile (speed.compile_layers: false to take graphs instead)"
+    elif checkpointing == "offloaded":
+        blocker = "offload_checkpoints moves layer inputs to CPU memory during the step"
+    elif recipe.speed.mlp_chunk_tokens:
+        blocker = "mlp_chunk_tokens checkpoints inside the layers"
+    elif recomputes and dropout:
+        blocker = "dropout in layers that recompute (the recompute would draw another mask)"
+    else:
+        notes.append("cuda_graphs: decoder layers replay CUDA graphs of their forward and backward (captured on "
+                     "the second micro-batch of a shape); speed.cuda_graphs: false runs them eagerly")
+        return True
+    notes.append(f"cuda_graphs: off, {blocker}")
+    return False
+
+
 def micro_batch_tokens(recipe: Recipe) -> int:
     """Tokens one micro-batch runs through the decoder at most: batch x the longest row (the recipe sized to the
     rows, sized_to_rows), twice over for the pair methods (chosen and rejected)."""
@@ -606,6 +643,10 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
         log.info("speed.shared_prefix: each pair's common prefix runs once (%s)",
                  "flex attention over a block mask" if plan.shared_prefix_flex else "a dense attention mask")
     swapped, still = apply_checkpointing(model, plan)
+    if plan.cuda_graphs:
+        graphs = use_cuda_graphs(model)
+        log.info("speed.cuda_graphs: %d decoder layers replay CUDA graphs once a batch shape repeats",
+                 0 if graphs is None else len(graphs.layers))
     if plan.checkpointing == "offloaded":
         log.info("speed.offload_checkpoints: %d checkpointed layers keep their inputs in CPU memory", swapped)
     elif plan.checkpointing == "reentrant":
@@ -659,6 +700,7 @@ class ApplySpeedPlan(TrainerCallback):
         self.gc_scheduled = False
         self.cudnn_attention_before: bool | None = None
         self.eager_attention: tuple | None = None  # (model, its implementation) while flex attention stands in
+        self.graphs = None  # the model's LayerGraphs under speed.cuda_graphs
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.cudnn_attention_before = apply_attention_kernel(self.plan.attention_kernel)
@@ -668,12 +710,15 @@ class ApplySpeedPlan(TrainerCallback):
             log.info("speed.attention_kernel: flex attention runs the model's %s attention while it trains",
                      self.eager_attention[1])
         apply_speed_plan(model, self.plan)
+        self.graphs = model_graphs(model) if self.plan.cuda_graphs else None
         if self.plan.gc_every_steps:
             schedule_python_gc()
             self.gc_scheduled = True
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         forget_compute_copies()  # the adapter weights changed
+        if self.graphs is not None:
+            self.graphs.forget_pending()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.plan.gc_every_steps and state.global_step % self.plan.gc_every_steps == 0:
@@ -687,6 +732,8 @@ class ApplySpeedPlan(TrainerCallback):
         run when training ends with an error, which skips on_train_end)."""
         restore_attention_kernel(self.cudnn_attention_before)
         self.cudnn_attention_before = None
+        if self.graphs is not None:  # their memory is the merge's and export's now
+            self.graphs.drop()
         if self.eager_attention is not None:
             set_attention_implementation(*self.eager_attention)
             self.eager_attention = None

@@ -68,8 +68,9 @@ class MetricsLog(TrainerCallback):
             (t0, s0, n0), (t1, s1, n1) = marks[0], marks[-1]
             stats = {"train_tokens_per_second": (n1 - n0) / (t1 - t0), "seconds_per_step": (t1 - t0) / (s1 - s0),
                      "measured_steps": s1 - s0, "step_seconds": step_durations(marks)}
-        if torch.cuda.is_available():
+        if torch.cuda.is_available():  # reserved: what the allocator held, CUDA graphs' pool included
             stats["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            stats["peak_reserved_gpu_memory_gib"] = torch.cuda.max_memory_reserved() / 2**30
         if self.first_step_seconds is not None:
             stats["first_step_seconds"] = round(self.first_step_seconds, 2)
         return stats

@@ -604,6 +604,7 @@ def run_measurements(run_dir: Path) -> dict[str, Any]:
     return {"tokens_per_second": summary.get("train_tokens_per_second"),
             "seconds_per_step": summary.get("seconds_per_step"), "measured_steps": summary.get("measured_steps"),
             "peak_gpu_memory_gib": summary.get("peak_gpu_memory_gib"),
+            "peak_reserved_gib": summary.get("peak_reserved_gpu_memory_gib"),
             "kept_activation_layers": summary.get("kept_activation_layers"),
             "step_seconds": summary.get("step_seconds"), "losses": [m["loss"] for m in metrics if "loss" in m],
             "first_step_s": summary.get("first_step_seconds"), "model_load_s": summary.get("model_load_seconds")}

@@ -151,7 +151,13 @@ class GraphEntry:
     def __init__(self, layer, graphs: LayerGraphs, key, spec, constants: tuple) -> None:
         self.layer, self.graphs, self.key, self.spec, self.constants = layer, graphs, key, spec, constants
         self.recompute = layer._graph_recompute
-        self.params = [p for p in layer.parameters() if p.requires_grad]
+        trainable = [(name, p) for name, p in layer.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in trainable]
+        # The graphs differentiate against aliases of the parameters (same memory, so they read each update), made
+        # at capture: a parameter's own AccumulateGrad node was made on the default stream by an eager micro-batch,
+        # and a capture that reaches it waits on that stream, which ends the capture.
+        self.owners = [(layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name, _ in trainable]
+        self.aliases: list[torch.Tensor] = []
         self.static_inputs: list[torch.Tensor] = []
         self.hidden: torch.Tensor | None = None  # the input leaf the backward differentiates against
         self.output: torch.Tensor | None = None
@@ -164,14 +170,22 @@ class GraphEntry:
         self.awaiting_backward = False
 
     def run_layer(self, hidden: torch.Tensor):
+        """The layer's own forward on the static inputs, its trainable parameters swapped for their aliases."""
         leaves = iter([hidden, *self.static_inputs[1:]])
         args, kwargs = pytree.tree_unflatten([next(leaves) if c is TENSOR else c for c in self.constants], self.spec)
-        return self.layer._ungraphed_forward(*args, **kwargs)
+        for (module, name), alias in zip(self.owners, self.aliases, strict=True):
+            module._parameters[name] = alias
+        try:
+            return self.layer._ungraphed_forward(*args, **kwargs)
+        finally:
+            for (module, name), param in zip(self.owners, self.params, strict=True):
+                module._parameters[name] = param
 
     def capture_forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         graphs = self.graphs
         self.static_inputs = [graphs.static_input(t) for t in tensors]
         self.hidden = self.static_inputs[0].detach().requires_grad_(tensors[0].requires_grad)
+        self.aliases = [p.detach().requires_grad_() for p in self.params]
         with graphs.capture(self.forward_graph), autocast_cache_off(), torch.set_grad_enabled(not self.recompute):
             output = self.run_layer(self.hidden)
         if graphs.pool is None:
@@ -192,7 +206,7 @@ class GraphEntry:
         graphs = self.graphs
         static_grad = grad.data_ptr() in graphs.static_pointers and grad.is_contiguous()
         self.grad_output = grad.detach() if static_grad else grad.detach().contiguous().clone()
-        wanted = ([self.hidden] if self.hidden.requires_grad else []) + self.params
+        wanted = ([self.hidden] if self.hidden.requires_grad else []) + self.aliases
         self.backward_graph = torch.cuda.CUDAGraph()
         with graphs.capture(self.backward_graph), autocast_cache_off():
             if self.recompute:
@@ -240,7 +254,7 @@ class GraphEntry:
     def eager_gradients(self, grad: torch.Tensor) -> tuple:
         """The gradients without a graph, after a failed backward capture: from the kept layer's captured forward
         (its saved tensors hold this micro-batch's values), or a recompute."""
-        wanted = ([self.hidden] if self.hidden.requires_grad else []) + self.params
+        wanted = ([self.hidden] if self.hidden.requires_grad else []) + self.aliases
         with torch.enable_grad():
             output = self.run_layer(self.hidden) if self.recompute else self.tape_output
             grads = list(torch.autograd.grad(output, wanted, grad_outputs=grad, allow_unused=True))

@@ -158,7 +158,9 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     if blocker is None and fused_lora:
         notes.append("fused_lora: inside the compiled layers the LoRA linears run peft's ops, which inductor fuses "
                      "(speed/patches.py, above compiled_training_forward, says why)")
-    fp8 = choose_fp8_matmul(recipe, machine, wants_triton and machine.triton, blocker is None, notes)
+    graphs = choose_cuda_graphs(recipe, model_config, machine, checkpointing, kept, blocker is None,
+                                varying_lengths, notes)
+    fp8 = choose_fp8_matmul(recipe, machine, wants_triton and machine.triton, blocker is None, notes, graphs)
     liger = liger_kernels_usable(speed, machine, compiled_layers=blocker is None)
     if liger and model_config.model_type not in liger_model_types():
         notes.append(f"liger_kernels: off, liger-kernel has no kernels for model type '{model_config.model_type}' "
@@ -167,8 +169,6 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     attention = choose_attention_kernel(speed.attention_kernel, timed_attention(recipe, model_config, machine),
                                         notes, varying_lengths=varying_lengths)
     skip_mask = skips_padding_mask(recipe, model_config, machine, notes)
-    graphs = choose_cuda_graphs(recipe, model_config, machine, checkpointing, kept, blocker is None,
-                                varying_lengths, notes)
     plan = SpeedPlan(
         fused_lora=fused_lora, fused_mlp=fused_mlp,
         triton_dequantize=wants_triton and machine.triton, fp8_matmul=fp8, cuda_graphs=graphs,
@@ -448,13 +448,14 @@ def layer_compile_blocker(recipe: Recipe, machine: Machine, fused_mlp: bool = Fa
 
 
 def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool, compiled_layers: bool,
-                      notes: list[str]) -> bool:
+                      notes: list[str], cuda_graphs: bool = False) -> bool:
     """speed.fp8_matmul for this run: the fused layers' big matmuls in float8 (speed/fp8.py). They run where the
     fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU that runs torch's rowwise-scaled float8
     matmul (Machine.float8), and outside compiled layers (those run peft's ops). `auto` takes it on Hopper GPUs
-    (where it was measured) for micro-batches of FP8_MIN_TOKENS tokens or more: below that the host's launches set
-    the step's pace and the casts' launches cost more than the faster matmuls give back (docs/benchmarks.md);
-    `true` wherever it runs, and says why where it cannot."""
+    (where it was measured) for micro-batches of FP8_MIN_TOKENS tokens or more, or of any size where the layers
+    replay CUDA graphs: without graphs, smaller micro-batches wait on the host's launches, and the casts' launches
+    cost more than the faster matmuls give back (docs/benchmarks.md); `true` wherever it runs, and says why where
+    it cannot."""
     setting = recipe.speed.fp8_matmul
     if not setting or not machine.gpus:
         return False
@@ -472,9 +473,10 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     elif compiled_layers:
         blocker = "the decoder layers compile, and compiled layers run peft's ops (speed.compile_layers: false to " \
                   "take float8 instead)"
-    elif setting == "auto" and micro_batch_tokens(recipe) < FP8_MIN_TOKENS:
-        notes.append(f"fp8_matmul: auto -> off, {micro_batch_tokens(recipe):,} tokens a micro-batch (float8 "
-                     f"measured faster from {FP8_MIN_TOKENS:,}; speed.fp8_matmul: true takes it)")
+    elif setting == "auto" and micro_batch_tokens(recipe) < FP8_MIN_TOKENS and not cuda_graphs:
+        notes.append(f"fp8_matmul: auto -> off, {micro_batch_tokens(recipe):,} tokens a micro-batch and no CUDA "
+                     f"graphs (float8 measured faster from {FP8_MIN_TOKENS:,} tokens, or with graphs; "
+                     "speed.fp8_matmul: true takes it)")
         return False
     else:
         notes.append("fp8_matmul: the frozen weights' matmuls run in float8 (rowwise-scaled e4m3, fp32 "

@@ -1875,6 +1875,35 @@ def test_cuda_graphs_apply_to_sft_batches_of_one_shape_and_say_why_not_elsewhere
     assert kept.kept_layers == 2 and kept.cuda_graphs  # every layer keeps its activations: one mask, drawn once
 
 
+def test_auto_kept_layers_leave_room_for_the_cuda_graphs_gradient_buffers(make_recipe, tiny_model_dir) -> None:
+    """With graphs, each layer's input-gradient buffer (tokens x hidden x 2 bytes) stays allocated between
+    micro-batches: `auto` kept layers count it against the GPU, so a GPU that fits N layers without graphs fits
+    fewer with them, and the plan says how much it set aside."""
+    from transformers import AutoConfig
+
+    from qlora_kit.speed.plan import cuda_graph_buffers_gib
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers, config.hidden_size = 32, 4096  # the 8B layer stack's buffers on the tiny layers
+    recipe = load_recipe(make_recipe(lora={"dropout": 0.0}, training={
+        "batch_size": 2, "max_length": 2048, "gradient_checkpointing": True}))
+    assert cuda_graph_buffers_gib(recipe, config, gpu_machine(), None) == pytest.approx(1.0)
+    assert cuda_graph_buffers_gib(recipe, config, gpu_machine(), "rows of 3 to 9 tokens") == 0.0
+    assert cuda_graph_buffers_gib(recipe, config, gpu_machine(processes=2), None) == 0.0
+    plain = load_recipe(make_recipe(lora={"dropout": 0.0}, training={
+        "batch_size": 2, "max_length": 2048, "gradient_checkpointing": True}), ["speed.cuda_graphs=false"])
+    for usable in (3.0, 6.0, 12.0):
+        machine = gpu_machine(usable_gpu_gib=usable)
+        with_graphs = decide_speed_plan(recipe, config, machine, 0)
+        without = decide_speed_plan(plain, config, machine, 0)
+        assert with_graphs.cuda_graphs and not without.cuda_graphs
+        if usable < 12:  # 6 GiB: 14 layers with graphs, 20 without (1 GiB / 0.17 GiB a layer)
+            assert with_graphs.kept_layers < without.kept_layers, usable
+        else:
+            assert with_graphs.kept_layers == without.kept_layers == 32
+        assert any("1.00 GiB of CUDA graph buffers" in note for note in with_graphs.notes)
+
+
 def test_graphed_layers_run_their_own_code_off_the_gpu_and_still_checkpoint(make_recipe, tiny_model_dir) -> None:
     """Where graphs cannot serve a call (CPU tensors here; evaluation; a cache object) the layers run their own
     forward, and a layer the plan recomputes still checkpoints: same loss and gradients as before, and its forward

@@ -148,7 +148,8 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     wants_triton = fused_lora and speed.triton_dequantize and machine.gpus > 0
     if wants_triton and not machine.triton:
         notes.append("triton_dequantize: Triton is not installed; bitsandbytes' kernels")
-    checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes, packed)
+    graph_gib = cuda_graph_buffers_gib(recipe, model_config, machine, varying_lengths)
+    checkpointing, kept = checkpointing_and_kept_layers(recipe, model_config, machine, notes, packed, graph_gib)
     optimizer = choose_optimizer(recipe, trainable_parameters, machine, notes)
     mlp_blocker = fused_mlp_blocker(model_config, recipe.lora.dropout) if fused_lora and speed.fused_mlp else None
     if mlp_blocker:
@@ -270,7 +271,7 @@ def skips_padding_mask(recipe: Recipe, model_config, machine: Machine, notes: li
 
 
 def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, notes: list[str],
-                                  packed: int | None = None) -> tuple[Checkpointing, int]:
+                                  packed: int | None = None, graph_gib: float = 0.0) -> tuple[Checkpointing, int]:
     """How checkpointed layers checkpoint, and how many layers keep their activations instead. One process only:
     none of reentrant / offloaded / kept layers has been measured under DDP or FSDP, which keep torch's non-reentrant
     checkpointing of every layer."""
@@ -284,7 +285,18 @@ def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, note
         return "non-reentrant", 0
     mode = "offloaded" if speed.offload_checkpoints else "reentrant" if speed.reentrant_checkpointing else \
         "non-reentrant"
-    return mode, layers_to_keep(recipe, config, machine, notes, packed)
+    return mode, layers_to_keep(recipe, config, machine, notes, packed, graph_gib)
+
+
+def cuda_graph_buffers_gib(recipe: Recipe, config, machine: Machine, varying_lengths: str | None) -> float:
+    """GPU memory speed.cuda_graphs holds beyond what the layers' own activations take, where it may apply: one
+    input-gradient buffer per decoder layer (micro-batch tokens x hidden, 2 bytes), kept between micro-batches where
+    eager backward frees each after use. 1 GiB on Llama-3-8B at batch 2 x 2,048. 0 where graphs cannot apply."""
+    if not (recipe.speed.cuda_graphs and machine.gpus and recipe.method == "sft" and machine.processes == 1
+            and not varying_lengths):
+        return 0.0
+    text = config.get_text_config()
+    return text.num_hidden_layers * micro_batch_tokens(recipe) * text.hidden_size * 2 / 2**30
 
 
 def adjusts_checkpointing(speed: SpeedSection) -> bool:
@@ -294,7 +306,8 @@ def adjusts_checkpointing(speed: SpeedSection) -> bool:
 GPU_MEMORY_SPARE = 0.10  # of the usable GPU memory: left free when speed.keep_activations_layers is auto
 
 
-def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], packed: int | None = None) -> int:
+def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], packed: int | None = None,
+                   graph_gib: float = 0.0) -> int:
     """speed.keep_activations_layers as a number: `auto` becomes how many layers fit on this GPU now.
 
     The weights are loaded, so the process sees what it can still use (its memory-fraction cap and other
@@ -302,7 +315,7 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], p
     that keeps its activations takes the estimated one-layer activations. Both estimates are above what was
     measured at seq 2048 (8B, batch 2: 8.3 vs 7.6 GiB, 0.64 vs 0.46 GiB a layer), so auto errs towards fewer.
     None is kept on CPU, and where the estimate runs low (offloaded checkpoints, chunked MLPs: the long-context
-    settings).
+    settings). `graph_gib`: what CUDA graphs would hold on top (cuda_graph_buffers_gib), left out of the budget.
     """
     speed = recipe.speed
     if speed.keep_activations_layers != "auto":
@@ -311,11 +324,12 @@ def layers_to_keep(recipe: Recipe, config, machine: Machine, notes: list[str], p
         return 0
     estimate = estimate_memory_for_config(recipe, config, packed_pair_row=packed)
     layers = config.get_text_config().num_hidden_layers
-    peak = allocated_peak_gib(estimate)
+    peak = allocated_peak_gib(estimate) + graph_gib
     keep = kept_layers_that_fit(machine.usable_gpu_gib, peak, estimate["each_kept_layer"], layers)
+    graphs = f", {graph_gib:.2f} GiB of CUDA graph buffers" if graph_gib else ""
     notes.append(f"keep_activations_layers: auto -> {keep} of {layers} layers keep their activations "
                  f"({machine.usable_gpu_gib:.1f} GiB usable on the GPU, estimated peak {peak:.1f} GiB "
-                 f"with every layer checkpointed, {estimate['each_kept_layer']:.2f} GiB per kept layer, "
+                 f"with every layer checkpointed{graphs}, {estimate['each_kept_layer']:.2f} GiB per kept layer, "
                  f"{100 * GPU_MEMORY_SPARE:.0f}% spare)")
     return keep
 

@@ -40,8 +40,8 @@ def use_cuda_graphs(model) -> LayerGraphs | None:
     from qlora_kit.speed.patches import rebind_forward
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        return None
+    if not layers or model_graphs(model) is not None:  # none, or applied already
+        return model_graphs(model)
     graphs = LayerGraphs(layers)
     for layer in layers:
         rebind_forward(layer, graphed_forward, "_ungraphed_forward", _layer_graphs=graphs,
@@ -250,7 +250,6 @@ class GraphEntry:
                 offset += size
         return None if self.grad_input is None else self.grad_input.detach(), *param_grads
 
-
     def eager_gradients(self, grad: torch.Tensor) -> tuple:
         """The gradients without a graph, after a failed backward capture: from the kept layer's captured forward
         (its saved tensors hold this micro-batch's values), or a recompute."""
@@ -269,9 +268,7 @@ class GraphedLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, entry: GraphEntry, capture: bool, tensors: list, hidden, *params):
         ctx.entry, ctx.capture = entry, capture
-        output = entry.capture_forward(tensors) if capture else entry.replay_forward(tensors)
-        entry.awaiting_backward = True
-        return output
+        return entry.capture_forward(tensors) if capture else entry.replay_forward(tensors)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -326,7 +323,9 @@ def graphed_forward(self, *args, **kwargs):
         graphs.begin_micro_batch(key)
     entry = graphs.entries.get(id(self))
     if graphs.mode == "replay" and entry is not None and entry.key == key and not entry.awaiting_backward:
-        return GraphedLayer.apply(entry, False, tensors, tensors[0], *entry.params)
+        output = GraphedLayer.apply(entry, False, tensors, tensors[0], *entry.params)
+        entry.awaiting_backward = output.requires_grad  # a layer nothing trains in, fed no gradient, gets none
+        return output
     if graphs.mode == "capture" and entry is None and graphs.broken is None:
         entry = GraphEntry(self, graphs, key, spec, constants)
         try:
@@ -334,6 +333,7 @@ def graphed_forward(self, *args, **kwargs):
         except RuntimeError as error:  # a kernel that cannot be captured: this run goes on without graphs
             graphs.fail(f"capturing {type(self).__name__} failed ({str(error).splitlines()[0]})")
             return eager_layer_forward(self, *args, **kwargs)
+        entry.awaiting_backward = output.requires_grad
         graphs.entries[id(self)] = entry
         return output
     if graphs.mode == "replay":

@@ -7,6 +7,8 @@ Each bend's comment says what upstream offers, why not, and which internal it to
 replaced: torch._C._current_graph_task_id (fused MLP), peft's LoRA layer attributes (PEFT_LAYER_ATTRIBUTES),
 bitsandbytes' Linear4bit.compute_dtype and weight.quant_state (lora_autograd.py, nf4_triton.py, fp8.py), and torch's
 private torch._scaled_mm with rowwise scales (fp8.py; torch 2.11 on an H200, 2.13's signature in test_upstream).
+CUDA graph captures (cuda_graphs.py) swap a layer's trainable parameters in its modules' `_parameters` for aliases
+of the same memory, and put them back, around the layer's own forward.
 
 | what is replaced      | upstream name                                           | verified  | fallback: upstream |
 | --------------------- | ------------------------------------------------------- | --------- | ------------------ |
@@ -31,6 +33,7 @@ private torch._scaled_mm with rowwise scales (fp8.py; torch 2.11 on an H200, 2.1
 | pair attention, GPU   | AttentionInterface, AttentionMaskInterface (registered) | tf, torch | no BlockMask: sdpa |
 | GRPO sampling weights | GRPOTrainer._generate_single_turn; LoRA layer forward   | trl, peft | nf4; per layer     |
 | SFT padding mask      | the model's forward kwargs (trl's right-padded batches) | trl, tf   | eval, generation   |
+| graphed decoder layer | GradientCheckpointingLayer.forward, its checkpoint flag | tf, torch | new shape: eager   |
 
 | bend (rows as above)                       | test comparing it with upstream                                     |
 | ------------------------------------------ | ------------------------------------------------------------------- |
@@ -55,10 +58,12 @@ private torch._scaled_mm with rowwise scales (fp8.py; torch 2.11 on an H200, 2.1
 | shared_prefix.use_flex_attention_for_pairs | test_shared_prefix: test_flex_attention_gives_the_... (GPU only)    |
 | generation.merged_lora_weights             | test_grpo: test_sampling_on_merged_weights_gives_peft_s_greedy_...  |
 | skip_padding_mask                          | test_speed: test_sft_without_the_padding_mask_gives_the_same_loss...|
+| cuda_graphs.use_cuda_graphs                | test_gpu: test_cuda_graph_layers_train_to_eager_gradients (GPU)     |
 
 model.* lives where the model is loaded (model.py), trainers.* where the trainers are built and the adapter saved
 (trainers.py), shared_prefix.* in shared_prefix.py (the pair forward, its masks and its attention function),
-generation.* in generation.py (GRPO's sampling weights, entered by trainers' GRPO trainer); the rest are here.
+generation.* in generation.py (GRPO's sampling weights, entered by trainers' GRPO trainer), cuda_graphs.* in
+cuda_graphs.py (the graphs' capture and replay); the rest are here.
 """
 
 from __future__ import annotations

@@ -161,6 +161,8 @@ class GraphEntry:
         self.static_inputs: list[torch.Tensor] = []
         self.hidden: torch.Tensor | None = None  # the input leaf the backward differentiates against
         self.output: torch.Tensor | None = None
+        self.output_leaves: list = []  # the layer's return value flattened, TENSOR where the hidden states go
+        self.output_spec = None
         self.tape_output: torch.Tensor | None = None  # a kept layer's captured output, with its autograd graph
         self.forward_graph = torch.cuda.CUDAGraph()
         self.backward_graph: torch.cuda.CUDAGraph | None = None
@@ -187,14 +189,29 @@ class GraphEntry:
         self.hidden = self.static_inputs[0].detach().requires_grad_(tensors[0].requires_grad)
         self.aliases = [p.detach().requires_grad_() for p in self.params]
         with graphs.capture(self.forward_graph), autocast_cache_off(), torch.set_grad_enabled(not self.recompute):
-            output = self.run_layer(self.hidden)
+            returned = self.run_layer(self.hidden)
         if graphs.pool is None:
             graphs.pool = self.forward_graph.pool()
+        leaves, self.output_spec = pytree.tree_flatten(returned)
+        tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+        if len(tensors) != 1:  # e.g. attention weights asked for: only the hidden states are graphed
+            raise RuntimeError(f"the layer returned {len(tensors)} tensors, graphs take one")
+        output = tensors[0]
+        self.output_leaves = [TENSOR if leaf is output else leaf for leaf in leaves]
         self.tape_output = None if self.recompute else output
         self.output = output.detach()
         graphs.static_pointers.add(self.output.data_ptr())
         self.forward_graph.replay()
         return self.output.detach()
+
+    def hidden_states_of(self, returned) -> torch.Tensor:
+        """The hidden states in what the layer returned (a recompute's), where the capture found them."""
+        return pytree.tree_leaves(returned)[next(i for i, leaf in enumerate(self.output_leaves) if leaf is TENSOR)]
+
+    def returned(self, output: torch.Tensor):
+        """What the layer itself returns (Gemma 3's layers: a tuple), with `output` as its hidden states."""
+        return pytree.tree_unflatten([output if leaf is TENSOR else leaf for leaf in self.output_leaves],
+                                     self.output_spec)
 
     def replay_forward(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         for tensor, static in zip(tensors, self.static_inputs, strict=True):
@@ -211,7 +228,7 @@ class GraphEntry:
         with graphs.capture(self.backward_graph), autocast_cache_off():
             if self.recompute:
                 with torch.enable_grad():
-                    output = self.run_layer(self.hidden)
+                    output = self.hidden_states_of(self.run_layer(self.hidden))
             else:
                 output = self.tape_output
             # retain_graph: a failed capture can still differentiate the kept layer's forward without a graph
@@ -255,7 +272,7 @@ class GraphEntry:
         (its saved tensors hold this micro-batch's values), or a recompute."""
         wanted = ([self.hidden] if self.hidden.requires_grad else []) + self.aliases
         with torch.enable_grad():
-            output = self.run_layer(self.hidden) if self.recompute else self.tape_output
+            output = self.hidden_states_of(self.run_layer(self.hidden)) if self.recompute else self.tape_output
             grads = list(torch.autograd.grad(output, wanted, grad_outputs=grad, allow_unused=True))
         self.tape_output = None
         grad_input = grads.pop(0) if self.hidden.requires_grad else None
@@ -280,14 +297,18 @@ class GraphedLayer(torch.autograd.Function):
             return None, None, None, *entry.gradients()
         try:
             entry.capture_backward(grad)
-        except RuntimeError as error:
-            entry.graphs.fail(f"capturing {type(entry.layer).__name__}'s backward failed "
-                              f"({str(error).splitlines()[0]})")
+        except Exception as error:
+            entry.graphs.fail(f"capturing {type(entry.layer).__name__}'s backward failed ({error_line(error)})")
             return None, None, None, *entry.eager_gradients(grad)
         return None, None, None, *entry.gradients()
 
 
-TENSOR = object()  # a tensor's place among a call's leaves
+TENSOR = object()  # a tensor's place among a call's (or a return value's) leaves
+
+
+def error_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def call_key(args: tuple, kwargs: dict):
@@ -325,17 +346,17 @@ def graphed_forward(self, *args, **kwargs):
     if graphs.mode == "replay" and entry is not None and entry.key == key and not entry.awaiting_backward:
         output = GraphedLayer.apply(entry, False, tensors, tensors[0], *entry.params)
         entry.awaiting_backward = output.requires_grad  # a layer nothing trains in, fed no gradient, gets none
-        return output
+        return entry.returned(output)
     if graphs.mode == "capture" and entry is None and graphs.broken is None:
         entry = GraphEntry(self, graphs, key, spec, constants)
         try:
             output = GraphedLayer.apply(entry, True, tensors, tensors[0], *entry.params)
-        except RuntimeError as error:  # a kernel that cannot be captured: this run goes on without graphs
-            graphs.fail(f"capturing {type(self).__name__} failed ({str(error).splitlines()[0]})")
+        except Exception as error:  # a kernel that cannot be captured: this run goes on without graphs
+            graphs.fail(f"capturing {type(self).__name__} failed ({error_line(error)})")
             return eager_layer_forward(self, *args, **kwargs)
         entry.awaiting_backward = output.requires_grad
         graphs.entries[id(self)] = entry
-        return output
+        return entry.returned(output)
     if graphs.mode == "replay":
         graphs.fail(f"{type(self).__name__} was called with other arguments than it was captured with")
     return eager_layer_forward(self, *args, **kwargs)

@@ -158,6 +158,7 @@ class GraphEntry:
         # and a capture that reaches it waits on that stream, which ends the capture.
         self.owners = [(layer.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name, _ in trainable]
         self.aliases: list[torch.Tensor] = []
+        self.pointers: tuple[int, ...] = ()  # where the parameters' memory was at capture
         self.static_inputs: list[torch.Tensor] = []
         self.hidden: torch.Tensor | None = None  # the input leaf the backward differentiates against
         self.output: torch.Tensor | None = None
@@ -188,6 +189,7 @@ class GraphEntry:
         self.static_inputs = [graphs.static_input(t) for t in tensors]
         self.hidden = self.static_inputs[0].detach().requires_grad_(tensors[0].requires_grad)
         self.aliases = [p.detach().requires_grad_() for p in self.params]
+        self.pointers = self.param_pointers()
         with graphs.capture(self.forward_graph), autocast_cache_off(), torch.set_grad_enabled(not self.recompute):
             returned = self.run_layer(self.hidden)
         if graphs.pool is None:
@@ -203,6 +205,9 @@ class GraphEntry:
         graphs.static_pointers.add(self.output.data_ptr())
         self.forward_graph.replay()
         return self.output.detach()
+
+    def param_pointers(self) -> tuple[int, ...]:
+        return tuple(p.data_ptr() for p in self.params)
 
     def hidden_states_of(self, returned) -> torch.Tensor:
         """The hidden states in what the layer returned (a recompute's), where the capture found them."""
@@ -343,6 +348,13 @@ def graphed_forward(self, *args, **kwargs):
     if self is graphs.layers[0]:
         graphs.begin_micro_batch(key)
     entry = graphs.entries.get(id(self))
+    if graphs.mode == "replay" and entry is not None and entry.pointers != entry.param_pointers():
+        # a parameter got new memory (`param.data = ...`): the graphs would go on reading the old; capture again
+        if graphs.key is not None:
+            log.info("speed.cuda_graphs: the adapter weights of %s moved; the graphs are captured again",
+                     type(self).__name__)
+        graphs.key = None
+        return eager_layer_forward(self, *args, **kwargs)
     if graphs.mode == "replay" and entry is not None and entry.key == key and not entry.awaiting_backward:
         output = GraphedLayer.apply(entry, False, tensors, tensors[0], *entry.params)
         entry.awaiting_backward = output.requires_grad  # a layer nothing trains in, fed no gradient, gets none

@@ -398,7 +398,8 @@ class SpeedSection:
         "eagerly, its second captures the graphs, later ones replay them; a batch of another shape runs without "
         "them and frees them. Costs one layer-input-sized gradient buffer per layer. Off with several processes, "
         "compiled layers, offload_checkpoints, mlp_chunk_tokens, and LoRA dropout in layers that recompute (the "
-        "recompute would draw another mask). auto and true: on wherever it applies; false: off")
+        "recompute would draw another mask). auto: on wherever it applies, except under speed.memory: least; true: "
+        "there too; false: off")
     liger_kernels: bool = option(
         True, help="Liger's Triton layer kernels on GPU (RMSNorm, RoPE, SwiGLU; not its fused cross-entropy: trl's "
         "fused LM head already keeps the full logits out); needs `pip install liger-kernel`; off on CPU and where "

@@ -1873,6 +1873,10 @@ def test_cuda_graphs_apply_to_sft_batches_of_one_shape_and_say_why_not_elsewhere
         assert not result.cuda_graphs and reason(result).startswith(f"cuda_graphs: off, {why}"), (name, result.notes)
     kept = plan("speed.keep_activations_layers=2", "speed.compile_layers=false", lora_dropout=0.1)
     assert kept.kept_layers == 2 and kept.cuda_graphs  # every layer keeps its activations: one mask, drawn once
+    least = plan("speed.memory=least")  # memory first: no gradient buffers unless asked for
+    assert not least.cuda_graphs and reason(least).startswith("cuda_graphs: auto -> off, speed.memory: least")
+    assert plan("speed.memory=least", "speed.cuda_graphs=true").cuda_graphs
+    assert plan("speed.memory=6").cuda_graphs  # a GiB target: the kept layers are fitted with them
 
 
 def test_auto_kept_layers_leave_room_for_the_cuda_graphs_gradient_buffers(make_recipe, tiny_model_dir) -> None:

@@ -288,11 +288,16 @@ def checkpointing_and_kept_layers(recipe: Recipe, config, machine: Machine, note
     return mode, layers_to_keep(recipe, config, machine, notes, packed, graph_gib)
 
 
+def graphs_wanted(speed: SpeedSection) -> bool:
+    """speed.cuda_graphs asked for: true, or auto unless speed.memory is least."""
+    return speed.cuda_graphs is True or (speed.cuda_graphs == "auto" and speed.memory != "least")
+
+
 def cuda_graph_buffers_gib(recipe: Recipe, config, machine: Machine, varying_lengths: str | None) -> float:
     """GPU memory speed.cuda_graphs holds beyond what the layers' own activations take, where it may apply: one
     input-gradient buffer per decoder layer (micro-batch tokens x hidden, 2 bytes), kept between micro-batches where
     eager backward frees each after use. 1 GiB on Llama-3-8B at batch 2 x 2,048. 0 where graphs cannot apply."""
-    if not (recipe.speed.cuda_graphs and machine.gpus and recipe.method == "sft" and machine.processes == 1
+    if not (graphs_wanted(recipe.speed) and machine.gpus and recipe.method == "sft" and machine.processes == 1
             and not varying_lengths):
         return 0.0
     text = config.get_text_config()
@@ -506,8 +511,13 @@ def choose_cuda_graphs(recipe: Recipe, config, machine: Machine, checkpointing: 
     """speed.cuda_graphs for this run (speed/cuda_graphs.py): SFT on one GPU where every batch has one shape, the
     layers run eagerly (not compiled), checkpointed layers keep their inputs on the GPU, and no layer that
     recomputes draws random numbers (LoRA or attention dropout: the backward graph's recompute would draw another
-    mask than the forward graph did). `auto` and `true` alike; a note says why where it cannot."""
+    mask than the forward graph did). `auto` also leaves them off under speed.memory: least (their gradient buffers
+    cost memory); a note says why where they do not apply."""
     if not recipe.speed.cuda_graphs or not machine.gpus:
+        return False
+    if not graphs_wanted(recipe.speed):
+        notes.append("cuda_graphs: auto -> off, speed.memory: least (the graphs keep a gradient buffer per layer; "
+                     "speed.cuda_graphs: true takes them)")
         return False
     layers = config.get_text_config().num_hidden_layers
     recomputes = checkpointing != "none" and kept < layers

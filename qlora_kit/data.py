@@ -41,6 +41,9 @@ ROLES = ROLE_NAMES
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# Whole-file compression a text data file may carry (rows.jsonl.gz), by suffix: read as the file inside. Parquet
+# compresses inside the file.
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
 # Words in a role name that say which side it is on, for the `roles:` suggestion (bot -> assistant, never user).
 ROLE_WORDS = {"assistant": ("assistant", "gpt", "bot", "chatbot", "model", "ai", "agent", "response", "answer",
                             "output", "llm", "claude", "gemini", "bard", "bing", "chatgpt", "completion"),
@@ -95,7 +98,7 @@ def source_files(source: DatasetSource) -> list[str]:
     """The files a local source names: one file, every data file in a folder, or a glob."""
     path = os.path.expanduser(source.path or "")
     if os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file())
+        files = sorted(str(p) for p in Path(path).rglob("*") if data_suffix(p) in LOCAL_SUFFIXES and p.is_file())
     elif os.path.isfile(path):  # an existing file is itself, even if its name has glob characters ([, ?, *)
         files = [path]
     elif any(ch in path for ch in "*?["):
@@ -104,17 +107,48 @@ def source_files(source: DatasetSource) -> list[str]:
         files = []
     if not files:
         what = "a folder with no data files in it" if os.path.isdir(path) else "no data files found"
-        raise DataError(f"{path}: {what} (.jsonl, .json, .csv, .parquet; relative paths are read from the current "
-                        f"folder, {os.getcwd()})")
-    unknown = [f for f in files if Path(f).suffix not in LOCAL_SUFFIXES]
-    if unknown:
-        raise DataError(f"{unknown[0]}: unsupported file type; use .jsonl, .json, .csv or .parquet")
+        raise DataError(f"{path}: {what} (.jsonl, .json, .csv, .parquet, the first three also .gz, .bz2 or .xz; "
+                        f"relative paths are read from the current folder, {os.getcwd()})")
+    for file in files:
+        suffix = data_suffix(file)
+        if suffix == ".parquet" and Path(file).suffix in COMPRESSIONS:
+            raise DataError(f"{file}: a compressed Parquet file; Parquet compresses inside the file, so give the "
+                            f"{suffix} file itself (decompress it)")
+        if suffix not in LOCAL_SUFFIXES:
+            raise DataError(f"{file}: unsupported file type; use .jsonl, .json, .csv or .parquet (the first three "
+                            "may be compressed: .jsonl.gz, .csv.bz2, .json.xz)")
     return files
+
+
+def data_suffix(path: str | Path) -> str:
+    """A data file's type by its name, through a compression suffix: .jsonl for rows.jsonl and rows.jsonl.gz."""
+    suffixes = Path(path).suffixes
+    if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2]
+    return Path(path).suffix
+
+
+def read_data_bytes(path: str) -> bytes:
+    """A data file's bytes, decompressed where its name says it is compressed; a file that is not what its name
+    says is one message with the fix."""
+    data = Path(path).read_bytes()
+    compression = COMPRESSIONS.get(Path(path).suffix)
+    if compression is None:
+        if data[:2] == b"\x1f\x8b":  # gzip's magic bytes under a plain name
+            raise DataError(f"{path}: the file is gzip-compressed; name it {Path(path).name}.gz, or decompress it")
+        return data
+    import importlib
+
+    try:
+        return importlib.import_module(compression).decompress(data)
+    except Exception as exc:  # gzip.BadGzipFile, OSError, EOFError, lzma.LZMAError: every damaged archive
+        raise DataError(f"{path}: cannot be decompressed as {compression} ({type(exc).__name__}: {exc}); the file "
+                        f"is damaged or not {compression}: compress it again, or give the file uncompressed") from None
 
 
 def read_records(path: str) -> list[tuple[str, Any]]:
     """(location, record) pairs; locations are 'file: line N' for JSON and 'file: row N' for tables."""
-    suffix = Path(path).suffix
+    suffix = data_suffix(path)
     if suffix == ".jsonl":
         return read_jsonl(path)
     if suffix == ".json":
@@ -137,10 +171,8 @@ def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
     """CSV and Parquet through `datasets`; an unreadable file is one message naming it, not a pyarrow traceback."""
     from datasets import load_dataset
 
-    if os.path.getsize(path) == 0:
-        raise DataError(f"{path}: the file is empty")
-    if suffix == ".csv":
-        read_utf8(path)  # pandas' own decode error names no line and no fix
+    if os.path.getsize(path) == 0 or suffix == ".csv" and not read_utf8(path):
+        raise DataError(f"{path}: the file is empty")  # read_utf8: pandas' own decode error names no line, no fix
     kind = suffix.lstrip(".").upper()
     # datasets logs a damaged file at ERROR before it raises; the DataError below says it once, with the fix
     datasets_log = logging.getLogger("datasets")
@@ -165,7 +197,7 @@ def root_cause(exc: BaseException) -> BaseException:
 
 def read_utf8(path: str) -> str:
     """A data file's text (a UTF-8 byte-order mark is allowed); another encoding is one message with the fix."""
-    data = Path(path).read_bytes()
+    data = read_data_bytes(path)
     try:
         text = data.decode("utf-8-sig")
         if "\0" in text:  # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL before every ASCII byte

@@ -234,7 +234,8 @@ def role_map(roles: dict[str, str]) -> dict[str, str]:
 class DatasetSource:
     """One dataset: local files (`path`) or a Hub dataset (`hub`)."""
 
-    path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file, a folder of them, or a glob")
+    path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file (the first three may be .gz, .bz2 or "
+                               ".xz compressed), a folder of them, or a glob")
     hub: str | None = option(None, help="Hub dataset id (read through `datasets`; needs network or its cache)")
     config: str | None = option(None, help="Hub dataset configuration name")
     split: str = option("train", help="Hub dataset split")

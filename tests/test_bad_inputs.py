@@ -491,11 +491,22 @@ BAD_DATA_FILES = [
     ("rows.json", b"   \n", r"rows.json: the file is empty"),
     ("rows.csv", b'prompt,completion\n"Say hi.,hi\n', r"cannot be read as CSV \(ParserError"),
     ("rows.json", bytes(range(256)), r"the file is binary or UTF-16 \(it contains NUL bytes\)"),
-    ("rows.jsonl", b"\x1f\x8b\x08\x00gzip", r"the file is binary or UTF-16 \(it contains NUL bytes\)"),
-    ("rows.jsonl", b"\x1f\x8b\x08\x08gzip\xff", r"line 1: byte 0x8b is not valid UTF-8"),
+    ("rows.jsonl", b"\x1f\x8b\x08\x00gzip", r"rows.jsonl: the file is gzip-compressed; name it rows.jsonl.gz, or "
+                                            r"decompress it"),
+    ("rows.csv", b"\x1f\x8b\x08\x08gzip\xff", r"the file is gzip-compressed; name it rows.csv.gz"),
+    ("rows.jsonl.gz", b'{"prompt": "a", "completion": "b"}', r"cannot be decompressed as gzip \(BadGzipFile: .*\); "
+                                                            r"the file is damaged or not gzip: compress it again"),
+    ("rows.json.xz", b"\xfd7zXZ\x00 cut short", r"cannot be decompressed as lzma \(LZMAError"),
+    ("rows.csv.bz2", b"BZh9 cut short", r"cannot be decompressed as bz2 \((OSError|ValueError|EOFError)"),
+    ("rows.csv.gz", __import__("gzip").compress(b""), r"rows.csv.gz: the file is empty"),
+    ("rows.json.gz", __import__("gzip").compress(b" \n"), r"rows.json.gz: the file is empty"),
+    ("rows.parquet.gz", b"PAR1", r"a compressed Parquet file; Parquet compresses inside the file"),
+    ("rows.txt.gz", b"Say hi.", r"rows.txt.gz: unsupported file type; use .jsonl, .json, .csv or .parquet \(the "
+                                r"first three may be compressed"),
     ("rows.json", b'[{"prompt": "a", "completion": ', r"rows.json: line 1: invalid JSON"),
     ("rows.json", b'{"a": 1, "b": 2}', r"a .json dataset must be a list of rows, got dict"),
     ("rows.txt", b"Say hi.", r"rows.txt: unsupported file type; use .jsonl, .json, .csv or .parquet"),
+    ("rows.gz", __import__("gzip").compress(b"{}"), r"rows.gz: unsupported file type"),
 ]
 
 

@@ -121,6 +121,28 @@ def test_prompt_completion_rows_become_user_and_assistant_turns(tmp_path):
         [{"role": "user", "content": "Shout apple."}, {"role": "assistant", "content": "APPLE"}]]
 
 
+@pytest.mark.parametrize("name", ["pairs.jsonl.gz", "pairs.json.bz2", "pairs.csv.xz", "pairs.csv.gz"])
+def test_compressed_text_files_read_the_rows_of_the_file_inside(tmp_path, name):
+    """.jsonl / .json / .csv compressed whole (gzip, bz2, xz) read as the file inside would, alone or in a folder."""
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [{"prompt": "Shout apple.", "completion": "APPLE"}, {"prompt": "Shout pear.", "completion": "PEAR"}]
+    kind, compression = name.split(".")[1:]
+    text = {"jsonl": "\n".join(json.dumps(r) for r in rows), "json": json.dumps(rows),
+            "csv": "prompt,completion\n" + "".join(f"{r['prompt']},{r['completion']}\n" for r in rows)}[kind]
+    pack = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[compression]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / name
+    path.write_bytes(pack(text.encode()))
+    want = [[{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]
+            for r in rows]
+    assert load_conversations(DatasetSource(path=str(path)), system_prompt=None) == want
+    assert load_conversations(DatasetSource(path=str(folder)), system_prompt=None) == want
+
+
 def test_system_prompt_is_added_only_to_conversations_without_one(tmp_path):
     own_system = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Thanks"},
                   {"role": "assistant", "content": "Merci"}]

@@ -221,9 +221,10 @@ def run_facts(run_dir: Path, records: list[dict[str, Any]], summary: dict[str, A
         per_step = summary.get("seconds_per_step")
         extra = f", {per_step:.3g} s/step over {summary.get('measured_steps', '?')} steps" if per_step else ""
         facts.append(Fact("throughput", f"{summary['train_tokens_per_second']:.4g} tokens/s{extra} (after warm-up)"))
-    peak = summary.get("peak_gpu_memory_gib")
-    facts.append(Fact("peak GPU memory", f"{peak:.2f} GiB (torch.cuda.max_memory_allocated)" if peak is not None
-                      else "n/a (no CUDA device)"))
+    peak, reserved = summary.get("peak_gpu_memory_gib"), summary.get("peak_reserved_gpu_memory_gib")
+    held = f", {reserved:.2f} GiB held by the allocator" if isinstance(reserved, (int, float)) else ""
+    facts.append(Fact("peak GPU memory", f"{peak:.2f} GiB (torch.cuda.max_memory_allocated){held}"
+                      if peak is not None else "n/a (no CUDA device)"))
     trainable, total = summary.get("trainable_parameters"), summary.get("total_parameters")
     if trainable is None:
         trainable = adapter_parameter_count(run_dir)

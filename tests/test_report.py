@@ -177,3 +177,16 @@ def test_report_to_tensorboard_logs_the_same_losses_offline(tensorboard_run):
     assert [s for s, _ in logged] == [s for s, _ in expected] == [1, 2, 3]
     assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6)
     assert "tensorboard --logdir" in (tensorboard_run / "report" / "report.md").read_text()
+
+
+def test_gpu_memory_fact_gives_the_allocated_peak_and_what_the_allocator_held(tmp_path):
+    """CUDA graphs keep their pool's freed blocks, which allocated memory does not count: the report names both."""
+    from qlora_kit.report import run_facts
+
+    facts = {f.name: f.value for f in run_facts(tmp_path, [], {"peak_gpu_memory_gib": 20.04,
+                                                             "peak_reserved_gpu_memory_gib": 22.07,
+                                                             "trainable_parameters": 1, "total_parameters": 2})}
+    assert facts["peak GPU memory"] == "20.04 GiB (torch.cuda.max_memory_allocated), 22.07 GiB held by the allocator"
+    older = {f.name: f.value for f in run_facts(tmp_path, [], {"peak_gpu_memory_gib": 8.5,
+                                                             "trainable_parameters": 1, "total_parameters": 2})}
+    assert older["peak GPU memory"] == "8.50 GiB (torch.cuda.max_memory_allocated)"  # a summary from before

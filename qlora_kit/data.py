@@ -7,11 +7,14 @@ up to that turn, and the tokens inside those spans are the ones trained on.
 
 from __future__ import annotations
 
+import bz2
 import functools
 import glob
+import gzip
 import hashlib
 import json
 import logging
+import lzma
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -43,7 +46,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # Whole-file compression a text data file may carry (rows.jsonl.gz), by suffix: read as the file inside. Parquet
 # compresses inside the file.
-COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma"}
+COMPRESSIONS = {".gz": gzip, ".bz2": bz2, ".xz": lzma}
 # Words in a role name that say which side it is on, for the `roles:` suggestion (bot -> assistant, never user).
 ROLE_WORDS = {"assistant": ("assistant", "gpt", "bot", "chatbot", "model", "ai", "agent", "response", "answer",
                             "output", "llm", "claude", "gemini", "bard", "bing", "chatgpt", "completion"),
@@ -132,18 +135,17 @@ def read_data_bytes(path: str) -> bytes:
     """A data file's bytes, decompressed where its name says it is compressed; a file that is not what its name
     says is one message with the fix."""
     data = Path(path).read_bytes()
-    compression = COMPRESSIONS.get(Path(path).suffix)
-    if compression is None:
+    module = COMPRESSIONS.get(Path(path).suffix)
+    if module is None:
         if data[:2] == b"\x1f\x8b":  # gzip's magic bytes under a plain name
             raise DataError(f"{path}: the file is gzip-compressed; name it {Path(path).name}.gz, or decompress it")
         return data
-    import importlib
-
     try:
-        return importlib.import_module(compression).decompress(data)
+        return module.decompress(data)
     except Exception as exc:  # gzip.BadGzipFile, OSError, EOFError, lzma.LZMAError: every damaged archive
-        raise DataError(f"{path}: cannot be decompressed as {compression} ({type(exc).__name__}: {exc}); the file "
-                        f"is damaged or not {compression}: compress it again, or give the file uncompressed") from None
+        name = module.__name__
+        raise DataError(f"{path}: cannot be decompressed as {name} ({type(exc).__name__}: {exc}); the file is "
+                        f"damaged or not {name}: compress it again, or give the file uncompressed") from None
 
 
 def read_records(path: str) -> list[tuple[str, Any]]:

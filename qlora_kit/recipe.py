@@ -390,8 +390,9 @@ class SpeedSection:
         "losses over 50 steps within 0.35% of bf16's on average. auto: on a Hopper GPU (where it was measured) "
         "where it runs (bf16 compute, torch's rowwise float8 matmul works there, layers not compiled: compiled "
         "layers run peft's ops) and a micro-batch holds 8,192 tokens or more (batch x longest row; H200: "
-        "1.21-1.26x at 8,192, slower at 4,096, where the step waits on kernel launches); true: wherever it runs; "
-        "false: every matmul in the compute dtype")
+        "1.21-1.26x at 8,192), or 4,096 where the layers replay CUDA graphs (speed.cuda_graphs; 1.20x there, "
+        "slower without graphs, where the step waits on kernel launches); true: wherever it runs; false: every "
+        "matmul in the compute dtype")
     cuda_graphs: bool | Literal["auto"] = option(
         "auto", help="sft on a GPU: each decoder layer's training forward and backward replay as CUDA graphs (one "
         "launch each instead of the layer's hundreds of kernel launches and its Python), where every training "

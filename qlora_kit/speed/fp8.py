@@ -28,6 +28,7 @@ ROW_BLOCK = 1024  # columns per loop step of the row-cast kernel
 TILE_ROWS, TILE_BYTES = 128, 64  # the transposing NF4 -> fp8 kernel's tile: 128 rows x 128 weights
 FP8_MIN_WIDTH = 2048  # narrower weights stay in bf16 (fp8_applies)
 FP8_MIN_TOKENS = 8192  # speed.fp8_matmul auto: micro-batches of fewer tokens stay in bf16 (plan.choose_fp8_matmul)
+FP8_MIN_TOKENS_GRAPHED = 4096  # ... where the layers replay CUDA graphs (measured faster there from 4,096)
 
 
 @functools.cache

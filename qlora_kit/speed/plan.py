@@ -39,7 +39,7 @@ from qlora_kit.speed.attention import (
 )
 from qlora_kit.speed.checkpointing import offloaded_checkpoint, reentrant_checkpoint
 from qlora_kit.speed.cuda_graphs import model_graphs, use_cuda_graphs
-from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_WIDTH, float8_matmul_works
+from qlora_kit.speed.fp8 import FP8_MIN_TOKENS, FP8_MIN_TOKENS_GRAPHED, FP8_MIN_WIDTH, float8_matmul_works
 from qlora_kit.speed.lora_autograd import forget_compute_copies
 from qlora_kit.speed.nf4_triton import nf4_dequantize_kernel
 from qlora_kit.speed.patches import (
@@ -471,10 +471,10 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     """speed.fp8_matmul for this run: the fused layers' big matmuls in float8 (speed/fp8.py). They run where the
     fused layers dequantize through qlora-kit's kernel, in bf16, on a GPU that runs torch's rowwise-scaled float8
     matmul (Machine.float8), and outside compiled layers (those run peft's ops). `auto` takes it on Hopper GPUs
-    (where it was measured) for micro-batches of FP8_MIN_TOKENS tokens or more, or of any size where the layers
-    replay CUDA graphs: without graphs, smaller micro-batches wait on the host's launches, and the casts' launches
-    cost more than the faster matmuls give back (docs/benchmarks.md); `true` wherever it runs, and says why where
-    it cannot."""
+    (where it was measured) for micro-batches of FP8_MIN_TOKENS tokens or more, or FP8_MIN_TOKENS_GRAPHED where the
+    layers replay CUDA graphs: without graphs, smaller micro-batches wait on the host's launches, and the casts'
+    launches cost more than the faster matmuls give back (docs/benchmarks.md); `true` wherever it runs, and says
+    why where it cannot."""
     setting = recipe.speed.fp8_matmul
     if not setting or not machine.gpus:
         return False
@@ -492,10 +492,11 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
     elif compiled_layers:
         blocker = "the decoder layers compile, and compiled layers run peft's ops (speed.compile_layers: false to " \
                   "take float8 instead)"
-    elif setting == "auto" and micro_batch_tokens(recipe) < FP8_MIN_TOKENS and not cuda_graphs:
-        notes.append(f"fp8_matmul: auto -> off, {micro_batch_tokens(recipe):,} tokens a micro-batch and no CUDA "
-                     f"graphs (float8 measured faster from {FP8_MIN_TOKENS:,} tokens, or with graphs; "
-                     "speed.fp8_matmul: true takes it)")
+    elif setting == "auto" and micro_batch_tokens(recipe) < (FP8_MIN_TOKENS_GRAPHED if cuda_graphs else FP8_MIN_TOKENS):
+        notes.append(f"fp8_matmul: auto -> off, {micro_batch_tokens(recipe):,} tokens a micro-batch (float8 measured "
+                     f"faster from {FP8_MIN_TOKENS:,} tokens, or from {FP8_MIN_TOKENS_GRAPHED:,} where the layers "
+                     f"replay CUDA graphs, {'as here' if cuda_graphs else 'not here'}; speed.fp8_matmul: true takes "
+                     "it)")
         return False
     else:
         notes.append("fp8_matmul: the frozen weights' matmuls run in float8 (rowwise-scaled e4m3, fp32 "

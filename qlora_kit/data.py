@@ -871,11 +871,14 @@ def tokenize_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: 
 
 def longest_training_row(data: PreparedData, recipe: Recipe) -> int | None:
     """Tokens in the longest sequence a training batch can hold: the longest tokenized row (a pair's prompt + its
-    longer answer) capped at training.max_length, or max_length itself when trl packs rows to it. None where rows
-    are not tokenized ahead (GRPO generates its completions)."""
+    longer answer) capped at training.max_length, or max_length itself when every batch is padded to it
+    (training.pad_to_max_length). None where trl packs rows to max_length or rows are not tokenized ahead (GRPO
+    generates its completions)."""
     lengths = data.stats.get("train", {}).get("lengths")  # GRPO's are its prompts' alone
     if not lengths or recipe.method == "grpo" or (recipe.method == "sft" and recipe.training.packing):
         return None
+    if recipe.method == "sft" and recipe.training.pad_to_max_length:
+        return recipe.training.max_length  # every batch is padded to it
     return min(lengths[-1], recipe.training.max_length)
 
 
@@ -886,6 +889,8 @@ def varying_batch_lengths(data: PreparedData, recipe: Recipe) -> str | None:
         return "GRPO's prompts and completions vary in length"
     if recipe.method == "sft" and (recipe.training.packing or recipe.training.padding_free):
         return "rows run without padding: a batch is as long as the rows it holds"
+    if recipe.method == "sft" and recipe.training.pad_to_max_length:
+        return None  # every batch padded to max_length
     lengths = data.stats.get("train", {}).get("lengths")
     if not lengths:
         return None

@@ -301,6 +301,10 @@ class TrainingSection:
     packing: bool = option(False, help="pack examples into max_length rows (best fit; position ids restart, so "
                                        "packed examples never attend to each other)")
     padding_free: bool = option(False, help="without packing: concatenate each batch into one row, no padding")
+    pad_to_max_length: bool = option(
+        False, help="sft: pad every batch to max_length (axolotl's pad_to_sequence_len): one batch shape for rows of "
+        "any length, so speed.cuda_graphs applies and cuDNN's attention builds one plan, for the compute of the "
+        "padding (kept out of the loss); pays where rows are near max_length; not with packing or padding_free")
     seed: int = option(42, help="seed of initialisation and data order", min=0, max=2**32 - 1)
     logging_steps: int = option(10, help="log metrics every N optimizer steps", min=1)
     eval_steps: int | None = option(None, help="evaluate held-out loss every N steps (default: at the end only)",
@@ -396,7 +400,8 @@ class SpeedSection:
     cuda_graphs: bool | Literal["auto"] = option(
         "auto", help="sft on a GPU: each decoder layer's training forward and backward replay as CUDA graphs (one "
         "launch each instead of the layer's hundreds of kernel launches and its Python), where every training "
-        "batch has one shape (rows of one length: the plan reads the data). A shape's first micro-batch runs "
+        "batch has one shape (rows of one length, which the plan reads from the data, or training."
+        "pad_to_max_length). A shape's first micro-batch runs "
         "eagerly, its second captures the graphs, later ones replay them; a batch of another shape runs without "
         "them and frees them. Costs one layer-input-sized gradient buffer per layer. Off with several processes, "
         "compiled layers, offload_checkpoints, mlp_chunk_tokens, and LoRA dropout in layers that recompute (the "
@@ -966,9 +971,16 @@ def check_method_keys(recipe: Recipe, raw: dict[str, Any]) -> None:
     if recipe.speed.skip_padding_mask is True and method != "sft":
         raise RecipeError(f"{recipe.source}: speed.skip_padding_mask: applies to method sft only (trl's right-padded "
                           f"SFT batches); this recipe trains with method: {method}; set it to auto or false")
+    t = recipe.training
+    if t.pad_to_max_length and (t.packing or t.padding_free):
+        key = "packing" if t.packing else "padding_free"
+        raise RecipeError(f"{recipe.source}: training.pad_to_max_length: pads rows, and training.{key} runs them "
+                          "without padding; set one of the two to false")
     if method == "sft":
         return
-    t = recipe.training
+    if t.pad_to_max_length:
+        raise RecipeError(f"{recipe.source}: training.pad_to_max_length: applies to method sft only; trl's {method} "
+                          "trainer pads each batch itself")
     if t.sft_args:
         raise RecipeError(f"{recipe.source}: training.sft_args: applies to method sft only; pass extra trl arguments "
                           f"for method {method} as {'grpo' if method == 'grpo' else 'preference'}.config_args")

@@ -209,7 +209,8 @@ def method_settings(recipe: Recipe) -> dict:
     method, p = recipe.method, recipe.preference
     if method == "sft":
         t = recipe.training
-        return {"packing": t.packing, "padding_free": t.padding_free or t.packing, **t.sft_args}
+        padded = {"pad_to_multiple_of": t.max_length} if t.pad_to_max_length else {}  # rows never pass max_length
+        return {"packing": t.packing, "padding_free": t.padding_free or t.packing, **padded, **t.sft_args}
     if method == "grpo":
         # trl samples all completions of an optimizer step (every prompt's num_generations together) in one
         # `generate` call: its defaults steps_per_generation = gradient_accumulation_steps and

@@ -326,3 +326,33 @@ def test_batches_of_many_lengths_are_named_so_the_attention_kernel_can_avoid_per
 
     packed = load_recipe(make_recipe(), ["data.cache=false", "training.packing=true"])
     assert "without padding" in varying_batch_lengths(build_datasets(packed, tiny_tokenizer), packed)
+
+    padded = load_recipe(make_recipe(), ["data.cache=false", "training.pad_to_max_length=true"])
+    assert varying_batch_lengths(build_datasets(padded, tiny_tokenizer), padded) is None
+
+
+def test_pad_to_max_length_gives_every_batch_max_length_tokens_with_the_padding_out_of_the_loss(
+        make_recipe, tiny_tokenizer, tiny_model_dir, tmp_path):
+    """training.pad_to_max_length: rows of many lengths come out of trl's collator max_length long, the padding
+    labelled -100 (no loss) and masked out; the memory estimates size batches to max_length."""
+    from qlora_kit.data import longest_training_row
+    from qlora_kit.model import build_quantized_model
+    from qlora_kit.speed import Machine, decide_speed_plan
+    from qlora_kit.trainers import build_trainer
+
+    recipe = load_recipe(make_recipe(), ["data.cache=false", "training.pad_to_max_length=true",
+                                         "training.max_length=80"])
+    data = build_datasets(recipe, tiny_tokenizer)
+    assert data.stats["train"]["lengths"][-1] < 80 and longest_training_row(data, recipe) == 80
+    model = build_quantized_model(recipe, str(tiny_model_dir), torch.float32)
+    plan = decide_speed_plan(recipe, model.config, Machine.measure(), model.get_nb_trainable_parameters()[0])
+    trainer = build_trainer(recipe, model, tiny_tokenizer, data, tmp_path / "run", torch.float32, plan)
+    batches = list(trainer.get_train_dataloader())
+    assert len(batches) > 2 and all(b["input_ids"].shape[1] == 80 for b in batches)
+    for batch in batches:
+        padding = batch["attention_mask"] == 0
+        assert padding.any() and (batch["labels"][padding] == -100).all()
+    unpadded = load_recipe(make_recipe(), ["data.cache=false", "training.max_length=80"])
+    trainer = build_trainer(unpadded, model, tiny_tokenizer, build_datasets(unpadded, tiny_tokenizer),
+                            tmp_path / "run2", torch.float32, plan)
+    assert {b["input_ids"].shape[1] for b in trainer.get_train_dataloader()} != {80}  # each batch's longest

@@ -105,6 +105,8 @@ def test_a_preference_key_for_another_method_or_a_wrong_value_names_the_method(m
 
 @pytest.mark.parametrize(("training", "data", "message"), [
     ({"packing": True}, {}, "training.packing: applies to method sft only"),
+    ({"pad_to_max_length": True}, {}, "training.pad_to_max_length: applies to method sft only; trl's dpo trainer "
+                                      "pads each batch itself"),
     ({"sft_args": {"neftune_noise_alpha": 5}}, {}, "training.sft_args: applies to method sft only; pass extra trl "
                                                    "arguments for method dpo as preference.config_args"),
     ({}, {"loss_on": "all"}, "data.loss_on: applies to method sft only"),

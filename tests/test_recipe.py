@@ -361,3 +361,11 @@ def test_recipe_reference_lists_every_key_with_help(make_recipe):
 
 def test_recipe_reference_has_no_internal_fields():
     assert "`source`" not in recipe_reference()
+
+
+@pytest.mark.parametrize("other", ["packing", "padding_free"])
+def test_padding_every_batch_to_max_length_contradicts_running_rows_without_padding(other, make_recipe):
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(make_recipe(), ["training.pad_to_max_length=true", f"training.{other}=true"])
+    assert (f"training.pad_to_max_length: pads rows, and training.{other} runs them without padding; set one of the "
+            "two to false") in str(caught.value)

@@ -526,7 +526,8 @@ def choose_cuda_graphs(recipe: Recipe, config, machine: Machine, checkpointing: 
     if recipe.method != "sft":
         blocker = f"SFT only ({recipe.method}'s batches change shape: pairs and completions padded to their longest)"
     elif varying_lengths:
-        blocker = f"training batches come in many shapes ({varying_lengths})"
+        blocker = f"training batches come in many shapes ({varying_lengths}; training.pad_to_max_length: true " \
+                  "gives them one)"
     elif machine.processes > 1:
         blocker = "several processes (measured in one)"
     elif compiled_layers:

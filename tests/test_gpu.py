@@ -987,3 +987,39 @@ def test_every_family_trains_to_eager_gradients_through_cuda_graphs(shape: str, 
     for step, (want, got) in enumerate(zip(eager, graphed, strict=True)):
         for name in want:
             assert ((got[name] - want[name]).norm() / want[name].norm()).item() < 1e-2, (shape, step, name)
+
+
+def test_rows_of_many_lengths_padded_to_max_length_train_through_graphs_to_the_unpadded_losses(
+        tmp_path: Path, tiny_base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """training.pad_to_max_length gives rows of many lengths one batch shape: the plan turns graphs on, they
+    capture once, and the losses are the unpadded run's (right padding, causal attention: no trained token sees a
+    pad; the padding is out of the loss)."""
+    from qlora_kit.pipeline import run_training
+    from qlora_kit.recipe import load_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    rng = random.Random(1)
+    data = tmp_path / "ragged.jsonl"
+    with data.open("w") as handle:
+        for _ in range(32):
+            words = rng.sample(WORDS, rng.randint(1, 4))
+            messages = [{"role": "user", "content": f"please repeat the words {' '.join(words)}."},
+                        {"role": "assistant", "content": " ".join(w.upper() for w in words)}]
+            handle.write(json.dumps({"messages": messages}) + "\n")
+
+    def losses(run_name: str, *overrides: str) -> tuple[list[float], list[str]]:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_base, data),
+                             [f"training.run_name={run_name}", "export.merge=false", "training.learning_rate=0.01",
+                              "speed.compile_layers=false", "training.max_steps=8",
+                              "speed.attention_kernel=default", *overrides])
+        with qlora_kit_log() as messages:
+            run_training(recipe)
+        rows = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [row["loss"] for row in rows if "loss" in row], messages
+
+    ragged, ragged_log = losses("ragged")
+    padded, padded_log = losses("padded", "training.pad_to_max_length=true")
+    assert any("cuda_graphs: off, training batches come in many shapes" in m for m in ragged_log)
+    assert sum("speed.cuda_graphs: capturing" in m for m in padded_log) == 1, padded_log
+    assert len(padded) == 8 and ragged[-1] < ragged[0] - 0.1
+    assert padded == pytest.approx(ragged, rel=5e-3)

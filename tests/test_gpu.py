@@ -401,17 +401,12 @@ FAMILY_FUSED = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14, 2),
                 "tiny-gemma-2": (14, 0), "tiny-gemma-3": (14, 0), "tiny-phi-4-mini": (8, 2), "tiny-smollm2": (14, 2)}
 
 
-@pytest.mark.parametrize("shape", list(FAMILY_FUSED))
-def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
-        shape: str, tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
-    """Each family's own config class (scripts/bench_common.py), 512 wide with an MLP 1,184 wide (not a power of two,
-    like Qwen2.5's 18,944: Liger's SwiGLU runs over 4,096-element rows): the fused LoRA layers, fused MLP and Liger's
-    kernels in bf16 give the plain path's loss and LoRA gradients to bf16 tolerance."""
+def save_family_model(shape: str, tmp_path: Path, tiny_base: Path) -> tuple[Path, str]:
+    """A random model of the family's own config class (scripts/bench_common.py), 512 wide with an MLP 1,184 wide,
+    with tiny_base's tokenizer, saved under tmp_path; and the recipe override for the family's attention."""
     import sys
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qlora_kit.recipe import load_recipe
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from bench_common import SHAPES, attention, shape_config
@@ -427,7 +422,18 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    attn = f"model.attn_implementation={attention(shape)}"
+    return folder, f"model.attn_implementation={attention(shape)}"
+
+
+@pytest.mark.parametrize("shape", list(FAMILY_FUSED))
+def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
+        shape: str, tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
+    """Each family's own config class (scripts/bench_common.py), 512 wide with an MLP 1,184 wide (not a power of two,
+    like Qwen2.5's 18,944: Liger's SwiGLU runs over 4,096-element rows): the fused LoRA layers, fused MLP and Liger's
+    kernels in bf16 give the plain path's loss and LoRA gradients to bf16 tolerance."""
+    from qlora_kit.recipe import load_recipe
+
+    folder, attn = save_family_model(shape, tmp_path, tiny_base)
     plain_recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [attn, "quantization.upcast_to_fp32=true"])
     fast_recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [attn, "quantization.upcast_to_fp32=false"])
     plain_loss, plain = one_step_gradients(plain_recipe, folder, liger=False, fused=False)
@@ -955,28 +961,11 @@ def test_every_family_trains_to_eager_gradients_through_cuda_graphs(shape: str, 
                                                                     chat_file: Path) -> None:
     """Each family's own decoder layer (Gemma 3's returns a tuple; Gemma 2 runs eager attention; Phi-3 fuses its
     projections), one layer recomputed and one kept: captured and replayed, it trains to the eager gradients."""
-    import sys
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from qlora_kit.recipe import load_recipe
     from qlora_kit.speed.cuda_graphs import use_cuda_graphs
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from bench_common import SHAPES, attention, shape_config
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    spec = SHAPES[shape]
-    sizes = dict(hidden_size=512, intermediate_size=1184, num_attention_heads=8,
-                 num_key_value_heads=8 if spec["num_key_value_heads"] == spec["num_attention_heads"] else 4)
-    if "head_dim" in spec:
-        sizes["head_dim"] = 64
-    config, _ = shape_config(shape, tokenizer, vocab_size=len(tokenizer), **sizes)
-    folder = tmp_path / shape
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [f"model.attn_implementation={attention(shape)}"])
+    folder, attn = save_family_model(shape, tmp_path, tiny_base)
+    recipe = load_recipe(write_recipe(tmp_path, folder, chat_file), [attn])
     generator = torch.Generator().manual_seed(7)
     batches = [torch.randint(4, 30, (2, 96), generator=generator).cuda() for _ in range(5)]
     eager = graph_training_run(graphs_model(recipe, folder, 1), batches, 1)

@@ -40,8 +40,10 @@ def use_cuda_graphs(model) -> LayerGraphs | None:
     from qlora_kit.speed.patches import rebind_forward
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers or model_graphs(model) is not None:  # none, or applied already
-        return model_graphs(model)
+    if not layers:
+        return None
+    if hasattr(layers[0], "_layer_graphs"):  # applied already
+        return layers[0]._layer_graphs
     graphs = LayerGraphs(layers)
     for layer in layers:
         rebind_forward(layer, graphed_forward, "_ungraphed_forward", _layer_graphs=graphs,

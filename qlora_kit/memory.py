@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from qlora_kit.model import (
     DTYPES,
     fused_mlp_blocker,
-    gated_silu_mlp,
+    mlp_gate_activation,
     model_config,
     targets_module,
     upcasts_to_fp32,
@@ -209,14 +209,14 @@ def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
 
 
 def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:
-    """speed.fused_mlp would run this model's MLPs (4-bit, fused LoRA, nothing in fused_mlp_blocker, gated SiLU
+    """speed.fused_mlp would run this model's MLPs (4-bit, fused LoRA, nothing in fused_mlp_blocker, gated
     modules whose down_proj is adapted)."""
     speed = recipe.speed
     if not (speed.fused_lora and speed.fused_mlp and recipe.quantization.load_in_4bit):
         return False
     if fused_mlp_blocker(model.config, recipe.lora.dropout):
         return False
-    return any(gated_silu_mlp(m) and any(m.down_proj is a for a in adapted) for m in model.modules())
+    return any(mlp_gate_activation(m) and any(m.down_proj is a for a in adapted) for m in model.modules())
 
 
 def long_context_settings(speed: SpeedSection) -> bool:

@@ -367,32 +367,42 @@ def liger_kernel_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-SILU_ACTIVATIONS = ("silu", "swish")
+# act(gate) * up as the fused MLP computes it (speed/lora_autograd.py), by the names transformers' configs give the
+# activation: SiLU (Llama, Mistral, Qwen, Phi-3), GELU's tanh form (Gemma 2 and 3); other activations keep their MLP
+FUSED_GATE_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def gate_activation_name(config) -> str | None:
+    """The MLP activation a config names: hidden_activation (Gemma 2 and 3), else hidden_act (the others)."""
+    return getattr(config, "hidden_activation", None) or getattr(config, "hidden_act", None)
 
 
 def fused_mlp_blocker(model_config, lora_dropout: float = 0.0) -> str | None:
-    """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: SwigluDownOver4bit computes
-    silu(gate) * up, so a GELU-gated MLP (Gemma) keeps its own forward, and it feeds the down projection's adapter
-    the undropped product, so LoRA dropout keeps it out too. Here, not in speed/, because the speed plan and the
-    memory estimate (which cannot import speed/) both read it."""
+    """Why speed.fused_mlp leaves this model's MLPs alone, or None when it fuses them: GatedDownOver4bit computes
+    silu(gate) * up or gelu_tanh(gate) * up, so another activation keeps its own forward, and it feeds the down
+    projection's adapter the undropped product, so LoRA dropout keeps it out too. Here, not in speed/, because the
+    speed plan and the memory estimate (which cannot import speed/) both read it."""
     if lora_dropout:
         return f"lora.dropout is {lora_dropout:g} (the fused MLP has no dropout before the down projection's adapter)"
     text = model_config.get_text_config()
-    # the activation's key differs by family: hidden_activation (Gemma 2 and 3), hidden_act (the others, Gemma 1)
-    activation = getattr(text, "hidden_activation", None) or getattr(text, "hidden_act", None)
-    if activation not in SILU_ACTIVATIONS:
-        return f"{text.model_type}'s MLP is gated by {activation}, and only SiLU-gated MLPs are fused"
+    activation = gate_activation_name(text)
+    if activation not in FUSED_GATE_ACTIVATIONS:
+        return (f"{text.model_type}'s MLP is gated by {activation}, and only SiLU- and tanh-GELU-gated MLPs "
+                "are fused")
     return None
 
 
-def gated_silu_mlp(module) -> bool:
-    """A Llama-style MLP: down_proj(silu(gate_proj(x)) * up_proj(x)) (Llama, Mistral, Qwen), or Phi-3's with one
-    gate_up_proj for both; not Gemma's GELU. Probes any module: transformers' MLP classes differ by architecture."""
-    config = getattr(module, "config", None)  # transformers' MLPs keep it; their act_fn class varies by version
-    silu = getattr(config, "hidden_act", None) in SILU_ACTIVATIONS or isinstance(getattr(module, "act_fn", None),
-                                                                                  torch.nn.SiLU)
+def mlp_gate_activation(module) -> str | None:
+    """How a gated MLP, down_proj(act(gate_proj(x)) * up_proj(x)), activates its gate, as the fused MLP names it
+    ("silu": Llama, Mistral, Qwen, and Phi-3 with one gate_up_proj for both; "gelu_tanh": Gemma 2 and 3), or None
+    for any other module or activation. Probes any module: transformers' MLP classes differ by architecture."""
     projections = hasattr(module, "gate_up_proj") or (hasattr(module, "gate_proj") and hasattr(module, "up_proj"))
-    return projections and hasattr(module, "down_proj") and silu and not hasattr(module, "experts")
+    if not projections or not hasattr(module, "down_proj") or hasattr(module, "experts"):
+        return None
+    name = gate_activation_name(getattr(module, "config", None))  # their act_fn class varies by version
+    if name is None and isinstance(getattr(module, "act_fn", None), torch.nn.SiLU):
+        name = "silu"
+    return FUSED_GATE_ACTIVATIONS.get(name)
 
 
 def attention_build_error(recipe: Recipe, config, implementation: str) -> str | None:

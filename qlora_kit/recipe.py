@@ -376,11 +376,11 @@ class SpeedSection:
         True, help="run each LoRA layer over a 4-bit weight as one autograd function with a hand-written backward "
         "(DoRA and several active adapters keep peft's path)")
     fused_mlp: bool = option(
-        True, help="with fused_lora and no LoRA dropout, a gated-SiLU MLP (Llama, Mistral, Qwen, Phi-3; not Gemma's "
-        "GELU) recomputes "
-        "silu(gate) * up in backward instead of saving it: one intermediate-sized tensor less per kept layer, for one "
-        "elementwise kernel more; a checkpointed layer's recompute also skips the down projection, whose output "
-        "nothing reads")
+        True, help="with fused_lora and no LoRA dropout, a gated MLP (SiLU: Llama, Mistral, Qwen, Phi-3; GELU's tanh "
+        "form: Gemma 2 and 3, under compile_layers: auto only where the layers replay CUDA graphs, else they compile) "
+        "recomputes act(gate) * up in backward instead of saving it: one intermediate-sized tensor less per kept "
+        "layer, for one elementwise kernel more; a checkpointed layer's recompute also skips the down projection, "
+        "whose output nothing reads")
     triton_dequantize: bool = option(
         True, help="with fused_lora on a GPU, NF4 weights dequantize through qlora-kit's Triton kernel: "
         "bitsandbytes' bits in one kernel instead of three; off: bitsandbytes' kernels")
@@ -437,8 +437,9 @@ class SpeedSection:
         "auto", help="torch.compile each decoder layer's training forward on GPU: fewer kernels and less Python per "
         "step (Liger's layer kernels left out; the LoRA linears run peft's ops, which inductor fuses, not "
         "fused_lora's), for a compile on the first step that later runs of the shape read from the cache. auto: "
-        "on for SFT where the MLPs are not fused (Gemma's GELU-gated ones, and every family with LoRA dropout, "
-        "which the fused MLP does not apply; a second row length compiles once more, then lengths are dynamic); "
+        "on for SFT where the MLPs are not fused (every family with LoRA dropout, which the fused MLP does not apply, "
+        "and Gemma's GELU-gated MLPs where the layers cannot replay CUDA graphs, as with flex attention or rows of "
+        "many lengths; a second row length compiles once more, then lengths are dynamic); "
         "never on CPU, with offload_checkpoints, reentrant_checkpointing, mlp_chunk_tokens or several processes; "
         "true: on wherever those allow")
     gc_every_steps: int = option(

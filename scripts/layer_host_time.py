@@ -111,7 +111,7 @@ def pieces(model) -> dict[str, float]:
     """Host microseconds per call of the pieces the fused layers call, at 16 tokens (enqueue only)."""
     import bitsandbytes as bnb
 
-    from qlora_kit.speed.lora_autograd import dequantized_weight, liger_swiglu
+    from qlora_kit.speed.lora_autograd import dequantized_weight, liger_gate_kernels
 
     down = model.get_base_model().model.layers[0].mlp.down_proj.get_base_layer()
     x = torch.randn(16, 14336, device="cuda", dtype=torch.bfloat16)
@@ -124,9 +124,10 @@ def pieces(model) -> dict[str, float]:
         "torch.mm": piece_host_us(lambda: torch.mm(gate, x.t())),
         "torch silu*mul": piece_host_us(lambda: torch.nn.functional.silu(gate.float()).to(up.dtype) * up),
     }
-    if liger_swiglu() is not None:
-        out["liger swiglu_forward"] = piece_host_us(lambda: liger_swiglu().swiglu_forward(gate, up))
-        out["liger swiglu_backward"] = piece_host_us(lambda: liger_swiglu().swiglu_backward(gate, up, x))
+    if liger_gate_kernels("silu") is not None:
+        forward, backward = liger_gate_kernels("silu")
+        out["liger swiglu_forward"] = piece_host_us(lambda: forward(gate, up))
+        out["liger swiglu_backward"] = piece_host_us(lambda: backward(gate, up, x))
     return out
 
 

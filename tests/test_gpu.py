@@ -168,7 +168,7 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
     the one that runs, or it saves no memory."""
     from qlora_kit.pipeline import run_training
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import GatedDownOver4bit
 
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
     recipe = load_recipe(write_recipe(tmp_path, tiny_base, chat_file),
@@ -176,13 +176,13 @@ def test_fused_mlp_runs_in_training_with_liger_s_kernels_on(
                           "speed.cuda_graphs=false"])  # graph replays run no Python: calls counted without them
     assert recipe.speed.liger_kernels
     fused_calls = []
-    fused_forward = SwigluDownOver4bit.forward
-    monkeypatch.setattr(SwigluDownOver4bit, "forward",
+    fused_forward = GatedDownOver4bit.forward
+    monkeypatch.setattr(GatedDownOver4bit, "forward",
                         staticmethod(lambda *args: fused_calls.append(1) or fused_forward(*args)))
     with qlora_kit_log() as messages:
         run_training(recipe)
 
-    assert "speed.fused_mlp: 2 gated-SiLU MLPs recompute silu(gate) * up in backward" in messages
+    assert "speed.fused_mlp: 2 gated MLPs recompute act(gate) * up in backward" in messages
     assert len(fused_calls) == 4 * 2 * 2  # 4 steps x 2 MLPs x (forward + checkpointed recompute)
 
 
@@ -356,7 +356,7 @@ def one_step_gradients(recipe, folder: Path, liger: bool, fused: bool, compiled:
         _apply_liger_kernel_to_instance(model=model.get_base_model())
     if fused:
         assert use_fused_lora(model) == fused_counts[0]
-    if mlp:  # silu(gate) * up recomputed in backward, through Liger's kernels when liger is on
+    if mlp:  # act(gate) * up recomputed in backward, through Liger's kernels when liger is on
         assert use_fused_mlp(model) == fused_counts[1]
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if compiled:
@@ -398,7 +398,7 @@ def test_speedups_give_peft_s_gradients_to_bf16_tolerance(
 
 # (LoRA layers, MLPs) fused in each family's 2-layer shape (tests/test_speed.py FUSED_PER_FAMILY)
 FAMILY_FUSED = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14, 2), "tiny-mistral": (14, 2),
-                "tiny-gemma-2": (14, 0), "tiny-gemma-3": (14, 0), "tiny-phi-4-mini": (8, 2), "tiny-smollm2": (14, 2)}
+                "tiny-gemma-2": (14, 2), "tiny-gemma-3": (14, 2), "tiny-phi-4-mini": (8, 2), "tiny-smollm2": (14, 2)}
 
 
 def save_family_model(shape: str, tmp_path: Path, tiny_base: Path) -> tuple[Path, str]:
@@ -429,8 +429,9 @@ def save_family_model(shape: str, tmp_path: Path, tiny_base: Path) -> tuple[Path
 def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
         shape: str, tmp_path: Path, tiny_base: Path, chat_file: Path) -> None:
     """Each family's own config class (scripts/bench_common.py), 512 wide with an MLP 1,184 wide (not a power of two,
-    like Qwen2.5's 18,944: Liger's SwiGLU runs over 4,096-element rows): the fused LoRA layers, fused MLP and Liger's
-    kernels in bf16 give the plain path's loss and LoRA gradients to bf16 tolerance."""
+    like Qwen2.5's 18,944: Liger's SwiGLU / GEGLU run over 4,096-element rows): the fused LoRA layers, fused MLP
+    (SiLU- or tanh-GELU-gated) and Liger's kernels in bf16 give the plain path's loss and LoRA gradients to bf16
+    tolerance."""
     from qlora_kit.recipe import load_recipe
 
     folder, attn = save_family_model(shape, tmp_path, tiny_base)
@@ -464,18 +465,27 @@ def test_every_family_gets_peft_s_gradients_through_the_fused_layers_and_liger(
     assert max(errors.values()) < max(3e-2, 2 * floor), errors
 
 
-def test_liger_swiglu_over_4096_element_rows_gives_its_own_bits_at_qwen2_5_s_width() -> None:
-    """silu_mul / silu_mul_backward hand Liger's kernels rows of 4,096 elements instead of 18,944-wide ones: the op
-    is elementwise, so the bits are Liger's own at the real width."""
-    swiglu = pytest.importorskip("liger_kernel.ops.swiglu")
-    from qlora_kit.speed.lora_autograd import silu_mul, silu_mul_backward
+@pytest.mark.parametrize(("activation", "width"), [("silu", 18944), ("gelu_tanh", 14336)])  # Qwen2.5-7B, Gemma-2-9B
+def test_liger_gate_kernels_over_4096_element_rows_give_their_own_bits_at_the_real_width(activation: str,
+                                                                                        width: int) -> None:
+    """gated_mul / gated_mul_backward hand Liger's SwiGLU and GEGLU kernels rows of 4,096 elements instead of
+    18,944- or 14,336-wide ones: the op is elementwise, so the bits are Liger's own at the real width; and the
+    torch-ops version (CPU, no liger-kernel) stays within a bf16 rounding of them."""
+    ops = pytest.importorskip("liger_kernel.ops")
+    from qlora_kit.speed.lora_autograd import gated_mul, gated_mul_backward
 
-    gate, up, grad = (torch.randn(2, 2048, 18944, device="cuda", dtype=torch.bfloat16,
+    forward, backward = {"silu": (ops.swiglu_forward, ops.swiglu_backward),
+                         "gelu_tanh": (ops.geglu_forward, ops.geglu_backward)}[activation]
+    gate, up, grad = (torch.randn(2, 2048, width, device="cuda", dtype=torch.bfloat16,
                                   generator=torch.Generator("cuda").manual_seed(i)) for i in range(3))
-    assert torch.equal(silu_mul(gate, up), swiglu.swiglu_forward(gate.clone(), up.clone())[2])
-    ours = silu_mul_backward(gate.clone(), up.clone(), grad)
-    theirs = swiglu.swiglu_backward(gate.clone(), up.clone(), grad.clone())
+    product = gated_mul(gate, up, activation)
+    assert torch.equal(product, forward(gate.clone(), up.clone())[2])
+    ours = gated_mul_backward(gate.clone(), up.clone(), grad, activation)
+    theirs = backward(gate.clone(), up.clone(), grad.clone())
     assert all(torch.equal(a, b) and a.shape == gate.shape for a, b in zip(ours, theirs, strict=True))
+    act = {"silu": torch.nn.functional.silu,
+           "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}[activation]
+    torch.testing.assert_close(product, act(gate.float()).to(up.dtype) * up)  # what the MLP computes unfused
 
 
 def test_triton_kernels_compile_in_the_first_two_steps_and_a_second_run_compiles_none(
@@ -732,7 +742,7 @@ def test_fp8_lora_layers_stay_within_float8_rounding_of_bf16(fused_mlp: bool) ->
     adapter's gradients, bf16 matmuls of the same dY and input, are the same bits."""
     import bitsandbytes as bnb
 
-    from qlora_kit.speed.lora_autograd import LoraOver4bit, SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import GatedDownOver4bit, LoraOver4bit
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(2048, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
@@ -750,7 +760,7 @@ def test_fp8_lora_layers_stay_within_float8_rounding_of_bf16(fused_mlp: bool) ->
         layer._fp8_matmul = fp8
         inputs = [t.detach().clone().requires_grad_() for t in (x, up, a, b)]
         if fused_mlp:
-            out = SwigluDownOver4bit.apply(inputs[0], inputs[1], inputs[2], inputs[3], layer, 2.0, False)
+            out = GatedDownOver4bit.apply(inputs[0], inputs[1], inputs[2], inputs[3], layer, 2.0, False)
         else:
             out = LoraOver4bit.apply(inputs[0], None, inputs[2], inputs[3], layer, 2.0, False)
         out.backward(grad_out)

@@ -5,6 +5,7 @@ The GPU versions of these comparisons (bf16, real kernels) are in test_gpu.py; t
 
 from __future__ import annotations
 
+import functools
 import time
 from copy import deepcopy
 
@@ -121,9 +122,9 @@ def family_model(make_recipe, family_model_dir, shape: str):
 
 
 # (LoRA layers fused, MLPs fused) in the 2-layer tiny shape of each family: Phi-3 has fused qkv_proj / gate_up_proj
-# (4 linears a layer); Gemma's GELU-gated MLPs keep their own forward (the speed plan says so)
+# (4 linears a layer); Gemma's GELU-gated MLPs fuse as the SiLU-gated ones do
 FUSED_PER_FAMILY = {"tiny": (14, 2), "tiny-qwen2.5": (14, 2), "tiny-qwen3": (14, 2), "tiny-mistral": (14, 2),
-                    "tiny-gemma-2": (14, 0), "tiny-gemma-3": (14, 0), "tiny-phi-4-mini": (8, 2),
+                    "tiny-gemma-2": (14, 2), "tiny-gemma-3": (14, 2), "tiny-phi-4-mini": (8, 2),
                     "tiny-smollm2": (14, 2)}
 
 
@@ -149,20 +150,30 @@ def test_fused_lora_and_mlp_match_peft_on_every_family(make_recipe, family_model
 
 @pytest.mark.parametrize("shape", FAMILY_SHAPES)
 def test_the_speed_plan_says_which_levers_skip_a_family(make_recipe, family_model_dir, shape, monkeypatch):
-    """fused_mlp on a GELU-gated family, and Liger on a model type liger-kernel does not patch, are off in the plan
-    with a note, not silently skipped by the code that would apply them; the GELU-gated families compile their
-    layers instead (which leaves Liger's layer kernels out)."""
+    """Every family's MLPs fuse where the layers replay CUDA graphs, Gemma's GELU-gated ones too. Where graphs
+    cannot apply (flex attention, rows of many lengths) a GELU-gated family's MLPs stay unfused, with a note, and its
+    layers compile instead (which leaves Liger's layer kernels out); a SiLU-gated family's MLPs fuse regardless.
+    Liger on a model type liger-kernel does not patch is off with a note, not silently skipped."""
     from transformers import AutoConfig
 
     import qlora_kit.speed.plan as plan_module
 
     config = AutoConfig.from_pretrained(family_model_dir(shape))
-    plan = decide_speed_plan(load_recipe(make_recipe()), config, gpu_machine(), 0)
-    gelu = FUSED_PER_FAMILY[shape][1] == 0
-    assert plan.fused_lora and plan.fused_mlp is not gelu
-    assert plan.compile_layers is gelu and plan.liger_kernels is not gelu
-    assert any(note.startswith("fused_mlp: off") and "gelu_pytorch_tanh" in note for note in plan.notes) is gelu
+    gelu = shape in ("tiny-gemma-2", "tiny-gemma-3")
+    for attention, varying in (("sdpa", None), ("eager", None), ("sdpa", "rows of 10 to 90 tokens")):
+        recipe = load_recipe(make_recipe(model={"attn_implementation": attention},
+                                         training={"batch_size": 2, "max_length": 512}))
+        plan = decide_speed_plan(recipe, config, gpu_machine(), 0, varying_lengths=varying)
+        graphs = attention == "sdpa" and varying is None  # eager attention: auto takes flex, whose mask graphs lack
+        assert plan.cuda_graphs is graphs, (attention, varying, plan.notes)
+        unfused = gelu and not graphs
+        assert plan.fused_lora and plan.fused_mlp is not unfused, (attention, varying, plan.notes)
+        assert plan.compile_layers is unfused and plan.liger_kernels is not unfused
+        note = next((note for note in plan.notes if note.startswith("fused_mlp: off")), "")
+        assert note.startswith("fused_mlp: off, the GELU-gated MLPs fuse where the layers replay CUDA graphs") \
+            if unfused else not note, plan.notes
     recipe = load_recipe(make_recipe(speed={"compile_layers": False}))
+    assert decide_speed_plan(recipe, config, gpu_machine(), 0, varying_lengths="rows of many lengths").fused_mlp
     assert decide_speed_plan(recipe, config, gpu_machine(), 0).liger_kernels
     monkeypatch.setattr(plan_module, "liger_model_types", lambda: frozenset({"some_other_model"}))
     plan = decide_speed_plan(recipe, config, gpu_machine(), 0)
@@ -170,41 +181,60 @@ def test_the_speed_plan_says_which_levers_skip_a_family(make_recipe, family_mode
     assert any(f"no kernels for model type '{config.model_type}'" in note for note in plan.notes)
 
 
-def test_liger_swiglu_runs_over_power_of_two_rows_with_the_same_result(monkeypatch):
-    """Liger's SwiGLU kernels take rows of 4,096 elements whatever the MLP's width (18,944 for Qwen2.5-7B would idle
-    42% of each program's lanes), and silu(gate) * up and its gradients come out the same."""
-    from types import SimpleNamespace
-
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_liger_gate_kernels_run_over_power_of_two_rows_with_the_same_result(monkeypatch, activation):
+    """Liger's SwiGLU / GEGLU kernels take rows of 4,096 elements whatever the MLP's width (18,944 for Qwen2.5-7B
+    would idle 42% of each program's lanes), and act(gate) * up and its gradients come out the same."""
     from qlora_kit.speed import lora_autograd
 
+    act = {"silu": torch.nn.functional.silu,
+           "gelu_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}[activation]
     widths = []
 
-    def forward(a, b):  # liger_kernel.ops.swiglu's contract: (a, b, silu(a) * b), in torch
+    def forward(a, b):  # liger_kernel.ops' swiglu_forward / geglu_forward contract: (a, b, act(a) * b), in torch
         widths.append(a.shape[-1])
-        return a, b, torch.nn.functional.silu(a.float()).to(b.dtype) * b
+        return a, b, act(a.float()).to(b.dtype) * b
 
-    def backward(a, b, dc):  # writes the gradients over a and b, as Liger's kernel does
+    def backward(a, b, dc):  # writes the gradients over a and b, as Liger's kernels do
         widths.append(a.shape[-1])
-        sig = torch.sigmoid(a.float())
-        grad_b = dc * a * sig
-        a.copy_(dc * b * sig * (1 + a * (1 - sig)))
+        leaf = a.detach().float().requires_grad_()
+        (slope,) = torch.autograd.grad(act(leaf).sum(), leaf)
+        grad_b = dc * act(a.float())
+        a.copy_(dc * b * slope)
         b.copy_(grad_b)
         return a, b
 
     gate, up, grad = (torch.randn(2, 128, 592, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    expected = (lora_autograd.silu_mul(gate, up), *lora_autograd.silu_mul_backward(gate, up, grad))
-    monkeypatch.setattr(lora_autograd, "liger_swiglu_runs", lambda tensor: True)
-    monkeypatch.setattr(lora_autograd, "liger_swiglu", lambda: SimpleNamespace(swiglu_forward=forward,
-                                                                               swiglu_backward=backward))
-    product = lora_autograd.silu_mul(gate, up)
-    grads = lora_autograd.silu_mul_backward(gate.clone(), up.clone(), grad)
+    expected = (lora_autograd.gated_mul(gate, up, activation),
+                *lora_autograd.gated_mul_backward(gate, up, grad, activation))
+    monkeypatch.setattr(lora_autograd, "gate_kernels", lambda tensor, name: (forward, backward)
+                        if name == activation else None)
+    product = lora_autograd.gated_mul(gate, up, activation)
+    grads = lora_autograd.gated_mul_backward(gate.clone(), up.clone(), grad, activation)
     for want, got in zip(expected, (product, *grads), strict=True):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want)
     assert widths == [4096, 4096]  # 2 * 128 * 592 = 37 rows of 4,096
     odd = torch.randn(1, 3, 592)
-    torch.testing.assert_close(lora_autograd.silu_mul(odd, odd), torch.nn.functional.silu(odd) * odd)
+    torch.testing.assert_close(lora_autograd.gated_mul(odd, odd, activation), act(odd) * odd)
     assert widths[-1] == 592  # sizes that do not split into such rows keep their own width
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_mul_backward_is_autograd_s_gradient_of_act_gate_times_up(activation):
+    """The torch-ops backward of act(gate) * up (CPU, and GPUs without liger-kernel) is the derivative of the
+    forward it pairs with, for SiLU and GELU's tanh form."""
+    from qlora_kit.speed.lora_autograd import gated_mul, gated_mul_backward
+
+    gate, up, grad = (torch.randn(4, 96, generator=torch.Generator().manual_seed(i)) * 3
+                      for i in range(3))
+    gate.requires_grad_(), up.requires_grad_()
+    want = torch.autograd.grad(gated_mul(gate, up, activation), (gate, up), grad)
+    got = gated_mul_backward(gate.detach(), up.detach(), grad, activation)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w)
+    assert not torch.equal(got[0], gated_mul_backward(gate.detach(), up.detach(), grad,
+                                                      "gelu_tanh" if activation == "silu" else "silu")[0])
 
 
 @pytest.mark.parametrize("checkpoint", [None, reentrant_checkpoint])
@@ -212,7 +242,7 @@ def test_a_recomputed_llama_mlp_skips_the_down_projection_it_never_reads(make_re
                                                                          checkpoint):
     """In a checkpointed Llama layer's recompute, the MLP output only feeds `residual + mlp`, which backward does not
     read: the fused MLP skips that matmul there, and every gradient stays peft's."""
-    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import GatedDownOver4bit
 
     model = adapted_model(make_recipe, tiny_model_dir)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -222,9 +252,9 @@ def test_a_recomputed_llama_mlp_skips_the_down_projection_it_never_reads(make_re
     if checkpoint is not None:
         use_checkpoint_function(model, checkpoint)
     output_read = []
-    forward = SwigluDownOver4bit.forward
-    monkeypatch.setattr(SwigluDownOver4bit, "forward",
-                        staticmethod(lambda *args: output_read.append(args[-1]) or forward(*args)))
+    forward = GatedDownOver4bit.forward
+    monkeypatch.setattr(GatedDownOver4bit, "forward",
+                        staticmethod(lambda *args: output_read.append(args[-2]) or forward(*args)))
     assert_same_training_signal(plain, loss_and_gradients(model, IDS))
     # reentrant: the first forward builds no graph and runs the plain MLP; the recompute the fused one
     assert output_read == ([False, False] if checkpoint else [True, True, False, False])
@@ -310,7 +340,7 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
     speed switches must land after that, or the fused MLP silently never runs (no memory saved)."""
     import transformers
 
-    from qlora_kit.speed.lora_autograd import SwigluDownOver4bit
+    from qlora_kit.speed.lora_autograd import GatedDownOver4bit
 
     _, trainer = tiny_trainer(make_recipe, tiny_model_dir, tiny_tokenizer, tmp_path / "run",
                               training={"max_steps": 1, "gradient_checkpointing": True}, speed={"fused_mlp": True})
@@ -323,9 +353,9 @@ def test_fused_mlp_survives_a_trainer_that_patches_mlps_when_training_starts(mak
         return plain_train(self, *args, **kwargs)
 
     fused_calls = []
-    fused_forward = SwigluDownOver4bit.forward
+    fused_forward = GatedDownOver4bit.forward
     monkeypatch.setattr(transformers.Trainer, "train", train_like_5_17_with_liger)
-    monkeypatch.setattr(SwigluDownOver4bit, "forward",
+    monkeypatch.setattr(GatedDownOver4bit, "forward",
                         staticmethod(lambda *args: fused_calls.append(1) or fused_forward(*args)))
     trainer.train()
 
@@ -1841,8 +1871,9 @@ def test_projections_reading_one_input_share_its_float8_cast_and_never_a_stale_o
 
 
 def test_cuda_graphs_apply_to_sft_batches_of_one_shape_and_say_why_not_elsewhere(make_recipe, tiny_model_dir):
-    """auto and true: on for SFT on a GPU where every batch has one shape, layers not compiled, checkpoints on the
-    GPU, no dropout in a layer that recomputes; elsewhere off with the reason."""
+    """auto and true: on for SFT on a GPU where every batch has one shape, layers not compiled, no flex attention
+    (its block mask is no tensor), checkpoints on the GPU, no dropout in a layer that recomputes; elsewhere off with
+    the reason."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(tiny_model_dir)
@@ -1869,6 +1900,7 @@ def test_cuda_graphs_apply_to_sft_batches_of_one_shape_and_say_why_not_elsewhere
         "compiled": ("the decoder layers compile", plan("speed.compile_layers=true")),
         "offloaded": ("offload_checkpoints", plan("speed.offload_checkpoints=true")),
         "chunked": ("mlp_chunk_tokens", plan("speed.mlp_chunk_tokens=256")),
+        "flex": ("flex attention", plan("model.attn_implementation=eager", "speed.attention_kernel=flex")),
         "dropout": ("dropout in layers that recompute", plan("speed.keep_activations_layers=0",
                                                              "speed.compile_layers=false", lora_dropout=0.1)),
     }
@@ -1948,3 +1980,21 @@ def test_graphed_layers_run_their_own_code_off_the_gpu_and_still_checkpoint(make
         assert key is not None and len(key[3]) == 3
         assert call_key((hidden,), {"cache": object()}) is None
         assert call_key((hidden,), {"position_embeddings": (hidden.requires_grad_(), hidden)}) is None
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-gemma-3"])
+def test_the_memory_estimate_counts_a_fused_mlp_two_intermediate_tensors_lighter(make_recipe, family_model_dir,
+                                                                                  shape):
+    """A layer that keeps its activations holds gate and up through the fused MLP, and act(gate) and act(gate) * up
+    too without it: the estimate counts that for the SiLU and the GELU-gated MLP alike."""
+    from transformers import AutoConfig
+
+    from qlora_kit.memory import estimate_memory_for_config
+
+    config = AutoConfig.from_pretrained(family_model_dir(shape))
+    text = config.get_text_config()
+    sections = {"lora": {"dropout": 0.0}, "training": {"batch_size": 2, "max_length": 256,
+                                                       "gradient_checkpointing": True}}
+    fused, unfused = (estimate_memory_for_config(load_recipe(make_recipe(**sections), [f"speed.fused_mlp={on}"]),
+                                                 config)["each_kept_layer"] for on in ("true", "false"))
+    assert (unfused - fused) * 2**30 == pytest.approx(2 * 256 * 2 * text.intermediate_size * 2)

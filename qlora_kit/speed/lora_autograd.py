@@ -12,6 +12,7 @@ scaling, X the layer input, X' = dropout(X) the adapter's input, dY the output g
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -150,14 +151,15 @@ def matmul_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.T
     return torch.mm(a, b).to(dtype)
 
 
-class SwigluDownOver4bit(torch.autograd.Function):
-    """down_proj(silu(gate) * up) for a LoRA down projection over a 4-bit weight, without saving silu(gate) * up.
+class GatedDownOver4bit(torch.autograd.Function):
+    """down_proj(act(gate) * up) for a LoRA down projection over a 4-bit weight, without saving act(gate) * up;
+    act is SiLU (Llama, Mistral, Qwen, Phi-3) or GELU's tanh form (Gemma 2 and 3).
 
-    H   = silu(G) * U                            recomputed in backward, not saved
+    H   = act(G) * U                             recomputed in backward, not saved
     Y   = H W^T + s (H A^T) B^T
     dH  = dY W + s (dY B) A
-    dG  = dH * U * silu'(G)                      silu'(g) = sigmoid(g) (1 + g (1 - sigmoid(g)))
-    dU  = dH * silu(G)
+    dG  = dH * U * act'(G)
+    dU  = dH * act(G)
     dA  = s (dY B)^T H
     dB  = s dY^T (H A^T)
 
@@ -170,9 +172,9 @@ class SwigluDownOver4bit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True, output_read=True):
+    def forward(ctx, gate, up, lora_a, lora_b, layer, scaling, cast_once=True, output_read=True, activation="silu"):
         dtype = layer.compute_dtype or gate.dtype
-        h = silu_mul(gate, up).to(dtype)
+        h = gated_mul(gate, up, activation).to(dtype)
         a, b = in_compute_dtype(lora_a, dtype, cast_once), in_compute_dtype(lora_b, dtype, cast_once)
         if output_read:
             out, xa = frozen_matmul_plus_adapter(h, h.reshape(-1, h.shape[-1]), a, b, layer, scaling, gate.dtype)
@@ -180,7 +182,7 @@ class SwigluDownOver4bit(torch.autograd.Function):
             xa = torch.mm(h.reshape(-1, h.shape[-1]), a.t())
             out = torch.full((*gate.shape[:-1], layer.out_features), float("nan"), dtype=gate.dtype,
                              device=gate.device)
-        ctx.layer, ctx.scaling = layer, scaling
+        ctx.layer, ctx.scaling, ctx.activation = layer, scaling, activation
         ctx.dtypes = (lora_a.dtype, lora_b.dtype)
         ctx.save_for_backward(gate, up, xa, a, b)
         return out
@@ -188,13 +190,13 @@ class SwigluDownOver4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         gate, up, xa, a, b = ctx.saved_tensors
-        layer, s = ctx.layer, ctx.scaling
+        layer, s, activation = ctx.layer, ctx.scaling, ctx.activation
         a_dtype, b_dtype = ctx.dtypes
         dtype = xa.dtype
         g = grad_out.to(dtype).reshape(-1, grad_out.shape[-1])
         grad_xa = adapter_output_grad(g, b, s)
         grad_b = adapter_b_grad(g, xa, s, b_dtype)
-        h2 = silu_mul(gate, up).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
+        h2 = gated_mul(gate, up, activation).to(dtype).reshape(-1, gate.shape[-1])  # recomputed, not saved
         grad_a = matmul_into(grad_xa.t(), h2, a_dtype)
         del h2
         if runs_in_fp8(layer, g):
@@ -203,37 +205,50 @@ class SwigluDownOver4bit(torch.autograd.Function):
             # The rank-r term first, then the big matmul accumulates onto it (beta=1): for this output, as wide as
             # the MLP, that measured 4-7% faster than adding the rank-r term afterwards (scripts/adapter_add_bench.py).
             grad_h = torch.mm(grad_xa, a).addmm_(g, dequantized_weight(layer, dtype))
-        grad_gate, grad_up = silu_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype))
-        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None
+        grad_gate, grad_up = gated_mul_backward(gate, up, grad_h.view(gate.shape).to(gate.dtype), activation)
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None, None
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up as Liger computes it (silu in fp32, cast to up's dtype, times up): its Triton kernel on a GPU
-    with liger-kernel, the same arithmetic in torch ops elsewhere."""
-    if liger_swiglu_runs(gate):
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def gated_mul(gate: torch.Tensor, up: torch.Tensor, activation: str = "silu") -> torch.Tensor:
+    """act(gate) * up as Liger computes it (act in fp32, cast to up's dtype, times up): its Triton kernel on a GPU
+    with liger-kernel, the same arithmetic in torch ops elsewhere. activation: "silu" or "gelu_tanh"."""
+    kernels = gate_kernels(gate, activation)
+    if kernels is not None:
         gate, up = gate.contiguous(), up.contiguous()
-        return liger_swiglu().swiglu_forward(liger_rows(gate), liger_rows(up))[2].view(gate.shape)
+        return kernels[0](liger_rows(gate), liger_rows(up))[2].view(gate.shape)
+    if activation == "gelu_tanh":
+        return torch.nn.functional.gelu(gate.float(), approximate="tanh").to(up.dtype) * up
     return torch.nn.functional.silu(gate.float()).to(up.dtype) * up
 
 
-def silu_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor):
-    """Gradients of silu(gate) * up for gate and up. Liger's kernel writes them over gate and up (saved tensors
-    that nothing reads afterwards); the torch-ops version allocates."""
-    if liger_swiglu_runs(gate):
+def gated_mul_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, activation: str = "silu"):
+    """Gradients of act(gate) * up for gate and up. Liger's kernels write them over gate and up (saved tensors that
+    nothing reads afterwards); the torch-ops version allocates."""
+    kernels = gate_kernels(gate, activation)
+    if kernels is not None:
         gate, up = gate.contiguous(), up.contiguous()
-        grad_gate, grad_up = liger_swiglu().swiglu_backward(liger_rows(gate), liger_rows(up),
-                                                            liger_rows(grad.contiguous()))
+        grad_gate, grad_up = kernels[1](liger_rows(gate), liger_rows(up), liger_rows(grad.contiguous()))
         return grad_gate.view(gate.shape), grad_up.view(up.shape)
-    sig = torch.sigmoid(gate.float())
-    silu = gate.float() * sig
-    grad_up = (grad.float() * silu).to(up.dtype)
-    grad_gate = (grad.float() * (silu * (1 - sig) + sig) * up.float()).to(gate.dtype)
+    x = gate.float()
+    if activation == "gelu_tanh":  # gelu(x) = x/2 (1 + tanh(z)), z = sqrt(2/pi) (x + 0.044715 x^3)
+        tanh = torch.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+        act = 0.5 * x * (1 + tanh)
+        slope = 0.5 * (1 + tanh) + 0.5 * x * (1 - tanh * tanh) * SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    else:  # silu(x) = x sigmoid(x)
+        sig = torch.sigmoid(x)
+        act = x * sig
+        slope = act * (1 - sig) + sig
+    grad_up = (grad.float() * act).to(up.dtype)
+    grad_gate = (grad.float() * slope * up.float()).to(gate.dtype)
     return grad_gate, grad_up
 
 
-def liger_swiglu_runs(gate: torch.Tensor) -> bool:
-    """Liger's SwiGLU kernels compute silu(gate) * up here: CUDA tensors and liger-kernel installed."""
-    return gate.is_cuda and liger_swiglu() is not None
+def gate_kernels(gate: torch.Tensor, activation: str):
+    """Liger's (forward, backward) for act(gate) * up where they run: CUDA tensors and liger-kernel installed."""
+    return liger_gate_kernels(activation) if gate.is_cuda else None
 
 
 LIGER_ROW = 4096  # elements per row handed to Liger's elementwise kernels: a power of two, so no lane idles
@@ -241,21 +256,24 @@ LIGER_ROW = 4096  # elements per row handed to Liger's elementwise kernels: a po
 
 def liger_rows(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor viewed as rows of LIGER_ROW elements where its size allows (else as it is), for Liger's
-    SwiGLU kernels. They run one program per row, its width rounded up to a power of two and compiled per width:
-    an 18,944-wide MLP (Qwen2.5-7B) would leave 42% of every program's lanes masked and compile a kernel of its own.
-    The op is elementwise, so any row split of the same memory computes the same values."""
+    gated-activation kernels. They run one program per row, its width rounded up to a power of two and compiled per
+    width: an 18,944-wide MLP (Qwen2.5-7B) would leave 42% of every program's lanes masked and compile a kernel of
+    its own. The op is elementwise, so any row split of the same memory computes the same values."""
     return tensor.view(-1, LIGER_ROW) if tensor.numel() % LIGER_ROW == 0 else tensor
 
 
 @functools.cache
-def liger_swiglu():
-    """liger_kernel.ops.swiglu when liger-kernel is installed, else None (imported on first use: Triton is slow to
-    import and absent on CPU-only machines)."""
+def liger_gate_kernels(activation: str):
+    """(forward, backward) of Liger's kernels for act(gate) * up (swiglu_* for "silu", geglu_* for "gelu_tanh":
+    GELU's tanh form) when liger-kernel is installed, else None (imported on first use:
+    Triton is slow to import and absent on CPU-only machines)."""
     try:
-        from liger_kernel.ops import swiglu
+        from liger_kernel.ops import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
     except ImportError:
         return None
-    return swiglu
+    if activation == "gelu_tanh":
+        return geglu_forward, geglu_backward
+    return swiglu_forward, swiglu_backward
 
 
 def dequantized_weight(layer, dtype: torch.dtype) -> torch.Tensor:

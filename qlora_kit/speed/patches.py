@@ -13,7 +13,7 @@ of the same memory, and put them back, around the layer's own forward.
 | what is replaced      | upstream name                                           | verified  | fallback: upstream |
 | --------------------- | ------------------------------------------------------- | --------- | ------------------ |
 | LoRA layer forward    | peft.tuners.lora.bnb.Linear4bit.forward                 | peft, bnb | not fusable; FSDP  |
-| MLP forward, fused    | the MLP's forward (after Liger's SwiGLU)                | tf        | no grad; unfused   |
+| MLP forward, fused    | the MLP's forward (after Liger's SwiGLU / GEGLU)        | tf, liger | no grad; unfused   |
 | MLP forward, chunked  | the MLP's forward                                       | tf        | short rows; MoE    |
 | decoder layer forward | GradientCheckpointingLayer.forward                      | tf, torch | eval, no grad      |
 | checkpoint function   | GradientCheckpointingLayer._gradient_checkpointing_func | tf        | several processes  |
@@ -78,7 +78,7 @@ import torch
 
 from qlora_kit.recipe import QloraKitError
 from qlora_kit.speed.fp8 import fp8_applies
-from qlora_kit.speed.lora_autograd import LoraOver4bit, SwigluDownOver4bit
+from qlora_kit.speed.lora_autograd import GatedDownOver4bit, LoraOver4bit
 from qlora_kit.speed.nf4_triton import nf4_dequantize_applies
 
 log = logging.getLogger("qlora_kit")
@@ -193,25 +193,25 @@ def fused_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
     else:
         gate, up = self.gate_proj(x), self.up_proj(x)
-    return SwigluDownOver4bit.apply(gate, up, down.lora_A[name].weight,
-                                    down.lora_B[name].weight, down.get_base_layer(), down.scaling[name],
-                                    down._cast_adapters_once, not unread)
+    return GatedDownOver4bit.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight,
+                                   down.get_base_layer(), down.scaling[name], down._cast_adapters_once, not unread,
+                                   self._gate_activation)
 
 
 def use_fused_mlp(model) -> int:
-    """Run every gated-SiLU MLP (Phi-3's fused gate_up_proj too) whose down projection takes the fused LoRA path
-    through SwigluDownOver4bit; returns how many. Other MLPs (and any call the fused path cannot take) keep their own
-    forward."""
+    """Run every gated MLP the fused MLP computes (SiLU or tanh-GELU gate; Phi-3's fused gate_up_proj too) whose down
+    projection takes the fused LoRA path through GatedDownOver4bit; returns how many. Other MLPs (and any call the
+    fused path cannot take) keep their own forward."""
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
-    from qlora_kit.model import gated_silu_mlp
+    from qlora_kit.model import mlp_gate_activation
 
     summed = {id(layer.mlp) for layer in model.modules()
               if type(layer).__name__ in MLP_OUTPUT_ONLY_SUMMED and hasattr(layer, "mlp")}
     return sum(rebind_forward(module, fused_mlp_forward, "_unfused_mlp_forward",
-                              _output_only_summed=id(module) in summed)
+                              _output_only_summed=id(module) in summed, _gate_activation=mlp_gate_activation(module))
                for module in model.modules()
-               if gated_silu_mlp(module) and isinstance(module.down_proj, PeftLinear4bit))
+               if mlp_gate_activation(module) and isinstance(module.down_proj, PeftLinear4bit))
 
 
 def chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:

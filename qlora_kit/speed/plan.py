@@ -27,7 +27,15 @@ from qlora_kit.memory import (
     long_context_settings,
     rows_of_length,
 )
-from qlora_kit.model import FLEX, cache_root, fused_mlp_blocker, liger_kernel_installed, under_fsdp
+from qlora_kit.model import (
+    FLEX,
+    FUSED_GATE_ACTIVATIONS,
+    cache_root,
+    fused_mlp_blocker,
+    gate_activation_name,
+    liger_kernel_installed,
+    under_fsdp,
+)
 from qlora_kit.recipe import PAIRED_METHODS, Recipe, SpeedSection
 from qlora_kit.speed.attention import (
     AttentionShape,
@@ -92,7 +100,7 @@ class SpeedPlan:
     """The run's speed choices (see the `speed` recipe section for what each does)."""
 
     fused_lora: bool  # LoRA over 4-bit weights through LoraOver4bit
-    fused_mlp: bool  # gated-SiLU MLPs through SwigluDownOver4bit
+    fused_mlp: bool  # gated MLPs (SiLU, tanh-GELU) through GatedDownOver4bit
     triton_dequantize: bool  # NF4 weights dequantize through qlora-kit's Triton kernel (where it covers the weight)
     fp8_matmul: bool  # ... and their big matmuls run in float8 (speed/fp8.py; where fp8_applies)
     cuda_graphs: bool  # decoder layers replay CUDA graphs of their training forward and backward (cuda_graphs.py)
@@ -139,6 +147,7 @@ def decide_speed_plan(recipe: Recipe, model_config, machine: Machine, trainable_
     shared_prefix = shares_pair_prefixes(recipe, machine, notes)
     recipe = sized_to_rows(recipe, longest_row, notes)
     recipe = resolve_eager_attention(recipe, model_config, machine, notes, varying_lengths)  # before the estimates
+    recipe = resolve_gelu_mlp(recipe, model_config, machine, notes, varying_lengths)  # before the estimates too
     packed = packed_pair_row(shared_prefix, longest_pair, notes)
     recipe = recipe_for_memory_goal(recipe, model_config, machine, trainable_parameters, notes, packed)
     speed = recipe.speed
@@ -297,11 +306,48 @@ def cuda_graph_buffers_gib(recipe: Recipe, config, machine: Machine, varying_len
     """GPU memory speed.cuda_graphs holds beyond what the layers' own activations take, where it may apply: one
     input-gradient buffer per decoder layer (micro-batch tokens x hidden, 2 bytes), kept between micro-batches where
     eager backward frees each after use. 1 GiB on Llama-3-8B at batch 2 x 2,048. 0 where graphs cannot apply."""
-    if not (graphs_wanted(recipe.speed) and machine.gpus and recipe.method == "sft" and machine.processes == 1
-            and not varying_lengths):
+    if not graphs_wanted(recipe.speed) or not machine.gpus or cuda_graph_blocker(recipe, machine, varying_lengths):
         return 0.0
     text = config.get_text_config()
     return text.num_hidden_layers * micro_batch_tokens(recipe) * text.hidden_size * 2 / 2**30
+
+
+def cuda_graph_blocker(recipe: Recipe, machine: Machine, varying_lengths: str | None) -> str | None:
+    """Why the decoder layers of this run cannot replay CUDA graphs, whatever their checkpointing or compiling (the
+    rest of the decision, choose_cuda_graphs, needs those), or None."""
+    if recipe.method != "sft":
+        return f"SFT only ({recipe.method}'s batches change shape: pairs and completions padded to their longest)"
+    if varying_lengths:
+        return f"training batches come in many shapes ({varying_lengths}; training.pad_to_max_length: true gives " \
+               "them one)"
+    if machine.processes > 1:
+        return "several processes (measured in one)"
+    if recipe.speed.offload_checkpoints:
+        return "offload_checkpoints moves layer inputs to CPU memory during the step"
+    if recipe.speed.mlp_chunk_tokens:
+        return "mlp_chunk_tokens checkpoints inside the layers"
+    if recipe.speed.attention_kernel == "flex":
+        return "flex attention (its block mask, rebuilt every batch, is no tensor a graph can read)"
+    return None
+
+
+def resolve_gelu_mlp(recipe: Recipe, model_config, machine: Machine, notes: list[str],
+                     varying_lengths: str | None) -> Recipe:
+    """speed.fused_mlp for a tanh-GELU-gated MLP (Gemma 2 and 3) under speed.compile_layers: auto. Such layers
+    either compile (1.64x the same layers uncompiled and unfused, Gemma-3-4B on an H200) or take the fused MLP and
+    replay CUDA graphs (docs/benchmarks.md); where the graphs cannot apply, the MLP is left unfused and the layers
+    compile, as before the fused MLP took GELU. Decided before the memory estimates, which count a fused MLP."""
+    speed = recipe.speed
+    if not (speed.fused_mlp and speed.compile_layers == "auto" and machine.gpus
+            and FUSED_GATE_ACTIVATIONS.get(gate_activation_name(model_config.get_text_config())) == "gelu_tanh"):
+        return recipe
+    blocker = "speed.cuda_graphs is off" if not speed.cuda_graphs else \
+        "speed.memory: least" if not graphs_wanted(speed) else cuda_graph_blocker(recipe, machine, varying_lengths)
+    if blocker is None:
+        return recipe
+    notes.append(f"fused_mlp: off, the GELU-gated MLPs fuse where the layers replay CUDA graphs, not here ({blocker}); "
+                 "the layers compile instead (speed.compile_layers: false fuses them)")
+    return with_speed(recipe, fused_mlp=False)
 
 
 def adjusts_checkpointing(speed: SpeedSection) -> bool:
@@ -446,10 +492,11 @@ def with_speed(recipe: Recipe, **changes) -> Recipe:
 def layer_compile_blocker(recipe: Recipe, machine: Machine, fused_mlp: bool = False) -> str | None:
     """Why speed.compile_layers does not apply in this process, or None when it does. `auto` compiles where it was
     measured faster (H200, docs/benchmarks.md): SFT layers whose MLP qlora-kit does not fuse (Gemma's GELU-gated
-    MLPs), rows of one length or many (a second length compiles once more, with the length dynamic). Not where the
-    MLP is fused (SwiGLU: no faster, more memory), or for the other methods (not measured). With LoRA dropout the
-    MLP is never fused, so every family compiles: 1.15x (Mistral-7B) and 1.37x (Gemma-3-4B) over the same recipe
-    uncompiled, and a recomputed compiled layer draws the same masks (checked on an H200)."""
+    MLPs where CUDA graphs cannot apply, resolve_gelu_mlp), rows of one length or many (a second length compiles
+    once more, with the length dynamic). Not where the MLP is fused (SwiGLU: no faster, more memory), or for the
+    other methods (not measured). With LoRA dropout the MLP is never fused, so every family compiles: 1.15x
+    (Mistral-7B) and 1.37x (Gemma-3-4B) over the same recipe uncompiled, and a recomputed compiled layer draws the
+    same masks (checked on an H200)."""
     speed = recipe.speed
     if not speed.compile_layers:
         return "switched off"
@@ -510,10 +557,10 @@ def choose_fp8_matmul(recipe: Recipe, machine: Machine, triton_dequantize: bool,
 def choose_cuda_graphs(recipe: Recipe, config, machine: Machine, checkpointing: Checkpointing, kept: int,
                        compiled_layers: bool, varying_lengths: str | None, notes: list[str]) -> bool:
     """speed.cuda_graphs for this run (speed/cuda_graphs.py): SFT on one GPU where every batch has one shape, the
-    layers run eagerly (not compiled), checkpointed layers keep their inputs on the GPU, and no layer that
-    recomputes draws random numbers (LoRA or attention dropout: the backward graph's recompute would draw another
-    mask than the forward graph did). `auto` also leaves them off under speed.memory: least (their gradient buffers
-    cost memory); a note says why where they do not apply."""
+    layers run eagerly (not compiled, no flex attention), checkpointed layers keep their inputs on the GPU, and no
+    layer that recomputes draws random numbers (LoRA or attention dropout: the backward graph's recompute would
+    draw another mask than the forward graph did). `auto` also leaves them off under speed.memory: least (their
+    gradient buffers cost memory); a note says why where they do not apply."""
     if not recipe.speed.cuda_graphs or not machine.gpus:
         return False
     if not graphs_wanted(recipe.speed):
@@ -523,22 +570,12 @@ def choose_cuda_graphs(recipe: Recipe, config, machine: Machine, checkpointing: 
     layers = config.get_text_config().num_hidden_layers
     recomputes = checkpointing != "none" and kept < layers
     dropout = recipe.lora.dropout > 0 or (getattr(config.get_text_config(), "attention_dropout", 0) or 0) > 0
-    if recipe.method != "sft":
-        blocker = f"SFT only ({recipe.method}'s batches change shape: pairs and completions padded to their longest)"
-    elif varying_lengths:
-        blocker = f"training batches come in many shapes ({varying_lengths}; training.pad_to_max_length: true " \
-                  "gives them one)"
-    elif machine.processes > 1:
-        blocker = "several processes (measured in one)"
-    elif compiled_layers:
+    blocker = cuda_graph_blocker(recipe, machine, varying_lengths)  # offload_checkpoints among them
+    if blocker is None and compiled_layers:
         blocker = "the decoder layers compile (speed.compile_layers: false to take graphs instead)"
-    elif checkpointing == "offloaded":
-        blocker = "offload_checkpoints moves layer inputs to CPU memory during the step"
-    elif recipe.speed.mlp_chunk_tokens:
-        blocker = "mlp_chunk_tokens checkpoints inside the layers"
-    elif recomputes and dropout:
+    elif blocker is None and recomputes and dropout:
         blocker = "dropout in layers that recompute (the recompute would draw another mask)"
-    else:
+    if blocker is None:
         notes.append("cuda_graphs: decoder layers replay CUDA graphs of their forward and backward (captured on "
                      "the second micro-batch of a shape); speed.cuda_graphs: false runs them eagerly")
         return True
@@ -656,7 +693,7 @@ def apply_speed_plan(model, plan: SpeedPlan) -> None:
         if plan.triton_dequantize:
             log.info("speed.triton_dequantize: NF4 weights dequantize through qlora-kit's Triton kernel")
         if plan.fused_mlp:
-            log.info("speed.fused_mlp: %d gated-SiLU MLPs recompute silu(gate) * up in backward", use_fused_mlp(model))
+            log.info("speed.fused_mlp: %d gated MLPs recompute act(gate) * up in backward", use_fused_mlp(model))
     if plan.compile_layers:
         cache = persistent_compile_cache()
         log.info("speed.compile_layers: %d decoder layers compile on their first training step (kernels kept in %s)",

@@ -25,9 +25,10 @@ LOGIT_BYTES = 4  # calibrated on H100 runs of this pipeline; see scripts/recipe_
 # includes it; the allocator's slack is in the allocated peak. Split from one 1 GiB term on the H200 rows of
 # 2026-11-30, whose allocated peaks with every layer checkpointed sat 0.7-1.1 GiB under it (docs/benchmarks.md)
 CUDA_CONTEXT_GIB, ALLOCATOR_SLACK_GIB = 0.75, 0.25
-# hidden-sized compute-dtype tensors a kept layer saves for backward besides its MLP's intermediates (norm inputs and
-# outputs, q / k / v / attention output at GQA widths, projection inputs): fitted to the H200 kept-layer costs of
-# Llama-3-8B (SFT and DPO), Mistral-7B, Qwen3-8B and Gemma-3-4B, each within 5% (docs/benchmarks.md, "Memory estimate")
+# hidden-sized compute-dtype tensors a kept Llama-style layer saves for backward besides its MLP's intermediates (two
+# norms' inputs and outputs, q / k / v / attention output at GQA widths, projection inputs): fitted to the H200
+# kept-layer costs of Llama-3-8B (SFT and DPO), Mistral-7B and Qwen3-8B, each within 5% (docs/benchmarks.md, "Memory
+# estimate"); layers with more norms save more (norm_saved_width)
 LAYER_HIDDEN_WIDE = 6
 # the linears that read the attention's output (saved by the attention kernel itself): their dropped copy is extra
 ATTENTION_OUTPUT_LINEARS = ("o_proj", "out_proj", "dense")
@@ -116,7 +117,7 @@ def estimate_memory_for_config(recipe: Recipe, config, packed_pair_row: int | No
     layer_input = tokens * text.hidden_size * bytes_act
     mlp_tokens = min(tokens, recipe.speed.mlp_chunk_tokens or tokens)  # speed.mlp_chunk_tokens: one chunk at a time
     mlp_wide = 2 if fused_mlp_applies(recipe, model, adapted) else 4  # gate, up (and act(gate), act(gate) * up)
-    one_layer = (tokens * LAYER_HIDDEN_WIDE * text.hidden_size +
+    one_layer = (tokens * (LAYER_HIDDEN_WIDE + norm_saved_width(model, text)) * text.hidden_size +
                  mlp_tokens * mlp_wide * getattr(text, "intermediate_size", 4 * text.hidden_size)) * bytes_act
     one_layer += eager_attention_scores(recipe, text, rows, row_length) * (4 + 2 * bytes_act)
     one_layer += tokens * lora_dropout_bytes_per_token(recipe, adapted_by_name, bytes_act) / text.num_hidden_layers
@@ -206,6 +207,29 @@ def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
     """Bytes per adapter parameter of the compute-dtype copies the fused LoRA layers keep between optimizer steps."""
     fused = recipe.speed.fused_lora and recipe.quantization.load_in_4bit and not long_context_settings(recipe.speed)
     return compute_dtype.itemsize if fused and compute_dtype != torch.float32 else 0
+
+
+def norm_saved_width(model, text_config) -> float:
+    """Hidden widths a decoder layer's norms save for backward beyond the two of a Llama layer (LAYER_HIDDEN_WIDE):
+    each further hidden-wide norm saves its input (Gemma 2 and 3 also normalise the attention and MLP outputs:
+    four), and q_norm / k_norm save the q and k projections' outputs (Qwen3, Gemma 3). Gemma-3-4B with its fused
+    MLP kept 0.354 GiB a layer on an H200, where 6 widths said 0.273 and these 9.2 say 0.336."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layer = next((m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)), None)
+    if layer is None:
+        return 0.0
+    hidden, norms, widths = text_config.hidden_size, 0, 0
+    for name, module in layer.named_modules():
+        weight = getattr(module, "weight", None)
+        if not type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or weight is None:
+            continue
+        if name.endswith(("q_norm", "k_norm")) and isinstance(layer.get_submodule(name[:-4] + "proj"),
+                                                              torch.nn.Linear):
+            widths += layer.get_submodule(name[:-4] + "proj").out_features  # self_attn.q_norm -> self_attn.q_proj
+        elif weight.numel() == hidden:
+            norms += 1
+    return (max(norms - 2, 0) * hidden + widths) / hidden
 
 
 def fused_mlp_applies(recipe: Recipe, model, adapted: list) -> bool:

@@ -1998,3 +1998,64 @@ def test_the_memory_estimate_counts_a_fused_mlp_two_intermediate_tensors_lighter
     fused, unfused = (estimate_memory_for_config(load_recipe(make_recipe(**sections), [f"speed.fused_mlp={on}"]),
                                                  config)["each_kept_layer"] for on in ("true", "false"))
     assert (unfused - fused) * 2**30 == pytest.approx(2 * 256 * 2 * text.intermediate_size * 2)
+
+
+def test_a_memory_target_counts_the_cuda_graphs_buffers_or_leaves_the_graphs_out(make_recipe, tiny_model_dir):
+    """speed.memory: N GiB counts the graphs' per-layer gradient buffers (allocated memory the estimate leaves
+    out) among the peak it fits kept layers under; where only they do not fit with every layer checkpointed, auto
+    graphs go (one note) rather than the checkpoints going to CPU memory; graphs asked for with `true` are over
+    the target there, which takes least's levers (offloaded checkpoints, no graphs), as any target missed does."""
+    from transformers import AutoConfig
+
+    from qlora_kit.memory import estimate_memory_for_config
+    from qlora_kit.speed.plan import cuda_graph_buffers_gib
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.num_hidden_layers, config.hidden_size = 32, 4096  # the 8B layer stack's buffers: 1 GiB at 2 x 2,048
+    sections = {"lora": {"dropout": 0.0}, "training": {"batch_size": 2, "max_length": 2048,
+                                                       "gradient_checkpointing": True}}
+    recipe = load_recipe(make_recipe(**sections))
+    graph_gib = cuda_graph_buffers_gib(recipe, config, gpu_machine(), None)
+    estimate = estimate_memory_for_config(recipe, config)
+    base, layer = allocated_peak_gib(estimate), estimate["each_kept_layer"]
+
+    def plan_for(target_gib: float, *overrides: str):
+        recipe = load_recipe(make_recipe(**sections, speed={"memory": round(target_gib, 3)}), list(overrides))
+        return decide_speed_plan(recipe, config, gpu_machine(), 0)
+
+    with_graphs = plan_for(base + graph_gib + 2.5 * layer)
+    assert with_graphs.cuda_graphs and with_graphs.kept_layers == 2
+    assert any("1.00 GiB of CUDA graph buffers among it" in note for note in with_graphs.notes)
+    without = plan_for(base + graph_gib + 2.5 * layer, "speed.cuda_graphs=false")  # the 1 GiB goes to kept layers
+    assert without.kept_layers == int(2.5 + graph_gib / layer) > 2
+    tight = plan_for(base + graph_gib / 2)  # every layer checkpointed fits, the buffers do not
+    assert (tight.cuda_graphs, tight.checkpointing) == (False, "non-reentrant")  # not offloaded
+    assert tight.kept_layers == int(graph_gib / 2 / layer)  # what the buffers would have taken goes to layers
+    assert any(note.startswith("cuda_graphs: auto -> off, speed.memory:") for note in tight.notes)
+    asked = plan_for(base + graph_gib / 2, "speed.cuda_graphs=true")  # asked for: memory first, least's levers
+    assert (asked.cuda_graphs, asked.kept_layers, asked.checkpointing) == (False, 0, "offloaded")
+    assert any(note.startswith("cuda_graphs: off, offload_checkpoints") for note in asked.notes)
+
+
+def test_the_estimate_counts_what_further_norms_save(make_recipe):
+    """Norms past a Llama layer's two save their inputs too: Gemma 2 and 3 normalise attention and MLP outputs (two
+    more hidden widths), and q_norm / k_norm save q and k (Qwen3: 4,096 + 1,024 wide over 4,096 hidden)."""
+    import sys
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from qlora_kit.memory import norm_saved_width
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_common import shape_config
+
+    widths = {}
+    for shape in ("8b", "qwen3-8b", "gemma-2-9b", "gemma-3-4b", "phi-4-mini"):
+        config, _ = shape_config(shape)
+        config.num_hidden_layers = 1
+        with init_empty_weights():
+            widths[shape] = norm_saved_width(AutoModelForCausalLM.from_config(config), config.get_text_config())
+    assert widths == pytest.approx({"8b": 0.0, "qwen3-8b": 1.25, "gemma-2-9b": 2.0, "gemma-3-4b": 3.2,
+                                    "phi-4-mini": 0.0})

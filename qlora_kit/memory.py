@@ -219,14 +219,15 @@ def norm_saved_width(model, text_config) -> float:
     layer = next((m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)), None)
     if layer is None:
         return 0.0
+    modules = dict(layer.named_modules())
     hidden, norms, widths = text_config.hidden_size, 0, 0
-    for name, module in layer.named_modules():
+    for name, module in modules.items():
         weight = getattr(module, "weight", None)
         if not type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or weight is None:
             continue
-        if name.endswith(("q_norm", "k_norm")) and isinstance(layer.get_submodule(name[:-4] + "proj"),
-                                                              torch.nn.Linear):
-            widths += layer.get_submodule(name[:-4] + "proj").out_features  # self_attn.q_norm -> self_attn.q_proj
+        projection = modules.get(name[:-4] + "proj") if name.endswith(("q_norm", "k_norm")) else None
+        if isinstance(projection, torch.nn.Linear):  # self_attn.q_norm normalises self_attn.q_proj's output
+            widths += projection.out_features
         elif weight.numel() == hidden:
             norms += 1
     return (max(norms - 2, 0) * hidden + widths) / hidden

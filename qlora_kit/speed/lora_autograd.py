@@ -265,8 +265,8 @@ def liger_rows(tensor: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def liger_gate_kernels(activation: str):
     """(forward, backward) of Liger's kernels for act(gate) * up (swiglu_* for "silu", geglu_* for "gelu_tanh":
-    GELU's tanh form) when liger-kernel is installed, else None (imported on first use:
-    Triton is slow to import and absent on CPU-only machines)."""
+    GELU's tanh form) when liger-kernel is installed, else None (imported on first use: Triton is slow to import and
+    absent on CPU-only machines)."""
     try:
         from liger_kernel.ops import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
     except ImportError:

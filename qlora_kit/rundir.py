@@ -290,7 +290,9 @@ def prepare_run_dir(recipe: Recipe, main: bool = True) -> RunFolder:
 
 def check_output_dir(recipe: Recipe) -> None:
     """training.output_dir can hold the run folder: its nearest existing folder is a folder this user can write.
-    Read-only: `validate` runs it, `train` before its lock (which is written next to the run folder)."""
+    `validate` runs it, `train` before its lock (which is written next to the run folder). Permission bits do not
+    say it all (root passes them everywhere, yet nothing can be made in /proc or /sys, or on a read-only mount), so
+    an empty folder is made there and removed at once: nothing else is touched."""
     where = f"{recipe.source}: training.output_dir"
     existing = recipe.run_dir.parent
     while not existing.exists() and existing != existing.parent:
@@ -300,6 +302,11 @@ def check_output_dir(recipe: Recipe) -> None:
                           "created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RecipeError(f"{where}: cannot write in {existing} (permission denied); pick a folder you can write to")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".qlora-kit-write-check.", dir=existing))
+    except OSError as exc:
+        raise RecipeError(f"{where}: cannot create folders in {existing} ({exc.strerror}); pick a folder you can "
+                          "write to") from None
 
 
 def check_run_dir(recipe: Recipe) -> bool:

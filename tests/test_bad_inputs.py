@@ -625,6 +625,34 @@ def test_validate_refuses_the_run_folder_train_would_refuse(make_recipe, tmp_pat
     assert (run_dir / "notes.txt").read_text() == "mine"  # validate changes nothing
 
 
+def test_validate_refuses_an_output_folder_where_nothing_can_be_created(make_recipe, tmp_path, cli, monkeypatch):
+    """Permission bits pass (as for root in /proc, /sys or on a read-only mount) but creating a folder fails:
+    validate says so, as train would, and leaves nothing behind where it can write."""
+    import errno
+    import tempfile
+
+    recipe = make_recipe(training={"output_dir": str(tmp_path / "outputs")})
+    before = sorted(tmp_path.rglob("*"))
+    status, _, err = cli("validate", str(recipe))
+    assert status == 0, err
+    assert sorted(tmp_path.rglob("*")) == before  # the trial folder is gone, and "outputs" was never made
+
+    def read_only_filesystem(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_filesystem)
+    status, _, err = cli("validate", str(recipe))
+    assert status == 2 and "Traceback" not in err, err
+    assert f"training.output_dir: cannot create folders in {tmp_path} (Read-only file system)" in err, err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_validate_refuses_proc_as_the_output_folder(make_recipe, cli):
+    status, _, err = cli("validate", str(make_recipe(training={"output_dir": "/proc/qlora-kit-runs"})))
+    assert status == 2 and "Traceback" not in err, err
+    assert "training.output_dir: cannot" in err and "/proc" in err, err
+
+
 def test_a_data_file_whose_name_has_glob_characters_is_read_as_itself(make_recipe, tmp_path, cli):
     path = tmp_path / "rows [v2].jsonl"
     path.write_text(json.dumps(ROW) + "\n")

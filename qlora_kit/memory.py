@@ -212,8 +212,8 @@ def compute_copy_bytes(recipe: Recipe, compute_dtype: torch.dtype) -> int:
 def norm_saved_width(model, text_config) -> float:
     """Hidden widths a decoder layer's norms save for backward beyond the two of a Llama layer (LAYER_HIDDEN_WIDE):
     each further hidden-wide norm saves its input (Gemma 2 and 3 also normalise the attention and MLP outputs:
-    four), and q_norm / k_norm save the q and k projections' outputs (Qwen3, Gemma 3). Gemma-3-4B with its fused
-    MLP kept 0.354 GiB a layer on an H200, where 6 widths said 0.273 and these 9.2 say 0.336."""
+    four), and q_norm / k_norm save the q and k projections' outputs (Qwen3, Gemma 3); measured against Gemma-3-4B's
+    kept layers in docs/benchmarks.md."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layer = next((m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)), None)

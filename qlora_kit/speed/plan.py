@@ -335,9 +335,9 @@ def cuda_graph_blocker(recipe: Recipe, machine: Machine, varying_lengths: str | 
 def resolve_gelu_mlp(recipe: Recipe, model_config, machine: Machine, notes: list[str],
                      varying_lengths: str | None) -> Recipe:
     """speed.fused_mlp for a tanh-GELU-gated MLP (Gemma 2 and 3) under speed.compile_layers: auto. Such layers
-    either compile (1.64x the same layers uncompiled and unfused, Gemma-3-4B on an H200) or take the fused MLP and
-    replay CUDA graphs (docs/benchmarks.md); where the graphs cannot apply, the MLP is left unfused and the layers
-    compile, as before the fused MLP took GELU. Decided before the memory estimates, which count a fused MLP."""
+    either compile or take the fused MLP and replay CUDA graphs, both measured faster than neither
+    (docs/benchmarks.md); where the graphs cannot apply, the MLP is left unfused and the layers compile, as before the
+    fused MLP took GELU. Decided before the memory estimates, which count a fused MLP."""
     speed = recipe.speed
     if not (speed.fused_mlp and speed.compile_layers == "auto" and machine.gpus
             and FUSED_GATE_ACTIVATIONS.get(gate_activation_name(model_config.get_text_config())) == "gelu_tanh"):
@@ -455,7 +455,7 @@ def fit_memory_target(recipe: Recipe, config, machine: Machine, trainable_parame
                       packed: int | None = None, graph_gib: float = 0.0) -> tuple[str, dict]:
     """(optimizer, speed changes) for speed.memory: N GiB. On a GPU the target is also held to 90% of what this
     process can use, as `auto` kept layers are. `graph_gib`: the CUDA graphs' gradient buffers, allocated memory on
-    top of the estimate (Gemma-3-4B at 6.81 GiB kept 8 layers without them and peaked at 7.17, H200)."""
+    top of the estimate (a target that left them out was overshot: docs/benchmarks.md)."""
     target = float(recipe.speed.memory)
     optimizer = recipe.training.optimizer
     if not (recipe.training.gradient_checkpointing and machine.gpus and machine.processes == 1):

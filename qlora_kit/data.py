@@ -17,6 +17,7 @@ import logging
 import lzma
 import os
 import random
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,10 +158,9 @@ def read_records(path: str) -> list[tuple[str, Any]]:
         text = read_utf8(path)
         if not text.strip():
             raise DataError(f"{path}: the file is empty")
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+        records = parsed_json(text, whole_file=True)
+        if isinstance(records, BadRecord):
+            raise DataError(f"{path}: {records.reason}")
         if isinstance(records, dict) and len(records) == 1 and isinstance(next(iter(records.values())), list):
             records = next(iter(records.values()))  # {"data": [...]} layout
         if not isinstance(records, list):
@@ -213,15 +213,50 @@ def read_utf8(path: str) -> str:
 
 
 def read_jsonl(path: str) -> list[tuple[str, Any]]:
-    rows = []
-    for number, line in enumerate(read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}: line {number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
-            rows.append((f"{path}: line {number}", BadRecord(f"invalid JSON: {exc.msg}")))
-    return rows
+    """One record per line. Lines end at LF, CRLF or CR only: str.splitlines would also cut at U+2028, U+2029 and
+    U+0085, which JSON strings may hold unescaped."""
+    return [(f"{path}: line {number}", parsed_json(line))
+            for number, line in enumerate(re.split(r"\r\n|\r|\n", read_utf8(path)), start=1) if line.strip()]
+
+
+# a \uXXXX escape of a UTF-16 surrogate: json.loads turns an unpaired one into a str no tokenizer can encode
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def parsed_json(text: str, whole_file: bool = False) -> Any:
+    """json.loads(text), or a BadRecord saying why not: invalid JSON (with its line in a whole file),
+    nesting too deep for Python, an integer too long to convert, or text that is not valid Unicode (half a
+    surrogate pair, written as an escape)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return BadRecord(f"{f'line {exc.lineno}: ' if whole_file else ''}invalid JSON: {exc.msg}")
+    except RecursionError:
+        return BadRecord("invalid JSON: nested too deeply to read")
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+        return BadRecord(f"invalid JSON: {exc}")
+    if SURROGATE_ESCAPE.search(text) and not valid_unicode(value):
+        return BadRecord("a \\uD800-\\uDFFF escape without its other half: not valid Unicode text; write the "
+                         "character itself, or both escapes of its surrogate pair")
+    return value
+
+
+def valid_unicode(value: Any) -> bool:
+    """Every string in a parsed JSON value encodes as UTF-8 (no unpaired surrogate)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 @dataclass
@@ -330,6 +365,8 @@ def sharegpt_turns(conversations: Any, source: DatasetSource) -> Conversation:
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise DataError(f"turn {i}: expected {{from, value}}, got {turn!r:.80}")
+        if not isinstance(turn["from"], str):
+            raise DataError(f"turn {i}: 'from' must be a string such as 'human', got {turn['from']!r:.60}")
         if turn["from"] not in roles:
             raise DataError(f"turn {i}: unknown role {turn['from']!r}; map it with {role_suggestion(turn['from'])} "
                             f"in the dataset's entry (known: {', '.join(sorted(roles))})")
@@ -339,8 +376,6 @@ def sharegpt_turns(conversations: Any, source: DatasetSource) -> Conversation:
 
 def role_suggestion(name: Any) -> str:
     """The `roles:` mapping that keeps a role name's meaning: gpt/bot/model -> assistant, human -> user."""
-    import re
-
     words = re.split(r"[^a-z]+", str(name).lower())
     for role, known in ROLE_WORDS.items():
         if any(word in known or word.startswith(("gpt", "bot")) and role == "assistant" for word in words if word):
@@ -379,6 +414,8 @@ def clean_turns(messages: Any, roles: dict[str, str] | None = None) -> Conversat
     for i, turn in enumerate(messages):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
             raise DataError(f"turn {i}: expected {{role, content}}, got {turn!r:.80}")
+        if not isinstance(turn["role"], str):
+            raise DataError(f"turn {i}: the role must be a string such as 'user', got {turn['role']!r:.60}")
         role = (roles or {}).get(turn["role"], turn["role"])
         if turn.get("tool_calls") or role in ("tool", "function", "ipython"):
             raise DataError(f"turn {i} ({turn['role']}): a tool call or tool result; qlora-kit trains on text "
@@ -547,13 +584,21 @@ def mix_sources(recipe: Recipe, bad: BadRows | None) -> list[Row]:
     rng = random.Random(recipe.data.seed)
     mixed = []
     for source in recipe.data.datasets:
-        rows = load_rows(source, recipe.data.system_prompt, bad, recipe.method)
-        if source.weight is not None and source.weight != 1.0:
-            target = round(len(rows) * source.weight)
-            whole, part = divmod(target, len(rows))
-            rows = rows * whole + rng.sample(rows, part)
-        mixed += rows
+        mixed += weighted(load_rows(source, recipe.data.system_prompt, bad, recipe.method), source, rng)
     return mixed
+
+
+def weighted(rows: list, source: DatasetSource, rng: random.Random) -> list:
+    """A source's rows at its `weight`: weight x len(rows) of them, whole copies then a seeded sample; a weight that
+    leaves none is an error naming it (training would otherwise start with no rows from it)."""
+    if source.weight is None or source.weight == 1.0:
+        return rows
+    target = round(len(rows) * source.weight)
+    if not target:
+        raise DataError(f"{source.path or source.hub}: weight {source.weight:g} x {len(rows)} rows rounds to no "
+                        f"rows; raise its weight to at least {0.5 / len(rows):.2g}, or drop the source")
+    whole, part = divmod(target, len(rows))
+    return rows * whole + rng.sample(rows, part)
 
 
 # --------------------------------------------------------------------------------------------- templates
@@ -913,7 +958,8 @@ def check_rows_left(kept: list, lengths: list[int], recipe: Recipe, split: str) 
     if not kept:
         raise DataError(f"{recipe.source}: {split}: no rows left after applying training.max_length="
                         f"{recipe.training.max_length} (data.overlong={recipe.data.overlong}); "
-                        f"the longest row has {max(lengths)} tokens. Raise max_length or shorten the rows")
+                        f"the longest row has {max(lengths, default=0)} tokens. Raise max_length or shorten the "
+                        "rows")
 
 
 def tokenize_preference_split(rows: list[Row], tokenizer: PreTrainedTokenizerBase, recipe: Recipe, split: str,
@@ -1031,8 +1077,11 @@ def prompt_dataset(rows: list[Row]) -> Dataset:
     try:
         return Dataset.from_list(rows)
     except (TypeError, ValueError) as exc:  # pyarrow: a column whose type differs between rows
-        raise DataError(f"the GRPO rows cannot form one table: {str(exc)[:200]}. Give each column the same type "
-                        "in every row (e.g. a reference always as a string)") from None
+        mixed = next((f"column {key!r} holds {' and '.join(sorted(types))} values"
+                      for key in rows[0] if len(types := {type(row.get(key)).__name__ for row in rows
+                                                          if row.get(key) is not None}) > 1), str(exc)[:200])
+        raise DataError(f"the GRPO rows cannot form one table: {mixed}. Give each column the same type in every "
+                        "row (e.g. a reference always as a string)") from None
 
 
 def split_prompt_rows(recipe: Recipe, bad: BadRows | None) -> tuple[list[Row], list[Row]]:
@@ -1040,11 +1089,7 @@ def split_prompt_rows(recipe: Recipe, bad: BadRows | None) -> tuple[list[Row], l
     rng = random.Random(recipe.data.seed)
     rows: list[Row] = []
     for source in recipe.data.datasets:
-        some = load_prompt_rows(source, recipe, bad)
-        if source.weight is not None and source.weight != 1.0:
-            whole, part = divmod(round(len(some) * source.weight), len(some))
-            some = some * whole + rng.sample(some, part)
-        rows += some
+        rows += weighted(load_prompt_rows(source, recipe, bad), source, rng)
     if isinstance(recipe.data.validation, str):
         return rows, load_prompt_rows(DatasetSource(path=recipe.data.validation), recipe)
     return split_validation(rows, recipe)

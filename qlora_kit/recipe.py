@@ -248,8 +248,8 @@ class DatasetSource:
         default_factory=dict, help="rename columns, e.g. {prompt: question, completion: answer, chosen: better}")
     roles: dict[str, str] = option(default_factory=dict, check=role_map,
                                    help="role names of sharegpt or messages rows, e.g. {human: user, bot: assistant}")
-    weight: float | None = option(None, help="mixing weight: rows taken = weight x rows in the source (seeded)",
-                                  min=0, min_exclusive=True)
+    weight: float | None = option(None, help="mixing weight: rows taken = weight x rows in the source (seeded), "
+                                  "up to 1000 copies", min=0, min_exclusive=True, max=1000)
 
 
 @dataclass

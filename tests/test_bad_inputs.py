@@ -316,6 +316,25 @@ CASES = [
          r"r.yaml: the file is UTF-16-encoded, not UTF-8; re-save the recipe as UTF-8"),
     Case("push base model that is a path", recipe_with(export={"push": {"repo_id": "a/b", "base_model": "/tmp"}}),
          RecipeError, r"export.push.base_model: '/tmp' is not a Hub model id"),
+    # ---- a data sweep of 2026-12-01: values no reader expected
+    Case("role that is a list", data_file(['{"messages": [{"role": ["user"], "content": "x"}, '
+                                           '{"role": "assistant", "content": "y"}]}']), DataError,
+         r"rows.jsonl: line 1: turn 0: the role must be a string such as 'user', got \['user'\]"),
+    Case("sharegpt 'from' that is a mapping", data_file(['{"conversations": [{"from": {"a": 1}, "value": "x"}, '
+                                                         '{"from": "gpt", "value": "y"}]}']), DataError,
+         r"line 1: turn 0: 'from' must be a string such as 'human', got \{'a': 1\}"),
+    Case("JSON nested deeper than Python reads", data_file(['{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}"]),
+         DataError, r"rows.jsonl: line 1: invalid JSON: nested too deeply to read"),
+    Case("integer of 5,000 digits", data_file(['{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}"]),
+         DataError, r"rows.jsonl: line 1: invalid JSON: Exceeds the limit \(4300 digits\)"),
+    Case("half a surrogate pair", data_file(['{"prompt": "\\ud800 x", "completion": "y"}']), DataError,
+         r"rows.jsonl: line 1: a \\uD800-\\uDFFF escape without its other half: not valid Unicode text"),
+    Case("weight that leaves no rows", lambda make_recipe, tmp: data_file(
+        [GOOD_ROW])(lambda **sections: make_recipe(**{**sections, "data": {
+            **sections["data"], "datasets": [{**sections["data"]["datasets"][0], "weight": 0.01}]}}), tmp),
+         DataError, r"rows.jsonl: weight 0.01 x 1 rows rounds to no rows; raise its weight to at least 0.5"),
+    Case("weight of a trillion copies", recipe_with(data={"datasets": [{"path": "x.jsonl", "weight": 1.0e12}]}),
+         RecipeError, r"data.datasets\[0\].weight: 1000000000000.0 is out of range; it must be <= 1000"),
 ]
 
 

@@ -426,3 +426,25 @@ def test_a_short_fine_tune_teaches_the_model_to_stop_on_its_own(make_recipe):
         assert generated[-1] in stop_ids and len(generated) < budget  # stopped by itself, not by the budget
     answers = generate_answers(model, tokenizer, prompts, budget, 2, stop_ids)
     assert all(len(a) < 60 for a in answers)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_jsonl_lines_end_at_newlines_only_not_at_unicode_line_separators(tmp_path, newline):
+    """JSON strings may hold U+2028, U+2029 and U+0085 unescaped (json.dumps(ensure_ascii=False) writes them): they
+    are text inside a row, not line ends, so a valid file reads whole and later lines keep their numbers."""
+    from qlora_kit.data import read_records
+
+    rows = [{"prompt": f"one\u2028two\u2029three\u0085four {i}", "completion": "A"} for i in range(3)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text(newline.join(json.dumps(row, ensure_ascii=False) for row in rows) + newline + "{" + newline,
+                    newline="")
+    records = read_records(str(path))
+    assert [record for _, record in records[:3]] == rows
+    assert records[3][0] == f"{path}: line 4" and "invalid JSON" in records[3][1].reason
+
+
+def test_a_grpo_column_of_mixed_types_is_named(make_recipe, tmp_path):
+    from qlora_kit.data import DataError, prompt_dataset
+
+    with pytest.raises(DataError, match=r"column 'answer' holds int and str values. Give each column the same type"):
+        prompt_dataset([{"prompt": "x", "answer": "1"}, {"prompt": "y", "answer": 2}])

@@ -101,8 +101,9 @@ class PreparedData:
 def source_files(source: DatasetSource) -> list[str]:
     """The files a local source names: one file, every data file in a folder, or a glob."""
     path = os.path.expanduser(source.path or "")
-    if os.path.isdir(path):
-        files = sorted(str(p) for p in Path(path).rglob("*") if data_suffix(p) in LOCAL_SUFFIXES and p.is_file())
+    if os.path.isdir(path):  # hidden files and folders left out (.git, macOS's ._name copies), as datasets does
+        files = sorted(str(p) for p in Path(path).rglob("*") if data_suffix(p) in LOCAL_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     elif os.path.isfile(path):  # an existing file is itself, even if its name has glob characters ([, ?, *)
         files = [path]
     elif any(ch in path for ch in "*?["):
@@ -115,7 +116,7 @@ def source_files(source: DatasetSource) -> list[str]:
                         f"relative paths are read from the current folder, {os.getcwd()})")
     for file in files:
         suffix = data_suffix(file)
-        if suffix == ".parquet" and Path(file).suffix in COMPRESSIONS:
+        if suffix == ".parquet" and compression_of(file):
             raise DataError(f"{file}: a compressed Parquet file; Parquet compresses inside the file, so give the "
                             f"{suffix} file itself (decompress it)")
         if suffix not in LOCAL_SUFFIXES:
@@ -125,18 +126,24 @@ def source_files(source: DatasetSource) -> list[str]:
 
 
 def data_suffix(path: str | Path) -> str:
-    """A data file's type by its name, through a compression suffix: .jsonl for rows.jsonl and rows.jsonl.gz."""
-    suffixes = Path(path).suffixes
+    """A data file's type by its name, through a compression suffix, in lower case: .jsonl for rows.jsonl,
+    rows.jsonl.gz and ROWS.JSONL."""
+    suffixes = [suffix.lower() for suffix in Path(path).suffixes]
     if len(suffixes) >= 2 and suffixes[-1] in COMPRESSIONS:
         return suffixes[-2]
-    return Path(path).suffix
+    return suffixes[-1] if suffixes else ""
+
+
+def compression_of(path: str | Path):
+    """The module that decompresses a data file whose name says it is compressed (COMPRESSIONS), else None."""
+    return COMPRESSIONS.get(Path(path).suffix.lower())
 
 
 def read_data_bytes(path: str) -> bytes:
     """A data file's bytes, decompressed where its name says it is compressed; a file that is not what its name
     says is one message with the fix."""
     data = Path(path).read_bytes()
-    module = COMPRESSIONS.get(Path(path).suffix)
+    module = compression_of(path)
     if module is None:
         if data[:2] == b"\x1f\x8b":  # gzip's magic bytes under a plain name
             raise DataError(f"{path}: the file is gzip-compressed; name it {Path(path).name}.gz, or decompress it")
@@ -175,6 +182,10 @@ def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
 
     if os.path.getsize(path) == 0 or suffix == ".csv" and not read_utf8(path):
         raise DataError(f"{path}: the file is empty")  # read_utf8: pandas' own decode error names no line, no fix
+    if suffix == ".csv":
+        check_csv_fields(path, read_utf8(path))
+    elif parquet_rows(path) == 0:
+        raise DataError(f"{path}: the Parquet table has no rows")
     kind = suffix.lstrip(".").upper()
     # datasets logs a damaged file at ERROR before it raises; the DataError below says it once, with the fix
     datasets_log = logging.getLogger("datasets")
@@ -189,6 +200,37 @@ def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
     finally:
         datasets_log.setLevel(level)
     return [(f"{path}: row {i}", r) for i, r in enumerate(table, start=1)]
+
+
+def check_csv_fields(path: str, text: str) -> None:
+    """Every CSV row has the header's number of fields, and there is a row. pandas reads one field more in every row
+    as an index column (the columns shift by one, silently), and a row with one more elsewhere only as a damaged
+    file; a field holding the separator unquoted is the usual cause."""
+    import csv
+    import io
+
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, [])
+    rows = 0
+    for record in reader:
+        if not record:
+            continue  # a blank line: pandas skips it too
+        rows += 1
+        if len(record) != len(header):
+            raise DataError(f"{path}: row {rows} (line {reader.line_num}): {len(record)} fields where the header has "
+                            f"{len(header)}; quote a field that holds a comma (\"a, b\"), or fix the row")
+    if not rows:
+        raise DataError(f"{path}: no rows below the header")
+
+
+def parquet_rows(path: str) -> int | None:
+    """Rows in a Parquet file by its footer, or None where it cannot be read (the reader then says why)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception:  # a damaged file: load_dataset's error, with the fix, follows
+        return None
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -206,10 +248,20 @@ def read_utf8(path: str) -> str:
             raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
         return text
     except UnicodeDecodeError as exc:
+        binary = next((what for magic, what in BINARY_FILES.items() if data.startswith(magic)), None)
+        if binary:
+            raise DataError(f"{path}: holds {binary}, not {data_suffix(path)} text") from None
         problem = encoding_problem(data, exc)
         encoding = next((name for name in ("UTF-32", "UTF-16") if name in problem), "CP1252")
         raise DataError(f"{path}: {problem}; re-save it as UTF-8 (e.g. `iconv -f {encoding} -t UTF-8 IN > OUT`, "
                         "or your editor's 'Save with encoding: UTF-8')") from None
+
+
+# binary files found where text was expected (inside a .gz, or under a text name), by their first bytes
+BINARY_FILES = {b"PAR1": "a Parquet table (name it .parquet, uncompressed: Parquet compresses inside)",
+                b"PK\x03\x04": "a zip archive (unzip it: qlora-kit reads .gz, .bz2 and .xz)",
+                b"\x1f\x8b": "gzip data inside (compressed twice? decompress it once more)",
+                b"\x00\x05\x16\x07": "a macOS resource fork (an ._ copy: delete it)"}
 
 
 def read_jsonl(path: str) -> list[tuple[str, Any]]:
@@ -282,8 +334,40 @@ def read_source(source: DatasetSource) -> Iterator[tuple[str, Any]]:
     if source.hub:
         yield from read_hub(source)
         return
+    if saved_dataset(source.path):
+        yield from read_saved_dataset(source)
+        return
+    if source.split != "train":
+        raise DataError(f"{source.path}: split '{source.split}' applies to a Hub dataset or a datasets save_to_disk "
+                        "folder, not to data files (which are read whole); drop `split`, or name the files to read")
     for path in source_files(source):
         yield from read_records(path)
+
+
+def saved_dataset(path: str | None) -> bool:
+    """A folder `datasets` wrote with save_to_disk: a Dataset (state.json, dataset_info.json) or a DatasetDict
+    (dataset_dict.json), read with load_from_disk, not as the JSON files in it."""
+    folder = Path(os.path.expanduser(path or ""))
+    return folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()))
+
+
+def read_saved_dataset(source: DatasetSource) -> list[tuple[str, Any]]:
+    """The rows of a save_to_disk folder; of a DatasetDict, those of the entry's `split`."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = os.path.expanduser(source.path)
+    try:
+        table = load_from_disk(path)
+    except Exception as exc:  # datasets raises many types for a damaged folder
+        raise DataError(f"{path}: a datasets save_to_disk folder that cannot be read ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); save it again") from None
+    if isinstance(table, DatasetDict):
+        if source.split not in table:
+            raise DataError(f"{path}: the saved DatasetDict has no split '{source.split}'; set the entry's `split` to "
+                            f"one of {', '.join(table)}")
+        table = table[source.split]
+    return [(f"{path}[{source.split}]: row {i}", row) for i, row in enumerate(table, start=1)]
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -308,12 +392,17 @@ def detect_format(record: Any, fields: dict[str, str], method: str = "sft") -> s
         raise DataError(f"method {method} trains on preference rows: {wanted}`chosen`/`rejected` (with a `prompt`, "
                         f"or as conversations that share their opening turns); this row has fields {sorted(keys)} "
                         "(map yours with the dataset's `fields`, e.g. {chosen: better, rejected: worse})")
+    if method == "sft" and has("prompt", "completion", "label"):
+        raise DataError("the rows carry a `label` (KTO's desirable / undesirable answers): method sft would train on "
+                        "every completion, the undesirable ones too; set `method: kto`, or drop the label field")
     for fmt, names in FORMAT_FIELDS.items():
         if fmt not in PREFERENCE_FORMATS and has(*names):
             return fmt
+    pairs = " (chosen/rejected pairs train a preference method: set `method: dpo`, orpo or simpo)" \
+        if has("chosen", "rejected") else ""
     raise DataError(f"cannot tell the row format from its fields {sorted(keys)}; expected `messages`, "
                     "`conversations` (sharegpt), `instruction`/`output` (alpaca), `prompt`/`completion` or `text` "
-                    "(or set the dataset's `format` and `fields`)")
+                    f"(or set the dataset's `format` and `fields`){pairs}")
 
 
 def field_of(record: dict, name: str, source: DatasetSource, required: bool = True) -> Any:
@@ -538,13 +627,35 @@ def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | N
 
     def normalised(where: str, record: dict) -> Row:
         nonlocal fmt
-        if fmt == "auto":
+        detected = fmt == "auto"
+        if detected:
             fmt = detect_format(record, source.fields, method)
             check_mappings_used(source, fmt)
+            first[0] = where
         check_format_fits_method(fmt, method)
-        return with_system_prompt(to_row(record, fmt, source), system_prompt)
+        try:
+            return with_system_prompt(to_row(record, fmt, source), system_prompt)
+        except DataError as exc:
+            raise DataError(f"{exc}{other_format_hint(record, fmt, source, method, first[0])}") from None
+
+    first = [None] if fmt == "auto" else [""]  # where the format was detected ("" : the dataset's `format`)
 
     return rows_of(source, normalised, bad)
+
+
+def other_format_hint(record: Any, fmt: str, source: DatasetSource, method: str, first: str | None) -> str:
+    """Where a row fails its source's format but has another format's fields, say so: the format is one per source,
+    detected from its first row, so a folder or file mixing formats fails on the first row of the other kind."""
+    if not first or not isinstance(record, dict):
+        return ""
+    try:
+        other = detect_format(record, source.fields, method)
+    except DataError:
+        return ""
+    if other == fmt:
+        return ""
+    return (f" (the row looks like format {other}, but {first} made this source format {fmt}: a file, folder or "
+            "glob holds one format; give each format its own data.datasets entry)")
 
 
 def rows_of(source: DatasetSource, convert: Callable[[str, dict], Row], bad: BadRows | None) -> list[Row]:

@@ -235,10 +235,10 @@ class DatasetSource:
     """One dataset: local files (`path`) or a Hub dataset (`hub`)."""
 
     path: str | None = option(None, help="local .jsonl/.json/.csv/.parquet file (the first three may be .gz, .bz2 or "
-                               ".xz compressed), a folder of them, or a glob")
+                               ".xz compressed), a folder of them, a glob, or a datasets save_to_disk folder")
     hub: str | None = option(None, help="Hub dataset id (read through `datasets`; needs network or its cache)")
     config: str | None = option(None, help="Hub dataset configuration name")
-    split: str = option("train", help="Hub dataset split")
+    split: str = option("train", help="Hub dataset split, or that of a datasets save_to_disk folder")
     revision: str | None = option(None, help="Hub dataset revision")
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference",
                     "unpaired"] = option(
@@ -1153,6 +1153,12 @@ def resolve_package_folder(recipe: Recipe) -> None:
 def check_dataset_source(src: str, key: str, ds: DatasetSource) -> None:
     if (ds.path is None) == (ds.hub is None):
         raise RecipeError(f"{at(src, key)}: give exactly one of `path` (local files) or `hub` (a Hub dataset id)")
+    if ds.path is not None and not ds.path.strip():
+        raise RecipeError(f"{at(src, key + '.path')}: the path is empty; name a data file, a folder or a glob")
+    for name in ("config", "revision"):
+        if ds.path is not None and getattr(ds, name) is not None:
+            raise RecipeError(f"{at(src, f'{key}.{name}')}: applies to a Hub dataset (`hub`), not to local files; "
+                              "drop it")
     check_field_mapping(src, key, ds)
     if ds.path is not None:
         check_data_path(src, f"{key}.path", ds.path)

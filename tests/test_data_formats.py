@@ -448,3 +448,109 @@ def test_a_grpo_column_of_mixed_types_is_named(make_recipe, tmp_path):
 
     with pytest.raises(DataError, match=r"column 'answer' holds int and str values. Give each column the same type"):
         prompt_dataset([{"prompt": "x", "answer": "1"}, {"prompt": "y", "answer": 2}])
+
+
+ROW_PC = {"prompt": "Shout apple.", "completion": "APPLE"}
+
+
+def rows_read(make_recipe, path, method: str = "sft", **entry) -> int:
+    """How many training rows `validate` sees for one data source (data.training_rows: no tokenizer, no model)."""
+    from qlora_kit.data import training_rows
+
+    recipe = make_recipe(method=method, data={"datasets": [{"path": str(path), **entry}], "validation": None})
+    return training_rows(load_recipe(recipe))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("prompt,completion\nShout b,B,zz\nShout apple.,APPLE,yy\n",  # pandas made the first field an index: shifted
+     r"rows.csv: row 1 \(line 2\): 3 fields where the header has 2; quote a field that holds a comma"),
+    ("prompt,completion\nShout b,B\nShout a, please,A\n", r"rows.csv: row 2 \(line 3\): 3 fields where the header"),
+    ("prompt,completion\n", r"rows.csv: no rows below the header"),
+])
+def test_a_csv_row_with_another_number_of_fields_is_refused_not_shifted(make_recipe, tmp_path, text, message):
+    from qlora_kit.data import DataError
+
+    path = tmp_path / "rows.csv"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        rows_read(make_recipe, path)
+    path.write_text('prompt,completion\n"Shout a, please",A\n"two\nlines",B\n')  # quoted: commas and newlines fine
+    assert rows_read(make_recipe, path) == 2
+
+
+def test_binary_or_empty_tables_say_what_they_are(make_recipe, tmp_path):
+    import gzip
+
+    from qlora_kit.data import DataError
+
+    table = tmp_path / "rows.parquet"
+    Dataset.from_list([ROW_PC]).to_parquet(str(table))
+    inside = tmp_path / "rows.jsonl.gz"
+    inside.write_bytes(gzip.compress(table.read_bytes()))
+    with pytest.raises(DataError, match=r"rows.jsonl.gz: holds a Parquet table \(name it .parquet, uncompressed"):
+        rows_read(make_recipe, inside)
+    Dataset.from_list([ROW_PC]).select([]).to_parquet(str(table))
+    with pytest.raises(DataError, match=r"rows.parquet: the Parquet table has no rows"):
+        rows_read(make_recipe, table)
+
+
+def test_folders_skip_hidden_files_and_read_suffixes_in_any_case(make_recipe, tmp_path):
+    """macOS's ._ copies, .git and other hidden entries are not data; ROWS.JSONL and rows.Jsonl.GZ are."""
+    import gzip
+
+    folder = tmp_path / "data"
+    (folder / ".git").mkdir(parents=True)
+    (folder / ".git" / "config.json").write_text("{not data")
+    (folder / "._rows.jsonl").write_bytes(b"\x00\x05\x16\x07 resource fork")
+    (folder / "ROWS.JSONL").write_text(json.dumps(ROW_PC) + "\n")
+    (folder / "more.Jsonl.GZ").write_bytes(gzip.compress((json.dumps(ROW_PC) + "\n").encode()))
+    assert rows_read(make_recipe, folder) == 2
+
+
+def test_a_datasets_save_to_disk_folder_is_read_as_its_rows(make_recipe, tmp_path):
+    from datasets import DatasetDict
+
+    from qlora_kit.data import DataError
+
+    Dataset.from_list([ROW_PC] * 3).save_to_disk(str(tmp_path / "saved"))
+    assert rows_read(make_recipe, tmp_path / "saved") == 3
+    DatasetDict({"train": Dataset.from_list([ROW_PC] * 2), "test": Dataset.from_list([ROW_PC])}).save_to_disk(
+        str(tmp_path / "dict"))
+    assert rows_read(make_recipe, tmp_path / "dict") == 2
+    assert rows_read(make_recipe, tmp_path / "dict", split="test") == 1
+    with pytest.raises(DataError, match=r"dict: the saved DatasetDict has no split 'validation'; set the entry's "
+                                        r"`split` to one of train, test"):
+        rows_read(make_recipe, tmp_path / "dict", split="validation")
+    files = tmp_path / "rows.jsonl"
+    files.write_text(json.dumps(ROW_PC) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl: split 'test' applies to a Hub dataset or a datasets "
+                                        r"save_to_disk folder, not to data files"):
+        rows_read(make_recipe, files, split="test")
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ({"path": ""}, r"data.datasets\[0\].path: the path is empty; name a data file"),
+    ({"path": "rows.jsonl", "config": "en"}, r"data.datasets\[0\].config: applies to a Hub dataset"),
+    ({"path": "rows.jsonl", "revision": "main"}, r"data.datasets\[0\].revision: applies to a Hub dataset"),
+])
+def test_hub_only_keys_and_an_empty_path_are_refused_on_local_files(make_recipe, entry, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(make_recipe(data={"datasets": [entry]}))
+
+
+@pytest.mark.parametrize(("rows", "method", "message"), [
+    ([{**ROW_PC, "label": False}], "sft", r"line 1: the rows carry a `label` \(KTO's desirable / undesirable "
+                                          r"answers\): method sft would train on every completion.*`method: kto`"),
+    ([{"prompt": "x", "chosen": "a", "rejected": "b"}], "sft",
+     r"cannot tell the row format .*\(chosen/rejected pairs train a preference method: set `method: dpo`"),
+    ([ROW_PC, {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}], "sft",
+     r"line 2: missing field 'prompt'.*\(the row looks like format messages, but .*rows.jsonl: line 1 made this "
+     r"source format prompt_completion: a file, folder or glob holds one format; give each format its own"),
+])
+def test_rows_of_another_method_or_format_say_which_and_the_fix(make_recipe, tmp_path, rows, method, message):
+    from qlora_kit.data import DataError
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=message):
+        rows_read(make_recipe, path, method=method)

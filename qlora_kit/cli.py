@@ -21,8 +21,8 @@ log = logging.getLogger("qlora_kit")
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
-    from qlora_kit.data import training_rows
-    from qlora_kit.model import check_model_config, check_target_modules, local_config_folder
+    from qlora_kit.data import build_datasets, training_rows
+    from qlora_kit.model import check_model_config, check_target_modules, load_tokenizer, local_config_folder
     from qlora_kit.publish import check_push_settings
     from qlora_kit.recipe import check_hub_model_reachable
     from qlora_kit.rundir import check_output_dir, check_run_dir
@@ -37,14 +37,19 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if folder:
         check_model_config(recipe, folder)
     layers = check_target_modules(recipe, folder) if folder else None
+    # the rows tokenized as training tokenizes them (and cached for it): the length limits refuse here, not later
+    tokenized = build_datasets(recipe, load_tokenizer(recipe, folder)).stats if folder else None
     fate = ("continued, training.resume=auto" if recipe.training.resume == "auto" else
             "replaced, training.overwrite=true")
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir}"
           f"{f': an earlier run there is {fate}' if earlier else ''})")
     if layers is None:
-        print("lora.target_modules: not checked, the model's config is not on this machine (training will check it)")
+        print("lora.target_modules, row lengths: not checked, the model's config is not on this machine (training "
+              "will check them)")
     else:
         print(f"lora.target_modules: found in the model (its linear layers: {', '.join(layers)})")
+        print(f"row lengths: {tokenized['train']['rows']} training rows fit the length limits (tokenized with the "
+              "model's tokenizer; `qlora-kit data` shows their lengths)")
 
 
 def cmd_data(args: argparse.Namespace) -> None:

@@ -209,15 +209,19 @@ def check_csv_fields(path: str, text: str) -> None:
     import csv
     import io
 
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, [])
+    reader = csv.reader(io.StringIO(text), strict=True)
     rows = 0
-    for record in reader:
+    try:
+        header = next(reader, [])
+        records = list(reader)
+    except csv.Error:
+        return  # an unclosed quote and the like: the CSV reader's own error names it
+    for record in records:
         if not record:
             continue  # a blank line: pandas skips it too
         rows += 1
         if len(record) != len(header):
-            raise DataError(f"{path}: row {rows} (line {reader.line_num}): {len(record)} fields where the header has "
+            raise DataError(f"{path}: row {rows}: {len(record)} fields where the header has "
                             f"{len(header)}; quote a field that holds a comma (\"a, b\"), or fix the row")
     if not rows:
         raise DataError(f"{path}: no rows below the header")

@@ -644,6 +644,24 @@ def test_validate_refuses_the_run_folder_train_would_refuse(make_recipe, tmp_pat
     assert (run_dir / "notes.txt").read_text() == "mine"  # validate changes nothing
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_validate_refuses_rows_that_no_length_limit_leaves(make_recipe, tmp_path, cli, method):
+    """With the model's tokenizer on this machine validate tokenizes the rows as training does: a max_length that
+    drops every row is refused there, not after the model has loaded."""
+    rows = tmp_path / "rows.jsonl"
+    prompt = "Shout this sentence, which is longer than eight tokens in any tokenizer."
+    row = ({"prompt": prompt, "chosen": prompt.upper(), "rejected": "no"} if method == "dpo"
+           else {"prompt": prompt, "completion": prompt.upper()})
+    rows.write_text(json.dumps(row) + "\n")
+    recipe = make_recipe(method=method, data={"datasets": [{"path": str(rows)}], "overlong": "drop"},
+                         training={"max_length": 8})
+    status, _, err = cli("validate", str(recipe))
+    assert status == 2 and "Traceback" not in err, err
+    assert "no rows left after applying training.max_length=8" in err, err
+    status, out, err = cli("validate", str(recipe), "training.max_length=256")
+    assert status == 0 and "row lengths: 1 training rows fit the length limits" in out, err
+
+
 def test_validate_refuses_an_output_folder_where_nothing_can_be_created(make_recipe, tmp_path, cli, monkeypatch):
     """Permission bits pass (as for root in /proc, /sys or on a read-only mount) but creating a folder fails:
     validate says so, as train would, and leaves nothing behind where it can write."""

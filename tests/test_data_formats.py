@@ -463,8 +463,8 @@ def rows_read(make_recipe, path, method: str = "sft", **entry) -> int:
 
 @pytest.mark.parametrize(("text", "message"), [
     ("prompt,completion\nShout b,B,zz\nShout apple.,APPLE,yy\n",  # pandas made the first field an index: shifted
-     r"rows.csv: row 1 \(line 2\): 3 fields where the header has 2; quote a field that holds a comma"),
-    ("prompt,completion\nShout b,B\nShout a, please,A\n", r"rows.csv: row 2 \(line 3\): 3 fields where the header"),
+     r"rows.csv: row 1: 3 fields where the header has 2; quote a field that holds a comma"),
+    ("prompt,completion\nShout b,B\nShout a, please,A\n", r"rows.csv: row 2: 3 fields where the header"),
     ("prompt,completion\n", r"rows.csv: no rows below the header"),
 ])
 def test_a_csv_row_with_another_number_of_fields_is_refused_not_shifted(make_recipe, tmp_path, text, message):

@@ -44,8 +44,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir}"
           f"{f': an earlier run there is {fate}' if earlier else ''})")
     if layers is None:
-        print("lora.target_modules, row lengths: not checked, the model's config is not on this machine (training "
-              "will check them)")
+        print("lora.target_modules: not checked, the model's config is not on this machine (training will check it)")
+        print("row lengths: not checked, the model's tokenizer is not on this machine (training will check them)")
     else:
         print(f"lora.target_modules: found in the model (its linear layers: {', '.join(layers)})")
         print(f"row lengths: {tokenized['train']['rows']} training rows fit the length limits (tokenized with the "

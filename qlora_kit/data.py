@@ -325,9 +325,14 @@ class BadRecord:
 def read_hub(source: DatasetSource) -> list[tuple[str, Any]]:
     from datasets import load_dataset
 
+    if saved_dataset(source.hub) or os.path.isfile(os.path.expanduser(source.hub)):
+        raise DataError(f"data: hub: {source.hub} is a local {'folder' if os.path.isdir(source.hub) else 'file'}; "
+                        "name it with `path:` instead of `hub:`")
     try:
         table = load_dataset(source.hub, source.config, split=source.split, revision=source.revision)
     except Exception as exc:  # datasets raises many types for "offline" / "not found"
+        if "Unknown split" in str(exc):  # the dataset is there: only the split is wrong
+            raise DataError(f"data: hub dataset '{source.hub}': {str(exc)[:200]}; set the entry's `split`") from None
         raise DataError(f"data: hub dataset '{source.hub}' could not be loaded ({type(exc).__name__}: "
                         f"{str(exc)[:200]}). Offline? Download it once with network, or point `path` at local "
                         "files") from None

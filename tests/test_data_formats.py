@@ -554,3 +554,18 @@ def test_rows_of_another_method_or_format_say_which_and_the_fix(make_recipe, tmp
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(DataError, match=message):
         rows_read(make_recipe, path, method=method)
+
+
+def test_a_local_dataset_named_as_hub_or_a_wrong_split_says_which_key_to_fix(make_recipe, tmp_path):
+    from qlora_kit.data import DataError, training_rows
+
+    Dataset.from_list([ROW_PC]).save_to_disk(str(tmp_path / "saved"))
+    recipe = make_recipe(data={"datasets": [{"hub": str(tmp_path / "saved")}], "validation": None})
+    with pytest.raises(DataError, match=r"hub: .*saved is a local folder; name it with `path:` instead of `hub:`"):
+        training_rows(load_recipe(recipe))
+    folder = tmp_path / "local_hub"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(ROW_PC) + "\n")
+    recipe = make_recipe(data={"datasets": [{"hub": str(folder), "split": "validation"}], "validation": None})
+    with pytest.raises(DataError, match=r"Unknown split \"validation\".*; set the entry's `split`"):
+        training_rows(load_recipe(recipe))

@@ -982,6 +982,19 @@ def store_cached(key: str, data: PreparedData) -> None:
 
 def build_datasets(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     """Read, mix, split, tokenize, apply the length policy; cached on disk keyed by everything that matters."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return build_tokenized(recipe, tokenizer)
+    except TemplateError as exc:  # the template's own raise_exception, or a template that does not fit the rows
+        whose = "the tokenizer's chat template" if recipe.data.chat_template in (None, "model") else \
+            "data.chat_template"
+        raise DataError(f"{recipe.source}: data.chat_template: {whose} failed on a row ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); fix the template, or set data.chat_template to one that renders these "
+                        "rows (e.g. chatml)") from None
+
+
+def build_tokenized(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> PreparedData:
     if recipe.method == "grpo":
         return build_prompt_datasets(recipe, tokenizer)
     key = cache_key(recipe, tokenizer) if recipe.data.cache else None

@@ -18,7 +18,13 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from qlora_kit.model import base_model_folder, resolve_dtype
 from qlora_kit.recipe import QloraKitError, Recipe, read_run_recipe
-from qlora_kit.rundir import atomic_folder, refuse_path_under_file, trained_adapter, write_atomically
+from qlora_kit.rundir import (
+    atomic_folder,
+    refuse_foreign_output,
+    refuse_path_under_file,
+    trained_adapter,
+    write_atomically,
+)
 
 log = logging.getLogger("qlora_kit")
 
@@ -95,6 +101,7 @@ def merge_adapter(run_dir: str | Path, out: str | Path | None = None, dtype: str
     if out is not None and target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise QloraKitError(f"{target} already exists; pass another --out or delete it first")  # an empty folder: ok
     refuse_path_under_file(target)
+    refuse_foreign_output(target)  # RUN_DIR/merged: replaced only where it is qlora-kit's own
     merge_dtype = resolve_merge_dtype(recipe, dtype)
     device = resolve_device(device)
     check_base_choice(recipe, base)

@@ -73,6 +73,7 @@ def export_run(run_dir: str | Path, fmt: str, quant: str | None = None, out: str
     run_dir = Path(run_dir)
     if fmt not in FORMATS:
         raise QloraKitError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    read_run_recipe(run_dir)  # a path that is not a run folder: that message, before any output path is read
     if fmt == "gguf-lora":
         quant = quant or "f16"
         if quant not in LORA_QUANT_TYPES:

@@ -324,6 +324,11 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
                      if isinstance(module, (torch.nn.Linear, Conv1D)) and module is not head})
     where = f"{recipe.source}: lora.target_modules"
     valid = f"the linear layers of {arch} are: {', '.join(linear)}"
+    names = [name for name, _ in model.named_modules()]
+    for module in recipe.lora.modules_to_save or []:
+        if not any(name == module or name.endswith("." + module) for name in names):
+            raise RecipeError(f"{recipe.source}: lora.modules_to_save: {module!r} is not a module of {arch} "
+                              f"(usually lm_head or embed_tokens)")
     targets = recipe.lora.target_modules
     if isinstance(targets, str):
         if targets != "all-linear" and not any(targets_module(name, targets) for name in layers):
@@ -338,11 +343,6 @@ def check_target_modules(recipe: Recipe, folder: str) -> list[str]:
             raise RecipeError(f"{where}: {target!r} is the output layer; trl computes log-probabilities from its "
                               f"weight directly, so a LoRA adapter there is never trained. Train it in full with "
                               f"lora.modules_to_save: [{target}] instead")
-    names = [name for name, _ in model.named_modules()]
-    for module in recipe.lora.modules_to_save or []:
-        if not any(name == module or name.endswith("." + module) for name in names):
-            raise RecipeError(f"{recipe.source}: lora.modules_to_save: {module!r} is not a module of {arch} "
-                              f"(usually lm_head or embed_tokens)")
     return linear
 
 

@@ -28,6 +28,7 @@ from qlora_kit.model import (
     base_model_folder,
     build_quantized_model,
     check_model_config,
+    check_target_modules,
     end_of_turn_token_ids,
     load_tokenizer,
     resolve_dtype,
@@ -57,6 +58,7 @@ def train_in_run_folder(recipe: Recipe, run: RunFolder, state: PartialState) -> 
     with state.main_process_first():
         folder = base_model_folder(recipe.model)
     check_model_config(recipe, folder)
+    check_target_modules(recipe, folder)  # on the meta device: a name peft would skip or refuse, before the weights
     tokenizer = load_tokenizer(recipe, folder)
     with state.main_process_first():  # rank 0 fills the tokenised-data cache, the others read it
         data = build_datasets(recipe, tokenizer)

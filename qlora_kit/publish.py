@@ -35,13 +35,13 @@ from qlora_kit.report import (
     render_markdown,
     run_facts,
 )
-from qlora_kit.rundir import atomic_folder, refuse_path_under_file, trained_adapter
+from qlora_kit.rundir import FOLDER_MANIFEST, atomic_folder, refuse_path_under_file, trained_adapter
 
 log = logging.getLogger("qlora_kit")
 
 # Never uploaded: peft's placeholder card (ours replaces it) and the pickled TrainingArguments (not needed to load
 # the model, and unpickling files from the Hub is unsafe).
-SKIPPED_FILES = {"README.md", "training_args.bin"}
+SKIPPED_FILES = {"README.md", "training_args.bin", FOLDER_MANIFEST}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SECRET_KEY = re.compile(r"token|secret|password|api_key", re.I)
 
@@ -132,7 +132,7 @@ def build_upload_folder(run_dir: str | Path, target: str | Path, repo_id: str, m
             raise QloraKitError(f"{target} already exists and is not empty; delete it or pass another --out")
         target.rmdir()
     # written under a temporary name and renamed: a failure half-way leaves no partial upload folder behind
-    with atomic_folder(target) as folder:
+    with atomic_folder(target, listed=False) as folder:  # exactly what is uploaded
         for path in sorted(source.iterdir()):
             if path.is_file() and path.name not in SKIPPED_FILES:
                 link_or_copy(path, folder / path.name)

@@ -87,6 +87,8 @@ def plain_run_name(name: str) -> str:
         problem = "names a folder outside a run"
     elif name.startswith(("-", "~")):
         problem = f"starts with '{name[0]}', which shells and commands read specially"
+    elif len(name.encode()) > 255:
+        problem = f"is {len(name.encode())} bytes long, over the 255 a folder name may have"
     if problem is None:
         return name
     tidy = re.sub(r"[^\w.-]+", "-", name).strip("-.~") or "my-run"
@@ -713,7 +715,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str, source: str, file: bool = True) -> Any:
     """YAML -> Python with duplicate keys refused; errors name `source` with the line when `source` is a file."""
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        value = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        check_expanded_size(value, source)
+        return value
     except DuplicateKey as exc:
         second, first = (f"{source}:{exc.second.line + 1}", f"{source}:{exc.first.line + 1}") if file else (
             source, "the same value")
@@ -724,6 +728,28 @@ def load_yaml(text: str, source: str, file: bool = True) -> Any:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(f"{source}:{where}: invalid YAML: {problem}") from None
+
+
+YAML_VALUES_MAX = 100_000  # values a recipe may hold with its aliases expanded (the longest shipped: ~200)
+
+
+def check_expanded_size(value: Any, source: str) -> None:
+    """YAML aliases share one value: one that contains itself (`a: &x [*x]`) would send every reader of the recipe
+    into endless recursion, and nested aliases (`b: [*a, *a, ...]` over nine levels) expand to a billion values that
+    every walk visits. Neither is a recipe."""
+    stack, seen = [(value, ())], 0
+    while stack:
+        item, path = stack.pop()
+        seen += 1
+        if seen > YAML_VALUES_MAX:
+            raise RecipeError(f"{source}: the YAML's aliases (*name) expand to more than {YAML_VALUES_MAX:,} values; "
+                              "write the values out")
+        if isinstance(item, (dict, list)):
+            if id(item) in path:
+                raise RecipeError(f"{source}: a YAML alias (*name) refers to the value that contains it, which never "
+                                  "ends; write the value out")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, (*path, id(item))) for child in children)
 
 
 def parse_yaml(text: str, source: str) -> dict[str, Any]:
@@ -1187,6 +1213,9 @@ def check_field_mapping(src: str, key: str, ds: DatasetSource) -> None:
     way round): left alone the rename silently does nothing."""
     every_field = sorted({name for names in FORMAT_FIELDS.values() for name in names})
     for name, column in ds.fields.items():
+        if not isinstance(column, str) or not column:
+            raise RecipeError(f"{at(src, f'{key}.fields.{name}')}: {column!r} is not a column name; give the column "
+                              f"as text, e.g. {{{name}: question}}")
         if name not in every_field:
             wrong_way = f" (written the wrong way round? it is {{{column}: {name}}})" if column in every_field else ""
             raise RecipeError(f"{at(src, f'{key}.fields.{name}')}: not a field of any format"

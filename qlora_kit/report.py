@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from qlora_kit.recipe import QloraKitError
-from qlora_kit.rundir import atomic_folder, damaged_adapter, saved_part_errors
+from qlora_kit.rundir import atomic_folder, damaged_adapter, refuse_foreign_output, saved_part_errors
 
 log = logging.getLogger("qlora_kit")
 
@@ -100,7 +100,11 @@ def read_recipe_dict(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise QloraKitError(f"{run_dir}: not a qlora-kit run folder (no recipe.yaml); pass outputs/<run_name>")
     with saved_part_errors(path, "the run's recipe", damaged_adapter(run_dir)):
-        return yaml.safe_load(path.read_text()) or {}
+        recipe = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(recipe, dict):
+        raise QloraKitError(f"{path}: not the recipe qlora-kit saved (a YAML {type(recipe).__name__}, not a mapping "
+                            f"of sections); {damaged_adapter(run_dir)}")
+    return recipe
 
 
 def adapter_parameter_count(run_dir: Path) -> int | None:
@@ -411,6 +415,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     read_recipe_dict(run_dir)  # fails early, with the usual message, on a folder that is not a run
     target = run_dir / "report"
+    refuse_foreign_output(target)
     with atomic_folder(target) as partial:
         plots = plot_metrics(read_metrics(run_dir), partial)
         blocks = report_blocks(run_dir, plots)

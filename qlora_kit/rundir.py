@@ -68,11 +68,12 @@ def make_parent_folder(target: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_folder(target: Path, replace: bool = True) -> Iterator[Path]:
+def atomic_folder(target: Path, replace: bool = True, listed: bool = True) -> Iterator[Path]:
     """Yield an empty hidden folder next to `target`; when the block ends without an error it becomes `target`.
 
     On an error the partial folder is removed and `target` is untouched. With `replace=False` an existing `target`
-    (another process finished first, e.g. a shared cache entry) is kept and the new copy dropped."""
+    (another process finished first, e.g. a shared cache entry) is kept and the new copy dropped. `listed`: the
+    folder holds FOLDER_MANIFEST (not a folder that must hold exactly what is uploaded)."""
     make_parent_folder(target)
     partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=target.parent))
     try:
@@ -80,21 +81,59 @@ def atomic_folder(target: Path, replace: bool = True) -> Iterator[Path]:
         if target.exists() and not replace:
             shutil.rmtree(partial)
             return
-        publish_dir(partial, target)
+        publish_dir(partial, target, listed)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
 
-def publish_dir(partial: Path, target: Path) -> None:
-    """Move a fully written folder into place; an older `target` is swapped out first, then deleted."""
+# the files qlora-kit wrote into a folder it published, listed inside it: replacing that folder deletes those only
+FOLDER_MANIFEST = ".qlora-kit-files.json"
+# what an output folder of an earlier qlora-kit (before the manifest) holds: adapter, merged model, report, Ollama
+EARLIER_OUTPUT_FILES = ("adapter_config.json", "merge_check.json", "report.md", "gguf_check.json")
+
+
+def publish_dir(partial: Path, target: Path, listed: bool = True) -> None:
+    """Move a fully written folder into place, with the list of its files; an older `target` is swapped out first,
+    then deleted, where refuse_foreign_output allows that."""
+    refuse_foreign_output(target)
+    if listed:
+        files = sorted(str(p.relative_to(partial)) for p in partial.rglob("*") if p.is_file())
+        (partial / FOLDER_MANIFEST).write_text(json.dumps(files, indent=0) + "\n")
     old = target.with_name(f".{target.name}.old")
     if old.exists():
         shutil.rmtree(old)
     if target.exists():
+        log.info("%s: replacing the one qlora-kit wrote earlier", target)
         os.replace(target, old)
     os.replace(partial, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def refuse_foreign_output(target: Path) -> None:
+    """An output folder qlora-kit is about to replace holds nothing qlora-kit did not write there: a file in its
+    place, a folder of someone else's, or a file added to one of ours is refused, never deleted. Commands call it
+    before their work too (a merge takes minutes); publish_dir calls it again at the swap."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_symlink() or not target.is_dir():
+        raise QloraKitError(f"{target} is a file qlora-kit did not write; move it away, or write the output "
+                            "elsewhere")
+    manifest = target / FOLDER_MANIFEST
+    present = {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()} - {FOLDER_MANIFEST}
+    if manifest.is_file():
+        try:
+            ours = set(json.loads(manifest.read_text()))
+        except (ValueError, TypeError):
+            ours = set()
+        foreign = sorted(present - ours)
+    else:  # written before the manifest, or not by qlora-kit at all
+        foreign = [] if not present or any((target / name).is_file() for name in EARLIER_OUTPUT_FILES) else \
+            sorted(present)
+    if foreign:
+        raise QloraKitError(f"{target} holds {foreign[0]}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}"
+                            ", which qlora-kit did not write; replacing the folder would delete it. Move it away, "
+                            "or write the output elsewhere")
 
 
 # ------------------------------------------------------------------------------------------------ saved parts
@@ -294,6 +333,10 @@ def check_output_dir(recipe: Recipe) -> None:
     say it all (root passes them everywhere, yet nothing can be made in /proc or /sys, or on a read-only mount), so
     an empty folder is made there and removed at once: nothing else is touched."""
     where = f"{recipe.source}: training.output_dir"
+    long = next((part for part in recipe.run_dir.parent.parts if len(part.encode()) > 255), None)
+    if long is not None:
+        raise RecipeError(f"{where}: the folder name {long[:40]}... is {len(long.encode())} bytes long, over the 255 "
+                          "a folder name may have; shorten it")
     existing = recipe.run_dir.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

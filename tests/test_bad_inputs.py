@@ -333,6 +333,25 @@ CASES = [
         [GOOD_ROW])(lambda **sections: make_recipe(**{**sections, "data": {
             **sections["data"], "datasets": [{**sections["data"]["datasets"][0], "weight": 0.01}]}}), tmp),
          DataError, r"rows.jsonl: weight 0.01 x 1 rows rounds to no rows; raise its weight to at least 0.5"),
+    Case("module to train in full that the model lacks", train_with(lora={"modules_to_save": ["foo"]}),
+         RecipeError, r"lora.modules_to_save: 'foo' is not a module of LlamaForCausalLM"),
+    Case("YAML alias that contains itself", raw_recipe("model: {name: x}\ntraining: {sft_args: &a {x: [*a]}}\n"),
+         RecipeError, r"raw.yaml: a YAML alias \(\*name\) refers to the value that contains it"),
+    Case("YAML alias bomb", raw_recipe("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]\n" for i in range(8))),
+         RecipeError, r"raw.yaml: the YAML's aliases \(\*name\) expand to more than 100,000 values"),
+    Case("run name longer than a folder name", recipe_with(training={"run_name": "a" * 300}), RecipeError,
+         r"training.run_name: 'a+' is 300 bytes long, over the 255 a folder name may have"),
+    Case("column name that is a number", data_file([GOOD_ROW], fields_for_data={"prompt": 3}), RecipeError,
+         r"data.datasets\[0\].fields.prompt: 3 is not a column name"),
+    Case("chat template that raises", data_file([GOOD_ROW], chat_template="{{ raise_exception('nope') }}"),
+         DataError, r"data.chat_template: data.chat_template failed on a row \(TemplateError: nope\)"),
+    Case("export of a path that is not a run", lambda make_recipe, tmp: __import__("qlora_kit.gguf").gguf.export_run(
+        tmp / "nope", "gguf"), RecipeError, r"nope: not a qlora-kit run folder \(no recipe.yaml\)"),
+    Case("report of a run whose recipe is a list", lambda make_recipe, tmp: (
+        (tmp / "run").mkdir(), (tmp / "run" / "recipe.yaml").write_text("- 1\n"),
+        __import__("qlora_kit.report").report.write_report(tmp / "run")), QloraKitError,
+         r"run/recipe.yaml: not the recipe qlora-kit saved \(a YAML list, not a mapping of sections\)"),
     Case("weight of a trillion copies", recipe_with(data={"datasets": [{"path": "x.jsonl", "weight": 1.0e12}]}),
          RecipeError, r"data.datasets\[0\].weight: 1000000000000.0 is out of range; it must be <= 1000"),
 ]

@@ -367,3 +367,35 @@ def test_conv1d_and_moe_expert_adapters_merge_and_pass_the_check(kind, tmp_path,
         out = merge_adapter(run, out=tmp_path / f"merged-{base}", dtype="fp32", base=base)
         check = merge_check(out)
         assert check["passed"] and not check["failures"], check
+
+
+@pytest.mark.parametrize("intruder", ["file_inside", "foreign_folder", "file_in_place"])
+def test_merge_and_report_never_delete_what_qlora_kit_did_not_write(run_copy: Path, intruder: str):
+    """RUN_DIR/merged and RUN_DIR/report are qlora-kit's and are written again on request; a file someone added to
+    them, a folder of theirs under that name or a file in its place is refused, left as it was, before any work."""
+    from qlora_kit.report import write_report
+    from qlora_kit.rundir import FOLDER_MANIFEST
+
+    report = write_report(run_copy)
+    assert (report / FOLDER_MANIFEST).is_file()
+    write_report(run_copy)  # qlora-kit's own folder: replaced
+    for name in ("merged", "report"):
+        target = run_copy / name
+        if intruder == "file_inside":
+            if name == "merged":
+                merge_adapter(run_copy, dtype="fp32")
+            (target / "MY_NOTES.txt").write_text("mine")
+        elif intruder == "foreign_folder":
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir()
+            (target / "important.txt").write_text("mine")
+        else:
+            shutil.rmtree(target, ignore_errors=True)
+            target.write_text("mine")
+        before = sorted(p.name for p in target.iterdir()) if target.is_dir() else target.read_text()
+        with pytest.raises(QloraKitError, match=rf"{name}.*(which qlora-kit did not write|a file qlora-kit did not "
+                                                rf"write); .*(Move it away|move it away)"):
+            merge_adapter(run_copy, dtype="fp32") if name == "merged" else write_report(run_copy)
+        after = sorted(p.name for p in target.iterdir()) if target.is_dir() else target.read_text()
+        assert after == before
+        assert not (run_copy / f".{name}.old").exists()

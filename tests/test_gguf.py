@@ -19,6 +19,7 @@ from transformers import AutoTokenizer
 
 from qlora_kit import gguf as export
 from qlora_kit.recipe import QloraKitError, RecipeError, load_recipe
+from qlora_kit.rundir import FOLDER_MANIFEST
 
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
@@ -396,7 +397,7 @@ def test_force_replaces_only_qlora_kit_s_own_exports(finished_run, tmp_path):
 def test_export_ollama_writes_gguf_modelfile_with_template_stops_and_system_prompt(finished_run, tmp_path):
     out = tmp_path / "ollama"
     assert export.export_run(finished_run, "ollama", "f16", out) == out
-    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "gguf_check.json", "model.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == [FOLDER_MANIFEST, "Modelfile", "gguf_check.json", "model.gguf"]
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf\n" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -452,7 +453,8 @@ def test_training_with_export_gguf_and_ollama_leaves_checked_files_in_the_run(ma
     run = tmp_path / "outputs" / "exported"
     assert json.loads((run / "gguf" / "model-q8_0.check.json").read_text())["passed"]
     assert (run / "gguf" / "model-q8_0.gguf").is_file()
-    assert sorted(p.name for p in (run / "ollama").iterdir()) == ["Modelfile", "gguf_check.json", "model.gguf"]
+    assert sorted(p.name for p in (run / "ollama").iterdir()) == [FOLDER_MANIFEST, "Modelfile", "gguf_check.json",
+                                                                  "model.gguf"]
     assert not [p for p in run.rglob(".*") if "partial" in p.name or p.name.startswith((".gguf-merge", ".model-"))]
 
 

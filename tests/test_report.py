@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from qlora_kit.report import read_metrics, series
+from qlora_kit.rundir import FOLDER_MANIFEST
 
 PLOTS = ("loss.png", "learning_rate.png", "grad_norm.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -103,7 +104,7 @@ def test_report_command_rebuilds_the_report_from_the_run_folder(finished_run, tm
 
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(run / "report" / "report.md")
-    assert {p.name for p in (run / "report").iterdir()} == {*PLOTS, "report.md", "report.html"}
+    assert {p.name for p in (run / "report").iterdir()} == {*PLOTS, "report.md", "report.html", FOLDER_MANIFEST}
     before = (finished_run / "report" / "report.md").read_text().splitlines()
     after = (run / "report" / "report.md").read_text().splitlines()
     assert [line for line in after if "Generated" not in line] == \

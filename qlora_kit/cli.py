@@ -37,17 +37,22 @@ def cmd_validate(args: argparse.Namespace) -> None:
     if folder:
         check_model_config(recipe, folder)
     layers = check_target_modules(recipe, folder) if folder else None
-    # the rows tokenized as training tokenizes them (and cached for it): the length limits refuse here, not later
-    tokenized = build_datasets(recipe, load_tokenizer(recipe, folder)).stats if folder else None
+    # the rows tokenized as training tokenizes them (and cached for it): the length limits refuse here, not later.
+    # A Hub model in the cache may hold its config and not yet its tokenizer; a local model folder must hold both.
+    tokenizer_here = folder and (Path(recipe.model.name).expanduser().is_dir() or any(
+        (Path(folder) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")))
+    tokenized = build_datasets(recipe, load_tokenizer(recipe, folder)).stats if tokenizer_here else None
     fate = ("continued, training.resume=auto" if recipe.training.resume == "auto" else
             "replaced, training.overwrite=true")
     print(f"{args.recipe}: valid ({rows} training rows; run folder {recipe.run_dir}"
           f"{f': an earlier run there is {fate}' if earlier else ''})")
     if layers is None:
         print("lora.target_modules: not checked, the model's config is not on this machine (training will check it)")
-        print("row lengths: not checked, the model's tokenizer is not on this machine (training will check them)")
     else:
         print(f"lora.target_modules: found in the model (its linear layers: {', '.join(layers)})")
+    if tokenized is None:
+        print("row lengths: not checked, the model's tokenizer is not on this machine (training will check them)")
+    else:
         print(f"row lengths: {tokenized['train']['rows']} training rows fit the length limits (tokenized with the "
               "model's tokenizer; `qlora-kit data` shows their lengths)")
 

@@ -216,6 +216,9 @@ def check_csv_fields(path: str, text: str) -> None:
         records = list(reader)
     except csv.Error:
         return  # an unclosed quote and the like: the CSV reader's own error names it
+    twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+    if twice is not None:  # pandas would rename the second to f"{twice}.1" and train on the first alone
+        raise DataError(f"{path}: the column {twice!r} appears twice in the header; rename or drop one")
     for record in records:
         if not record:
             continue  # a blank line: pandas skips it too
@@ -447,7 +450,9 @@ def to_row(record: Any, fmt: str, source: DatasetSource) -> Row:
     if fmt == "alpaca":
         instruction = field_of(record, "instruction", source)
         extra = field_of(record, "input", source, required=False)
-        prompt = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+        if extra is not None and not isinstance(extra, str):
+            raise DataError(f"field 'input' must be text (or empty), got {type(extra).__name__} {extra!r:.40}")
+        prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": field_of(record, "output",
                                                                                                source)}]
         return {"messages": check_turns(turns)}

@@ -635,7 +635,9 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if Path(source).is_dir():
         raise RecipeError(f"{source}: is a folder; pass the recipe's YAML file")
     if not Path(source).is_file():
-        raise RecipeError(f"{source}: recipe file not found")
+        what = "is not a regular file (a device or a pipe); pass the recipe's YAML file" if Path(source).exists() \
+            else "recipe file not found"
+        raise RecipeError(f"{source}: {what}")
     raw = parse_yaml(read_text_file(Path(source), "recipe"), source)
     overridden: dict[str, str] = {}
     for item in overrides:

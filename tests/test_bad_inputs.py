@@ -352,6 +352,10 @@ CASES = [
         (tmp / "run").mkdir(), (tmp / "run" / "recipe.yaml").write_text("- 1\n"),
         __import__("qlora_kit.report").report.write_report(tmp / "run")), QloraKitError,
          r"run/recipe.yaml: not the recipe qlora-kit saved \(a YAML list, not a mapping of sections\)"),
+    Case("alpaca input that is a number", data_file(['{"instruction": "Add one.", "input": 41, "output": "42"}']),
+         DataError, r"rows.jsonl: line 1: field 'input' must be text \(or empty\), got int 41"),
+    Case("recipe path that is a device", lambda make_recipe, tmp: load_recipe("/dev/null"), RecipeError,
+         r"/dev/null: is not a regular file \(a device or a pipe\); pass the recipe's YAML file"),
     Case("weight of a trillion copies", recipe_with(data={"datasets": [{"path": "x.jsonl", "weight": 1.0e12}]}),
          RecipeError, r"data.datasets\[0\].weight: 1000000000000.0 is out of range; it must be <= 1000"),
 ]

@@ -466,6 +466,7 @@ def rows_read(make_recipe, path, method: str = "sft", **entry) -> int:
      r"rows.csv: row 1: 3 fields where the header has 2; quote a field that holds a comma"),
     ("prompt,completion\nShout b,B\nShout a, please,A\n", r"rows.csv: row 2: 3 fields where the header"),
     ("prompt,completion\n", r"rows.csv: no rows below the header"),
+    ("prompt,prompt,completion\na,b,c\n", r"rows.csv: the column 'prompt' appears twice in the header"),
 ])
 def test_a_csv_row_with_another_number_of_fields_is_refused_not_shifted(make_recipe, tmp_path, text, message):
     from qlora_kit.data import DataError

@@ -180,10 +180,11 @@ def read_table(path: str, suffix: str) -> list[tuple[str, Any]]:
     """CSV and Parquet through `datasets`; an unreadable file is one message naming it, not a pyarrow traceback."""
     from datasets import load_dataset
 
-    if os.path.getsize(path) == 0 or suffix == ".csv" and not read_utf8(path):
-        raise DataError(f"{path}: the file is empty")  # read_utf8: pandas' own decode error names no line, no fix
-    if suffix == ".csv":
-        check_csv_fields(path, read_utf8(path))
+    text = read_utf8(path) if suffix == ".csv" else None  # read_utf8: pandas' decode error names no line, no fix
+    if os.path.getsize(path) == 0 or text == "":
+        raise DataError(f"{path}: the file is empty")
+    if text is not None:
+        check_csv_fields(path, text)
     elif parquet_rows(path) == 0:
         raise DataError(f"{path}: the Parquet table has no rows")
     kind = suffix.lstrip(".").upper()
@@ -278,7 +279,7 @@ def read_jsonl(path: str) -> list[tuple[str, Any]]:
             for number, line in enumerate(re.split(r"\r\n|\r|\n", read_utf8(path)), start=1) if line.strip()]
 
 
-# a \uXXXX escape of a UTF-16 surrogate: json.loads turns an unpaired one into a str no tokenizer can encode
+# a \u escape of a UTF-16 surrogate (D800-DFFF): json.loads turns an unpaired one into a str no tokenizer encodes
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
@@ -639,20 +640,19 @@ def load_rows(source: DatasetSource, system_prompt: str | None, bad: BadRows | N
     counted in `bad`."""
     fmt = source.format
 
+    detected_at = None  # the record the format was detected from (None: the dataset's `format` names it)
+
     def normalised(where: str, record: dict) -> Row:
-        nonlocal fmt
-        detected = fmt == "auto"
-        if detected:
+        nonlocal fmt, detected_at
+        if fmt == "auto":
             fmt = detect_format(record, source.fields, method)
             check_mappings_used(source, fmt)
-            first[0] = where
+            detected_at = where
         check_format_fits_method(fmt, method)
         try:
             return with_system_prompt(to_row(record, fmt, source), system_prompt)
         except DataError as exc:
-            raise DataError(f"{exc}{other_format_hint(record, fmt, source, method, first[0])}") from None
-
-    first = [None] if fmt == "auto" else [""]  # where the format was detected ("" : the dataset's `format`)
+            raise DataError(f"{exc}{other_format_hint(record, fmt, source, method, detected_at)}") from None
 
     return rows_of(source, normalised, bad)
 
